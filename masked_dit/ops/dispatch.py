@@ -1,0 +1,124 @@
+"""Backend choice for the fused ops: one place decides, every op asks.
+
+Backends: ``torch`` (reference, runs everywhere), ``triton`` (CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1`` for tests), ``cuda`` (the compiled extension ``masked_dit._C``).
+The choice is read when an op is *called* (so it also holds inside ``torch.compile`` graphs,
+where our custom ops are opaque): the innermost :func:`use_backend` context, else the
+environment variable ``MASKED_DIT_BACKEND=auto|torch|triton|cuda``. ``auto`` picks the
+fastest backend available for the tensor's device: cuda > triton > torch on GPU, torch on CPU
+(the Triton interpreter is a test tool, never fast).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+CHOICES = ("auto",) + BACKENDS
+ENV_VAR = "MASKED_DIT_BACKEND"
+
+_IMPLS: dict[str, dict[str, Callable]] = {}
+_local = threading.local()
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` implements ``op`` on ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+
+    def deco(fn: Callable) -> Callable:
+        _IMPLS.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def requested() -> str:
+    """The backend asked for right now (context manager first, then the environment)."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{ENV_VAR}={value!r} is not a backend; valid: {', '.join(CHOICES)}")
+    return value
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with use_backend("triton"): ...`` forces a backend for ops called inside."""
+    if name not in CHOICES:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(CHOICES)}")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def availability(backend: str, device_type: str) -> tuple[bool, str]:
+    """Whether ``backend`` can run on tensors of ``device_type``, and why (not)."""
+    if backend == "torch":
+        return True, "reference implementation runs on every device"
+    if backend == "triton":
+        if not triton_importable():
+            return False, "triton is not installed"
+        if device_type == "cuda":
+            return True, "triton installed and tensor on CUDA"
+        if device_type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return True, "TRITON_INTERPRET=1: Triton interpreter on CPU (slow, for tests)"
+            return False, "CPU tensor and TRITON_INTERPRET is not 1"
+        return False, f"triton does not run on {device_type} tensors"
+    if backend == "cuda":
+        from masked_dit import _ext
+
+        if device_type != "cuda":
+            return False, f"the CUDA extension runs on CUDA tensors, not {device_type}"
+        if not _ext.loaded():
+            return False, f"masked_dit._C not loaded ({_ext.load_error()})"
+        return True, "masked_dit._C loaded and tensor on CUDA"
+    raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+
+
+def select(op: str, device_type: str) -> tuple[str, str]:
+    """(backend, reason) that ``op`` will use for tensors on ``device_type``."""
+    impls = _IMPLS.get(op, {})
+    req = requested()
+    if req == "auto":
+        order = ("cuda", "triton", "torch") if device_type == "cuda" else ("torch",)
+        for backend in order:
+            if backend not in impls:
+                continue
+            ok, why = availability(backend, device_type)
+            if ok:
+                return backend, f"auto: {why}"
+        raise RuntimeError(f"no backend registered for op {op!r}")
+    if req not in impls:
+        raise RuntimeError(f"op {op!r} has no {req!r} backend; it has: {', '.join(sorted(impls))}")
+    ok, why = availability(req, device_type)
+    if not ok:
+        raise RuntimeError(f"{ENV_VAR}={req} requested for op {op!r} but unavailable: {why}")
+    return req, f"requested: {why}"
+
+
+def impl(op: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` to run on tensors of ``device``."""
+    backend, _ = select(op, device.type)
+    return _IMPLS[op][backend]
+
+
+def registered_ops() -> list[str]:
+    return sorted(_IMPLS)
