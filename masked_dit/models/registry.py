@@ -1,0 +1,48 @@
+"""Name registry: families (official constructors) and named configurations (``DiT-XL/2``)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+FAMILIES: dict[str, type[nn.Module]] = {}
+# name -> (family, constructor kwargs using the official argument names)
+MODEL_CONFIGS: dict[str, tuple[str, dict]] = {}
+
+# depth / hidden_size / num_heads of the four DiT sizes (shared by every family)
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def register_family(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        FAMILIES[name] = cls
+        cls.family = name
+        return cls
+    return deco
+
+
+def register_config(name: str, family: str, **kwargs) -> None:
+    MODEL_CONFIGS[name] = (family, kwargs)
+
+
+def register_sizes(prefix: str, family: str, patch_sizes=(2, 4, 8), **extra) -> None:
+    """Registers ``{prefix}-{S,B,L,XL}/{p}`` for a family."""
+    for size, (depth, hidden, heads) in SIZES.items():
+        for p in patch_sizes:
+            register_config(f"{prefix}-{size}/{p}", family, depth=depth, hidden_size=hidden, num_heads=heads,
+                            patch_size=p, **extra)
+
+
+def build(family: str, **kwargs) -> nn.Module:
+    """Builds a model of ``family`` with the official constructor's keyword arguments."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; valid: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[family](**kwargs)
+
+
+def build_model(name: str, **overrides) -> nn.Module:
+    """Builds a named configuration (``'MDTv2-S/2'``), with keyword overrides."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODEL_CONFIGS))}")
+    family, kwargs = MODEL_CONFIGS[name]
+    return build(family, **{**kwargs, **overrides})

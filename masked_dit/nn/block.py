@@ -1,0 +1,165 @@
+"""The one adaLN-Zero transformer block every family runs on, built from the fused ops.
+
+Parameter names match facebookresearch/DiT's ``DiTBlock`` (``attn.qkv``, ``attn.proj``,
+``mlp.fc1``, ``mlp.fc2``, ``adaLN_modulation.1``), MDT's extras (``skip_linear``,
+``attn.rel_pos_bias.*``), so official state_dicts load unchanged.
+
+Tokens come dense ``[B, L, D]`` or packed ``[T, D]`` (with ``cu_seqlens``: each sample keeps a
+different number of tokens). Packed tokens are modulated per token by expanding the per-sample
+conditioning over its segment, which lets the same fused ops run on ``[T, 1, D]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from masked_dit import ops
+
+
+#################################################################################
+#                                 Sub-modules                                   #
+#################################################################################
+
+class RelativePositionBias(nn.Module):
+    """MDT/BEiT relative-position bias: a learnable ``[(2g-1)^2 + 3, H]`` table indexed by a
+    fixed ``[N, N]`` buffer. The bias is never materialised here: the attention op reads it."""
+
+    def __init__(self, grid_size: int, num_heads: int):
+        super().__init__()
+        from masked_dit.ops.attention import relative_position_index
+
+        num_rel = (2 * grid_size - 1) ** 2 + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rel, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(grid_size), persistent=True)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.relative_position_bias_table, self.relative_position_index
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection ([q; k; v] rows, head-major)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos_grid: int | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_bias = RelativePositionBias(rel_pos_grid, num_heads) if rel_pos_grid else None
+
+    def forward(self, x, *, positions=None, cu_seqlens=None, max_seqlen=None):
+        lead = x.shape[:-1]  # (B, N) dense or (T,) packed
+        q, k, v = self.qkv(x).reshape(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
+        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        out = ops.attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, rel_pos_bias=bias,
+                            positions=positions if bias is not None else None)
+        return self.proj(out.reshape(*lead, -1))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2 (timm's Mlp without dropout)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+#################################################################################
+#                               The fused block                                 #
+#################################################################################
+
+class FusedDiTBlock(nn.Module):
+    """adaLN-Zero DiT block: LN+modulate -> attention -> gated residual fused with the second
+    LN+modulate -> MLP -> gated residual.
+
+    Options: ``cond_size`` (conditioning width, if not ``hidden_size``: MaskDiT's decoder),
+    ``skip`` (MDT long skip: ``Linear(2D -> D)`` over ``cat([x, skip])`` before attention),
+    ``rel_pos_grid`` (MDT relative-position bias over a grid of that side).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, cond_size: int | None = None,
+                 skip: bool = False, rel_pos_grid: int | None = None, eps: float = 1e-6):
+        super().__init__()
+        self.hidden_size, self.eps = hidden_size, eps
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, rel_pos_grid=rel_pos_grid)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or hidden_size, 6 * hidden_size))
+        self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None
+
+    def forward(self, x, c, *, skip=None, positions=None, cu_seqlens=None, max_seqlen=None, segment_ids=None):
+        """x [B, L, D] (or packed [T, D] with cu_seqlens and segment_ids [T]), c [B, C]."""
+        if self.skip_linear is not None:
+            if skip is None:
+                raise ValueError("this block has a skip_linear and needs a skip input")
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        mod = self.adaLN_modulation(c)
+        if cu_seqlens is not None:
+            # Packed: per-token conditioning, and the fused ops see [T, 1, D].
+            if segment_ids is None:
+                raise ValueError("packed tokens need segment_ids (sample index of each token)")
+            mod = mod.index_select(0, segment_ids)
+            x = x.unsqueeze(1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+        h = ops.adaln_modulate(x, shift_msa, scale_msa, self.eps)
+        if cu_seqlens is not None:
+            a = self.attn(h.squeeze(1), positions=positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).unsqueeze(1)
+        else:
+            a = self.attn(h, positions=positions)
+        x, h = ops.gated_residual_adaln(x, a, gate_msa, shift_mlp, scale_mlp, self.eps)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(h)
+        return x.squeeze(1) if cu_seqlens is not None else x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale — shift first) + LN + Linear to p*p*out_channels per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, cond_size: int | None = None,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(ops.adaln_modulate(x, shift, scale, self.eps))
+
+
+#################################################################################
+#                               Initialisation                                  #
+#################################################################################
+
+def init_dit_weights(model: nn.Module) -> None:
+    """DiT's adaLN-Zero init: xavier Linears, zero modulation and output layers, conv as Linear,
+    embedders N(0, 0.02). Applied by every family (each then sets its own positions)."""
+    def _basic(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    model.apply(_basic)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):  # patch embed: like nn.Linear
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            nn.init.zeros_(m.bias)
+        if isinstance(m, (FusedDiTBlock, FinalLayer)):
+            nn.init.zeros_(m.adaLN_modulation[-1].weight)
+            nn.init.zeros_(m.adaLN_modulation[-1].bias)
+        if isinstance(m, FinalLayer):
+            nn.init.zeros_(m.linear.weight)
+            nn.init.zeros_(m.linear.bias)
+        if isinstance(m, RelativePositionBias):
+            nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+    for name, m in model.named_modules():
+        if name.endswith("t_embedder"):
+            nn.init.normal_(m.mlp[0].weight, std=0.02)
+            nn.init.normal_(m.mlp[2].weight, std=0.02)
+        if name.endswith("y_embedder"):
+            nn.init.normal_(m.embedding_table.weight, std=0.02)

@@ -1,0 +1,140 @@
+"""Embedding layers shared by every family: patches, timesteps, labels, 2-D sin-cos positions.
+
+Parameter names follow facebookresearch/DiT so official state_dicts load unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+#################################################################################
+#                                 Patch embedding                               #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """Image [B, C, H, W] -> tokens [B, (H/p)(W/p), D] with one strided conv (timm's layout)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"input_size {img_size} is not divisible by patch_size {patch_size}")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
+            raise ValueError(
+                f"expected input of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}], got {list(x.shape)}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """Tokens [B, T, p*p*C] -> image [B, C, H, W] (inverse of PatchEmbed's order)."""
+    B, T, _ = x.shape
+    h = w = int(math.isqrt(T))
+    if h * w != T:
+        raise ValueError(f"unpatchify needs a square token grid, got {T} tokens")
+    x = x.reshape(B, h, w, patch_size, patch_size, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(B, channels, h * patch_size, w * patch_size)
+
+
+#################################################################################
+#                          Timestep and label embedding                         #
+#################################################################################
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of (possibly fractional) timesteps, [cos, sin] order as in DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vectors: 256 sinusoidal frequencies, then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors; with dropout > 0 a last 'null' row serves classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels, force_drop_ids=None, generator=None):
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels, train: bool, force_drop_ids=None, generator=None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids, generator)
+        return self.embedding_table(labels)
+
+
+class OneHotLabelEmbedder(nn.Module):
+    """MaskDiT's label embedder: one-hot (or soft) labels [B, num_classes] through a bias-free Linear.
+
+    The null label for guidance is the zero vector, so no extra table row is needed.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float = 0.0):
+        super().__init__()
+        self.embedding_table = nn.Linear(num_classes, hidden_size, bias=False)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels: torch.Tensor, train: bool = False, generator=None) -> torch.Tensor:
+        if train and self.dropout_prob > 0:
+            keep = torch.rand(labels.shape[0], 1, device=labels.device, generator=generator) >= self.dropout_prob
+            labels = labels * keep.to(labels.dtype)
+        return self.embedding_table(labels.to(self.embedding_table.weight.dtype))
+
+
+#################################################################################
+#                          2-D sine-cosine positions                            #
+#################################################################################
+
+def _sincos_1d(embed_dim: int, pos: torch.Tensor) -> torch.Tensor:
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = pos.reshape(-1, 1).double() * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """[grid_size**2, embed_dim] fixed positions (MAE/DiT recipe: first half from the column
+    coordinate, second half from the row coordinate), float32."""
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos positions need embed_dim divisible by 4, got {embed_dim}")
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    emb = torch.cat([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], dim=1)
+    return emb.float()
