@@ -70,6 +70,8 @@ def triton_importable() -> bool:
 
 def availability(backend: str, device_type: str) -> tuple[bool, str]:
     """Whether ``backend`` can run on tensors of ``device_type``, and why (not)."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False, "no CUDA device visible"
     if backend == "torch":
         return True, "reference implementation runs on every device"
     if backend == "triton":

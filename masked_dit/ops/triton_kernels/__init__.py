@@ -1,0 +1,1 @@
+"""Triton kernels for masked_dit.ops (imported lazily: triton is optional)."""

@@ -1,0 +1,60 @@
+"""Backend selection: environment variable, context manager, auto rules, clear errors."""
+import pytest
+import torch
+
+from masked_dit import ops  # noqa: F401  (registers backends)
+from masked_dit.ops import dispatch
+
+
+def test_auto_on_cpu_is_reference(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    for op in dispatch.registered_ops():
+        backend, why = dispatch.select(op, "cpu")
+        assert backend == "torch", (op, why)
+
+
+def test_env_var_read_at_call_time(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert dispatch.requested() == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="MASKED_DIT_BACKEND='bogus'.*valid: auto, torch, triton, cuda"):
+        dispatch.requested()
+
+
+def test_context_manager_nests_and_overrides_env(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    with dispatch.use_backend("triton"):
+        assert dispatch.requested() == "triton"
+        with dispatch.use_backend("auto"):
+            assert dispatch.requested() == "auto"
+        assert dispatch.requested() == "triton"
+    assert dispatch.requested() == "torch"
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        with dispatch.use_backend("fast"):
+            pass
+
+
+def test_explicit_unavailable_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ops_with_cuda = [op for op in dispatch.registered_ops() if "cuda" in dispatch._IMPLS[op]]
+    if not ops_with_cuda:
+        pytest.skip("no op registers a cuda backend yet")
+    with dispatch.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="unavailable"):
+            dispatch.select(ops_with_cuda[0], "cpu")
+
+
+def test_cuda_without_device_reports_why():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    ok, why = dispatch.availability("triton", "cuda")
+    assert not ok and "no CUDA device" in why
+
+
+def test_info_lists_every_op():
+    from masked_dit.info import report
+
+    text = report()
+    assert "torch " in text and "masked_dit._C" in text
+    for op in dispatch.registered_ops():
+        assert op in text

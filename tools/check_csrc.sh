@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Compiles every CUDA kernel with nvcc (sm_90, and sm_80) and every binding file with the host
+# compiler against torch's headers, to objects only: a kernel or binding that does not compile
+# cannot land, even on machines without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+NVCC=${NVCC:-nvcc}
+shopt -s nullglob
+kernels=(csrc/kernels/*.cu)
+for arch in ${CHECK_ARCHS:-90 80}; do
+  for f in "${kernels[@]}"; do
+    echo "nvcc sm_${arch}: $f"
+    "$NVCC" -c -std=c++17 -O2 -arch=sm_${arch} -Icsrc "$f" -o "$out/$(basename "$f").sm${arch}.o"
+  done
+done
+TORCH_INC=$(python -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
+PY_INC=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+CUDA_INC=$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")/include
+[ -d "$CUDA_INC" ] || CUDA_INC=/usr/local/cuda/include
+for f in csrc/bindings/*.cpp; do
+  echo "c++: $f"
+  ${CXX:-g++} -c -std=c++17 -O1 -fPIC -D_GLIBCXX_USE_CXX11_ABI=1 -I"$TORCH_INC" -I"$TORCH_INC/torch/csrc/api/include" \
+    -I"$CUDA_INC" -I/usr/local/cuda/include -I"$PY_INC" -Icsrc "$f" -o "$out/$(basename "$f").o"
+done
+echo "csrc check: ${#kernels[@]} kernel file(s) x archs and $(ls csrc/bindings/*.cpp | wc -l) binding file(s) compiled"
