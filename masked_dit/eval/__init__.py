@@ -1,0 +1,1 @@
+"""Evaluation: FID/IS/precision/recall, the offline digits metric, and pictures."""

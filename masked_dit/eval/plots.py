@@ -1,0 +1,111 @@
+"""Pictures for every run folder: labelled sample grids, loss curves, metric curves (matplotlib)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C] (ADM's sample layout)."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def save_sample_grid(images: torch.Tensor, path: str | Path, labels: Sequence[int] | None = None,
+                     ncol: int | None = None, class_names: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Saves images [B, C, H, W] in [-1, 1] as a grid PNG, each tile titled with its label."""
+    plt = _pyplot()
+    arr = to_uint8(images)
+    n = arr.shape[0]
+    ncol = ncol or min(n, 10)
+    nrow = math.ceil(n / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(ncol * 1.0, nrow * 1.15), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = arr[i]
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                  vmin=0, vmax=255, interpolation="nearest")
+        if labels is not None:
+            lab = int(labels[i])
+            ax.set_title(class_names[lab] if class_names else str(lab), fontsize=8, pad=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    records = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                # a run killed mid-write leaves at most one partial last line
+                raise ValueError(f"{path}:{lineno}: not a JSON record") from None
+    return records
+
+
+def plot_curves(records: list[dict], keys: Sequence[str], path: str | Path, title: str, log_y: bool = False,
+                step_key: str = "step") -> Path | None:
+    """One line per key over ``step_key``; returns None when no record has any of the keys."""
+    series = {k: [(r[step_key], r[k]) for r in records if k in r and step_key in r] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k, pts in series.items():
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, label=k, lw=1.2, marker="o" if len(xs) < 20 else None, ms=3)
+    ax.set_xlabel(step_key)
+    ax.set_title(title)
+    if log_y and all(y > 0 for pts in series.values() for _, y in pts):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Loss curves per term (``loss_curves.png``) and metric curves (``metric_curves.png``)
+    from a run folder's ``metrics.jsonl``. Loss terms are keys starting with ``loss``; metrics
+    are the evaluation keys (``digits_*``, ``fid``...)."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics}: no metrics file in the run folder")
+    records = read_jsonl(metrics)
+    keys = sorted({k for r in records for k in r})
+    loss_keys = [k for k in keys if k.startswith("loss")]
+    metric_keys = [k for k in keys if k.startswith(("digits_", "fid", "is_", "precision", "recall"))]
+    out = [plot_curves(records, loss_keys, run_dir / "loss_curves.png", "training loss per term", log_y=True),
+           plot_curves(records, metric_keys, run_dir / "metric_curves.png", "evaluation metrics vs step")]
+    return [p for p in out if p is not None]
