@@ -7,6 +7,18 @@ Parameter names match facebookresearch/DiT's ``DiTBlock`` (``attn.qkv``, ``attn.
 Tokens come dense ``[B, L, D]`` or packed ``[T, D]`` (with ``cu_seqlens``: each sample keeps a
 different number of tokens). Packed tokens are modulated per token by expanding the per-sample
 conditioning over its segment, which lets the same fused ops run on ``[T, 1, D]``.
+
+Dropping it into another DiT-style codebase (facebookresearch/DiT, SiT, REPA, fast-DiT, ...)
+is a three-line swap: same constructor, same ``forward(x, c)``, same state_dict keys, so existing
+checkpoints keep loading::
+
+    from masked_dit.nn import FusedDiTBlock                      # 1. import
+    self.blocks = nn.ModuleList([                                # 2. in the model's __init__
+        FusedDiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+    model.load_state_dict(torch.load("DiT-XL-2-256x256.pt"))     # 3. unchanged: keys match
+
+(Codebases whose block takes a separate conditioning width, like MaskDiT's decoder, pass
+``cond_size=``.) Its ``norm1``/``norm2`` have no parameters, so nothing is missing.
 """
 from __future__ import annotations
 
@@ -127,8 +139,13 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or hidden_size, 2 * hidden_size))
 
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x, c, *, segment_ids=None):
+        """x [B, L, D] (or packed [T, D] with segment_ids [T]: MaskDiT's decoder_layer on kept tokens), c [B, C]."""
+        mod = self.adaLN_modulation(c)
+        if segment_ids is not None:
+            mod = mod.index_select(0, segment_ids)
+            return self.linear(ops.adaln_modulate(x.unsqueeze(1), *mod.chunk(2, dim=1), self.eps)).squeeze(1)
+        shift, scale = mod.chunk(2, dim=1)
         return self.linear(ops.adaln_modulate(x, shift, scale, self.eps))
 
 

@@ -99,6 +99,21 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+def check_labels(y: torch.Tensor, num_valid: int, what: str) -> None:
+    """Raises ValueError (one line, naming ``what``) if a label is outside ``[0, num_valid)``.
+
+    In eager mode this costs one host sync on GPU. A data-dependent Python ``if`` would break a
+    ``torch.compile`` graph, so while compiling the check becomes an in-graph async assert instead
+    (no graph break, no sync; a bad label then fails as a RuntimeError carrying the same text).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(((y >= 0) & (y < num_valid)).all(), f"{what}: label out of range [0, {num_valid})")
+        return
+    if bool(((y < 0) | (y >= num_valid)).any()):  # one host sync on GPU; min/max only on failure
+        raise ValueError(f"{what}: class labels must be in [0, {num_valid - 1}] "
+                         f"(got min {int(y.min())}, max {int(y.max())})")
+
+
 class OneHotLabelEmbedder(nn.Module):
     """MaskDiT's label embedder: one-hot (or soft) labels [B, num_classes] through a bias-free Linear.
 

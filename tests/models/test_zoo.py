@@ -1,0 +1,151 @@
+"""The zoo API: registry names, build/build_model, load_official on checkpoints saved as published."""
+import argparse
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from masked_dit.models import FAMILIES, MODEL_CONFIGS, build, build_model, load_official
+from masked_dit.models.flops import meta_model
+from tests.models.zoo_fixtures import constructor_args, load_model_fixture, rel_err
+
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+#################################################################################
+#                                   Registry                                    #
+#################################################################################
+
+def test_families_registered():
+    assert {"dit", "sit", "repa_sit", "mdtv2", "mdtv1", "maskdit"} <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("prefix,family", [("DiT", "dit"), ("SiT", "sit"), ("REPA-SiT", "repa_sit")])
+def test_registry_names_build(prefix, family):
+    for size, (depth, hidden, heads) in SIZES.items():
+        for p in (2, 4, 8):
+            name = f"{prefix}-{size}/{p}"
+            assert MODEL_CONFIGS[name][0] == family
+            m = meta_model(name)
+            assert m.family == family and len(m.blocks) == depth
+            assert m.pos_embed.shape == (1, (32 // p) ** 2, hidden) and m.num_heads == heads
+
+
+def test_build_model_overrides_and_errors():
+    m = build_model("DiT-S/8", input_size=16, num_classes=10, learn_sigma=False)
+    assert m.out_channels == 4 and m.y_embedder.embedding_table.num_embeddings == 11
+    assert m.pos_embed.shape == (1, 4, 384)
+    with pytest.raises(ValueError, match="unknown model 'DiT-XXL/2'"):
+        build_model("DiT-XXL/2")
+    with pytest.raises(ValueError, match="unknown model family 'dat'"):
+        build("dat")
+    with pytest.raises(TypeError):
+        build("dit", hiden_size=3)  # typos in official argument names are not swallowed
+
+
+#################################################################################
+#                                 load_official                                 #
+#################################################################################
+
+def _tiny(config, **extra):
+    """Overrides turning a registered name into the fixture's tiny configuration."""
+    keep = ("hidden_size", "depth", "num_heads", "num_classes", "learn_sigma", "z_dims", "encoder_depth",
+            "projector_dim", "decode_layer", "decoder_hidden_size", "decoder_depth", "decoder_num_heads")
+    return {**{k: v for k, v in constructor_args(config).items() if k in keep}, **extra}
+
+
+def test_dit_plain_state_dict(fixtures_dir, tmp_path):
+    config, state, inputs, outputs = load_model_fixture(fixtures_dir, "dit_sigma")
+    path = tmp_path / "DiT-tiny.pt"
+    torch.save(state, path)
+    # input_size (8) is read from pos_embed: nothing to pass for other resolutions
+    model = load_official(path, "DiT-S/2", **_tiny(config))
+    assert not model.training and model.input_size == 8
+    with torch.no_grad():
+        out = model(inputs["x"], inputs["t"], inputs["y"])
+    assert rel_err(out, outputs["forward"]) <= 1e-5
+
+
+def test_training_dict_prefers_ema(fixtures_dir, tmp_path):
+    """REPA / MaskDiT style {'model', 'ema', 'opt', 'args'}: the EMA weights are loaded."""
+    config, state, inputs, outputs = load_model_fixture(fixtures_dir, "repa_sit")
+    raw = {k: v + 1.0 if v.is_floating_point() else v for k, v in state.items()}
+    path = tmp_path / "0400000.pt"
+    torch.save({"model": raw, "ema": state, "opt": {"state": {}}, "args": argparse.Namespace(model="SiT-XL/2")},
+               path)
+    model = load_official(path, "REPA-SiT-S/2", **_tiny(config))
+    with torch.no_grad():
+        out, zs = model(inputs["x"], inputs["t"], inputs["y"])
+    assert rel_err(out, outputs["forward"]) <= 1e-5 and rel_err(zs[0], outputs["zs.0"]) <= 1e-5
+    # without 'ema', 'model' is used
+    torch.save({"model": state, "args": {"lr": 1e-4}}, path)
+    model = load_official(path, "REPA-SiT-S/2", **_tiny(config))
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+
+
+def test_wrapper_prefixes_and_safetensors(fixtures_dir, tmp_path):
+    config, state, inputs, outputs = load_model_fixture(fixtures_dir, "sit_nosigma")
+    path = tmp_path / "ddp.pt"
+    torch.save({"ema": {f"module._orig_mod.{k}": v for k, v in state.items()}}, path)
+    model = load_official(path, "SiT-S/2", **_tiny(config))
+    with torch.no_grad():
+        assert rel_err(model(inputs["x"], inputs["t"], inputs["y"]), outputs["forward"]) <= 1e-5
+    st = tmp_path / "sit.safetensors"
+    save_file(state, str(st))
+    model = load_official(st, "SiT-S/2", **_tiny(config))
+    with torch.no_grad():
+        assert rel_err(model(inputs["x"], inputs["t"], inputs["y"]), outputs["forward"]) <= 1e-5
+
+
+def test_maskdit_prefixed_keys(fixtures_dir, tmp_path):
+    """MaskDiT checkpoints: {'model', 'ema', 'opt', 'args'} with keys prefixed `model.`."""
+    config, state, _, _ = load_model_fixture(fixtures_dir, "maskdit")
+    assert all(k.startswith("model.") for k in state)
+    path = tmp_path / "maskdit.pt"
+    torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(epochs=1)}, path)
+    model = load_official(path, "MaskDiT-XL/2", **_tiny(config))
+    ours = {k if k.startswith("model.") else "model." + k: v for k, v in model.state_dict().items()}
+    assert ours.keys() == state.keys()
+    assert all(torch.equal(ours[k], state[k]) for k in state)
+    assert not model.training
+
+
+def test_mdtv2_plain(fixtures_dir, tmp_path):
+    config, state, _, _ = load_model_fixture(fixtures_dir, "mdtv2")
+    path = tmp_path / "mdt_xl2_v2_ckpt.pt"
+    torch.save(state, path)
+    model = load_official(path, "MDTv2-XL/2", **_tiny(config))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+class NotATensor:  # pickled by reference: refused by weights_only loading
+    pass
+
+
+def test_load_official_errors(fixtures_dir, tmp_path):
+    config, state, _, _ = load_model_fixture(fixtures_dir, "dit_sigma")
+    path = tmp_path / "dit.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="unknown model 'DiT-XL/3'"):
+        load_official(path, "DiT-XL/3")
+    # wrong size: one line naming missing keys and shape mismatches
+    with pytest.raises(ValueError) as e:
+        load_official(path, "DiT-S/2", num_classes=10)
+    msg = str(e.value)
+    assert "\n" not in msg and "DiT-S/2" in msg
+    assert "missing keys (90): blocks.10.adaLN_modulation.1.bias" in msg
+    assert "shape mismatches" in msg and "blocks.0.attn.proj.weight [96, 96] vs model [384, 384]" in msg
+    # wrong family: REPA's projectors are unexpected in a SiT
+    config_r, state_r, _, _ = load_model_fixture(fixtures_dir, "repa_sit")
+    torch.save(state_r, path)
+    with pytest.raises(ValueError, match=r"unexpected keys \(6\): projectors.0.0.bias"):
+        load_official(path, "SiT-S/2", **_tiny(config, learn_sigma=False))
+    # files that are not checkpoints
+    with pytest.raises(FileNotFoundError):
+        load_official(tmp_path / "nope.pt", "DiT-S/2")
+    torch.save({"step": 3, "obj": NotATensor()}, path)
+    with pytest.raises(ValueError, match="weights_only=False"):
+        load_official(path, "DiT-S/2")
+    torch.save({"step": 3, "opt": {"lr": 1.0}}, path)
+    with pytest.raises(ValueError, match="no weights found"):
+        load_official(path, "DiT-S/2")

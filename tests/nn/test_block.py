@@ -1,0 +1,158 @@
+"""FusedDiTBlock against a plain PyTorch DiTBlock (written here the way DiT's models.py does it)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from masked_dit.nn import FinalLayer, FusedDiTBlock
+
+
+#################################################################################
+#                     Plain reference (DiT models.py structure)                 #
+#################################################################################
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PlainAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        attn = attn.softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class PlainMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class PlainDiTBlock(nn.Module):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = PlainAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = PlainMlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class PlainFinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+#################################################################################
+#                                    Tests                                      #
+#################################################################################
+
+D, H, N, B = 64, 4, 24, 3  # head dim 16
+
+
+def _random_plain(seed=0):
+    torch.manual_seed(seed)
+    plain = PlainDiTBlock(D, H)
+    for p in plain.parameters():  # adaLN-Zero init would hide everything: use random weights
+        nn.init.normal_(p, std=1 / math.sqrt(D))
+    x, c = torch.randn(B, N, D), torch.randn(B, D)
+    return plain, x, c
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def test_plain_state_dict_loads_strictly():
+    plain, _, _ = _random_plain()
+    fused = FusedDiTBlock(D, H)
+    assert set(fused.state_dict()) == set(plain.state_dict())
+    fused.load_state_dict(plain.state_dict(), strict=True)
+
+
+def test_fp32_matches_plain_block():
+    plain, x, c = _random_plain()
+    fused = FusedDiTBlock(D, H)
+    fused.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        ref64 = plain.double()(x.double(), c.double())
+        out = fused(x, c)
+    assert _rel(out, ref64) <= 2e-6
+
+
+def test_fp32_gradients_match_plain_block():
+    plain, x, c = _random_plain(1)
+    fused = FusedDiTBlock(D, H)
+    fused.load_state_dict(plain.state_dict())
+    x1, c1 = x.clone().requires_grad_(), c.clone().requires_grad_()
+    x2, c2 = x.clone().requires_grad_(), c.clone().requires_grad_()
+    g = torch.randn(B, N, D)
+    (plain(x1, c1) * g).sum().backward()
+    (fused(x2, c2) * g).sum().backward()
+    assert _rel(x2.grad, x1.grad) <= 1e-5
+    assert _rel(c2.grad, c1.grad) <= 1e-5
+    pg = dict(plain.named_parameters())
+    for name, p in fused.named_parameters():
+        assert _rel(p.grad, pg[name].grad) <= 1e-5, name
+
+
+def test_bf16_error_no_worse_than_plain_bf16():
+    """bf16 (weights and activations): the fused block's error against a float64 reference stays
+    within 2x the plain bf16 block's own error (and below 3% relative: bf16 has 8 mantissa bits)."""
+    plain, x, c = _random_plain(2)
+    fused = FusedDiTBlock(D, H)
+    fused.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        ref64 = PlainDiTBlock(D, H).double()
+        ref64.load_state_dict(plain.state_dict())
+        ref = ref64(x.double(), c.double())
+        plain_err = _rel(plain.bfloat16()(x.bfloat16(), c.bfloat16()), ref)
+        fused_out = fused.bfloat16()(x.bfloat16(), c.bfloat16())
+    assert fused_out.dtype == torch.bfloat16
+    fused_err = _rel(fused_out, ref)
+    assert fused_err <= max(2 * plain_err, 1e-3), (fused_err, plain_err)
+    assert fused_err <= 3e-2
+
+
+def test_final_layer_matches_plain():
+    torch.manual_seed(3)
+    plain = PlainFinalLayer(D, 2, 8)
+    for p in plain.parameters():
+        nn.init.normal_(p, std=1 / math.sqrt(D))
+    fused = FinalLayer(D, 2, 8)
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    x, c = torch.randn(B, N, D), torch.randn(B, D)
+    with torch.no_grad():
+        assert _rel(fused(x, c), plain.double()(x.double(), c.double())) <= 2e-6
+
+
+def test_skip_block_needs_skip():
+    block = FusedDiTBlock(D, H, skip=True)
+    with pytest.raises(ValueError, match="skip"):
+        block(torch.randn(B, N, D), torch.randn(B, D))

@@ -1,0 +1,76 @@
+"""Embedders: sin-cos positions (MAE recipe), timestep features, patchify/unpatchify, labels."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from masked_dit.nn import (LabelEmbedder, PatchEmbed, check_labels, sincos_pos_embed_2d, timestep_embedding,
+                           unpatchify)
+
+
+def _mae_sincos(embed_dim, grid_size):
+    """MAE util/pos_embed.py recipe in numpy: meshgrid(w, h), first half from grid[0] (columns)."""
+    def one_d(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    g = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(g, g), axis=0).reshape(2, 1, grid_size, grid_size)
+    return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+
+
+@pytest.mark.parametrize("dim,grid", [(96, 4), (1152, 16), (64, 3)])
+def test_sincos_matches_mae_recipe(dim, grid):
+    ours = sincos_pos_embed_2d(dim, grid)
+    ref = torch.from_numpy(_mae_sincos(dim, grid)).float()
+    assert ours.shape == (grid * grid, dim) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_sincos_rejects_bad_dim():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_pos_embed_2d(66, 4)
+
+
+def test_timestep_embedding_formula():
+    t = torch.tensor([0.0, 1.0, 0.37, 999.0])
+    emb = timestep_embedding(t, 256)
+    half = 128
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    args = t.double()[:, None] * freqs[None]
+    ref = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    torch.testing.assert_close(emb.double(), ref, rtol=0, atol=2e-4)  # float32 args at t=999
+    assert timestep_embedding(t, 7).shape == (4, 7)
+
+
+def test_unpatchify_inverts_patch_order():
+    """PatchEmbed's conv reads patch (i, j) channel-major; unpatchify(patchify(x)) == x."""
+    B, C, p, g = 2, 3, 2, 4
+    x = torch.randn(B, C, g * p, g * p)
+    tokens = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(B, g * g, p * p * C)
+    torch.testing.assert_close(unpatchify(tokens, p, C), x)
+    with pytest.raises(ValueError, match="square"):
+        unpatchify(tokens[:, :15], p, C)
+
+
+def test_patch_embed_shape_error():
+    pe = PatchEmbed(8, 2, 4, 16)
+    assert pe(torch.randn(1, 4, 8, 8)).shape == (1, 16, 16)
+    with pytest.raises(ValueError, match=r"\[B, 4, 8, 8\]"):
+        pe(torch.randn(1, 4, 6, 8))
+
+
+def test_label_dropout_and_null_row():
+    emb = LabelEmbedder(10, 8, 0.1)
+    assert emb.embedding_table.num_embeddings == 11
+    y = torch.arange(10)
+    dropped = emb.token_drop(y, force_drop_ids=(y % 2 == 0).long())
+    assert torch.equal(dropped, torch.where(y % 2 == 0, 10, y))
+    assert LabelEmbedder(10, 8, 0.0).embedding_table.num_embeddings == 10
+
+
+def test_check_labels():
+    check_labels(torch.tensor([0, 9]), 10, "y")
+    with pytest.raises(ValueError, match=r"^y: class labels must be in \[0, 9\]"):
+        check_labels(torch.tensor([0, 10]), 10, "y")
