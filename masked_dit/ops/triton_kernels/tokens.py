@@ -208,9 +208,9 @@ def scatter_backward(grad_out: torch.Tensor, inv: torch.Tensor, num_keep_rows: i
     keep_shape = (num_keep_rows, D) if varlen else (B, K, D)
     grad_keep = torch.empty(keep_shape, dtype=grad_out.dtype, device=grad_out.device)
     block_r, block_d = _blocks(D)
-    # Dense fill: plain row tiles. [D] fill: each program sums ~256 rows, so the fp32 partials
-    # buffer stays ~1/256 of grad_out.
-    rows_per_prog = block_r if fill_dense else block_r * max(1, 256 // block_r)
+    # Dense fill: plain row tiles. [D] fill: each program sums up to ~256 rows, so the fp32
+    # partials buffer stays ~1/256 of grad_out.
+    rows_per_prog = block_r if fill_dense else block_r * max(1, min(256 // block_r, triton.cdiv(R, block_r)))
     n_prog = triton.cdiv(R, rows_per_prog) if R else 0
     if fill_dense:
         grad_fill = torch.empty((B, N, D), dtype=grad_out.dtype, device=grad_out.device)
