@@ -43,7 +43,7 @@ def _extensions():
         name="masked_dit._C",
         sources=sources,
         include_dirs=[os.path.join(root, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},  # -std from torch
         py_limited_api=False,
     )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}

@@ -21,7 +21,7 @@ CUDA_INC=$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")/includ
 [ -d "$CUDA_INC" ] || CUDA_INC=/usr/local/cuda/include
 for f in csrc/bindings/*.cpp; do
   echo "c++: $f"
-  ${CXX:-g++} -c -std=c++17 -O1 -fPIC -D_GLIBCXX_USE_CXX11_ABI=1 -I"$TORCH_INC" -I"$TORCH_INC/torch/csrc/api/include" \
+  ${CXX:-g++} -c -std=c++17 -Wno-c++20-extensions -O1 -fPIC -D_GLIBCXX_USE_CXX11_ABI=1 -I"$TORCH_INC" -I"$TORCH_INC/torch/csrc/api/include" \
     -I"$CUDA_INC" -I/usr/local/cuda/include -I"$PY_INC" -Icsrc "$f" -o "$out/$(basename "$f").o"
 done
 echo "csrc check: ${#kernels[@]} kernel file(s) x archs and $(ls csrc/bindings/*.cpp | wc -l) binding file(s) compiled"

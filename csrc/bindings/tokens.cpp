@@ -5,18 +5,7 @@
 #include <tuple>
 #include <vector>
 
-// CPU-only torch wheels ship c10/cuda without this generated header (it only sets a Windows
-// DLL-export flag); skip it there so the file still compile-checks (same guard as adaln.cpp).
-#if defined(__has_include)
-#if !__has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
-#define C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-#endif
-#endif
-
-#include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include "bindings/torch_cuda.h"
 
 #include "kernels/tokens.h"
 

@@ -32,7 +32,7 @@ def _coverage(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor, 
     for start in range(0, queries.shape[0], batch_size):
         d = _pairwise_sq_dists(queries[start:start + batch_size], points)
         inside.append((d <= radii[None]).any(dim=1))
-    return torch.cat(inside).float().mean().item()
+    return torch.cat(inside).double().mean().item()  # float64 share, as ADM
 
 
 def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, device: str | torch.device = "cpu",

@@ -1,0 +1,92 @@
+"""``masked-dit eval REF_BATCH SAMPLE_BATCH``: FID, sFID, Inception Score, precision and recall.
+
+Same inputs and metrics as ADM's ``evaluations/evaluator.py`` (see ``evaluator.py`` for the
+layout and ``inception.py`` for how our PyTorch Inception differs from ADM's TF graph)::
+
+    masked-dit eval VIRTUAL_imagenet256_labeled.npz samples_50000.npz --out metrics.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from masked_dit.eval.inception import PREPROCESS_MODES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="masked-dit eval",
+        description="FID, sFID, Inception Score, precision and recall of a sample batch against an "
+                    "ADM reference batch (PyTorch port of ADM's TF Inception).")
+    p.add_argument("ref_batch", help="reference .npz (ADM layout: 'arr_0' uint8 [N, H, W, 3]; "
+                                     "precomputed 'mu','sigma','mu_s','sigma_s' are used when present)")
+    p.add_argument("sample_batch", help="sample .npz ('arr_0' uint8 [N, H, W, 3]) or a folder of PNG/JPEG images")
+    p.add_argument("--inception-weights", metavar="PATH", default=None,
+                   help="local pt_inception-2015-12-05-6726825d.pth (default: download pytorch-fid's release "
+                        "into the torch hub cache)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--batch-size", type=int, default=64, help="images per Inception forward (default 64, as ADM)")
+    p.add_argument("--preprocess", choices=PREPROCESS_MODES, default="pytorch-fid",
+                   help="input resize/scaling: pytorch-fid's (default) or TF1's legacy bilinear as in ADM's graph")
+    p.add_argument("--out", metavar="JSON", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--random-init-inception", action="store_true",
+                   help="FOR TESTS ONLY: a seeded random Inception instead of the real weights; "
+                        "the numbers are meaningless")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available")
+    return device
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    from masked_dit.eval.evaluator import evaluate, open_batches
+    from masked_dit.eval.inception import load_fid_inception
+
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.random_init_inception and args.inception_weights:
+            raise ValueError("--random-init-inception and --inception-weights exclude each other")
+        open_batches(args.ref_batch, args.sample_batch)  # bad input fails before weights load
+        device = resolve_device(args.device)
+        model = load_fid_inception(args.inception_weights, random_init=args.random_init_inception,
+                                   device=device, preprocess=args.preprocess)
+        metrics = evaluate(args.ref_batch, args.sample_batch, model, batch_size=args.batch_size, device=device,
+                           progress=not args.no_progress)
+    except (ValueError, OSError) as err:  # bad input or no weights: one line, no traceback
+        print(f"masked-dit eval: error: {err}", file=sys.stderr)
+        return 2
+    metrics["inception"] = "random-init (test only)" if args.random_init_inception else "pytorch-fid 2015-12-05"
+    metrics["preprocess"] = args.preprocess
+    for name, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
+                      ("Precision", "precision"), ("Recall", "recall")):
+        print(f"{name}: {_fmt(metrics[key])}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
