@@ -1,13 +1,231 @@
-"""Command line: ``masked-dit {train,sample,extract-latents,info,eval}``."""
+"""Command line: ``masked-dit {train,sample,extract-latents,info}`` (also ``python -m masked_dit``).
+
+    masked-dit train                                  # the embedded default: MDTv2 on digits, CPU, minutes
+    masked-dit train --preset digits-dit --optim.lr=5e-4 --train.steps=2000
+    masked-dit train --preset imagenet256-mdtv2-xl2 --data.path=latents/ --run.resume=latest
+    masked-dit sample runs/digits-mdtv2 --out grid.png
+    masked-dit sample DiT-XL-2-256x256.pt --model DiT-XL/2 --num 50000 --out samples.npz --vae stabilityai/sd-vae-ft-ema
+    masked-dit extract-latents /data/imagenet/train latents/ --flip
+"""
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from pathlib import Path
+
+
+#################################################################################
+#                                    train                                      #
+#################################################################################
+
+def _train(args, overrides: list[str]) -> int:
+    from masked_dit.configs import PRESETS, Config, apply_overrides, get_preset
+
+    if args.list_presets:
+        print("\n".join(PRESETS))
+        return 0
+    cfg = Config.load(args.config) if args.config else get_preset(args.preset)
+    if args.config:
+        cfg.preset = cfg.preset or Path(args.config).stem
+    if args.resume:
+        overrides = overrides + [f"--run.resume={args.resume}"]
+    cfg = apply_overrides(cfg, overrides)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from masked_dit.train import train
+
+    result = train(cfg)
+    if result.get("run_dir"):
+        print(f"run folder: {result['run_dir']}")
+    return 0
+
+
+#################################################################################
+#                                    sample                                     #
+#################################################################################
+
+def _load_for_sampling(args):
+    """(model, Config) from a run folder / export folder, or an official checkpoint with --model."""
+    from masked_dit.configs import Config, get_preset
+    from masked_dit.models import load_official
+
+    src = Path(args.source)
+    if src.is_dir():
+        export = src / "export" if (src / "export" / "config.json").exists() else src
+        if not (export / "config.json").exists():
+            raise ValueError(f"{src} is not a run folder (no export/config.json): train it to the end first")
+        info = json.loads((export / "config.json").read_text())
+        model = load_official(export / "ema.safetensors", info["model"], **info["model_kwargs"])
+        cfg = Config.from_dict(info["run_config"]) if "run_config" in info else get_preset()
+        return model, cfg
+    if not args.model:
+        raise ValueError("sampling an official checkpoint needs --model NAME (e.g. DiT-XL/2, MDTv2-XL/2)")
+    model = load_official(src, args.model, **json.loads(args.model_kwargs or "{}"))
+    family = getattr(model, "family", "")
+    preset = {"dit": "imagenet256-dit-xl2", "sit": "imagenet256-sit-xl2", "repa_sit": "imagenet256-repa-sit-xl2",
+              "mdtv2": "imagenet256-mdtv2-xl2", "mdtv1": "imagenet256-mdtv2-xl2",
+              "maskdit": "imagenet256-maskdit-xl2"}.get(family, "imagenet256-dit-xl2")
+    cfg = get_preset(preset)
+    cfg.model.num_classes = getattr(model, "num_classes", cfg.model.num_classes)
+    cfg.model.in_channels = getattr(model, "in_channels", getattr(model, "img_channels", 4))
+    cfg.model.input_size = getattr(model, "input_size", getattr(model, "img_resolution", cfg.model.input_size))
+    cfg.data.source = "latents" if cfg.model.in_channels == 4 else "digits"  # pixel models clip to [-1, 1]
+    return model, cfg
+
+
+def _sample(args, _overrides) -> int:
+    import numpy as np
+    import torch
+
+    from masked_dit.diffusion.objectives import build_objective
+    from masked_dit.train.grid import grid_labels, save_grid, to_uint8
+
+    model, cfg = _load_for_sampling(args)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    pixel = cfg.data.source != "latents" and not args.vae
+    objective = build_objective(cfg.objective, model, pixel_space=pixel)
+    sampler = args.sampler or cfg.sample.sampler
+    steps = args.steps or cfg.sample.steps
+    cfg_scale = cfg.sample.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    C, S = cfg.model.in_channels, cfg.model.input_size
+    num_classes = cfg.model.num_classes
+    vae = None
+    if args.vae:
+        from masked_dit.data.latents import load_vae
+        vae = load_vae(args.vae, str(device))
+
+    out = Path(args.out)
+    as_npz = out.suffix == ".npz"
+    if as_npz:
+        n = args.num
+        g = torch.Generator().manual_seed(args.seed)
+        labels = torch.randint(0, num_classes, (n,), generator=g) if args.classes is None else \
+            torch.tensor(args.classes).repeat((n + len(args.classes) - 1) // len(args.classes))[:n]
+    else:
+        labels = grid_labels(num_classes, args.per_class, args.classes)
+        n = len(labels)
+    images = []
+    torch.manual_seed(args.seed)
+    from tqdm import tqdm
+    for start in tqdm(range(0, n, args.batch_size), desc="sample", disable=n <= args.batch_size):
+        y = labels[start: start + args.batch_size].to(device)
+        noise = torch.randn(len(y), C, S, S, device=device)
+        x = objective.sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                             scale_pow=cfg.sample.scale_pow, guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high)
+        if vae is not None:
+            with torch.no_grad():
+                x = vae.decode(x.float() / cfg.data.latent_scale).sample
+        images.append(x.float().cpu())
+    x = torch.cat(images)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if as_npz:
+        arr = to_uint8(x)
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)  # the ADM evaluator expects RGB
+        np.savez(out, arr_0=arr, arr_1=labels.numpy())
+    else:
+        save_grid(x, labels, out, per_row=args.per_class)
+    print(f"wrote {out} ({n} samples)")
+    return 0
+
+
+#################################################################################
+#                                extract-latents                                #
+#################################################################################
+
+def _extract(args, _overrides) -> int:
+    import torch
+
+    from masked_dit.data import ImageFolderDataset, extract_latents
+    from masked_dit.data.latents import load_vae
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = ImageFolderDataset(args.images, args.image_size, args.on_bad_image)
+    vae = load_vae(args.vae, device)
+    manifest = extract_latents(dataset, args.out, vae, vae_name=args.vae, batch_size=args.batch_size,
+                               shard_size=args.shard_size, flip=args.flip, dtype=args.dtype, device=device)
+    print(f"{manifest['num_images']} images -> {args.out} ({len(manifest['shards'])} shards, latent "
+          f"{manifest['latent_shape']})")
+    return 0
+
+
+#################################################################################
+#                                    parser                                     #
+#################################################################################
+
+def build_parser() -> argparse.ArgumentParser:
+    from masked_dit.configs.presets import DEFAULT_PRESET
+
+    p = argparse.ArgumentParser(prog="masked-dit", description="Train and sample masked diffusion transformers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model (default: MDTv2 on the embedded digits)",
+                       description="Train from a preset or a config.json; override any field with --section.key=value.")
+    t.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe (default {DEFAULT_PRESET}; --list-presets)")
+    t.add_argument("--config", help="a config.json (e.g. from a run folder) instead of a preset")
+    t.add_argument("--resume", help="'latest' or a checkpoint folder (same as --run.resume=...)")
+    t.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("sample", help="sample a grid PNG or an .npz (ADM evaluator layout)")
+    s.add_argument("source", help="run folder, export folder, or official checkpoint file (then --model)")
+    s.add_argument("--model", help="registry name of an official checkpoint (DiT-XL/2, MDTv2-XL/2, ...)")
+    s.add_argument("--model-kwargs", help="JSON constructor overrides for --model (e.g. '{\"num_classes\": 10}')")
+    s.add_argument("--out", default="samples.png", help="*.png grid or *.npz (uint8 NHWC 'arr_0', labels 'arr_1')")
+    s.add_argument("--num", type=int, default=50_000, help="number of samples for .npz output")
+    s.add_argument("--per-class", type=int, default=8, help="grid columns per class")
+    s.add_argument("--classes", type=int, nargs="*", help="class labels (default: grid 0-9, npz uniform)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim", "heun", "euler", "ode", "sde"])
+    s.add_argument("--steps", type=int)
+    s.add_argument("--cfg-scale", type=float)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--vae", help="decode latents with this AutoencoderKL (hub id or folder)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_sample)
+
+    e = sub.add_parser("extract-latents", help="encode an image folder once into sharded VAE moments")
+    e.add_argument("images", help="image folder (class subfolders or ADM ClassName_ImgID.jpg names)")
+    e.add_argument("out", help="output folder (re-run to resume)")
+    e.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL hub id or local folder")
+    e.add_argument("--image-size", type=int, default=256)
+    e.add_argument("--flip", action="store_true", help="also store the moments of the mirrored images")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--shard-size", type=int, default=4096)
+    e.add_argument("--dtype", choices=["float16", "float32"], default="float32")
+    e.add_argument("--on-bad-image", choices=["stop", "skip"], default="stop")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=_extract)
+
+    i = sub.add_parser("info", help="versions, the compiled extension and op backends")
+    i.set_defaults(func=_info)
+    return p
+
+
+def _info(args, _overrides) -> int:
+    from masked_dit.info import main as info_main
+
+    return info_main([]) or 0
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    print("masked-dit: commands land with their issues", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # Only `train` takes --section.key=value overrides; anything else left over is an error.
+    overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
+    unknown = [a for a in rest if a not in overrides]
+    if unknown or (overrides and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    try:
+        return args.func(args, overrides)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"masked-dit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

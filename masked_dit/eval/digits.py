@@ -1,6 +1,6 @@
 """Offline quality metric for the embedded digits dataset (no download, runs in CI).
 
-A small CNN trained on the real 8x8 digits (scikit-learn's bundled copy) scores generated
+A small CNN trained on the real 8x8 digits (the training split of :mod:`masked_dit.data.digits`) scores generated
 images, after area-downsampling them to 8x8:
 
 * **conditional accuracy** - share of samples classified as the label they were asked for;
@@ -22,26 +22,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from masked_dit.data.digits import load_digits_tensor
 from masked_dit.eval.fid import frechet_distance_from_features
 
-CLASSIFIER_VERSION = 1
-HELDOUT_EVERY = 5  # every 5th digit is held out (360 of 1797)
+CLASSIFIER_VERSION = 2
 
 
-def digits_8x8() -> tuple[np.ndarray, np.ndarray]:
-    """All 1,797 digits as float32 images in [-1, 1] of shape [N, 1, 8, 8], and int64 labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = (d.images.astype(np.float32) / 16.0) * 2 - 1
-    return images[:, None], d.target.astype(np.int64)
-
-
-def split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) indices: a fixed split shared by training and evaluation."""
-    idx = np.arange(n)
-    heldout = idx % HELDOUT_EVERY == 0
-    return idx[~heldout], idx[heldout]
+def heldout_digits(image_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out real digits (the data module's fixed split), images in [-1, 1]."""
+    return load_digits_tensor("heldout", image_size)
 
 
 class DigitsClassifier(nn.Module):
@@ -82,9 +71,7 @@ def _shift_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def train_classifier(epochs: int = 60, seed: int = 0) -> tuple[DigitsClassifier, float]:
     """Trains the classifier on the training split; returns it and its held-out accuracy."""
-    images, labels = digits_8x8()
-    train_idx, held_idx = split_indices(len(labels))
-    x, y = torch.from_numpy(images[train_idx]), torch.from_numpy(labels[train_idx])
+    x, y = load_digits_tensor("train", 8)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = DigitsClassifier()
@@ -101,9 +88,10 @@ def train_classifier(epochs: int = 60, seed: int = 0) -> tuple[DigitsClassifier,
             opt.step()
             sched.step()
     model.eval()
+    x_held, y_held = heldout_digits()
     with torch.no_grad():
-        pred = model(torch.from_numpy(images[held_idx])).argmax(1).numpy()
-    return model, float((pred == labels[held_idx]).mean())
+        pred = model(x_held).argmax(1)
+    return model, (pred == y_held).float().mean().item()
 
 
 _MODEL: DigitsClassifier | None = None
@@ -146,11 +134,16 @@ class DigitsScore:
         return {"digits_cond_acc": self.conditional_accuracy, "digits_fd": self.feature_fd}
 
 
+_HELDOUT_FEATURES: dict[int, np.ndarray] = {}
+
+
 @torch.no_grad()
-def heldout_features() -> np.ndarray:
-    images, labels = digits_8x8()
-    _, held_idx = split_indices(len(labels))
-    return load_classifier().features(torch.from_numpy(images[held_idx])).numpy()
+def heldout_features(image_size: int = 8) -> np.ndarray:
+    """Classifier features of the held-out digits at ``image_size``: the same upsample-then-
+    downsample path as generated images take, so real digits score a distance of zero."""
+    if image_size not in _HELDOUT_FEATURES:
+        _HELDOUT_FEATURES[image_size] = load_classifier().features(heldout_digits(image_size)[0]).numpy()
+    return _HELDOUT_FEATURES[image_size]
 
 
 @torch.no_grad()
@@ -167,5 +160,5 @@ def score_digits(images: torch.Tensor, labels: torch.Tensor) -> DigitsScore:
     feats = model.features(x)
     pred = model.head(feats).argmax(1)
     acc = (pred == labels.cpu()).float().mean().item()
-    fd = frechet_distance_from_features(feats.numpy(), heldout_features())
+    fd = frechet_distance_from_features(feats.numpy(), heldout_features(images.shape[-1]))
     return DigitsScore(conditional_accuracy=acc, feature_fd=fd)

@@ -1,5 +1,4 @@
 """The offline digits metric: real held-out digits score near-perfectly, noise scores badly."""
-import numpy as np
 import pytest
 import torch
 
@@ -7,12 +6,8 @@ from masked_dit.eval import digits
 
 
 def _heldout(resolution: int):
-    images, labels = digits.digits_8x8()
-    _, held = digits.split_indices(len(labels))
-    x = torch.from_numpy(images[held])
-    if resolution != 8:  # the training data is upsampled; the metric area-downsamples back
-        x = torch.nn.functional.interpolate(x, size=resolution, mode="nearest")
-    return x, torch.from_numpy(labels[held])
+    # exactly what training sees (bilinear upsampling); the metric area-downsamples back
+    return digits.heldout_digits(resolution)
 
 
 def test_shipped_classifier_heldout_accuracy():
@@ -57,9 +52,3 @@ def test_training_recipe_reproduces_accuracy():
     torch.set_num_threads(max(1, torch.get_num_threads()))
     _, acc = digits.train_classifier(epochs=60, seed=0)
     assert acc >= 0.97
-
-
-def test_split_is_fixed_and_disjoint():
-    train, held = digits.split_indices(1797)
-    assert len(held) == 360 and len(train) == 1437
-    assert not np.intersect1d(train, held).size

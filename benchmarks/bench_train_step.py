@@ -1,0 +1,494 @@
+"""Training-step throughput of every family, ours against the official repos' way of running it.
+
+    python benchmarks/bench_train_step.py                                   # all families, S..XL, GPU
+    python benchmarks/bench_train_step.py --families dit --sizes XL --batch 256
+    python benchmarks/bench_train_step.py --size toy --device cpu --out-dir /tmp/r   # seconds, for tests
+
+One step = objective (forward + loss; MDTv2 runs its two passes) + backward + grad clip (if the
+recipe clips) + optimizer step + EMA update, on random 32x32x4 latents (REPA: random DINOv2-B-shaped
+features [B, 256, 768]). Variants (all measured in the same run, same weights):
+
+    reference            benchmarks/reference_style.py with the repo's precision/optimizer (RECIPES)
+    reference_bf16       the same reference code at our precision (bf16 autocast, TF32): separates
+                         what precision buys from what the implementation buys
+    eager                our modules, bf16 autocast, ops on the torch backend (unfused; attention
+                         stays on its fastest kernel, not the torch switch's chunked math path)
+    eager_fused          ... ops on the 'auto' backend (fused kernels where the device has them)
+    compiled             torch.compile (per block, or whole with --compile whole), torch backend
+    compiled_fused       ... auto backend
+    compiled_fused_fsdp  ... + FSDP2 fully_shard per block on a 1-rank process group (bf16 params)
+
+Batch: ``--batch N``, else (GPU) a search doubling from ``--batch-start`` until out of memory or
+``--batch-cap``; the reference variants are searched each, ours once (the first of ours that runs,
+normally eager) and reused by the others (halved while it does not fit). MFU from the analytic FLOPs of
+:mod:`masked_dit.models.flops` (training = 3 x forward) against the datasheet peak and the measured
+GEMM ceiling. Results: ``<out-dir>/train_step-<device>-<date>[-<tag>].json``; rows of earlier runs of the day
+(other families, sizes) are kept, the same (model, variant) measured again replaces its row.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import logging
+import sys
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `masked_dit` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn as nn
+
+from benchmarks import common
+from benchmarks.reference_style import RECIPES, reference_like
+
+FAMILIES = ("dit", "sit", "mdtv2", "maskdit", "repa_sit")
+PREFIX = {"dit": "DiT", "sit": "SiT", "mdtv2": "MDTv2", "maskdit": "MaskDiT", "repa_sit": "REPA-SiT"}
+SIZES = ("S", "B", "L", "XL")
+VARIANTS = ("reference", "reference_bf16", "eager", "eager_fused", "compiled", "compiled_fused", "compiled_fused_fsdp")
+# Mask ratio the FLOPs are counted at: MDTv2 draws 0.3 + 0.2 U(0, 1) per step (mean 0.4), MaskDiT 0.5.
+FLOPS_MASK_RATIO = {"mdtv2": 0.4, "maskdit": 0.5}
+DINOV2_B = (256, 768)  # REPA's encoder features per image: 256 patch tokens of width 768
+
+# Toy models: hidden 64, depth 2 (MDTv2: 4 with 2 decoder blocks) on 8x8x4 latents, 10 classes.
+_TOY = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+TOY_KWARGS = {
+    "dit": _TOY, "sit": _TOY,
+    "mdtv2": dict(_TOY, depth=4, decode_layer=2, mask_ratio=0.3),
+    "maskdit": dict(_TOY, decoder_hidden_size=32, decoder_depth=1, decoder_num_heads=2),
+    "repa_sit": dict(_TOY, encoder_depth=1, z_dims=[32], projector_dim=64),
+}
+
+
+#################################################################################
+#                               Models and steps                                #
+#################################################################################
+
+def model_kwargs(family: str, size: str) -> tuple[str, dict]:
+    """(display name, constructor kwargs) of a family at a size ('toy' or S/B/L/XL at patch 2)."""
+    if size == "toy":
+        return f"{PREFIX[family]}-toy", dict(TOY_KWARGS[family])
+    from masked_dit.models import MODEL_CONFIGS
+
+    name = f"{PREFIX[family]}-{size}/2"
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"model {name} is not registered")
+    kwargs = dict(MODEL_CONFIGS[name][1])
+    if family == "mdtv2":
+        kwargs["mask_ratio"] = 0.3  # trains with masks (the mask token is a parameter)
+    return name, kwargs
+
+
+def make_objective(family: str):
+    from masked_dit.diffusion import objectives as obj
+
+    return {"dit": obj.ADMObjective, "sit": obj.TransportObjective, "mdtv2": obj.MDTv2Objective,
+            "maskdit": obj.EDMMaskDiTObjective, "repa_sit": obj.REPAObjective}[family]()
+
+
+def make_batch(family: str, kwargs: dict, batch: int, device: torch.device) -> dict:
+    """Random latents [B, C, H, W] and labels (REPA: random encoder features)."""
+    size, channels = kwargs.get("input_size", 32), kwargs.get("in_channels", 4)
+    out = {"x": torch.randn(batch, channels, size, size, device=device),
+           "y": torch.randint(0, kwargs.get("num_classes", 1000), (batch,), device=device)}
+    if family == "repa_sit":
+        tokens = (size // kwargs.get("patch_size", 2)) ** 2
+        out["zs"] = [torch.randn(batch, tokens, z, device=device) for z in kwargs.get("z_dims", [DINOV2_B[1]])]
+    return out
+
+
+def make_optimizer(name: str, params, fused: bool):
+    params = [p for p in params if p.requires_grad]
+    if name == "adan":
+        from masked_dit.train.optim import Adan
+
+        return Adan(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused or None)
+
+
+class ReferenceEMA:
+    """The official ``update_ema``: a Python loop of ``mul_`` + ``add_`` over named parameters."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999):
+        self.decay, self.model = decay, model
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self):
+        for name, p in self.model.named_parameters():
+            self.shadow[name].mul_(self.decay).add_(p.data, alpha=1 - self.decay)
+
+
+class StepRunner:
+    """One training step of a (possibly wrapped) model: objective, backward, clip, optimizer, EMA."""
+
+    def __init__(self, model, objective, optimizer, ema, *, autocast_dtype=None, scaler=None, grad_clip=0.0,
+                 backend: str = "auto", device: torch.device):
+        self.model, self.objective, self.optimizer, self.ema = model, objective, optimizer, ema
+        self.autocast_dtype, self.scaler, self.grad_clip = autocast_dtype, scaler, grad_clip
+        self.backend, self.device = backend, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def step(self, batch: dict) -> None:
+        with ops_backend(self.backend):
+            with self._autocast():
+                loss = self.objective(self.model, batch)["loss"]
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.ema.update()
+
+
+@contextlib.contextmanager
+def ops_backend(backend: str):
+    """Fused-op backend for a step. 'torch' unfuses the elementwise ops and gathers but keeps
+    attention on its automatic choice (flash/SDPA): the torch switch alone would select the chunked
+    math attention, and the variants compare fusion, not attention kernels."""
+    from masked_dit.ops import use_backend
+    from masked_dit.ops.attention import use_attention_backend
+
+    with use_backend(backend), use_attention_backend("auto"):
+        yield
+
+
+def attention_choice(device: torch.device, kwargs: dict, backend: str, dtype=torch.bfloat16) -> str:
+    """Which attention kernel our model gets (dense tokens; MDT: with the relative-position bias)."""
+    from masked_dit.ops.attention import select_backend
+
+    head_dim = kwargs.get("hidden_size", 1152) // kwargs.get("num_heads", 16)
+    with ops_backend(backend):
+        try:
+            dense = select_backend(device.type, dtype, head_dim)[0]
+            biased = select_backend(device.type, dtype, head_dim, biased=True)[0]
+        except RuntimeError as err:
+            return f"unusable: {err}"
+    return f"{dense} (MDT bias: {biased})"
+
+
+def init_single_rank_group(device: torch.device) -> None:
+    """A 1-rank process group (NCCL on GPU, gloo on CPU) so FSDP2 runs in one process."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+
+
+def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, device: torch.device, args):
+    """(runner, info) for one variant; every variant starts from the same weights ``base_state``."""
+    from masked_dit.diffusion.objectives import unwrap
+    from masked_dit.models import build
+    from masked_dit.train.ema import EMA
+    from masked_dit.train.parallel import apply_fsdp
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    RECOMPILE_LIMIT_HITS.count = 0
+    model = build(family, **kwargs)
+    model.load_state_dict(base_state)
+    model.to(device).train()
+    objective = make_objective(family)
+    recipe = RECIPES[family]
+    info = {}
+    if variant.startswith("reference"):
+        ref = reference_like(model, kwargs, attention=args.ref_attention).train()
+        del model
+        if variant == "reference_bf16":
+            optimizer = make_optimizer(recipe["optimizer"], ref.parameters(), fused=False)
+            info.update(precision="bf16 autocast (TF32 matmuls)", attention=args.ref_attention or recipe["attention"],
+                        optimizer=recipe["optimizer"], ops_backend="reference modules")
+            runner = StepRunner(ref, objective, optimizer, ReferenceEMA(ref), autocast_dtype=torch.bfloat16,
+                                grad_clip=recipe["grad_clip"], backend="torch", device=device)
+            runner.tf32 = True
+            return runner, info
+        fp16 = recipe["precision"] == "fp16"
+        scaler = torch.amp.GradScaler(device.type) if fp16 and device.type == "cuda" else None
+        optimizer = make_optimizer(recipe["optimizer"], ref.parameters(),
+                                   fused=recipe["fused_optimizer"] and device.type == "cuda")
+        info.update(precision=("fp16 autocast + GradScaler" if fp16 else "fp32") +
+                    (" (TF32 matmuls)" if recipe["tf32"] else ""),
+                    attention=args.ref_attention or recipe["attention"], optimizer=recipe["optimizer"],
+                    ops_backend="reference modules", recipe=recipe["source"])
+        # On CPU fp16 autocast is emulated and slow: the toy run uses fp32 there (recorded).
+        dtype = torch.float16 if fp16 and device.type == "cuda" else None
+        if fp16 and device.type != "cuda":
+            info["precision"] = "fp32 (fp16 AMP needs CUDA; toy CPU run)"
+        runner = StepRunner(ref, objective, optimizer, ReferenceEMA(ref), autocast_dtype=dtype, scaler=scaler,
+                            grad_clip=recipe["grad_clip"], backend="torch", device=device)
+        runner.tf32 = recipe["tf32"]
+        return runner, info
+
+    compiled = variant.startswith("compiled")
+    fused = "fused" in variant
+    fsdp = variant.endswith("fsdp")
+    info.update(ops_backend="auto" if fused else "torch", optimizer=recipe["optimizer"],
+                attention=attention_choice(device, kwargs, "auto" if fused else "torch"))
+    if compiled:
+        info["compile"] = f"{args.compile} ({args.compile_backend})"
+        if args.compile == "block":
+            compile_blocks(model, args.compile_backend)
+        else:
+            model = torch.compile(model, backend=args.compile_backend)
+    if fsdp:
+        init_single_rank_group(device)
+        apply_fsdp(unwrap(model), SimpleNamespace(device=device, size=1), "bf16")
+        info["precision"] = "FSDP2 bf16 params, fp32 grad reduction (no autocast)"
+        autocast_dtype = None
+    else:
+        info["precision"] = "bf16 autocast"
+        autocast_dtype = torch.bfloat16
+    module = unwrap(model)
+    optimizer = make_optimizer(recipe["optimizer"], module.parameters(), fused=device.type == "cuda" and not fsdp)
+    runner = StepRunner(model, objective, optimizer, EMA(module), autocast_dtype=autocast_dtype,
+                        grad_clip=recipe["grad_clip"], backend="auto" if fused else "torch", device=device)
+    runner.tf32 = True  # as our trainer (--parallel.tf32): only fp32 matmuls outside autocast see it
+    return runner, info
+
+
+def compile_blocks(model: nn.Module, backend: str) -> None:
+    """torch.compile of each transformer block in place (as the trainer's apply_compile; any backend)."""
+    from masked_dit.train.parallel import transformer_blocks
+
+    for block in transformer_blocks(model):
+        block.compile(backend=backend)
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+#################################################################################
+#                                  Measuring                                    #
+#################################################################################
+
+class _RecompileLimitHits(logging.Handler):
+    """Counts dynamo's "hit config.recompile_limit" warnings: past the limit a function runs eager
+    (silently slower), e.g. per-block compile of MDTv2, whose blocks differ in skip/bias/token count."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record):
+        if "hit config." in record.getMessage():
+            self.count += 1
+
+
+RECOMPILE_LIMIT_HITS = _RecompileLimitHits()
+logging.getLogger("torch._dynamo.convert_frame").addHandler(RECOMPILE_LIMIT_HITS)
+
+
+def dynamo_stats() -> dict:
+    """Graphs compiled, graph breaks and recompile-limit hits so far (silent eager fallbacks show here)."""
+    counters = torch._dynamo.utils.counters
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "recompile_limit_hits": RECOMPILE_LIMIT_HITS.count}
+
+
+def measure(runner: StepRunner, family: str, kwargs: dict, batch: int, device: torch.device, args) -> dict:
+    data = make_batch(family, kwargs, batch, device)
+    with tf32(runner.tf32):
+        for _ in range(args.warmup):
+            runner.step(data)
+        common.synchronize(device)
+        common.reset_peak_memory(device)
+        before = dynamo_stats()
+        ms = common.time_loop(lambda: runner.step(data), args.steps, device)
+    after = dynamo_stats()
+    out = {"batch": batch, "step_ms": ms, "img_per_s": batch * 1e3 / ms,
+           "peak_mem_gib": common.peak_memory_gib(device)}
+    if after["unique_graphs"]:
+        # Graphs compiled inside the timed loop mean the warmup was too short (e.g. MDTv2's kept-token count).
+        out["dynamo"] = dict(after, compiled_while_timing=after["unique_graphs"] - before["unique_graphs"])
+    return out
+
+
+def probe(runner: StepRunner, family: str, kwargs: dict, device: torch.device):
+    """try_batch(b): two steps at batch b (the second allocates the optimizer state's steady footprint)."""
+    def try_batch(b):
+        data = make_batch(family, kwargs, b, device)
+        with tf32(runner.tf32):
+            for _ in range(2):
+                runner.step(data)
+        common.synchronize(device)
+    return try_batch
+
+
+def run_family(family: str, size: str, device: torch.device, args, peaks: dict) -> list[dict]:
+    from masked_dit.models import build
+    from masked_dit.models.flops import flops_per_image
+
+    name, kwargs = model_kwargs(family, size)
+    torch.manual_seed(args.seed)
+    base = build(family, **kwargs)
+    flops = float(flops_per_image(base, mask_ratio=FLOPS_MASK_RATIO.get(family, 0.0), training=True))
+    base_state = copy.deepcopy(base.state_dict())
+    del base
+    rows, batches = [], {}
+    for variant in args.variants:
+        row = {"model": name, "family": family, "size": size, "variant": variant, "flops_per_image": flops,
+               "flops_mask_ratio": FLOPS_MASK_RATIO.get(family, 0.0)}
+        runner = None
+        try:
+            if variant.endswith("fsdp") and device.type == "cuda" and not torch.distributed.is_available():
+                raise RuntimeError("torch.distributed is not available")
+            runner, info = build_runner(variant, family, kwargs, base_state, device, args)
+            row.update(info)
+            group = variant if variant.startswith("reference") else "ours"
+            if args.batch:
+                batch = args.batch
+            elif not args.search_batch:
+                batch = args.batch_start
+            elif group in batches:
+                batch = batches[group]
+            else:
+                batch, log = common.largest_fitting_batch(probe(runner, family, kwargs, device), args.batch_start,
+                                                          args.batch_cap, device)
+                row["batch_search"] = log
+                batches[group] = batch
+            result = {}
+            while not common.run_or_oom(lambda: result.update(measure(runner, family, kwargs, batch, device, args))):
+                common.free_memory(device)
+                if batch == 1:
+                    raise RuntimeError("out of memory at batch 1")
+                batch //= 2  # back off
+                row["backed_off"] = True
+            row.update(result)
+            row.update(common.mfu_fields(row["img_per_s"], flops, peaks))
+            row["status"] = "ok"
+        except Exception as err:  # noqa: BLE001  (one failing variant must not lose the others)
+            row.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            if args.verbose:
+                traceback.print_exc()
+        finally:
+            runner = None  # drop the model, optimizer and compiled graphs before the next variant
+            common.free_memory(device)
+        rows.append(row)
+        _print_row(row)
+    ref = next((r for r in rows if r["variant"] == "reference" and r["status"] == "ok"), None)
+    ref16 = next((r for r in rows if r["variant"] == "reference_bf16" and r["status"] == "ok"), None)
+    for r in rows:
+        if ref and r["status"] == "ok":
+            r["speedup_vs_reference"] = r["img_per_s"] / ref["img_per_s"]
+        if ref16 and r["status"] == "ok":
+            r["speedup_vs_reference_bf16"] = r["img_per_s"] / ref16["img_per_s"]
+    return rows
+
+
+def _print_row(r: dict) -> None:
+    if r["status"] != "ok":
+        print(f"{r['model']:>16} {r['variant']:>20}  {r['status']}: {r.get('reason', '')}", flush=True)
+        return
+    mfu = f"{100 * r['mfu_datasheet']:5.1f}%" if r.get("mfu_datasheet") is not None else "   n/a"
+    mem = f"{r['peak_mem_gib']:6.1f} GiB" if r.get("peak_mem_gib") is not None else "      n/a"
+    tfl = f"{r['tflops']:7.1f}" if r.get("tflops") is not None else "    n/a"
+    print(f"{r['model']:>16} {r['variant']:>20}  batch {r['batch']:4d}  {r['img_per_s']:9.1f} img/s  "
+          f"{tfl} TFLOP/s  MFU {mfu}  {mem}", flush=True)
+
+
+#################################################################################
+#                                     CLI                                       #
+#################################################################################
+
+def _csv(choices):
+    def parse(text: str):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [s for s in items if s not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"invalid choice(s) {bad or text!r}; valid: {', '.join(choices)}")
+        return items
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--size", choices=("full", "toy"), default="full", help="toy: tiny models on 8x8 latents")
+    p.add_argument("--sizes", type=_csv(SIZES), default=list(SIZES), help="model sizes at patch 2 (full)")
+    p.add_argument("--families", type=_csv(FAMILIES), default=list(FAMILIES))
+    p.add_argument("--variants", type=_csv(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--batch", type=int, default=0, help="fixed per-GPU batch (0: search on GPU)")
+    p.add_argument("--batch-start", type=int, default=None, help="first batch of the search (default 8 GPU, 2 CPU)")
+    p.add_argument("--batch-cap", type=int, default=1024)
+    p.add_argument("--search-batch", action=argparse.BooleanOptionalAction, default=None,
+                   help="search the largest batch (default: on GPU yes, on CPU no: --batch-start is used)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 GPU, 2 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 1 CPU)")
+    p.add_argument("--compile", choices=("block", "whole"), default="block")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
+    p.add_argument("--recompile-limit", type=int, default=0,
+                   help="raise dynamo's per-function recompile limit (0: torch's default, as the trainer runs)")
+    p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,
+                   help="force the reference attention (default: each repo's own, see reference_style.RECIPES)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
+    p.add_argument("--tag", default=None, help="suffix of the result file name (default: the day's file)")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing variants")
+    args = p.parse_args(argv)
+    for name in ("batch", "batch_cap"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    device = common.resolve_device(args.device)
+    gpu = device.type == "cuda"
+    args.batch_start = args.batch_start or (8 if gpu else 2)
+    args.search_batch = gpu if args.search_batch is None else args.search_batch
+    args.steps = args.steps if args.steps is not None else (20 if gpu else 2)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if gpu:
+        torch.cuda.set_device(device)
+    if args.recompile_limit:
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, name, args.recompile_limit)
+    env = common.environment(device)
+    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
+    sizes = ["toy"] if args.size == "toy" else args.sizes
+    rows = []
+    for size in sizes:
+        for family in args.families:
+            rows.extend(run_family(family, size, device, args, env["peaks"]))
+    payload = {"kind": "train_step", **env,
+               "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")},
+               "latent": "random 4 x 32 x 32 (toy: 4 x 8 x 8); REPA features random [B, 256, 768] (toy [B, 16, 32])",
+               "flops": "analytic (masked_dit.models.flops), training = 3 x forward, MDTv2 both passes at mask 0.4",
+               "results": rows}
+    path = common.write_results(payload, args.out_dir, "train_step", key_fields=("model", "variant"), tag=args.tag)
+    print(f"# wrote {path}", flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Markdown tables and an MFU plot from the benchmark JSON files.
+
+    python benchmarks/report.py                                   # tables to stdout, plot to results/mfu.png
+    python benchmarks/report.py --results benchmarks/results --out benchmarks/RESULTS.md --plot mfu.png
+
+Reads every ``train_step-*.json`` and ``sampling-*.json`` under ``--results``. The training table
+gives img/s, TFLOP/s, MFU against the datasheet peak and against the measured GEMM ceiling (each
+column names its peak), peak memory and the speed-up over the reference-style step; the sampling
+table gives img/s and the speed-up over eager. ``reference`` is the official recipe (its precision),
+``reference_bf16`` the same code at our precision: the two ratios separate precision from code. The plot shows MFU (datasheet peak) per model and
+variant for each training file; files without a peak (CPU runs) are plotted as img/s instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS_DIR
+
+TRAIN_VARIANTS = ("reference", "reference_bf16", "eager", "eager_fused", "compiled", "compiled_fused", "compiled_fused_fsdp")
+
+
+def load_results(results_dir: str | Path) -> list[dict]:
+    """Every benchmark JSON in ``results_dir`` (sorted by name), with its path under '_path'."""
+    out = []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict) or data.get("kind") not in ("train_step", "sampling"):
+            continue  # another tool's file
+        data["_path"] = str(path)
+        out.append(data)
+    return out
+
+
+def _ratio(row: dict, rows: list[dict], field: str, base_variant: str, keys) -> float | None:
+    """``row[field]``, else img/s over the ``base_variant`` row with the same ``keys`` (rows merged
+    from separate runs of the day have no stored ratio)."""
+    if row.get(field) is not None:
+        return row[field]
+    base = next((r for r in rows if r.get("variant") == base_variant and r.get("status") == "ok"
+                 and all(r.get(k) == row.get(k) for k in keys)), None)
+    return row["img_per_s"] / base["img_per_s"] if base else None
+
+
+def _f(value, fmt: str, scale: float | None = None) -> str:
+    if value is None:
+        return "–"
+    return format(value * scale if scale is not None else value, fmt)
+
+
+def _header(run: dict) -> str:
+    peaks = run.get("peaks") or {}
+    peak = (f"datasheet {peaks['datasheet_tflops']:g} TFLOP/s, measured GEMM "
+            f"{_f(peaks.get('measured_gemm_tflops'), 'g')} TFLOP/s") if peaks.get("datasheet_tflops") else "no peak (CPU)"
+    return (f"**{run['device']}** — torch {run['torch']}, triton {run.get('triton')}, commit "
+            f"`{(run.get('commit') or '?')[:12]}`, {run['date']}; bf16 peaks: {peak}")
+
+
+def train_table(run: dict) -> str:
+    lines = [_header(run), "",
+             "| model | variant | batch | img/s | TFLOP/s | MFU (datasheet) | MFU (GEMM ceiling) | peak mem (GiB) "
+             "| × reference | × reference bf16 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in run["results"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['model']} | {r['variant']} | | {r.get('status')}: {r.get('reason', '')} | | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['img_per_s']:.1f} | "
+                     f"{_f(r.get('tflops'), '.1f')} | {_f(r.get('mfu_datasheet'), '.1f', 100)}"
+                     f"{'%' if r.get('mfu_datasheet') is not None else ''} | "
+                     f"{_f(r.get('mfu_measured_gemm'), '.1f', 100)}{'%' if r.get('mfu_measured_gemm') is not None else ''}"
+                     f" | {_f(r.get('peak_mem_gib'), '.1f')} | "
+                     f"{_f(_ratio(r, run['results'], 'speedup_vs_reference', 'reference', ('model',)), '.2f')} | "
+                     f"{_f(_ratio(r, run['results'], 'speedup_vs_reference_bf16', 'reference_bf16', ('model',)), '.2f')} |")
+    return "\n".join(lines)
+
+
+def sampling_table(run: dict) -> str:
+    lines = [_header(run), "",
+             "| sampler | model | batch | variant | NFE | img/s | s / batch | × eager |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in run["results"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['sampler']} | {r['model']} | {r['batch']} | {r['variant']} | | "
+                         f"{r.get('status')}: {r.get('reason', '')} | | |")
+            continue
+        lines.append(f"| {r['sampler']} | {r['model']} | {r['batch']} | {r['variant']} | {_f(r.get('nfe'), 'd')} | "
+                     f"{r['img_per_s']:.2f} | {r['seconds_per_batch']:.2f} | "
+                     f"{_f(_ratio(r, run['results'], 'speedup_vs_eager', 'eager', ('sampler', 'model', 'batch')), '.2f')} |")
+    return "\n".join(lines)
+
+
+def markdown(runs: list[dict]) -> str:
+    parts = []
+    train = [r for r in runs if r["kind"] == "train_step"]
+    sampling = [r for r in runs if r["kind"] == "sampling"]
+    if train:
+        parts.append("## Training step\n")
+        parts.extend(train_table(r) + "\n" for r in train)
+    if sampling:
+        parts.append("## Sampling\n")
+        parts.extend(sampling_table(r) + "\n" for r in sampling)
+    if not parts:
+        return "No benchmark results yet.\n"
+    return "\n".join(parts)
+
+
+def plot(runs: list[dict], path: str | Path) -> Path | None:
+    """Grouped bars, one panel per training file: MFU (datasheet peak) per model and variant,
+    or img/s when the file has no peak. Returns the PNG path (None when there is nothing to plot)."""
+    train = [r for r in runs if r["kind"] == "train_step" and any(x.get("status") == "ok" for x in r["results"])]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(train), 1, figsize=(12, 4.5 * len(train)), squeeze=False)
+    for ax, run in zip(axes[:, 0], train):
+        ok = [r for r in run["results"] if r.get("status") == "ok"]
+        use_mfu = any(r.get("mfu_datasheet") is not None for r in ok)
+        models = list(dict.fromkeys(r["model"] for r in ok))
+        variants = [v for v in TRAIN_VARIANTS if any(r["variant"] == v for r in ok)]
+        width = 0.8 / max(len(variants), 1)
+        for i, variant in enumerate(variants):
+            values = []
+            for m in models:
+                r = next((r for r in ok if r["model"] == m and r["variant"] == variant), None)
+                v = None if r is None else (r.get("mfu_datasheet") if use_mfu else r["img_per_s"])
+                values.append(0.0 if v is None else (100 * v if use_mfu else v))
+            ax.bar([j + (i - (len(variants) - 1) / 2) * width for j in range(len(models))], values, width,
+                   label=variant)
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models, rotation=30, ha="right")
+        peak = (run.get("peaks") or {}).get("datasheet_tflops")
+        ax.set_ylabel(f"MFU (% of {peak:g} TFLOP/s datasheet bf16)" if use_mfu else "img/s (no peak known)")
+        ax.set_title(f"{run['device']} — {run['date']} — commit {(run.get('commit') or '?')[:12]}")
+        ax.legend(fontsize=8, ncol=3)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", default=str(RESULTS_DIR), help="folder of benchmark JSON files")
+    p.add_argument("--out", default=None, help="write the markdown here (default: stdout)")
+    p.add_argument("--plot", default=None, help="PNG path of the MFU plot (default <results>/mfu.png)")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    if not Path(args.results).is_dir():
+        raise ValueError(f"--results {args.results}: not a folder")
+    runs = load_results(args.results)
+    text = markdown(runs)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    if not args.no_plot:
+        png = plot(runs, args.plot or Path(args.results) / "mfu.png")
+        if png is not None:
+            print(f"# plot: {png}", file=sys.stderr)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Training configuration: one dataclass per section, named presets, ``--section.key=value`` overrides.
+
+    cfg = get_preset("digits-mdtv2")
+    cfg = apply_overrides(cfg, ["--optim.lr=2e-4", "--train.steps=100"])
+    cfg.save("runs/x/config.json"); Config.load("runs/x/config.json")
+
+Every field has a default; a preset changes only what its paper's recipe changes. Bad keys or
+values raise ``ConfigError`` (a ValueError) with one line naming the key and the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is one line naming it and the valid choices."""
+
+
+#################################################################################
+#                                   Sections                                    #
+#################################################################################
+
+@dataclass
+class RunConfig:
+    name: str = "digits-mdtv2"           # run folder: <out_dir>/<name>
+    out_dir: str = "runs"
+    seed: int = 0                        # global seed; rank r uses seed + r for its own draws
+    resume: Optional[str] = None         # None | "latest" | path of a checkpoint folder
+
+
+@dataclass
+class ModelConfig:
+    name: str = "MDTv2-S/2"              # masked_dit.models registry name (size and patch)
+    input_size: int = 32                 # spatial side of what the model sees (latent side for VAE latents)
+    in_channels: int = 4
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1      # label dropout for classifier-free guidance
+    learn_sigma: Optional[bool] = None   # None: the family's own default
+    depth: Optional[int] = None          # None: from the registry name
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch_size: Optional[int] = None
+    extra: dict = field(default_factory=dict)  # further constructor kwargs (decode_layer, encoder_depth, ...)
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"               # digits | folder | latents
+    path: Optional[str] = None           # image folder root or extracted-latents folder
+    image_size: int = 16                 # pixels (digits: 16 or 32; folder: center-crop side)
+    random_flip: bool = True
+    on_bad_image: str = "stop"           # stop | skip  (unreadable or undersized images)
+    num_workers: int = 0
+    latent_scale: float = 0.18215        # posterior sample x this factor (SD VAE)
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "mdtv2"                  # adm | mdtv2 | transport | edm_maskdit | repa
+    # ADM (DiT, MDTv2)
+    diffusion_steps: int = 1000
+    noise_schedule: str = "linear"
+    min_snr_gamma: float = 5.0           # MDTv2: MSE weight min(snr, gamma)/snr
+    mask_ratio: float = 0.3              # MDTv2: ratio = mask_ratio + mask_ratio_jitter * U(0,1); MaskDiT: fixed ratio
+    mask_ratio_jitter: float = 0.2
+    # EDM (MaskDiT)
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+    mae_loss_coef: float = 0.1
+    # transport (SiT, REPA)
+    path_type: str = "Linear"            # Linear | GVP | VP
+    prediction: str = "velocity"         # velocity | noise | score
+    loss_weight: Optional[str] = None    # None | velocity | likelihood
+    # REPA
+    proj_coeff: float = 0.5
+    encoder: str = "none"                # none (features come with the batch as 'zs') | patches (clean patches; tests/digits)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"                  # adamw | adan
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.999)          # adan: three betas
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0               # max grad norm; 0 disables clipping
+    warmup_steps: int = 0
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400_000
+    global_batch: int = 256
+    micro_batch: Optional[int] = None    # per-rank batch per forward; None: global_batch / world
+    log_every: int = 100
+    sample_every: int = 10_000
+    ckpt_every: int = 10_000
+    keep_last: int = 2
+    peak_tflops: Optional[float] = None  # MFU denominator; None: from the GPU name table
+    device: str = "auto"                 # auto | cpu | cuda
+    progress: bool = True                # tqdm bar on rank 0
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = "ddp"                    # ddp | fsdp
+    compile: bool = False                # torch.compile each transformer block
+    activation_checkpointing: bool = False
+    precision: str = "fp32"              # fp32 | bf16 (autocast; FSDP: bf16 params, fp32 grad reduce)
+    tf32: bool = True
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "auto"                # auto | ddpm | ddim | heun | euler | ode | sde
+    steps: int = 250
+    cfg_scale: float = 1.0
+    scale_pow: float = 4.0               # MDTv2 power-cosine guidance schedule (0: constant scale)
+    num_per_class: int = 8               # grid: rows of classes
+    grid_classes: Optional[list] = None  # None: 0..9 (or the first 10 classes)
+    guidance_low: float = 0.0            # REPA guidance interval [low, high] of t
+    guidance_high: float = 1.0
+    seed: int = 0                        # fixed noise and labels of the grid
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    preset: str = ""
+
+    # ---- serialisation ----
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        for section, values in d.items():
+            if section == "preset":
+                cfg.preset = values
+                continue
+            for key, value in values.items():
+                _set(cfg, section, key, value)
+        validate(cfg)
+        return cfg
+
+    @classmethod
+    def load(cls, path) -> "Config":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+#################################################################################
+#                             Choices and validation                            #
+#################################################################################
+
+CHOICES = {
+    ("data", "source"): ("digits", "folder", "latents"),
+    ("data", "on_bad_image"): ("stop", "skip"),
+    ("objective", "kind"): ("adm", "mdtv2", "transport", "edm_maskdit", "repa"),
+    ("objective", "noise_schedule"): ("linear", "squaredcos_cap_v2"),
+    ("objective", "path_type"): ("Linear", "GVP", "VP"),
+    ("objective", "prediction"): ("velocity", "noise", "score"),
+    ("objective", "loss_weight"): (None, "velocity", "likelihood"),
+    ("objective", "encoder"): ("none", "patches"),
+    ("optim", "name"): ("adamw", "adan"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("parallel", "mode"): ("ddp", "fsdp"),
+    ("parallel", "precision"): ("fp32", "bf16"),
+    ("sample", "sampler"): ("auto", "ddpm", "ddim", "heun", "euler", "ode", "sde"),
+}
+
+
+def validate(cfg: Config) -> None:
+    for (section, key), valid in CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in valid:
+            raise ConfigError(f"--{section}.{key}={value!r} is not valid; choose one of: "
+                              + ", ".join(str(v) for v in valid))
+    positive = [("train", "steps"), ("train", "global_batch"), ("train", "log_every"), ("train", "sample_every"),
+                ("train", "ckpt_every"), ("train", "keep_last"), ("model", "input_size"), ("model", "in_channels"),
+                ("sample", "steps"), ("objective", "diffusion_steps")]
+    for section, key in positive:
+        if getattr(getattr(cfg, section), key) <= 0:
+            raise ConfigError(f"--{section}.{key} must be > 0 (got {getattr(getattr(cfg, section), key)})")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"--optim.lr must be > 0 (got {cfg.optim.lr})")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise ConfigError(f"--optim.ema_decay must be in [0, 1) (got {cfg.optim.ema_decay})")
+    n_betas = 3 if cfg.optim.name == "adan" else 2
+    if len(cfg.optim.betas) != n_betas:
+        raise ConfigError(f"--optim.betas needs {n_betas} values for {cfg.optim.name} (got {list(cfg.optim.betas)})")
+    if not 0 <= cfg.objective.mask_ratio < 1:
+        raise ConfigError(f"--objective.mask_ratio must be in [0, 1) (got {cfg.objective.mask_ratio})")
+
+
+#################################################################################
+#                                   Overrides                                   #
+#################################################################################
+
+def _fields(obj) -> dict:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _coerce(section: str, key: str, hint, value):
+    """Converts ``value`` (a string from the command line, or a JSON value) to the field's type."""
+    where = f"--{section}.{key}"
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    optional = origin is typing.Union and type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, str):
+                value = value.replace("_", "")
+                f = float(value)
+                if f != int(f):
+                    raise ValueError
+                return int(f)
+            if isinstance(value, float) and value != int(value):
+                raise ValueError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            return str(value)
+        if hint in (tuple, list) or origin in (tuple, list):
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            seq = [float(v) if hint is tuple else (int(v) if isinstance(v, str) and v.isdigit() else v) for v in value]
+            return tuple(seq) if hint is tuple else list(seq)
+        if hint is dict or origin is dict:
+            return dict(json.loads(value) if isinstance(value, str) else value)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        pass
+    else:
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{where}={value!r} is not a valid {name}")
+
+
+def _set(cfg: Config, section: str, key: str, value) -> None:
+    sections = {n: f for n, f in _fields(cfg).items() if n != "preset"}
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r}; valid: {', '.join(sections)}")
+    sub = getattr(cfg, section)
+    fields = _fields(sub)
+    if key not in fields:
+        raise ConfigError(f"unknown key --{section}.{key}; valid keys of {section}: {', '.join(fields)}")
+    hints = typing.get_type_hints(type(sub))
+    setattr(sub, key, _coerce(section, key, hints[key], value))
+
+
+def apply_overrides(cfg: Config, overrides) -> Config:
+    """Applies ``--section.key=value`` strings (or ``{'section.key': value}``) to a copy of ``cfg``."""
+    cfg = dataclasses.replace(cfg, **{n: dataclasses.replace(getattr(cfg, n)) for n in _fields(cfg) if n != "preset"})
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    for dotted, value in items:
+        if "." not in dotted:
+            raise ConfigError(f"override {dotted!r} must look like --section.key=value; sections: "
+                              + ", ".join(n for n in _fields(cfg) if n != "preset"))
+        section, key = dotted.split(".", 1)
+        _set(cfg, section, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _split(arg: str):
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"cannot parse {arg!r}: overrides look like --section.key=value")
+    dotted, value = arg[2:].split("=", 1)
+    return dotted, value
+
+
+from masked_dit.configs.presets import PRESETS, get_preset  # noqa: E402  (presets build on the classes above)
+
+__all__ = ["Config", "ConfigError", "RunConfig", "ModelConfig", "DataConfig", "ObjectiveConfig", "OptimConfig",
+           "TrainConfig", "ParallelConfig", "SampleConfig", "PRESETS", "get_preset", "apply_overrides", "validate"]

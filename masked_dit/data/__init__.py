@@ -1,0 +1,35 @@
+"""Datasets: embedded digits, image folders, extracted VAE latents; resumable batch streams."""
+from __future__ import annotations
+
+from masked_dit.data.digits import DigitsDataset, load_digits_tensor
+from masked_dit.data.folder import BadImageError, ImageFolderDataset, center_crop_arr
+from masked_dit.data.latents import LatentDataset, extract_latents, sample_posterior
+from masked_dit.data.loader import BatchStream, ResumableBatchSampler
+
+
+def build_dataset(data_cfg, model_cfg=None):
+    """The training dataset a ``DataConfig`` names, checked against the model's input shape."""
+    if data_cfg.source == "digits":
+        ds = DigitsDataset("train", data_cfg.image_size)
+        shape = (1, data_cfg.image_size)
+    elif data_cfg.source == "folder":
+        if not data_cfg.path:
+            raise ValueError("--data.source=folder needs --data.path=<image folder>")
+        ds = ImageFolderDataset(data_cfg.path, data_cfg.image_size, data_cfg.on_bad_image)
+        shape = (3, data_cfg.image_size)
+    elif data_cfg.source == "latents":
+        if not data_cfg.path:
+            raise ValueError("--data.source=latents needs --data.path=<folder made by masked-dit extract-latents>")
+        ds = LatentDataset(data_cfg.path)
+        shape = (ds.latent_shape[0], ds.latent_shape[-1])
+    else:
+        raise ValueError(f"unknown data source {data_cfg.source!r}; valid: digits, folder, latents")
+    if model_cfg is not None and (model_cfg.in_channels, model_cfg.input_size) != shape:
+        raise ValueError(f"data gives {shape[0]}x{shape[1]}x{shape[1]} inputs but the model expects "
+                         f"--model.in_channels={model_cfg.in_channels} --model.input_size={model_cfg.input_size}")
+    return ds
+
+
+__all__ = ["DigitsDataset", "load_digits_tensor", "ImageFolderDataset", "BadImageError", "center_crop_arr",
+           "LatentDataset", "extract_latents", "sample_posterior", "BatchStream", "ResumableBatchSampler",
+           "build_dataset"]

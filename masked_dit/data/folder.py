@@ -1,0 +1,124 @@
+"""Image-folder datasets: class-per-subfolder (ImageNet train layout) or ADM's flat
+``ClassName_ImgID.jpg`` naming, with DiT/ADM's center crop.
+
+Every image is center-cropped to ``image_size`` exactly as ADM does it (halve with BOX while the
+short side is >= 2x the target, bicubic resize of the short side, center crop). An unreadable or
+undersized image raises an error naming the file, or (``on_bad_image='skip'``) is replaced by the
+next good image with a one-time warning per file.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class BadImageError(ValueError):
+    """An image that cannot be used; the message names the file."""
+
+
+#################################################################################
+#                                 Image helpers                                 #
+#################################################################################
+
+def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
+    """ADM/DiT center crop: BOX halvings, bicubic resize of the short side, center crop -> uint8 HWC."""
+    from PIL import Image
+
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
+def load_image(path: str, image_size: int, min_size: int | None = None) -> np.ndarray:
+    """Reads ``path`` as RGB and center-crops it; raises BadImageError naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
+        raise BadImageError(f"unreadable image {path}: {type(exc).__name__}: {exc}") from None
+    need = image_size if min_size is None else min_size
+    if min(im.size) < need:
+        raise BadImageError(f"image {path} is {im.size[0]}x{im.size[1]}, smaller than the required {need}px short side")
+    return center_crop_arr(im, image_size)
+
+
+def list_images(root: str) -> tuple[list[str], list[int], list[str]]:
+    """Files and labels under ``root``: class subfolders if any hold images, else ADM naming."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files, classes = [], []
+    if subdirs:
+        classes = subdirs
+        labels = []
+        for ci, d in enumerate(subdirs):
+            for dirpath, _, names in sorted(os.walk(os.path.join(root, d))):
+                for n in sorted(names):
+                    if n.lower().endswith(IMAGE_EXTENSIONS):
+                        files.append(os.path.join(dirpath, n))
+                        labels.append(ci)
+    else:
+        names = sorted(n for n in os.listdir(root) if n.lower().endswith(IMAGE_EXTENSIONS))
+        files = [os.path.join(root, n) for n in names]
+        class_of = [n.split("_")[0] for n in names]  # ADM: the class is the name up to the first '_'
+        classes = sorted(set(class_of))
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index[c] for c in class_of]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
+    return files, labels, classes
+
+
+#################################################################################
+#                                    Dataset                                    #
+#################################################################################
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Items ``{'x': [3, S, S] float32 in [-1, 1], 'y': int64}``; the key may be ``(index, flip)``."""
+
+    def __init__(self, root: str, image_size: int = 256, on_bad_image: str = "stop"):
+        if on_bad_image not in ("stop", "skip"):
+            raise ValueError(f"on_bad_image must be 'stop' or 'skip' (got {on_bad_image!r})")
+        self.root, self.image_size, self.on_bad_image = root, image_size, on_bad_image
+        self.files, self.labels, self.classes = list_images(root)
+        self.num_classes = len(self.classes)
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> np.ndarray:
+        return load_image(self.files[index], self.image_size)
+
+    def __getitem__(self, key):
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        for attempt in range(len(self.files)):
+            i = (index + attempt) % len(self.files)
+            try:
+                arr = self.read(i)
+                break
+            except BadImageError as err:
+                if self.on_bad_image == "stop":
+                    raise
+                if self.files[i] not in self._warned:
+                    self._warned.add(self.files[i])
+                    warnings.warn(f"skipping {err}", stacklevel=2)
+        else:
+            raise BadImageError(f"no readable image under {self.root!r}")
+        if flip:
+            arr = arr[:, ::-1]
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
+        return {"x": x, "y": torch.tensor(self.labels[i], dtype=torch.int64)}

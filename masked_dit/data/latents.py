@@ -1,0 +1,181 @@
+"""VAE latents extracted once, read memory-mapped, resampled every step (fast-DiT/MaskDiT/REPA).
+
+Layout of an extracted folder::
+
+    manifest.json            vae, image size, latent shape, classes, flip, shards (only complete ones)
+    shard_00000.mean.npy     [n, C, h, w] posterior means            (float16 or float32)
+    shard_00000.std.npy      [n, C, h, w] posterior standard deviations
+    shard_00000.labels.npy   [n] int64
+    shard_00000.flip_mean.npy / .flip_std.npy  (with --flip: moments of the mirrored image)
+
+A shard is written under a temporary name, verified (shape, finiteness) and renamed, then the
+manifest is rewritten: an interrupted extraction resumes at the first missing shard. Training
+draws ``z = (mean + std * eps) * 0.18215`` with a fresh ``eps`` each step.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+
+
+#################################################################################
+#                                   Extraction                                  #
+#################################################################################
+
+def load_vae(vae: str, device: str = "cpu"):
+    """A diffusers AutoencoderKL from a hub id or a local folder."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError as exc:
+        raise ImportError("extract-latents needs diffusers: pip install 'masked-dit[vae]'") from exc
+    return AutoencoderKL.from_pretrained(vae).to(device).eval()
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: int = 32, shard_size: int = 1024,
+                    flip: bool = False, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> dict:
+    """Encodes ``dataset`` (items ``{'x': [3,H,W] in [-1,1], 'y'}``) into shards under ``out_dir``.
+
+    ``vae`` is an AutoencoderKL (or anything whose ``encode(x).latent_dist`` has ``mean`` and
+    ``std``). Re-running with the same arguments resumes; different arguments are an error.
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"latent dtype must be float16 or float32 (got {dtype!r})")
+    if shard_size % batch_size:
+        raise ValueError(f"shard_size ({shard_size}) must be a multiple of batch_size ({batch_size})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(dataset)
+    image_size = int(dataset[0]["x"].shape[-1])
+    header = {"vae": vae_name, "num_images": n, "image_size": image_size, "flip": flip, "dtype": dtype,
+              "shard_size": shard_size, "classes": list(getattr(dataset, "classes", [])),
+              "num_classes": int(getattr(dataset, "num_classes", 0))}
+    manifest_path = out / MANIFEST
+    shards = []
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        mismatched = [k for k in header if old.get(k) != header[k]]
+        if mismatched:
+            raise ValueError(f"{manifest_path} was made with different settings ({', '.join(mismatched)}); "
+                             "use a new output folder")
+        shards = [s for s in old["shards"] if all((out / f).exists() for f in s["files"].values())]
+    done = {s["index"] for s in shards}
+    num_shards = (n + shard_size - 1) // shard_size
+    latent_shape = shards[0]["latent_shape"] if shards else None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=num_shards, initial=len(done), desc="extract-latents", unit="shard")
+    for si in range(num_shards):
+        if si in done:
+            continue
+        start, stop = si * shard_size, min(n, (si + 1) * shard_size)
+        parts = {"mean": [], "std": [], "labels": [], "flip_mean": [], "flip_std": []}
+        for b in range(start, stop, batch_size):
+            items = [dataset[i] for i in range(b, min(stop, b + batch_size))]
+            x = torch.stack([it["x"] for it in items]).to(device)
+            parts["labels"].append(torch.stack([torch.as_tensor(it["y"]) for it in items]).cpu())
+            views = [("", x)] + ([("flip_", x.flip(-1))] if flip else [])
+            for prefix, xv in views:
+                dist = vae.encode(xv).latent_dist
+                parts[prefix + "mean"].append(dist.mean.float().cpu())
+                parts[prefix + "std"].append(dist.std.float().cpu())
+        files = {}
+        for key, chunks in parts.items():
+            if not chunks:
+                continue
+            arr = torch.cat(chunks).numpy()
+            if key != "labels":
+                arr = arr.astype(dtype)
+                if not np.isfinite(arr).all():
+                    raise ValueError(f"non-finite {key} latents in shard {si} (images {start}..{stop - 1})")
+                shape = list(arr.shape[1:])
+                if latent_shape is not None and shape != latent_shape:
+                    raise ValueError(f"shard {si} {key} has latent shape {shape}, expected {latent_shape}")
+                latent_shape = shape
+            if arr.shape[0] != stop - start:
+                raise ValueError(f"shard {si} {key} holds {arr.shape[0]} rows, expected {stop - start}")
+            fname = f"shard_{si:05d}.{key}.npy"
+            _save_npy(out / fname, arr)
+            files[key] = fname
+        shards.append({"index": si, "start": start, "count": stop - start, "files": files, "latent_shape": latent_shape})
+        shards.sort(key=lambda s: s["index"])
+        _write_manifest(manifest_path, {**header, "latent_shape": latent_shape, "shards": shards})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    manifest = {**header, "latent_shape": latent_shape, "shards": shards, "complete": True}
+    _write_manifest(manifest_path, manifest)
+    return manifest
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+#################################################################################
+#                                    Reading                                    #
+#################################################################################
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Memory-mapped moments; items ``{'mean', 'std', 'y'}`` (the flipped moments when the key flips)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"no {MANIFEST} in {root!r}: run `masked-dit extract-latents` first")
+        self.manifest = json.loads(path.read_text())
+        if not self.manifest.get("complete"):
+            raise ValueError(f"latents in {root!r} are incomplete: re-run extract-latents to finish them")
+        self.has_flip = bool(self.manifest["flip"])
+        self.num_classes = self.manifest.get("num_classes", 0)
+        self.latent_shape = tuple(self.manifest["latent_shape"])
+        self.shards = self.manifest["shards"]
+        self.starts = np.array([s["start"] for s in self.shards])
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_images"])
+
+    def _array(self, si: int, key: str) -> np.ndarray:
+        if (si, key) not in self._maps:  # opened lazily so DataLoader workers each map their own
+            self._maps[(si, key)] = np.load(self.root / self.shards[si]["files"][key], mmap_mode="r")
+        return self._maps[(si, key)]
+
+    def __getitem__(self, key):
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        si = int(np.searchsorted(self.starts, index, side="right") - 1)
+        row = index - self.shards[si]["start"]
+        prefix = "flip_" if flip and self.has_flip else ""
+        mean = torch.from_numpy(np.array(self._array(si, prefix + "mean")[row], dtype=np.float32))
+        std = torch.from_numpy(np.array(self._array(si, prefix + "std")[row], dtype=np.float32))
+        return {"mean": mean, "std": std, "y": torch.tensor(int(self._array(si, "labels")[row]))}
+
+
+def sample_posterior(batch: dict, scale: float) -> dict:
+    """Turns ``{'mean','std','y'}`` into ``{'x','y'}`` with a fresh posterior draw times ``scale``."""
+    if "mean" not in batch:
+        return batch
+    mean, std = batch["mean"], batch["std"]
+    x = (mean + std * torch.randn_like(mean)) * scale
+    out = {k: v for k, v in batch.items() if k not in ("mean", "std")}
+    out["x"] = x
+    return out

@@ -1,0 +1,82 @@
+"""Deterministic, resumable batches for one rank.
+
+Each epoch is a seeded permutation of the dataset (and seeded flip bits). Global batches are
+consecutive slices of it; rank r takes its micro-batch slice of each. The position
+``(epoch, batch)`` counts batches the trainer *consumed* (not ones prefetched by workers), so a
+resumed run continues with exactly the batches the interrupted one would have seen.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's lists of ``(index, flip)`` keys, starting at ``(epoch, batch)``."""
+
+    def __init__(self, num_items: int, micro_batch: int, *, rank: int = 0, world: int = 1, seed: int = 0,
+                 shuffle: bool = True, random_flip: bool = False, epoch: int = 0, batch: int = 0):
+        self.num_items, self.micro_batch, self.rank, self.world = num_items, micro_batch, rank, world
+        self.seed, self.shuffle, self.random_flip = seed, shuffle, random_flip
+        self.start_epoch, self.start_batch = epoch, batch
+        self.batches_per_epoch = num_items // (micro_batch * world)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"dataset of {num_items} items is smaller than one global batch "
+                             f"({micro_batch} x {world} ranks)")
+
+    def epoch_keys(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_items, generator=g) if self.shuffle else torch.arange(self.num_items)
+        flips = torch.rand(self.num_items, generator=g) < 0.5 if self.random_flip else torch.zeros(self.num_items, dtype=torch.bool)
+        return order, flips
+
+    def __iter__(self):
+        epoch, batch = self.start_epoch, self.start_batch
+        while True:
+            order, flips = self.epoch_keys(epoch)
+            for b in range(batch, self.batches_per_epoch):
+                start = (b * self.world + self.rank) * self.micro_batch
+                idx = order[start: start + self.micro_batch].tolist()
+                fl = flips[start: start + self.micro_batch].tolist()
+                yield list(zip(idx, fl))
+            epoch, batch = epoch + 1, 0
+
+    def __len__(self) -> int:  # infinite; a nominal length for DataLoader
+        return self.batches_per_epoch
+
+
+class BatchStream:
+    """Infinite iterator of collated batches with a resumable ``state_dict()``."""
+
+    def __init__(self, dataset, micro_batch: int, *, rank: int = 0, world: int = 1, seed: int = 0,
+                 random_flip: bool = False, num_workers: int = 0, state: dict | None = None):
+        self.dataset, self.micro_batch = dataset, micro_batch
+        self.kw = dict(rank=rank, world=world, seed=seed, random_flip=random_flip)
+        self.num_workers = num_workers
+        self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
+        self._it = None
+
+    def _start(self):
+        sampler = ResumableBatchSampler(len(self.dataset), self.micro_batch, epoch=self.epoch, batch=self.batch, **self.kw)
+        self.batches_per_epoch = sampler.batches_per_epoch
+        # A private generator: creating the iterator must not draw from the global RNG (which
+        # holds the training draws and is checkpointed), or a resumed run would shift it.
+        g = torch.Generator().manual_seed(self.kw["seed"] * 7919 + self.kw["rank"])
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                             persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                                             generator=g)
+        self._it = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._start()
+        out = next(self._it)
+        self.batch += 1
+        if self.batch == self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}

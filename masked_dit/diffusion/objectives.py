@@ -1,0 +1,339 @@
+"""Training objectives: the glue between a model family, its diffusion process and a batch.
+
+Each objective is called as ``objective(model, batch)`` with ``batch = {'x': [B,C,H,W], 'y': [B]}``
+(plus ``'zs'`` for REPA when features come with the data) and returns a dict of scalar loss terms
+with the total under ``'loss'``. ``objective.sample(model, noise, y)`` draws samples with the same
+process (used for the training grid and ``masked-dit sample``).
+
+    objective       family      process and loss
+    adm             DiT         ADM eps-MSE + VLB (learned sigma)
+    mdtv2           MDTv2       ADM, two passes per step (full + masked, same t and noise), MSE x min(snr,5)/snr
+    transport       SiT         interpolant (Linear/GVP/VP), velocity/noise/score MSE
+    edm_maskdit     MaskDiT     EDM loss on kept patches + mae_loss_coef x MAE loss on removed patches
+    repa            REPA-SiT    REPA-time velocity MSE + proj_coeff x (-cos(projector, encoder feature))
+
+Random draws (t, noise, masks, label dropout) use the global RNG, so per-rank seeding and the
+checkpointed RNG state make runs reproducible and resumable bit-exactly.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from masked_dit.diffusion.edm import edm_loss, heun_sampler, patchify
+from masked_dit.diffusion.gaussian import min_snr_weight
+from masked_dit.diffusion.guidance import ClassifierFreeGuidance, power_cosine_scale
+from masked_dit.diffusion.respace import create_diffusion
+from masked_dit.nn.masking import random_masking, sample_mdt_mask_ratio
+
+# Which model families each objective trains.
+FAMILIES = {
+    "adm": ("dit",),
+    "mdtv2": ("mdtv2", "mdtv1"),
+    "transport": ("sit",),
+    "edm_maskdit": ("maskdit",),
+    "repa": ("repa_sit",),
+}
+# The objective a family trains with when none is named.
+DEFAULT_OBJECTIVE = {"dit": "adm", "mdtv2": "mdtv2", "mdtv1": "mdtv2", "sit": "transport", "maskdit": "edm_maskdit",
+                     "repa_sit": "repa"}
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user module under DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _guided_channels(m) -> int:
+    # The official DiT/SiT/MDT guidance acts on channels 0-2 only (a quirk kept for reproducing
+    # published FIDs); with fewer data channels, every data channel (never the sigma half).
+    return min(3, m.in_channels)
+
+
+def _mean_terms(terms: dict, keys) -> dict:
+    return {k: terms[k].mean() for k in keys if k in terms}
+
+
+#################################################################################
+#                           ADM: DiT and MDTv2                                  #
+#################################################################################
+
+class ADMObjective:
+    """DiT's objective: ADM diffusion (linear betas, eps + learned-range sigma), MSE + VLB."""
+
+    kind = "adm"
+
+    def __init__(self, diffusion_steps: int = 1000, noise_schedule: str = "linear", learn_sigma: bool = True,
+                 clip_denoised: bool = False):
+        self.diffusion_steps, self.noise_schedule = diffusion_steps, noise_schedule
+        self.learn_sigma, self.clip_denoised = learn_sigma, clip_denoised
+        self.diffusion = create_diffusion("", noise_schedule, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps)
+
+    def _draw(self, x, t=None, noise=None):
+        if t is None:
+            t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+        return t, torch.randn_like(x) if noise is None else noise
+
+    def __call__(self, model, batch: dict, *, t=None, noise=None) -> dict:
+        """``t`` / ``noise`` replace the random draws (tests replay a reference's draws)."""
+        x, y = batch["x"], batch["y"]
+        t, noise = self._draw(x, t, noise)
+        terms = self.diffusion.training_losses(model, x, t, noise=noise, model_kwargs={"y": y})
+        return _mean_terms(terms, ("loss", "mse", "vb"))
+
+    # ---- sampling ----
+    def _guided(self, model, cfg_scale: float, scale_pow=None):
+        m = unwrap(model)
+        if cfg_scale == 1.0:
+            return model
+        return ClassifierFreeGuidance(model, cfg_scale, null_label=m.num_classes, guided_channels=_guided_channels(m))
+
+    @torch.no_grad()
+    def sample(self, model, noise: torch.Tensor, y: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250,
+               cfg_scale: float = 1.0, scale_pow: float | None = None, progress: bool = False, **_) -> torch.Tensor:
+        if sampler not in ("auto", "ddpm", "ddim"):
+            raise ValueError(f"sampler {sampler!r} does not apply to ADM diffusion; valid: ddpm, ddim")
+        respaced = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), self.noise_schedule,
+                                    learn_sigma=self.learn_sigma, diffusion_steps=self.diffusion_steps)
+        fn = self._guided(model, cfg_scale, scale_pow)
+        loop = respaced.ddim_sample_loop if sampler == "ddim" else respaced.p_sample_loop
+        return loop(fn, tuple(noise.shape), noise=noise, clip_denoised=self.clip_denoised, model_kwargs={"y": y},
+                    progress=progress)
+
+
+class MDTv2Objective(ADMObjective):
+    """MDTv2: per step a full pass and a masked pass with the same t and noise; both ADM losses
+    (MSE weighted by min(snr, gamma)/snr, plus the VLB) are summed.
+
+    The masked pass keeps ``int(N (1 - r))`` tokens per sample with one ratio per step,
+    ``r = mask_ratio + jitter * U(0, 1)`` (0.3 + 0.2 U as MDTv2).
+    """
+
+    kind = "mdtv2"
+
+    def __init__(self, diffusion_steps: int = 1000, noise_schedule: str = "linear", learn_sigma: bool = True,
+                 clip_denoised: bool = False, mask_ratio: float = 0.3, mask_ratio_jitter: float = 0.2,
+                 min_snr_gamma: float = 5.0, scale_pow: float = 4.0):
+        super().__init__(diffusion_steps, noise_schedule, learn_sigma, clip_denoised)
+        self.mask_ratio, self.mask_ratio_jitter = mask_ratio, mask_ratio_jitter
+        self.min_snr_gamma, self.scale_pow = min_snr_gamma, scale_pow
+
+    def __call__(self, model, batch: dict, *, t=None, noise=None, ids_keep=None) -> dict:
+        x, y = batch["x"], batch["y"]
+        m = unwrap(model)
+        t, noise = self._draw(x, t, noise)
+        weight = min_snr_weight(self.diffusion.snr(t, torch.float32), self.min_snr_gamma, "eps")
+        full = self.diffusion.training_losses(model, x, t, noise=noise, model_kwargs={"y": y}, weighting=weight)
+        ids_restore = None
+        if ids_keep is None:
+            ratio = sample_mdt_mask_ratio(self.mask_ratio, spread=self.mask_ratio_jitter, device=x.device) \
+                if self.mask_ratio_jitter else self.mask_ratio
+            ids_keep, ids_restore, _ = random_masking(x.shape[0], m.num_patches, ratio, device=x.device)
+        masked = self.diffusion.training_losses(model, x, t, noise=noise, weighting=weight,
+                                                model_kwargs={"y": y, "ids_keep": ids_keep, "ids_restore": ids_restore})
+        out = {"loss": full["loss"].mean() + masked["loss"].mean(),
+               "loss_full": full["loss"].mean(), "loss_masked": masked["loss"].mean(),
+               "mse": full["mse"].mean() + masked["mse"].mean()}
+        if "vb" in full:
+            out["vb"] = full["vb"].mean() + masked["vb"].mean()
+        return out
+
+    def _guided(self, model, cfg_scale: float, scale_pow=None):
+        """MDT's power-cosine guidance (pow 4: guidance mostly at low noise); ``scale_pow=0`` is a
+        constant scale."""
+        m = unwrap(model)
+        if cfg_scale == 1.0:
+            return model
+        scale_pow = self.scale_pow if scale_pow is None else scale_pow
+        schedule = functools.partial(power_cosine_scale, scale_pow=scale_pow, num_timesteps=self.diffusion_steps)
+        return ClassifierFreeGuidance(model, cfg_scale, null_label=m.num_classes, guided_channels=_guided_channels(m),
+                                      schedule=schedule)
+
+
+#################################################################################
+#                           SiT: stochastic interpolants                        #
+#################################################################################
+
+class TransportObjective:
+    """SiT's interpolant loss (t = 0 noise, t = 1 data)."""
+
+    kind = "transport"
+
+    def __init__(self, path_type: str = "Linear", prediction: str = "velocity", loss_weight: Optional[str] = None):
+        from masked_dit.diffusion.transport import Transport
+
+        self.transport = Transport(path_type, prediction, loss_weight)
+
+    def __call__(self, model, batch: dict) -> dict:
+        terms = self.transport.training_losses(model, batch["x"], model_kwargs={"y": batch["y"]})
+        return {"loss": terms["loss"].mean()}
+
+    @torch.no_grad()
+    def sample(self, model, noise, y, *, sampler: str = "ode", steps: int = 50, cfg_scale: float = 1.0,
+               progress: bool = False, **_) -> torch.Tensor:
+        from masked_dit.diffusion.ode import sample_ode
+        from masked_dit.diffusion.sde import sample_sde
+
+        m = unwrap(model)
+        fn = model if cfg_scale == 1.0 else ClassifierFreeGuidance(model, cfg_scale, null_label=m.num_classes,
+                                                                     guided_channels=_guided_channels(m))
+        kw = {"model_kwargs": {"y": y}, "progress": progress}
+        if sampler in ("auto", "ode"):
+            return sample_ode(self.transport, fn, noise, method="dopri5", num_steps=steps, **kw)
+        if sampler in ("euler", "heun"):
+            return sample_ode(self.transport, fn, noise, method=sampler, num_steps=steps, **kw)
+        if sampler == "sde":
+            return sample_sde(self.transport, fn, noise, num_steps=steps, **kw)
+        raise ValueError(f"sampler {sampler!r} does not apply to SiT; valid: ode, euler, heun, sde")
+
+
+#################################################################################
+#                              MaskDiT: EDM + MAE                               #
+#################################################################################
+
+class EDMMaskDiTObjective:
+    """MaskDiT: EDM denoising loss on the kept patches + ``mae_loss_coef`` x MAE loss (noisy input,
+    normalised per patch) on the removed ones; ``mask_ratio = 0`` is the plain EDM loss (the
+    unmasking fine-tune). Labels are one-hot, zeroed with the model's ``class_dropout_prob``."""
+
+    kind = "edm_maskdit"
+
+    def __init__(self, mask_ratio: float = 0.5, mae_loss_coef: float = 0.1, P_mean: float = -1.2, P_std: float = 1.2,
+                 sigma_data: float = 0.5):
+        self.mask_ratio, self.mae_loss_coef = mask_ratio, mae_loss_coef
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+
+    def __call__(self, model, batch: dict, *, rnd_normal=None, noise=None, ids_keep=None) -> dict:
+        """``rnd_normal`` [B] / ``noise`` (unit) / ``ids_keep`` [B, K] replace the random draws."""
+        x, y = batch["x"], batch["y"]
+        m = unwrap(model)
+        labels = F.one_hot(y.long(), m.num_classes).to(x.dtype)
+        if m.class_dropout_prob > 0:
+            keep = torch.rand(x.shape[0], 1, device=x.device) >= m.class_dropout_prob
+            labels = labels * keep.to(labels.dtype)
+        net_kwargs, mask = {}, None
+        num_patches = m.model.num_patches
+        if ids_keep is not None:
+            mask = torch.ones(x.shape[0], num_patches, device=x.device).scatter_(1, ids_keep, 0.0)
+            net_kwargs = {"ids_keep": ids_keep}
+        elif self.mask_ratio > 0:
+            ids_keep, ids_restore, mask = random_masking(x.shape[0], num_patches, self.mask_ratio, device=x.device)
+            net_kwargs = {"ids_keep": ids_keep, "ids_restore": ids_restore}
+        terms = edm_loss(model, x, labels, P_mean=self.P_mean, P_std=self.P_std, sigma_data=self.sigma_data,
+                         patch_size=m.model.patch_size, mae_loss_coef=self.mae_loss_coef if mask is not None else 0.0,
+                         mask=mask, net_kwargs=net_kwargs, rnd_normal=rnd_normal, noise=noise)
+        out = {"loss": terms["loss"].mean()}
+        if "mae" in terms:
+            out["mae"] = terms["mae"].mean()
+        return out
+
+    @torch.no_grad()
+    def sample(self, model, noise, y, *, sampler: str = "heun", steps: int = 40, cfg_scale: float = 1.0,
+               progress: bool = False, **_) -> torch.Tensor:
+        if sampler not in ("auto", "heun"):
+            raise ValueError(f"sampler {sampler!r} does not apply to EDM; valid: heun")
+        m = unwrap(model)
+        labels = F.one_hot(y.long(), m.num_classes).to(noise.dtype)
+        out = heun_sampler(model, noise, labels, num_steps=steps, cfg_scale=cfg_scale, progress=progress)
+        return out.to(noise.dtype)
+
+
+#################################################################################
+#                          REPA: SiT + representation alignment                 #
+#################################################################################
+
+def patch_features(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """A stand-in encoder: the clean input's patches [B, N, p*p*C] (aligned with the model's tokens)."""
+    return patchify(x, patch_size)
+
+
+class REPAObjective:
+    """REPA: velocity MSE in REPA time (t = 0 data, t = 1 noise) + ``proj_coeff`` x the negative
+    cosine similarity between projector outputs and encoder features.
+
+    Features: ``batch['zs']`` (a tensor or a list, one [B, T, D_k] per encoder), else
+    ``encoder(batch)`` when an encoder callable is given.
+    """
+
+    kind = "repa"
+
+    def __init__(self, proj_coeff: float = 0.5, path_type: str = "linear", weighting: str = "uniform",
+                 encoder: Optional[Callable] = None):
+        self.proj_coeff, self.path_type, self.weighting, self.encoder = proj_coeff, path_type, weighting, encoder
+
+    def features(self, batch: dict) -> list:
+        if "zs" in batch:
+            zs = batch["zs"]
+        elif self.encoder is not None:
+            with torch.no_grad():
+                zs = self.encoder(batch)
+        else:
+            raise ValueError("REPA needs encoder features: put them in the batch as 'zs' or pass an encoder")
+        return [zs] if isinstance(zs, torch.Tensor) else list(zs)
+
+    def __call__(self, model, batch: dict, *, t=None, noise=None) -> dict:
+        from masked_dit.diffusion.repa import repa_training_losses
+
+        x, y = batch["x"], batch["y"]
+        zs = self.features(batch)
+        terms = repa_training_losses(model, x, zs, t=t, noise=noise, model_kwargs={"y": y}, path_type=self.path_type,
+                                     weighting=self.weighting, proj_coeff=self.proj_coeff)
+        return {"loss": terms["loss"], "denoising_loss": terms["denoising_loss"].mean(), "proj_loss": terms["proj_loss"]}
+
+    @torch.no_grad()
+    def sample(self, model, noise, y, *, sampler: str = "euler", steps: int = 50, cfg_scale: float = 1.0,
+               guidance_low: float = 0.0, guidance_high: float = 1.0, progress: bool = False, **_) -> torch.Tensor:
+        from masked_dit.diffusion.repa import repa_euler_maruyama_sampler, repa_euler_sampler
+
+        m = unwrap(model)
+        kw = dict(num_steps=steps, cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
+                  null_label=m.num_classes, progress=progress)
+        if sampler in ("auto", "euler", "ode", "heun"):
+            out = repa_euler_sampler(model, noise, y, heun=sampler == "heun", **kw)
+        elif sampler == "sde":
+            out = repa_euler_maruyama_sampler(model, noise, y, path_type=self.path_type, **kw)
+        else:
+            raise ValueError(f"sampler {sampler!r} does not apply to REPA; valid: euler, heun, sde")
+        return out.to(noise.dtype)
+
+
+#################################################################################
+#                                   Factory                                     #
+#################################################################################
+
+def build_objective(cfg, model=None, pixel_space: bool = False):
+    """The objective an ``ObjectiveConfig`` names; ``model`` (if given) is checked against it."""
+    kind = cfg.kind
+    if kind not in FAMILIES:
+        raise ValueError(f"unknown objective {kind!r}; valid: {', '.join(FAMILIES)}")
+    m = unwrap(model) if model is not None else None
+    family = getattr(m, "family", None)
+    if family is not None and family not in FAMILIES[kind]:
+        raise ValueError(f"objective {kind!r} trains {', '.join(FAMILIES[kind])} models, not {family!r} "
+                         f"(use --objective.kind={DEFAULT_OBJECTIVE.get(family, '?')})")
+    if kind in ("adm", "mdtv2"):
+        learn_sigma = bool(getattr(m, "learn_sigma", True))
+        common = dict(diffusion_steps=cfg.diffusion_steps, noise_schedule=cfg.noise_schedule, learn_sigma=learn_sigma,
+                      clip_denoised=pixel_space)
+        if kind == "adm":
+            return ADMObjective(**common)
+        return MDTv2Objective(**common, mask_ratio=cfg.mask_ratio, mask_ratio_jitter=cfg.mask_ratio_jitter,
+                              min_snr_gamma=cfg.min_snr_gamma)
+    if kind == "transport":
+        return TransportObjective(cfg.path_type, cfg.prediction, cfg.loss_weight)
+    if kind == "edm_maskdit":
+        return EDMMaskDiTObjective(cfg.mask_ratio, cfg.mae_loss_coef, cfg.P_mean, cfg.P_std, cfg.sigma_data)
+    encoder = None
+    if cfg.encoder == "patches":
+        patch = m.patch_size if m is not None else 2
+        encoder = lambda batch: patch_features(batch["x"], patch)  # noqa: E731
+    return REPAObjective(cfg.proj_coeff, encoder=encoder)

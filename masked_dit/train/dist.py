@@ -1,0 +1,77 @@
+"""Process-group setup: single process, or torchrun (RANK / LOCAL_RANK / WORLD_SIZE).
+
+NCCL on CUDA, gloo on CPU. ``World`` carries what the rest of the trainer needs to know.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_world(device: str = "auto") -> World:
+    """Reads torchrun's environment; initialises the process group when WORLD_SIZE > 1."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--train.device=cuda but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    here = False
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        try:
+            dist.init_process_group(backend, **kwargs)
+        except TypeError:  # torch without device_id
+            dist.init_process_group(backend)
+        here = True
+    if dist.is_initialized():
+        rank, size = dist.get_rank(), dist.get_world_size()
+    return World(rank=rank, local_rank=local_rank, size=size, device=dev, initialized_here=here)
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(values: dict, world: World) -> dict:
+    """Averages a dict of Python floats over ranks (one collective)."""
+    if not world.distributed or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=world.device if world.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return {k: v / world.size for k, v in zip(keys, t.tolist())}
+
+
+def shutdown(world: World) -> None:
+    if world.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,102 @@
+"""Throughput, model FLOPs utilisation and the metrics log (one line + one JSONL record per K steps)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 datasheet peaks (FLOP/s) by a substring of the device name. MFU is reported against
+# these unless --train.peak_tflops overrides them.
+PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0,
+                    "B200": 2250.0}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of ``device``: the override, else the table entry for the GPU name, else None."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def training_flops_per_image(model, objective_cfg) -> float | None:
+    """Model FLOPs of one training image (forward + backward), from masked_dit.models.flops."""
+    try:
+        from masked_dit.models.flops import flops_per_image
+    except ImportError:
+        return None
+    ratio = 0.0
+    if objective_cfg.kind == "mdtv2":
+        ratio = objective_cfg.mask_ratio + objective_cfg.mask_ratio_jitter / 2  # mean of the drawn ratio
+    elif objective_cfg.kind == "edm_maskdit":
+        ratio = objective_cfg.mask_ratio
+    try:
+        return float(flops_per_image(model, mask_ratio=ratio, training=True))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+class MetricsLog:
+    """Accumulates per-step values between log points; rank 0 writes ``metrics.jsonl``."""
+
+    def __init__(self, path: Path | None, flops_per_image: float | None, peak: float | None):
+        self.path, self.flops_per_image, self.peak = path, flops_per_image, peak
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.images = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, values: dict, images: int) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+        self.images += images
+
+    def reset_clock(self) -> None:
+        self.t0 = time.perf_counter()
+        self.images = 0
+
+    def flush(self, step: int, world, extra: dict) -> dict | None:
+        """Averages over the window and ranks; returns the record (rank 0 writes it)."""
+        from masked_dit.train.dist import all_reduce_mean
+
+        if self.count == 0:
+            return None
+        means = all_reduce_mean({k: v / self.count for k, v in self.sums.items()}, world)
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        img_s = self.images * world.size / elapsed
+        record = {"step": step, **means, **extra, "img_per_s": img_s}
+        if self.flops_per_image:
+            tflops = img_s * self.flops_per_image / world.size / 1e12  # per device
+            record["tflops_per_device"] = tflops
+            if self.peak:
+                record["mfu"] = tflops * 1e12 / self.peak
+        if torch.cuda.is_available() and world.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(world.device) / 2 ** 30
+        if world.is_main and self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.sums, self.count = {}, 0
+        self.reset_clock()
+        return record
+
+
+def format_record(r: dict) -> str:
+    parts = [f"step {r['step']}"]
+    for k, v in r.items():
+        if k == "step":
+            continue
+        if k == "mfu":
+            parts.append(f"mfu {100 * v:.1f}%")
+        elif k == "lr":
+            parts.append(f"lr {v:.2e}")
+        elif isinstance(v, float):
+            parts.append(f"{k} {v:.4g}")
+    return " | ".join(parts)

@@ -1,0 +1,99 @@
+"""Everything that makes a model parallel and fast, applied in one place (torchtitan style).
+
+``parallelize(model, cfg, world)`` applies, in order:
+  1. activation checkpointing of each transformer block (recompute in backward),
+  2. ``torch.compile`` of each block (in place: parameter names do not change),
+  3. data parallelism: FSDP2 ``fully_shard`` per block then the root (bf16 parameters and fp32
+     gradient reduction with ``--parallel.precision=bf16``), or DDP.
+It returns the module to call in the training loop; ``unwrap`` gets the user module back.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from masked_dit.nn.block import FusedDiTBlock
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every adaLN transformer block (DiT blocks, MDT encoder/decoder/side blocks, MaskDiT decoder)."""
+    return [m for m in model.modules() if isinstance(m, FusedDiTBlock)]
+
+
+def _checkpointed(forward):
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+    return run
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    # Wraps the bound forward instead of the module, so state_dict keys stay official.
+    for block in transformer_blocks(model):
+        block.forward = _checkpointed(block.forward)
+
+
+def apply_compile(model: nn.Module) -> None:
+    for block in transformer_blocks(model):
+        block.compile()
+
+
+def apply_fsdp(model: nn.Module, world, precision: str) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch 2.6 keeps FSDP2 under _composable
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    if precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    blocks = transformer_blocks(model)
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again at once in backward: keep them gathered.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def apply_ddp(model: nn.Module, world) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [world.device.index] if world.device.type == "cuda" else None
+    return DDP(model, device_ids=device_ids)
+
+
+def parallelize(model: nn.Module, cfg, world) -> nn.Module:
+    """AC, per-block compile and FSDP2/DDP, as ``cfg.parallel`` asks. ``model`` is on its device."""
+    pc = cfg.parallel
+    if pc.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if pc.compile:
+        apply_compile(model)
+    if pc.mode == "fsdp" and world.distributed:
+        return apply_fsdp(model, world, pc.precision)
+    if pc.mode == "fsdp" and pc.precision == "bf16":
+        # One process: no sharding, but the same numerics (bf16 compute through autocast).
+        return model
+    if world.distributed:
+        return apply_ddp(model, world)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool):
+    """Context for gradient accumulation: no all-reduce / reduce-scatter until the last micro-step."""
+    import contextlib
+
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync") and not enabled:  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()

@@ -1,0 +1,256 @@
+"""The training loop: config -> run folder with checkpoints, metrics, samples and an EMA export.
+
+    from masked_dit.configs import get_preset
+    from masked_dit.train import train
+    train(get_preset("digits-mdtv2"))
+
+Single process or torchrun (one process per GPU). Parallelism lives in ``parallel.parallelize``;
+this file only runs steps. Run folder ``<out_dir>/<name>/``::
+
+    config.json        the resolved config
+    metrics.jsonl      one record per log point (loss terms, grad norm, lr, img/s, TFLOP/s, MFU, memory)
+    checkpoints/       DCP checkpoints (the last ``keep_last``)
+    samples/           grids during training;  samples.png: the final grid (EMA weights)
+    export/            ema.safetensors + config.json (loadable with masked_dit.models.load_official)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from masked_dit.configs import Config, validate
+from masked_dit.data import BatchStream, build_dataset, sample_posterior
+from masked_dit.diffusion.objectives import build_objective, unwrap
+from masked_dit.train import checkpoint as ckpt
+from masked_dit.train.build import build_model_from_config, model_kwargs
+from masked_dit.train.dist import World, init_world, shutdown
+from masked_dit.train.ema import EMA
+from masked_dit.train.grid import fixed_noise, grid_labels, save_grid
+from masked_dit.train.metrics import MetricsLog, format_record, peak_flops, training_flops_per_image
+from masked_dit.train.optim import build_optimizer, lr_at
+from masked_dit.train.parallel import parallelize, set_gradient_sync
+
+
+#################################################################################
+#                                  Helpers                                      #
+#################################################################################
+
+def batch_sizes(cfg: Config, world: World) -> tuple[int, int]:
+    """(micro_batch per rank, accumulation steps) so that micro * accum * world == global_batch."""
+    tc = cfg.train
+    micro = tc.micro_batch or tc.global_batch // world.size
+    if micro <= 0 or micro * world.size > tc.global_batch or tc.global_batch % (micro * world.size):
+        raise ValueError(f"--train.global_batch={tc.global_batch} must be a multiple of micro_batch ({micro}) x "
+                         f"world size ({world.size})")
+    return micro, tc.global_batch // (micro * world.size)
+
+
+def _to_device(batch: dict, device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+def grad_norm_and_clip(params, max_norm: float) -> float:
+    """Total gradient norm (all ranks' shards under FSDP2); clips in place when max_norm > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is None:  # torch < 2.6 style: clip_grad_norm_ computes and clips
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+    total = get_total_norm(grads, 2.0, False, None)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, None)
+    return float(total)
+
+
+def autocast_context(cfg: Config, world: World, fsdp_mp: bool):
+    if cfg.parallel.precision == "bf16" and not fsdp_mp:
+        return torch.autocast(world.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+#################################################################################
+#                                  Trainer                                      #
+#################################################################################
+
+class Trainer:
+    def __init__(self, cfg: Config, world: World | None = None):
+        validate(cfg)
+        self.cfg = cfg
+        self.world = world or init_world(cfg.train.device)
+        w = self.world
+        self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if cfg.parallel.tf32 and w.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        # Data first: its errors (missing folder, shape mismatch) are the most common.
+        self.dataset = build_dataset(cfg.data, cfg.model)
+        self.micro_batch, self.accum = batch_sizes(cfg, w)
+
+        # Same initial weights on every rank (seeded identically), then per-rank streams.
+        torch.manual_seed(cfg.run.seed)
+        self.model_name, self.model_kwargs = model_kwargs(cfg)
+        module = build_model_from_config(cfg).to(w.device)
+        self.objective = build_objective(cfg.objective, module, pixel_space=cfg.data.source != "latents")
+        self.flops_per_image = training_flops_per_image(module, cfg.objective)
+        self.model = parallelize(module, cfg, w)
+        self.module = unwrap(self.model)
+        self.fsdp_mp = cfg.parallel.mode == "fsdp" and w.distributed
+        self.ema = EMA(self.module, cfg.optim.ema_decay)
+        self.optimizer = build_optimizer(self.module.parameters(), cfg.optim,
+                                         fused=w.device.type == "cuda" and not self.fsdp_mp)
+        torch.manual_seed(cfg.run.seed * 100_003 + w.rank)  # per-rank draws (t, noise, masks, dropout)
+        self.step = 0
+        data_state = None
+        resume = ckpt.resolve_resume(cfg.run.resume, self.ckpt_dir)
+        if resume is not None:
+            extra = ckpt.load_checkpoint(resume, self.module, self.optimizer, self.ema, w)
+            self.step = extra["step"]
+            data_state = extra.get("data")
+            self._log(f"resumed from {resume} at step {self.step}")
+        elif cfg.run.resume and cfg.run.resume != "latest":
+            raise ValueError(f"--run.resume={cfg.run.resume}: no checkpoint found")
+        self.stream = BatchStream(self.dataset, self.micro_batch, rank=w.rank, world=w.size, seed=cfg.run.seed,
+                                  random_flip=cfg.data.random_flip, num_workers=cfg.data.num_workers, state=data_state)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.flops_per_image,
+                                  peak_flops(w.device, cfg.train.peak_tflops))
+        if w.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.json")
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, msg: str) -> None:
+        if self.world.is_main:
+            try:
+                from tqdm import tqdm
+                tqdm.write(msg, file=sys.stderr)
+            except ImportError:
+                print(msg, file=sys.stderr)
+
+    # -------------------------------------------------------------------- step
+    def train_step(self) -> dict:
+        cfg, w = self.cfg, self.world
+        lr = lr_at(self.step, cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        totals: dict[str, float] = {}
+        for micro in range(self.accum):
+            last = micro == self.accum - 1
+            batch = sample_posterior(_to_device(next(self.stream), w.device), cfg.data.latent_scale)
+            with set_gradient_sync(self.model, last), autocast_context(cfg, w, self.fsdp_mp):
+                terms = self.objective(self.model, batch)
+                (terms["loss"] / self.accum).backward()
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.accum
+        if not all(math.isfinite(v) for v in totals.values()):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: {totals}")
+        totals["grad_norm"] = grad_norm_and_clip(list(self.module.parameters()), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update()
+        self.step += 1
+        totals["lr"] = lr
+        return totals
+
+    # ------------------------------------------------------------------ outputs
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.module, self.optimizer, self.ema, self.world,
+                                    {"data": self.stream.state_dict()}, keep_last=self.cfg.train.keep_last)
+
+    def ema_model(self) -> torch.nn.Module | None:
+        """An unsharded copy of the model with the EMA weights (rank 0; collective under FSDP)."""
+        full = self.ema.full_state_dict(self.module)
+        if not self.world.is_main:
+            return None
+        model = build_model_from_config(self.cfg)
+        model.load_state_dict(full, strict=True)
+        return model.to(self.world.device).eval()
+
+    def sample_grid(self, path: Path) -> None:
+        cfg, w = self.cfg, self.world
+        model = self.ema_model()
+        if model is None:
+            return
+        sc = cfg.sample
+        y = grid_labels(cfg.model.num_classes, sc.num_per_class, sc.grid_classes).to(w.device)
+        shape = (len(y), cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+        noise = fixed_noise(shape, sc.seed).to(w.device)
+        devices = [w.device.index or 0] if w.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # sampling must not move the training RNG
+            torch.manual_seed(sc.seed)
+            x = self.objective.sample(model, noise, y, sampler=sc.sampler, steps=sc.steps, cfg_scale=sc.cfg_scale,
+                                      scale_pow=sc.scale_pow, guidance_low=sc.guidance_low, guidance_high=sc.guidance_high)
+        if cfg.data.source == "latents":
+            x = x / cfg.data.latent_scale / 4  # a rough view of the latent channels
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(x, y.cpu(), path, per_row=sc.num_per_class)
+
+    def export(self) -> Path | None:
+        full = self.ema.full_state_dict(self.module)
+        if not self.world.is_main:
+            return None
+        return ckpt.export_ema(self.run_dir / "export", full, self.model_name, self.model_kwargs, self.cfg.to_dict())
+
+    # -------------------------------------------------------------------- loop
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Trains to ``train.steps``; ``stop_at`` ends early without final outputs (as if killed)."""
+        cfg, w = self.cfg, self.world
+        tc = cfg.train
+        bar = None
+        if w.is_main and tc.progress and self.step < tc.steps:
+            from tqdm import tqdm
+            bar = tqdm(total=tc.steps, initial=self.step, desc=cfg.run.name, dynamic_ncols=True, file=sys.stderr)
+        last = None
+        self.metrics.reset_clock()
+        while self.step < tc.steps:
+            values = self.train_step()
+            self.metrics.add(values, self.micro_batch * self.accum)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+            if self.step % tc.log_every == 0 or self.step == tc.steps:
+                last = self.metrics.flush(self.step, w, {})
+                if last is not None:
+                    self._log(format_record(last))
+            if self.step % tc.ckpt_every == 0 and self.step < tc.steps:
+                self.save()
+            if self.step % tc.sample_every == 0 and self.step < tc.steps:
+                self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png")
+            if stop_at is not None and self.step >= stop_at:
+                if bar is not None:
+                    bar.close()
+                return {"step": self.step, "last": last, "stopped": True}
+        if bar is not None:
+            bar.close()
+        self.save()
+        export = self.export()
+        self.sample_grid(self.run_dir / "samples.png")
+        self._log(f"done: {self.run_dir}")
+        return {"step": self.step, "last": last, "export": str(export) if export else None,
+                "run_dir": str(self.run_dir) if w.is_main else None}
+
+
+def train(cfg: Config, stop_at: int | None = None) -> dict:
+    """Runs a whole training (see ``Trainer``); tears the process group down if it made one."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit(stop_at=stop_at)
+    finally:
+        shutdown(trainer.world)

@@ -1,0 +1,60 @@
+"""bench_sampling.py end to end at toy size on the CPU."""
+import pytest
+
+from benchmarks import bench_sampling
+
+
+def test_json_fields_and_every_sampler(sampling_results):
+    path, data = sampling_results
+    assert path.name == f"sampling-cpu-{data['date']}.json"
+    for field in ("kind", "device", "torch", "triton", "commit", "date", "results"):
+        assert field in data, field
+    rows = data["results"]
+    eager = {r["sampler"]: r for r in rows if r["variant"] == "eager"}
+    assert set(eager) == set(bench_sampling.SAMPLERS)
+    for r in eager.values():
+        assert r["status"] == "ok", r.get("reason")
+        assert r["img_per_s"] > 0 and r["seconds_per_batch"] > 0 and r["network_batch"] == 2 * r["batch"]
+        assert r["steps"] == bench_sampling.TOY_STEPS and r["cfg_scale"] > 1
+    # Network calls counted: one per DDPM step, Heun 2 per step but the last (EDM).
+    assert eager["dit_ddpm250_cfg"]["nfe"] == 3 and eager["mdtv2_ddpm250_cfg"]["nfe"] == 3
+    assert eager["maskdit_heun40_cfg"]["nfe"] == 2 * 3 - 1
+
+
+def test_cudagraphs_skipped_with_reason_on_cpu(sampling_results):
+    rows = [r for r in sampling_results[1]["results"] if r["variant"] == "cudagraphs"]
+    assert len(rows) == len(bench_sampling.SAMPLERS)
+    assert all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in rows)
+
+
+def test_compiled_run_merged_into_the_same_file(sampling_results):
+    rows = [r for r in sampling_results[1]["results"] if r["variant"] == "compiled"]
+    assert [r["sampler"] for r in rows] == ["dit_ddpm250_cfg"]
+    assert rows[0]["status"] == "ok", rows[0].get("reason")
+    assert rows[0]["img_per_s"] > 0
+    # the eager rows of the first call are still there
+    assert any(r["sampler"] == "dit_ddpm250_cfg" and r["variant"] == "eager" for r in sampling_results[1]["results"])
+
+
+def test_bad_options_fail_clearly():
+    with pytest.raises(SystemExit):
+        bench_sampling.parse_args(["--samplers", "ddim"])
+    with pytest.raises(ValueError, match="--batches"):
+        bench_sampling.main(["--size", "toy", "--device", "cpu", "--batches", "two"])
+
+
+def test_graphed_model_wrapper_runs_a_sampler():
+    """The CUDA-graph wrapper's mechanics (step marks, cloned outputs, unwrap) with a CPU compile backend."""
+    import torch
+
+    from masked_dit.diffusion.objectives import ADMObjective, unwrap
+
+    _, model = bench_sampling.build_sampling_model("dit", "toy", torch.device("cpu"))
+    wrapped = bench_sampling.GraphedModel(torch.compile(model, backend="aot_eager"))
+    assert unwrap(wrapped) is model
+    noise = torch.randn(2, 4, 8, 8)
+    torch.manual_seed(1)  # DDPM draws its per-step noise from the global RNG
+    out = ADMObjective().sample(wrapped, noise, torch.tensor([1, 2]), steps=2, cfg_scale=1.5)
+    torch.manual_seed(1)
+    ref = ADMObjective().sample(model, noise, torch.tensor([1, 2]), steps=2, cfg_scale=1.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,104 @@
+"""bench_train_step.py end to end at toy size on the CPU: every family, every field of the JSON."""
+import pytest
+
+from benchmarks import bench_train_step
+from masked_dit.models import build
+from masked_dit.models.flops import flops_per_image
+
+ENV_FIELDS = ("kind", "device", "device_tag", "torch", "triton", "commit", "date", "peaks", "settings", "results")
+ROW_FIELDS = ("model", "family", "variant", "status", "batch", "step_ms", "img_per_s", "flops_per_image", "tflops",
+              "mfu_datasheet", "mfu_measured_gemm", "peak_mem_gib", "precision", "optimizer", "ops_backend")
+
+
+def _ok_rows(data):
+    bad = [(r["model"], r["variant"], r.get("reason")) for r in data["results"] if r["status"] != "ok"]
+    assert not bad, bad
+    return data["results"]
+
+
+def test_json_file_and_environment(train_results):
+    path, data = train_results
+    assert path.name == f"train_step-cpu-{data['date']}.json"
+    for field in ENV_FIELDS:
+        assert field in data, field
+    assert data["kind"] == "train_step" and data["device_tag"] == "cpu"
+    assert data["peaks"]["datasheet_tflops"] is None  # CPU: no peak, so no MFU
+
+
+def test_every_family_and_variant_ran(train_results):
+    rows = _ok_rows(train_results[1])
+    got = {(r["family"], r["variant"]) for r in rows}
+    assert got == {(f, v) for f in bench_train_step.FAMILIES for v in ("reference", "eager")}
+    for r in rows:
+        for field in ROW_FIELDS:
+            assert field in r, (r["model"], r["variant"], field)
+        assert r["batch"] == 2 and r["step_ms"] > 0
+        assert r["img_per_s"] == pytest.approx(r["batch"] * 1e3 / r["step_ms"])
+        assert r["mfu_datasheet"] is None and r["tflops"] == pytest.approx(r["img_per_s"] * r["flops_per_image"] / 1e12)
+        assert "speedup_vs_reference" in r
+
+
+def test_flops_are_the_analytic_training_count(train_results):
+    rows = {(r["family"], r["variant"]): r for r in _ok_rows(train_results[1])}
+    for family, ratio in (("dit", 0.0), ("mdtv2", 0.4), ("maskdit", 0.5), ("repa_sit", 0.0)):
+        model = build(family, **bench_train_step.TOY_KWARGS[family])
+        expected = flops_per_image(model, mask_ratio=ratio, training=True)
+        assert rows[(family, "eager")]["flops_per_image"] == pytest.approx(expected)
+        assert rows[(family, "reference")]["flops_per_image"] == pytest.approx(expected)  # same network
+    # MDTv2 counts both passes: more than one masked forward x 3.
+    mdt = build("mdtv2", **bench_train_step.TOY_KWARGS["mdtv2"])
+    assert rows[("mdtv2", "eager")]["flops_per_image"] > flops_per_image(mdt, mask_ratio=0.0, training=True)
+
+
+def test_reference_records_the_official_recipe(train_results):
+    rows = {(r["family"], r["variant"]): r for r in _ok_rows(train_results[1])}
+    assert rows[("dit", "reference")]["precision"].startswith("fp32")
+    assert rows[("mdtv2", "reference")]["attention"] == "softmax" and rows[("mdtv2", "reference")]["optimizer"] == "adan"
+    assert "fp16" in rows[("maskdit", "reference")]["precision"]  # and why the CPU toy run is fp32
+    assert rows[("dit", "eager")]["precision"] == "bf16 autocast"
+    assert rows[("dit", "eager")]["ops_backend"] == "torch"
+
+
+def test_compiled_and_fsdp_variants(train_results_compiled):
+    rows = {r["variant"]: r for r in _ok_rows(train_results_compiled[1])}
+    assert set(rows) == {"reference_bf16", "compiled", "compiled_fused_fsdp"}
+    assert rows["compiled"]["compile"] == "block (aot_eager)"
+    # DiT's blocks are alike: a few graphs, no break, no eager fallback; with --warmup 0 every graph
+    # was compiled inside the timed loop, and the row says so
+    dyn = rows["compiled"]["dynamo"]
+    assert dyn["unique_graphs"] >= 1 and dyn["graph_breaks"] == 0 and dyn["recompile_limit_hits"] == 0
+    assert dyn["compiled_while_timing"] == dyn["unique_graphs"]
+    assert rows["compiled_fused_fsdp"]["precision"].startswith("FSDP2")
+    assert "speedup_vs_reference_bf16" in rows["compiled"]
+    assert rows["compiled"]["ops_backend"] == "torch" and rows["compiled_fused_fsdp"]["ops_backend"] == "auto"
+
+
+def test_bad_options_fail_clearly():
+    with pytest.raises(SystemExit):
+        bench_train_step.parse_args(["--families", "dit,nope"])
+    with pytest.raises(SystemExit):
+        bench_train_step.parse_args(["--variants", "turbo"])
+    with pytest.raises(ValueError, match="--steps"):
+        bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "0"])
+
+
+def test_batch_search_and_back_off(tmp_path, monkeypatch):
+    """The GPU path on the CPU: search doubles 2 -> 4 (the cap); a later OOM at 4 backs off to 2."""
+    real_measure = bench_train_step.measure
+    calls = []
+
+    def measure(runner, family, kwargs, batch, device, args):
+        calls.append(batch)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB (simulated)")
+        return real_measure(runner, family, kwargs, batch, device, args)
+
+    monkeypatch.setattr(bench_train_step, "measure", measure)
+    path = bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                                  "--families", "sit", "--variants", "eager", "--search-batch", "--batch-start",
+                                  "2", "--batch-cap", "4", "--out-dir", str(tmp_path)])
+    import json
+    row = json.loads(path.read_text())["results"][0]
+    assert row["status"] == "ok", row.get("reason")
+    assert [e["batch"] for e in row["batch_search"]] == [2, 4] and all(e["ok"] for e in row["batch_search"])
+    assert calls == [4, 2] and row["batch"] == 2 and row["backed_off"]

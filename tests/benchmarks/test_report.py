@@ -1,0 +1,47 @@
+"""report.py: markdown tables and the MFU plot from result files."""
+import json
+
+import pytest
+
+from benchmarks import report
+
+
+def _gpu_run(tmp_path):
+    rows = [
+        {"model": "DiT-XL/2", "variant": "reference", "status": "ok", "batch": 32, "img_per_s": 30.0, "tflops": 21.4,
+         "mfu_datasheet": 0.0216, "mfu_measured_gemm": 0.0268, "peak_mem_gib": 70.1, "speedup_vs_reference": 1.0},
+        {"model": "DiT-XL/2", "variant": "compiled_fused", "status": "ok", "batch": 256, "img_per_s": 300.0,
+         "tflops": 213.6, "mfu_datasheet": 0.216, "mfu_measured_gemm": 0.268, "peak_mem_gib": 60.0,
+         "speedup_vs_reference": 10.0},
+        {"model": "MDTv2-XL/2", "variant": "compiled_fused_fsdp", "status": "error", "reason": "NotImplementedError: x"},
+    ]
+    data = {"kind": "train_step", "device": "FAKE H100 (test data)", "device_tag": "h100", "torch": "2.11",
+            "triton": "3.6", "commit": "0123456789abcdef", "date": "2026-01-01",
+            "peaks": {"key": "H100", "datasheet_tflops": 989.0, "measured_gemm_tflops": 798.0}, "results": rows}
+    (tmp_path / "train_step-h100-2026-01-01.json").write_text(json.dumps(data))
+    (tmp_path / "unrelated.json").write_text(json.dumps({"something": "else"}))
+
+
+def test_markdown_and_plot_from_gpu_like_results(tmp_path):
+    _gpu_run(tmp_path)
+    out, png = tmp_path / "table.md", tmp_path / "mfu.png"
+    report.main(["--results", str(tmp_path), "--out", str(out), "--plot", str(png)])
+    text = out.read_text()
+    assert "| DiT-XL/2 | compiled_fused | 256 | 300.0 | 213.6 | 21.6% | 26.8% | 60.0 | 10.00 |" in text
+    assert "datasheet 989 TFLOP/s, measured GEMM 798 TFLOP/s" in text
+    assert "error: NotImplementedError" in text
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_of_the_toy_runs(train_results, sampling_results, tmp_path):
+    for path, _ in (train_results, sampling_results):
+        (tmp_path / path.name).write_text(path.read_text())
+    text = report.main(["--results", str(tmp_path), "--plot", str(tmp_path / "p.png")])
+    assert "## Training step" in text and "## Sampling" in text and "DiT-toy" in text
+    assert (tmp_path / "p.png").exists()  # CPU runs: img/s panels
+
+
+def test_empty_and_missing_folders(tmp_path):
+    assert report.main(["--results", str(tmp_path), "--no-plot"]).startswith("No benchmark results")
+    with pytest.raises(ValueError, match="not a folder"):
+        report.main(["--results", str(tmp_path / "missing")])

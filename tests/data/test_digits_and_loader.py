@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from masked_dit.data import BatchStream, DigitsDataset, ResumableBatchSampler, load_digits_tensor
+
+
+def test_digits_are_real_fixed_and_split():
+    x, y = load_digits_tensor("train", 16)
+    xh, yh = load_digits_tensor("heldout", 16)
+    assert x.shape == (1500, 1, 16, 16) and xh.shape == (297, 1, 16, 16)
+    assert x.min() >= -1 and x.max() <= 1 and x.dtype == torch.float32
+    assert set(y.tolist()) == set(range(10)) and set(yh.tolist()) == set(range(10))
+    x2, y2 = load_digits_tensor("train", 16)
+    assert torch.equal(x, x2) and torch.equal(y, y2)  # the split is fixed
+    # train and held-out images are disjoint (no image in both)
+    flat = {tuple(v.tolist()) for v in load_digits_tensor("train", 8)[0].flatten(1)}
+    overlap = sum(tuple(v.tolist()) in flat for v in load_digits_tensor("heldout", 8)[0].flatten(1))
+    assert overlap < 5  # a handful of identical scans exist in sklearn's digits; splits do not share indices
+    assert load_digits_tensor("all", 32)[0].shape == (1797, 1, 32, 32)
+
+
+def test_digits_bad_arguments():
+    with pytest.raises(ValueError, match="valid: train, heldout, all"):
+        load_digits_tensor("test")
+    with pytest.raises(ValueError, match="image_size must be one of"):
+        DigitsDataset("train", 24)
+
+
+def test_ranks_partition_each_global_batch():
+    s0 = iter(ResumableBatchSampler(100, 5, rank=0, world=2, seed=3))
+    s1 = iter(ResumableBatchSampler(100, 5, rank=1, world=2, seed=3))
+    seen = []
+    for _ in range(10):  # one epoch = 10 global batches of 10
+        seen += [i for i, _ in next(s0)] + [i for i, _ in next(s1)]
+    assert sorted(seen) == list(range(100))
+
+
+def test_stream_resumes_at_its_position():
+    ds = DigitsDataset("train", 8)
+    a = BatchStream(ds, 64, seed=1)
+    batches = [next(a) for _ in range(30)]  # crosses an epoch boundary (23 batches per epoch)
+    b = BatchStream(ds, 64, seed=1)
+    for _ in range(12):
+        next(b)
+    c = BatchStream(ds, 64, seed=1, state=b.state_dict())
+    for i in range(12, 30):
+        assert torch.equal(next(c)["x"], batches[i]["x"])
+
+
+def test_random_flip_is_seeded():
+    ds = DigitsDataset("train", 8)
+    keys = next(iter(ResumableBatchSampler(len(ds), 32, seed=0, random_flip=True)))
+    assert any(f for _, f in keys) and not all(f for _, f in keys)
+    i, _ = keys[0]
+    assert torch.equal(ds[(i, True)]["x"], ds[i]["x"].flip(-1))
+
+
+def test_dataset_smaller_than_a_batch():
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        ResumableBatchSampler(10, 8, world=2)

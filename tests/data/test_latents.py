@@ -1,0 +1,113 @@
+"""extract-latents with a tiny randomly initialised AutoencoderKL, and training on the result."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffusers  # CI installs it (the "vae" extra): these tests require it
+
+from masked_dit.cli import main  # noqa: E402
+from masked_dit.data import ImageFolderDataset, LatentDataset, extract_latents, sample_posterior  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  layers_per_block=1, norm_num_groups=4, sample_size=16)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.RandomState(0)
+    for c in ("a", "b"):
+        (root / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.randint(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_extract_verify_and_read(tiny_vae_dir, images_dir, tmp_path):
+    out = tmp_path / "latents"
+    rc = main(["extract-latents", str(images_dir), str(out), "--vae", str(tiny_vae_dir), "--image-size", "16",
+               "--flip", "--shard-size", "4", "--batch-size", "2", "--device", "cpu"])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_images"] == 6 and manifest["latent_shape"] == [4, 8, 8]
+    assert [s["count"] for s in manifest["shards"]] == [4, 2]
+    ds = LatentDataset(out)
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    images = ImageFolderDataset(str(images_dir), 16)
+    with torch.no_grad():
+        x = images[5]["x"][None]
+        dist = vae.encode(x).latent_dist
+        dist_flip = vae.encode(x.flip(-1)).latent_dist
+    item = ds[5]
+    torch.testing.assert_close(item["mean"], dist.mean[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(item["std"], dist.std[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ds[(5, True)]["mean"], dist_flip.mean[0], rtol=1e-5, atol=1e-5)
+    assert int(item["y"]) == 1
+    # each step draws a fresh posterior sample times 0.18215
+    batch = {"mean": item["mean"][None], "std": item["std"][None], "y": item["y"][None]}
+    torch.manual_seed(3)
+    z = sample_posterior(batch, 0.18215)["x"]
+    torch.manual_seed(3)
+    eps = torch.randn_like(batch["mean"])
+    torch.testing.assert_close(z, (batch["mean"] + batch["std"] * eps) * 0.18215)
+
+
+def test_extraction_resumes(tiny_vae_dir, images_dir, tmp_path):
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    ds = ImageFolderDataset(str(images_dir), 16)
+    out = tmp_path / "lat"
+    extract_latents(ds, out, vae, shard_size=2, batch_size=2, progress=False)
+    first = out / "shard_00000.mean.npy"
+    stamp = os.stat(first).st_mtime_ns
+    os.remove(out / "shard_00002.mean.npy")  # as if killed while writing the last shard
+    manifest = extract_latents(ds, out, vae, shard_size=2, batch_size=2, progress=False)
+    assert os.stat(first).st_mtime_ns == stamp  # done shards are not redone
+    assert len(manifest["shards"]) == 3 and (out / "shard_00002.mean.npy").exists()
+    with pytest.raises(ValueError, match="different settings \\(flip\\)"):
+        extract_latents(ds, out, vae, shard_size=2, batch_size=2, flip=True, progress=False)
+
+
+def test_non_finite_latents_are_rejected(images_dir, tmp_path):
+    class NaNVAE:
+        def encode(self, x):
+            class D:
+                mean = torch.full((x.shape[0], 4, 2, 2), float("nan"))
+                std = torch.ones(x.shape[0], 4, 2, 2)
+            return type("Out", (), {"latent_dist": D})
+    with pytest.raises(ValueError, match="non-finite mean latents in shard 0"):
+        extract_latents(ImageFolderDataset(str(images_dir), 16), tmp_path / "x", NaNVAE(), batch_size=2,
+                        shard_size=2, progress=False)
+
+
+def test_missing_latents_folder_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `masked-dit extract-latents` first"):
+        LatentDataset(tmp_path)
+
+
+def test_train_on_latents(tiny_vae_dir, images_dir, tmp_path):
+    from masked_dit.train import train
+    from tests.train.tiny import tiny_config
+
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    extract_latents(ImageFolderDataset(str(images_dir), 16), tmp_path / "lat", vae, shard_size=4, batch_size=2,
+                    flip=True, progress=False)
+    cfg = tiny_config("digits-dit", tmp_path, **{"data.source": "latents", "data.path": str(tmp_path / "lat"),
+                                                 "data.random_flip": True, "model.in_channels": 4,
+                                                 "model.input_size": 8, "model.num_classes": 2,
+                                                 "model.patch_size": 2, "train.global_batch": 2, "train.steps": 2})
+    assert train(cfg)["step"] == 2
+    bad = tiny_config("digits-dit", tmp_path, **{"data.source": "latents", "data.path": str(tmp_path / "lat")})
+    with pytest.raises(ValueError, match="data gives 4x8x8 inputs but the model expects"):
+        train(bad)

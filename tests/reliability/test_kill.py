@@ -1,0 +1,98 @@
+"""Kill -9 anywhere: a real ``masked-dit train`` process SIGKILLed at 20 seeded random moments and
+at every step of a checkpoint write never leaves an unreadable latest checkpoint, and
+``--resume latest`` continues with the losses (and final EMA weights) of an uninterrupted run.
+"""
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from tests.reliability.common import FAULTY, REPO, child_env, cli_args, load_latest, records, run_cli, tiny_config
+
+STEPS = 40
+RANDOM_KILLS = 20
+# Exact points inside a checkpoint save / the end of the run (see faulty_train.py).
+TARGETED = ["dcp_save:2", "rank_file:2", "meta:2", "rmtree:1", "export:1", "rmtree:2"]
+
+
+def _kill_after(args, delay_from_start: float | None, delay_from_step: float | None, timeout=60):
+    """Starts the CLI and SIGKILLs it ``delay_from_start`` s after launch, or ``delay_from_step`` s
+    after its first logged step; returns (returncode, stderr)."""
+    proc = subprocess.Popen([sys.executable, FAULTY, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=child_env(), cwd=REPO)
+    stepped = threading.Event()
+    lines = []
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("step "):
+                stepped.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if delay_from_start is not None:
+            time.sleep(delay_from_start)
+        else:
+            stepped.wait(timeout)
+            time.sleep(delay_from_step)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    return proc.returncode, "".join(lines)
+
+
+@pytest.mark.slow
+def test_kill_anywhere_then_resume_latest(tmp_path):
+    ref = run_cli(cli_args(tmp_path / "ref", **{"train.steps": STEPS}))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    ref_loss = {r["step"]: r["loss"] for r in records(tmp_path / "ref" / "digits-dit")}
+    assert sorted(ref_loss) == list(range(1, STEPS + 1))
+
+    args = cli_args(tmp_path / "victim", **{"train.steps": STEPS}) + ["--resume", "latest"]
+    cfg = tiny_config(tmp_path / "victim", **{"train.steps": STEPS})
+    rng = random.Random(0)
+    plan = [("random", i) for i in range(RANDOM_KILLS)]
+    plan[4:4] = [("targeted", t) for t in TARGETED[:4]]  # mid-run: inside checkpoint saves
+    plan.append(("targeted", TARGETED[4]))              # the export at the end of the run
+    plan.append(("targeted", TARGETED[5]))              # re-running a finished run
+    latest, killed = 0, 0
+    for kind, what in plan:
+        if kind == "random":
+            # Half the kills land during start-up / checkpoint loading, half during steps and saves.
+            if rng.random() < 0.3:
+                code, err = _kill_after(args, rng.uniform(0.2, 4.0), None)
+            else:
+                code, err = _kill_after(args, None, rng.uniform(0.0, 0.6))
+        else:
+            proc = run_cli(args, kill=what)
+            code, err = proc.returncode, proc.stderr
+        assert code in (0, -signal.SIGKILL), f"{kind} {what}: exit {code}\n{err[-2000:]}"
+        assert "Traceback" not in err, err[-2000:]
+        killed += code == -signal.SIGKILL
+        step = load_latest(cfg)  # the newest complete checkpoint always loads
+        assert step is not None or latest == 0, f"after {kind} {what}: checkpoints lost"
+        assert (step or 0) >= latest, f"after {kind} {what}: latest went back from {latest} to {step}"
+        latest = step or 0
+    assert killed >= RANDOM_KILLS
+
+    done = run_cli(args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = records(tmp_path / "victim" / "digits-dit")
+    assert {r["step"] for r in got} == set(ref_loss)
+    for r in got:  # every record, re-done steps included, has the uninterrupted run's loss
+        assert r["loss"] == ref_loss[r["step"]], (r["step"], r["loss"], ref_loss[r["step"]])
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "ref" / "digits-dit" / "export" / "ema.safetensors"))
+    b = load_file(str(tmp_path / "victim" / "digits-dit" / "export" / "ema.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

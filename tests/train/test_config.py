@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from masked_dit.configs import PRESETS, Config, ConfigError, apply_overrides, get_preset
+from masked_dit.train.build import build_model_from_config, model_kwargs
+
+
+def test_every_preset_resolves_and_names_a_model():
+    for name in PRESETS:
+        cfg = get_preset(name)
+        assert cfg.preset == name and cfg.run.name == name
+        model_name, kw = model_kwargs(cfg)  # family/objective agree, registry knows the name
+        assert model_name == cfg.model.name
+
+
+def test_paper_recipes():
+    mdt = get_preset("imagenet256-mdtv2-xl2")
+    assert (mdt.optim.name, mdt.optim.lr, tuple(mdt.optim.betas), mdt.optim.grad_clip) == ("adan", 3e-4, (0.98, 0.92, 0.99), 1.0)
+    assert mdt.train.global_batch == 256 and mdt.objective.min_snr_gamma == 5.0
+    mask = get_preset("imagenet256-maskdit-xl2")
+    assert (mask.train.global_batch, mask.objective.mask_ratio, mask.objective.mae_loss_coef) == (1024, 0.5, 0.1)
+    unmask = get_preset("imagenet256-maskdit-xl2-unmask")
+    assert (unmask.objective.mask_ratio, unmask.optim.lr) == (0.0, 5e-5)
+    repa = get_preset("imagenet256-repa-sit-xl2")
+    assert repa.objective.proj_coeff == 0.5 and repa.model.extra["encoder_depth"] == 8
+    assert get_preset("imagenet256-dit-xl2").optim.lr == 1e-4
+    assert get_preset().preset == "digits-mdtv2"
+
+
+def test_overrides_types_and_roundtrip(tmp_path):
+    cfg = apply_overrides(get_preset("digits-dit"), ["--optim.lr=3e-4", "--train.steps=1_000", "--parallel.compile=true",
+                                                     "--model.extra={\"mlp_ratio\": 2.0}", "--run.resume=none",
+                                                     "--optim.betas=0.9,0.95"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.steps == 1000 and cfg.parallel.compile is True
+    assert cfg.model.extra == {"mlp_ratio": 2.0} and cfg.run.resume is None and cfg.optim.betas == (0.9, 0.95)
+    cfg.save(tmp_path / "config.json")
+    again = Config.load(tmp_path / "config.json")
+    assert again.to_dict() == cfg.to_dict()
+    assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 3e-4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--optim.nme=adan", "unknown key --optim.nme; valid keys of optim: name, lr"),
+    ("--optm.lr=1", "unknown config section 'optm'; valid: run, model"),
+    ("--optim.name=sgd", "choose one of: adamw, adan"),
+    ("--train.steps=1.5", "--train.steps='1.5' is not a valid int"),
+    ("--train.steps=0", "--train.steps must be > 0"),
+    ("--parallel.mode=tp", "choose one of: ddp, fsdp"),
+    ("--optim.betas=0.9,0.9", "needs 3 values for adan"),
+    ("train.steps=3", "overrides look like --section.key=value"),
+])
+def test_bad_overrides_give_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(get_preset(), [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ConfigError, match="valid: imagenet256-dit-xl2"):
+        get_preset("imagenet")
+
+
+def test_family_objective_mismatch_is_explained():
+    cfg = apply_overrides(get_preset("digits-dit"), ["--objective.kind=edm_maskdit"])
+    with pytest.raises(ValueError, match="use --objective.kind=adm"):
+        build_model_from_config(cfg)

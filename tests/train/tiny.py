@@ -1,0 +1,19 @@
+"""Tiny configs of every family for fast CPU tests (16x16 digits, patch 4 -> 16 tokens)."""
+from masked_dit.configs import apply_overrides, get_preset
+
+TINY_MODEL = {"model.depth": 2, "model.hidden_size": 32, "model.num_heads": 2, "model.patch_size": 4}
+FAMILY_EXTRA = {
+    "digits-mdtv2": {"model.depth": 3, "model.extra": {"decode_layer": 1}},
+    "digits-maskdit": {"model.extra": {"decoder_hidden_size": 32, "decoder_depth": 1, "decoder_num_heads": 2}},
+    "digits-repa-sit": {"model.extra": {"encoder_depth": 1, "projector_dim": 32}},
+}
+PRESETS = ["digits-mdtv2", "digits-dit", "digits-sit", "digits-repa-sit", "digits-maskdit"]
+
+
+def tiny_config(preset: str, out_dir, **overrides):
+    o = {**TINY_MODEL, **FAMILY_EXTRA.get(preset, {}),
+         "run.out_dir": str(out_dir), "train.steps": 3, "train.global_batch": 8, "train.log_every": 1,
+         "train.ckpt_every": 2, "train.sample_every": 1000, "train.progress": False, "train.device": "cpu",
+         "optim.warmup_steps": 0, "sample.steps": 2, "sample.num_per_class": 1, "parallel.tf32": False}
+    o.update(overrides)
+    return apply_overrides(get_preset(preset), o)
