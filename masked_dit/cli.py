@@ -1,4 +1,4 @@
-"""Command line: ``masked-dit {train,sample,extract-latents,info}`` (also ``python -m masked_dit``).
+"""Command line: ``masked-dit {train,sample,extract-latents,extract-features,eval,info}`` (or ``python -m masked_dit``).
 
     masked-dit train                                  # the embedded default: MDTv2 on digits, CPU, minutes
     masked-dit train --preset digits-dit --optim.lr=5e-4 --train.steps=2000
@@ -6,6 +6,8 @@
     masked-dit sample runs/digits-mdtv2 --out grid.png
     masked-dit sample DiT-XL-2-256x256.pt --model DiT-XL/2 --num 50000 --out samples.npz --vae stabilityai/sd-vae-ft-ema
     masked-dit extract-latents /data/imagenet/train latents/ --flip
+    masked-dit extract-features /data/imagenet/train latents/ --encoder dinov2-vit-b  # --data.features=dinov2-vit-b
+    masked-dit eval VIRTUAL_imagenet256_labeled.npz samples.npz --out metrics.json
 """
 from __future__ import annotations
 
@@ -152,6 +154,30 @@ def _extract(args, _overrides) -> int:
     return 0
 
 
+def _extract_features(args, _overrides) -> int:
+    import torch
+
+    from masked_dit.data import ImageFolderDataset
+    from masked_dit.data.encoders import (extract_encoder_features, feature_dir_name, load_encoder_features,
+                                          repa_encoder_image_size)
+
+    latents = Path(args.latents) / "manifest.json"
+    if not latents.exists():
+        raise FileNotFoundError(f"no manifest.json in {args.latents!r}: run `masked-dit extract-latents` first")
+    image_size = json.loads(latents.read_text())["image_size"]  # the images exactly as extract-latents saw them
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = ImageFolderDataset(args.images, image_size, args.on_bad_image)
+    features = load_encoder_features(args.encoder, token_grid=args.token_grid, device=device,
+                                     image_size=args.encoder_image_size or repa_encoder_image_size(image_size),
+                                     autocast_dtype="bf16" if args.precision == "bf16" else None)
+    name = args.name or feature_dir_name(args.encoder)
+    manifest = extract_encoder_features(dataset, args.latents, features, name=name, batch_size=args.batch_size,
+                                        dtype=args.dtype)
+    print(f"{manifest['num_images']} images -> {Path(args.latents) / 'features' / name} (features "
+          f"{manifest['feature_shape']}); train with --data.features={name}")
+    return 0
+
+
 #################################################################################
 #                                    parser                                     #
 #################################################################################
@@ -201,9 +227,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_extract)
 
+    f = sub.add_parser("extract-features", help="cache REPA's DINOv2 features beside extracted latents")
+    f.add_argument("images", help="the image folder the latents were extracted from (same order and crop)")
+    f.add_argument("latents", help="extract-latents' folder; writes <latents>/features/<name> (re-run to resume)")
+    f.add_argument("--encoder", default="dinov2-vit-b", help="DINOv2: dinov2-vit-{s,b,l,g}, hub id or local folder")
+    f.add_argument("--name", help="feature folder name (default: from --encoder); train with --data.features=NAME")
+    f.add_argument("--encoder-image-size", type=int, help="encoder input side (default REPA's 224 * (size // 256))")
+    f.add_argument("--token-grid", type=int, help="resample tokens to this grid, the model's input_size / patch "
+                   "(default: the encoder's own grid, 16 at 224px)")
+    f.add_argument("--batch-size", type=int, default=32, help="must divide the latents' shard size")
+    f.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    f.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="encoder autocast")
+    f.add_argument("--on-bad-image", choices=["stop", "skip"], default="stop", help="as given to extract-latents")
+    f.add_argument("--device", default="auto")
+    f.set_defaults(func=_extract_features)
+
+    v = sub.add_parser("eval", help="FID, sFID, IS, precision, recall of samples vs an ADM reference batch",
+                       add_help=False)
+    v.add_argument("eval_args", nargs=argparse.REMAINDER, help="see `masked-dit eval --help`")
+    v.set_defaults(func=_eval)
+
     i = sub.add_parser("info", help="versions, the compiled extension and op backends")
     i.set_defaults(func=_info)
     return p
+
+
+def _eval(args, _overrides) -> int:
+    from masked_dit.eval.cli import main as eval_main
+
+    return eval_main(args.eval_args) or 0
 
 
 def _info(args, _overrides) -> int:
@@ -215,6 +267,8 @@ def _info(args, _overrides) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv[:1] == ["eval"]:  # the evaluator owns its options (its own --help)
+        return _eval(argparse.Namespace(eval_args=argv[1:]), [])
     args, rest = parser.parse_known_args(argv)
     # Only `train` takes --section.key=value overrides; anything else left over is an error.
     overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]

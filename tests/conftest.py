@@ -1,6 +1,10 @@
 import os
 from pathlib import Path
 
+# Triton reads TRITON_INTERPRET when it is first imported, and any test module may import it
+# (through masked_dit.ops): set it before collection so Triton kernels run on CPU tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 FIXTURES = Path(os.environ.get("MASKED_DIT_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"))

@@ -57,6 +57,7 @@ class DataConfig:
     on_bad_image: str = "stop"           # stop | skip  (unreadable or undersized images)
     num_workers: int = 0
     latent_scale: float = 0.18215        # posterior sample x this factor (SD VAE)
+    features: Optional[str] = None       # latents: cached REPA features <path>/features/<name> ('zs'; comma: several)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class ObjectiveConfig:
     # REPA
     proj_coeff: float = 0.5
     encoder: str = "none"                # none (features come with the batch as 'zs') | patches (clean patches; tests/digits)
+    #                                      | DINOv2 (pixel data): dinov2-vit-b, dinov2reg-vit-l, hub id, folder, a list
 
 
 @dataclass
@@ -128,6 +130,7 @@ class SampleConfig:
     guidance_low: float = 0.0            # REPA guidance interval [low, high] of t
     guidance_high: float = 1.0
     seed: int = 0                        # fixed noise and labels of the grid
+    eval_num: int = 200                  # digits: samples scored by the offline metric (0: off)
 
 
 @dataclass
@@ -178,7 +181,6 @@ CHOICES = {
     ("objective", "path_type"): ("Linear", "GVP", "VP"),
     ("objective", "prediction"): ("velocity", "noise", "score"),
     ("objective", "loss_weight"): (None, "velocity", "likelihood"),
-    ("objective", "encoder"): ("none", "patches"),
     ("optim", "name"): ("adamw", "adan"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("parallel", "mode"): ("ddp", "fsdp"),
@@ -208,6 +210,39 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--optim.betas needs {n_betas} values for {cfg.optim.name} (got {list(cfg.optim.betas)})")
     if not 0 <= cfg.objective.mask_ratio < 1:
         raise ConfigError(f"--objective.mask_ratio must be in [0, 1) (got {cfg.objective.mask_ratio})")
+    _validate_encoder(cfg.objective.encoder)
+    if cfg.data.features and cfg.data.source != "latents":
+        raise ConfigError(f"--data.features={cfg.data.features!r} reads features cached beside extracted latents; "
+                          f"it needs --data.source=latents (got {cfg.data.source!r})")
+    if cfg.data.features and (cfg.objective.kind != "repa" or cfg.objective.encoder != "none"):
+        raise ConfigError(f"--data.features={cfg.data.features!r} gives REPA its features: it needs "
+                          f"--objective.kind=repa --objective.encoder=none (got {cfg.objective.kind}, "
+                          f"{cfg.objective.encoder})")
+
+
+ENCODER_CHOICES = ("none, patches, dinov2-vit-{s,b,l,g}, dinov2reg-vit-{s,b,l,g}, a hub id (facebook/dinov2-base), "
+                   "a local save_pretrained folder, a timm name (vit_base_patch14_dinov2.lvd142m); comma-separated "
+                   "for several encoders")
+
+
+def _validate_encoder(value: str) -> None:
+    """``objective.encoder`` is none, patches, or DINOv2 specs; checked by form only (a missing
+    folder is reported when the trainer loads it, so a finished run's config still loads)."""
+    if value in ("none", "patches"):
+        return
+    specs = [s.strip() for s in str(value).split(",")]
+    if not all(specs) or any(s in ("none", "patches") for s in specs):
+        raise ConfigError(f"--objective.encoder={value!r} is not valid; choose one of: {ENCODER_CHOICES}")
+    from masked_dit.data.encoders import resolve_encoder
+
+    for spec in specs:
+        try:
+            resolve_encoder(spec)
+        except FileNotFoundError:
+            pass
+        except ValueError as exc:
+            raise ConfigError(f"--objective.encoder={value!r} is not valid ({exc}); choose one of: "
+                              f"{ENCODER_CHOICES}") from None
 
 
 #################################################################################

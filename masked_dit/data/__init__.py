@@ -22,6 +22,10 @@ def build_dataset(data_cfg, model_cfg=None):
             raise ValueError("--data.source=latents needs --data.path=<folder made by masked-dit extract-latents>")
         ds = LatentDataset(data_cfg.path)
         shape = (ds.latent_shape[0], ds.latent_shape[-1])
+        if getattr(data_cfg, "features", None):
+            from masked_dit.data.encoders import LatentsWithFeatures
+
+            ds = LatentsWithFeatures(ds, feature_dirs(data_cfg))  # items gain REPA's 'zs'
     else:
         raise ValueError(f"unknown data source {data_cfg.source!r}; valid: digits, folder, latents")
     if model_cfg is not None and (model_cfg.in_channels, model_cfg.input_size) != shape:
@@ -30,6 +34,26 @@ def build_dataset(data_cfg, model_cfg=None):
     return ds
 
 
+def feature_dirs(data_cfg) -> list:
+    """The cached encoder-feature folders ``--data.features`` names: ``<path>/features/<name>``."""
+    from pathlib import Path
+
+    from masked_dit.data.encoders import FEATURES_DIR
+
+    if not data_cfg.path:
+        raise ValueError("--data.features needs --data.path=<folder made by masked-dit extract-latents>")
+    root = Path(data_cfg.path) / FEATURES_DIR
+    dirs = []
+    for name in (n.strip() for n in data_cfg.features.split(",") if n.strip()):
+        if not (root / name / "manifest.json").exists():
+            found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            raise FileNotFoundError(f"--data.features={name}: no cached features in {root / name} (found: "
+                                    f"{', '.join(found) or 'none'}); run `masked-dit extract-features <images> "
+                                    f"{data_cfg.path} --encoder <spec>` first")
+        dirs.append(root / name)
+    return dirs
+
+
 __all__ = ["DigitsDataset", "load_digits_tensor", "ImageFolderDataset", "BadImageError", "center_crop_arr",
            "LatentDataset", "extract_latents", "sample_posterior", "BatchStream", "ResumableBatchSampler",
-           "build_dataset"]
+           "build_dataset", "feature_dirs"]

@@ -277,7 +277,9 @@ class REPAObjective:
             with torch.no_grad():
                 zs = self.encoder(batch)
         else:
-            raise ValueError("REPA needs encoder features: put them in the batch as 'zs' or pass an encoder")
+            raise ValueError("REPA needs encoder features: put them in the batch as 'zs' (latents: --data.features="
+                             "<name> from `masked-dit extract-features`) or pass an encoder (pixel data: "
+                             "--objective.encoder=dinov2-vit-b)")
         return [zs] if isinstance(zs, torch.Tensor) else list(zs)
 
     def __call__(self, model, batch: dict, *, t=None, noise=None) -> dict:
@@ -310,8 +312,34 @@ class REPAObjective:
 #                                   Factory                                     #
 #################################################################################
 
-def build_objective(cfg, model=None, pixel_space: bool = False):
-    """The objective an ``ObjectiveConfig`` names; ``model`` (if given) is checked against it."""
+def pixel_encoder(specs: str, model, image_size: int, precision: str = "fp32") -> Callable:
+    """REPA's frozen DINOv2 encoder(s) on a pixel batch: ``batch -> zs`` on ``model``'s token grid.
+
+    ``batch['x']`` holds the (flipped) training images in [-1, 1] at ``image_size`` px; the encoder
+    sees them at REPA's ``224 * (image_size // 256)`` (224 for small images), under the training
+    autocast. Grayscale images (digits) are repeated to RGB.
+    """
+    from masked_dit.data.encoders import load_encoder_features, repa_encoder_image_size
+
+    device = next(model.parameters()).device
+    features = load_encoder_features(specs, model=model, device=device, image_size=repa_encoder_image_size(image_size),
+                                     autocast_dtype="bf16" if precision == "bf16" else None)
+
+    def encode(batch: dict):
+        x = batch["x"]
+        return features(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
+
+    encode.features = features  # the loaded EncoderFeatures (z_dims, encoders)
+    return encode
+
+
+def build_objective(cfg, model=None, pixel_space: bool = False, *, image_size: Optional[int] = None,
+                    precision: str = "fp32"):
+    """The objective an ``ObjectiveConfig`` names; ``model`` (if given) is checked against it.
+
+    REPA with a DINOv2 ``cfg.encoder`` loads the encoder only when ``image_size`` (the pixel
+    training images' side) is given: training needs it, sampling does not.
+    """
     kind = cfg.kind
     if kind not in FAMILIES:
         raise ValueError(f"unknown objective {kind!r}; valid: {', '.join(FAMILIES)}")
@@ -336,4 +364,9 @@ def build_objective(cfg, model=None, pixel_space: bool = False):
     if cfg.encoder == "patches":
         patch = m.patch_size if m is not None else 2
         encoder = lambda batch: patch_features(batch["x"], patch)  # noqa: E731
+    elif cfg.encoder != "none" and image_size is not None:
+        if m is None or not pixel_space:
+            raise ValueError(f"--objective.encoder={cfg.encoder} needs the model and pixel data (for latents cache "
+                             "features with `masked-dit extract-features` and use --data.features)")
+        encoder = pixel_encoder(cfg.encoder, m, image_size, precision)
     return REPAObjective(cfg.proj_coeff, encoder=encoder)

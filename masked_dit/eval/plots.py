@@ -1,13 +1,11 @@
-"""Pictures for every run folder: labelled sample grids, loss curves, metric curves (matplotlib)."""
+"""Pictures for every run folder: loss curves per term and metric curves (matplotlib).
+
+Sample grids are drawn by :func:`masked_dit.train.grid.save_grid`."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence
-
-import numpy as np
-import torch
 
 
 def _pyplot():
@@ -17,41 +15,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C] (ADM's sample layout)."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
-
-
-def save_sample_grid(images: torch.Tensor, path: str | Path, labels: Sequence[int] | None = None,
-                     ncol: int | None = None, class_names: Sequence[str] | None = None, title: str | None = None) -> Path:
-    """Saves images [B, C, H, W] in [-1, 1] as a grid PNG, each tile titled with its label."""
-    plt = _pyplot()
-    arr = to_uint8(images)
-    n = arr.shape[0]
-    ncol = ncol or min(n, 10)
-    nrow = math.ceil(n / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(ncol * 1.0, nrow * 1.15), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= n:
-            continue
-        img = arr[i]
-        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                  vmin=0, vmax=255, interpolation="nearest")
-        if labels is not None:
-            lab = int(labels[i])
-            ax.set_title(class_names[lab] if class_names else str(lab), fontsize=8, pad=2)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -29,11 +29,61 @@ def model_kwargs(cfg) -> tuple[str, dict]:
         kw["mae_loss_coef"] = oc.mae_loss_coef
     elif family == "repa_sit":
         kw["path_type"] = "linear"
+        patch = kw.get("patch_size", MODEL_CONFIGS[mc.name][1].get("patch_size", 2))
         if oc.encoder == "patches":
-            patch = kw.get("patch_size", MODEL_CONFIGS[mc.name][1].get("patch_size", 2))
             kw["z_dims"] = [patch * patch * mc.in_channels]
+        elif oc.encoder != "none":
+            if cfg.data.source == "latents":
+                raise ValueError(f"--objective.encoder={oc.encoder} encodes raw images, which --data.source=latents "
+                                 "lacks: cache them with `masked-dit extract-features <images> <latents> --encoder "
+                                 f"{oc.encoder}`, then train with --data.features=<name> --objective.encoder=none")
+            kw["z_dims"] = encoder_z_dims(oc.encoder)
+        elif cfg.data.features:
+            kw["z_dims"] = cached_feature_dims(cfg.data, mc.input_size // patch)
     kw.update(mc.extra)
     return mc.name, kw
+
+
+def encoder_z_dims(specs: str) -> list[int]:
+    """Feature widths of comma-separated DINOv2 specs without loading weights: REPA names from
+    their table, timm names from the architecture, folders and hub ids from their config.json."""
+    from masked_dit.data.encoders import DINOV2_SIZES, encoder_z_dim, resolve_encoder
+
+    dims = []
+    for spec in (s.strip() for s in specs.split(",") if s.strip()):
+        try:
+            dims.append(encoder_z_dim(spec))  # dinov2-vit-b style
+            continue
+        except ValueError:
+            pass
+        backend, source = resolve_encoder(spec)
+        if backend == "timm":
+            dims.append(next(z for _, arch, z in DINOV2_SIZES.values() if source.startswith(arch + "_")))
+            continue
+        from transformers import AutoConfig
+
+        try:
+            dims.append(int(AutoConfig.from_pretrained(source).hidden_size))
+        except OSError as exc:
+            raise OSError(f"cannot read the config of encoder {spec!r} ({exc}); without internet pass a local "
+                          "save_pretrained folder") from exc
+    return dims
+
+
+def cached_feature_dims(data_cfg, token_grid: int) -> list[int]:
+    """Feature widths of the ``--data.features`` caches, checked against the model's token grid."""
+    from masked_dit.data import feature_dirs
+    from masked_dit.data.encoders import EncoderFeatureDataset
+
+    dims = []
+    for d in feature_dirs(data_cfg):
+        tokens, z_dim = EncoderFeatureDataset(d).feature_shape
+        if tokens != token_grid ** 2:
+            raise ValueError(f"features in {str(d)!r} hold {tokens} tokens per image but the model has "
+                             f"{token_grid}x{token_grid} tokens: re-extract them with `masked-dit extract-features "
+                             f"... --token-grid={token_grid} --name=<new name>`")
+        dims.append(int(z_dim))
+    return dims
 
 
 def build_model_from_config(cfg) -> nn.Module:

@@ -87,6 +87,12 @@ class MetricsLog:
         self.reset_clock()
         return record
 
+    def write(self, record: dict) -> None:
+        """Appends an out-of-band record (e.g. an evaluation) to ``metrics.jsonl``."""
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
 
 def format_record(r: dict) -> str:
     parts = [f"step {r['step']}"]

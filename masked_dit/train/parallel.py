@@ -39,6 +39,12 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
+    # Every block shares one forward code object. MDT's variants (with/without skip_linear, kept vs
+    # all tokens, side block, train/eval) each need their own graph: more than dynamo's default
+    # limit of 8, past which blocks would silently run uncompiled.
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(cfg, limit, max(getattr(cfg, limit), 64))
     for block in transformer_blocks(model):
         block.compile()
 

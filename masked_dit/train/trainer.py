@@ -107,7 +107,10 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.model_name, self.model_kwargs = model_kwargs(cfg)
         module = build_model_from_config(cfg).to(w.device)
-        self.objective = build_objective(cfg.objective, module, pixel_space=cfg.data.source != "latents")
+        pixel = cfg.data.source != "latents"
+        self.objective = build_objective(cfg.objective, module, pixel_space=pixel,  # loads REPA's DINOv2 if named
+                                         image_size=cfg.data.image_size if pixel else None,
+                                         precision=cfg.parallel.precision)
         self.flops_per_image = training_flops_per_image(module, cfg.objective)
         self.model = parallelize(module, cfg, w)
         self.module = unwrap(self.model)
@@ -183,24 +186,48 @@ class Trainer:
         model.load_state_dict(full, strict=True)
         return model.to(self.world.device).eval()
 
-    def sample_grid(self, path: Path) -> None:
+    def _sample(self, model, y: torch.Tensor, seed: int) -> torch.Tensor:
+        """Samples for labels ``y`` from fixed noise, without moving the training RNG."""
         cfg, w = self.cfg, self.world
-        model = self.ema_model()
+        sc = cfg.sample
+        shape = (len(y), cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+        noise = fixed_noise(shape, seed).to(w.device)
+        devices = [w.device.index or 0] if w.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # sampling must not move the training RNG
+            torch.manual_seed(seed)
+            return self.objective.sample(model, noise, y, sampler=sc.sampler, steps=sc.steps, cfg_scale=sc.cfg_scale,
+                                         scale_pow=sc.scale_pow, guidance_low=sc.guidance_low,
+                                         guidance_high=sc.guidance_high)
+
+    def sample_grid(self, path: Path, model) -> None:
+        """Saves the grid of ``model`` (from :meth:`ema_model`, which every rank must call; None off rank 0)."""
+        cfg, w = self.cfg, self.world
         if model is None:
             return
         sc = cfg.sample
         y = grid_labels(cfg.model.num_classes, sc.num_per_class, sc.grid_classes).to(w.device)
-        shape = (len(y), cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-        noise = fixed_noise(shape, sc.seed).to(w.device)
-        devices = [w.device.index or 0] if w.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # sampling must not move the training RNG
-            torch.manual_seed(sc.seed)
-            x = self.objective.sample(model, noise, y, sampler=sc.sampler, steps=sc.steps, cfg_scale=sc.cfg_scale,
-                                      scale_pow=sc.scale_pow, guidance_low=sc.guidance_low, guidance_high=sc.guidance_high)
+        x = self._sample(model, y, sc.seed)
         if cfg.data.source == "latents":
             x = x / cfg.data.latent_scale / 4  # a rough view of the latent channels
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(x, y.cpu(), path, per_row=sc.num_per_class)
+
+    def evaluate_digits(self, model) -> dict | None:
+        """The offline digits metric (conditional accuracy, classifier-feature FD) of the EMA
+        ``model`` on ``sample.eval_num`` samples with balanced labels; written to metrics.jsonl."""
+        cfg, w = self.cfg, self.world
+        if cfg.data.source != "digits" or cfg.sample.eval_num < 2 or model is None:
+            return None
+        from masked_dit.eval.digits import score_digits
+
+        n = cfg.sample.eval_num
+        y = torch.arange(n, device=w.device) % cfg.model.num_classes
+        x = self._sample(model, y, cfg.sample.seed + 1)  # not the grid's noise
+        record = {"step": self.step, **score_digits(x, y).as_dict()}
+        self.metrics.write(record)
+        self._log(f"step {self.step}: digits conditional accuracy {record['digits_cond_acc']:.3f}, "
+                  f"feature FD {record['digits_fd']:.2f} ({n} EMA samples)")
+        return record
 
     def export(self) -> Path | None:
         full = self.ema.full_state_dict(self.module)
@@ -232,7 +259,9 @@ class Trainer:
             if self.step % tc.ckpt_every == 0 and self.step < tc.steps:
                 self.save()
             if self.step % tc.sample_every == 0 and self.step < tc.steps:
-                self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png")
+                model = self.ema_model()
+                self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", model)
+                self.evaluate_digits(model)
             if stop_at is not None and self.step >= stop_at:
                 if bar is not None:
                     bar.close()
@@ -241,9 +270,15 @@ class Trainer:
             bar.close()
         self.save()
         export = self.export()
-        self.sample_grid(self.run_dir / "samples.png")
+        model = self.ema_model()
+        self.sample_grid(self.run_dir / "samples.png", model)
+        evaluation = self.evaluate_digits(model)
+        if w.is_main:
+            from masked_dit.eval.plots import plot_run
+
+            plot_run(self.run_dir)  # loss_curves.png, metric_curves.png
         self._log(f"done: {self.run_dir}")
-        return {"step": self.step, "last": last, "export": str(export) if export else None,
+        return {"step": self.step, "last": last, "export": str(export) if export else None, "eval": evaluation,
                 "run_dir": str(self.run_dir) if w.is_main else None}
 
 

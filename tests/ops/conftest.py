@@ -1,8 +1,2 @@
-"""Shared setup for the op tests.
-
-TRITON_INTERPRET must be set before triton is first imported, so the triton backend's
-kernels run on CPU tensors here (slowly: keep interpreter shapes small).
-"""
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
+"""The op tests run Triton kernels on CPU tensors: ``tests/conftest.py`` sets TRITON_INTERPRET=1
+before anything imports triton (keep interpreter shapes small: it is slow)."""

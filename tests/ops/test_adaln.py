@@ -1,7 +1,7 @@
 """adaln_modulate / gated_residual_adaln: every backend against a float64 reference.
 
 CPU backends: torch (wide shape coverage) and triton under TRITON_INTERPRET=1 (set in
-tests/ops/conftest.py; few small shapes, the interpreter is slow). GPU tests run all three.
+tests/conftest.py; few small shapes, the interpreter is slow). GPU tests run all three.
 
 Tolerances (per dtype of the inputs/outputs), applied as
 ``|actual - ref| <= tol * |ref| + tol * max(max|ref|, natural scale)``: the second term because

@@ -51,7 +51,7 @@ def test_unavailable_backends_reported_as_skipped(toy_results):
     rows = toy_results[1]["results"]
     cuda_rows = [r for r in rows if r["impl"] == "backend:cuda"]
     assert cuda_rows and all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in cuda_rows)
-    triton_ok, _ = dispatch.availability("triton", "cpu")  # TRITON_INTERPRET=1 from tests/ops/conftest.py
+    triton_ok, _ = dispatch.availability("triton", "cpu")  # TRITON_INTERPRET=1 from tests/conftest.py
     triton_rows = [r for r in rows if r["impl"] == "backend:triton"]
     assert all((r["status"] == "ok") == triton_ok for r in triton_rows)
     compiled = [r for r in rows if r["impl"] == "reference:compile"]

@@ -7,7 +7,7 @@ sliced and strided views, adaLN shift/scale/gate as chunks of one [B, 6D] tensor
 come from a torch.Generator seeded by hypothesis, so a failure prints a small, replayable case.
 
 Backends: ``torch`` gets TORCH_EXAMPLES examples per op (cheap), the Triton interpreter
-(TRITON_INTERPRET=1, set in tests/ops/conftest.py) TRITON_EXAMPLES with small shapes. Attention
+(TRITON_INTERPRET=1, set in tests/conftest.py) TRITON_EXAMPLES with small shapes. Attention
 has no Triton path: it runs its CPU backends (``math``, ``sdpa``; ``flex`` forward only).
 
 Tolerances: ``|actual - ref| <= TOL[dtype] * |ref| + ACC_TOL * scale``. The relative term is the

@@ -10,7 +10,7 @@ non-kept positions, accumulated in fp32 and rounded once to the dtype:
     bfloat16   8e-3     1e-3
 
 CPU backends: ``torch`` and ``triton`` (Triton interpreter; TRITON_INTERPRET=1 comes from
-tests/ops/conftest.py). GPU tests (``@pytest.mark.gpu``) run torch / triton / cuda on CUDA.
+tests/conftest.py). GPU tests (``@pytest.mark.gpu``) run torch / triton / cuda on CUDA.
 """
 from __future__ import annotations
 

@@ -95,3 +95,16 @@ def test_activation_checkpointing_and_bf16(tmp_path):
     bf.fit()
     a, c = _losses(tmp_path / "a" / "digits-mdtv2"), _losses(tmp_path / "c" / "digits-mdtv2")
     assert abs(a[0]["loss"] - c[0]["loss"]) < 0.05 * a[0]["loss"]
+
+
+def test_digits_run_reports_offline_metric_and_pictures(tmp_path):
+    """Digits runs score their EMA samples with the offline metric (metrics file + result) and
+    leave loss/metric curves beside samples.png."""
+    cfg = tiny_config("digits-dit", tmp_path, **{"train.steps": 2, "sample.eval_num": 20})
+    result = train(cfg)
+    run = tmp_path / cfg.run.name
+    evals = [r for r in _losses(run) if "digits_cond_acc" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 2
+    assert 0.0 <= evals[0]["digits_cond_acc"] <= 1.0 and evals[0]["digits_fd"] > 0
+    assert result["eval"] == evals[0]
+    assert (run / "loss_curves.png").exists() and (run / "metric_curves.png").exists()

@@ -14,6 +14,6 @@ def tiny_config(preset: str, out_dir, **overrides):
     o = {**TINY_MODEL, **FAMILY_EXTRA.get(preset, {}),
          "run.out_dir": str(out_dir), "train.steps": 3, "train.global_batch": 8, "train.log_every": 1,
          "train.ckpt_every": 2, "train.sample_every": 1000, "train.progress": False, "train.device": "cpu",
-         "optim.warmup_steps": 0, "sample.steps": 2, "sample.num_per_class": 1, "parallel.tf32": False}
+         "optim.warmup_steps": 0, "sample.steps": 2, "sample.num_per_class": 1, "sample.eval_num": 0, "parallel.tf32": False}
     o.update(overrides)
     return apply_overrides(get_preset(preset), o)
