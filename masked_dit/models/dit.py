@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from masked_dit.models.flops import FlopsMixin
 from masked_dit.models.registry import register_family, register_sizes
-from masked_dit.nn import (FinalLayer, FusedDiTBlock, LabelEmbedder, PatchEmbed, TimestepEmbedder, check_labels,
+from masked_dit.nn import (FinalLayer, FusedDiTBlock, LabelEmbedder, PatchEmbed, TimestepEmbedder, check_model_inputs,
                            init_dit_weights, sincos_pos_embed_2d, unpatchify)
 
 
@@ -58,25 +58,8 @@ class DiT(FlopsMixin, nn.Module):
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Validates shapes and labels with one-line errors; returns t as a [B] tensor."""
-        name = type(self).__name__
-        if x.dim() != 4:
-            raise ValueError(f"{name} input x must be [B, C, H, W], got shape {list(x.shape)}")
-        B, C, H, W = x.shape
-        if C != self.in_channels:
-            raise ValueError(f"{name} input x has {C} channels, the model expects in_channels={self.in_channels}")
-        if H != self.input_size or W != self.input_size:
-            raise ValueError(f"{name} input x is {H}x{W}, the model expects input_size={self.input_size} "
-                             f"({self.input_size}x{self.input_size})")
-        if t.dim() == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
-            raise ValueError(f"{name} timesteps t must have shape [{B}] (one per sample), got {list(t.shape)}")
-        if y.shape != (B,):
-            raise ValueError(f"{name} labels y must have shape [{B}] (one per sample), got {list(y.shape)}")
-        if y.is_floating_point() or y.dtype == torch.bool:
-            raise ValueError(f"{name} labels y must be an integer tensor, got {y.dtype}")
-        check_labels(y, self.num_label_rows, f"{name} labels y")
-        return t
+        return check_model_inputs(x, t, y, in_channels=self.in_channels, input_size=self.input_size,
+                                  num_label_rows=self.num_label_rows, name=type(self).__name__)
 
     # -------------------------------------------------------------- forward --
     def embed(self, x, t, y):

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from masked_dit.models.registry import register_family, register_sizes
 from masked_dit.nn.block import FinalLayer, FusedDiTBlock, init_dit_weights
-from masked_dit.nn.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder, check_labels, sincos_pos_embed_2d,
+from masked_dit.nn.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder, check_model_inputs, sincos_pos_embed_2d,
                                  unpatchify)
 from masked_dit.nn.masking import KeptTokens, random_masking, sample_mdt_mask_ratio
 
@@ -91,26 +91,9 @@ class _MDTBase(nn.Module):
 
     def check_inputs(self, x, t, y):
         """Validates shapes and labels with one-line errors; returns t as a [B] tensor."""
-        name = type(self).__name__
-        size = self.x_embedder.img_size
-        if x.dim() != 4:
-            raise ValueError(f"{name} input x must be [B, C, H, W], got shape {list(x.shape)}")
-        B, C, H, W = x.shape
-        if C != self.in_channels:
-            raise ValueError(f"{name} input x has {C} channels, the model expects in_channels={self.in_channels}")
-        if H != size or W != size:
-            raise ValueError(f"{name} input x is {H}x{W}, the model expects input_size={size} ({size}x{size})")
-        if t.dim() == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
-            raise ValueError(f"{name} timesteps t must have shape [{B}] (one per sample), got {list(t.shape)}")
-        if y.shape != (B,):
-            raise ValueError(f"{name} labels y must have shape [{B}] (one per sample), got {list(y.shape)}")
-        if y.is_floating_point() or y.dtype == torch.bool:
-            raise ValueError(f"{name} labels y must be an integer tensor, got {y.dtype}")
-        # The last row is the null class when trained with label dropout (CFG).
-        check_labels(y, self.y_embedder.embedding_table.num_embeddings, f"{name} labels y")
-        return t
+        return check_model_inputs(x, t, y, in_channels=self.in_channels, input_size=self.x_embedder.img_size,
+                                  num_label_rows=self.y_embedder.embedding_table.num_embeddings,
+                                  name=type(self).__name__)
 
     def _kept_tokens(self, B, device, enable_mask, ids_keep, cu_seqlens, segment_ids, max_seqlen, generator):
         kept = KeptTokens.from_args(ids_keep, self.num_patches, B, cu_seqlens=cu_seqlens, segment_ids=segment_ids,

@@ -114,6 +114,31 @@ def check_labels(y: torch.Tensor, num_valid: int, what: str) -> None:
                          f"(got min {int(y.min())}, max {int(y.max())})")
 
 
+def check_model_inputs(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, in_channels: int, input_size: int,
+                       num_label_rows: int, name: str) -> torch.Tensor:
+    """Validates ``forward(x, t, y)`` of a class-conditional model with one-line errors naming the
+    model and the argument; returns ``t`` as a [B] tensor (a scalar t is broadcast)."""
+    if x.dim() != 4:
+        raise ValueError(f"{name} input x must be [B, C, H, W], got shape {list(x.shape)}")
+    B, C, H, W = x.shape
+    if C != in_channels:
+        raise ValueError(f"{name} input x has {C} channels, the model expects in_channels={in_channels}")
+    if H != input_size or W != input_size:
+        raise ValueError(f"{name} input x is {H}x{W}, the model expects input_size={input_size} "
+                         f"({input_size}x{input_size})")
+    if t.dim() == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"{name} timesteps t must have shape [{B}] (one per sample), got {list(t.shape)}")
+    if y.shape != (B,):
+        raise ValueError(f"{name} labels y must have shape [{B}] (one per sample), got {list(y.shape)}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"{name} labels y must be an integer tensor, got {y.dtype}")
+    # With label dropout the last row is the null class (CFG), a valid label too.
+    check_labels(y, num_label_rows, f"{name} labels y")
+    return t
+
+
 class OneHotLabelEmbedder(nn.Module):
     """MaskDiT's label embedder: one-hot (or soft) labels [B, num_classes] through a bias-free Linear.
 
