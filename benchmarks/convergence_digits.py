@@ -301,7 +301,7 @@ def parse_args(argv=None):
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--decoder-depth", type=int, default=2, help="MDTv2 decode_layer and MaskDiT decoder blocks")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None, help="default: the presets' (1e-3)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of every model (equal schedules)")
     p.add_argument("--optimizer", choices=("preset", "adamw"), default="preset",
                    help="preset: Adan for MDTv2 as its paper, AdamW for the others; adamw: AdamW for all")
     p.add_argument("--num-samples", type=int, default=300, help="generated digits per evaluation")
