@@ -99,7 +99,8 @@ class ADMObjective:
 
     @torch.no_grad()
     def sample(self, model, noise: torch.Tensor, y: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250,
-               cfg_scale: float = 1.0, scale_pow: float | None = None, progress: bool = False, **_) -> torch.Tensor:
+               cfg_scale: float = 1.0, scale_pow: float | None = None, progress: bool = False,
+               generator: torch.Generator | None = None, **_) -> torch.Tensor:
         if sampler not in ("auto", "ddpm", "ddim"):
             raise ValueError(f"sampler {sampler!r} does not apply to ADM diffusion; valid: ddpm, ddim")
         respaced = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), self.noise_schedule,
@@ -107,7 +108,7 @@ class ADMObjective:
         fn = self._guided(model, cfg_scale, scale_pow)
         loop = respaced.ddim_sample_loop if sampler == "ddim" else respaced.p_sample_loop
         return loop(fn, tuple(noise.shape), noise=noise, clip_denoised=self.clip_denoised, model_kwargs={"y": y},
-                    progress=progress)
+                    progress=progress, generator=generator)
 
 
 class MDTv2Objective(ADMObjective):
@@ -179,7 +180,7 @@ class TransportObjective:
 
     @torch.no_grad()
     def sample(self, model, noise, y, *, sampler: str = "ode", steps: int = 50, cfg_scale: float = 1.0,
-               progress: bool = False, **_) -> torch.Tensor:
+               progress: bool = False, generator: torch.Generator | None = None, **_) -> torch.Tensor:
         from masked_dit.diffusion.ode import sample_ode
         from masked_dit.diffusion.sde import sample_sde
 
@@ -192,7 +193,7 @@ class TransportObjective:
         if sampler in ("euler", "heun"):
             return sample_ode(self.transport, fn, noise, method=sampler, num_steps=steps, **kw)
         if sampler == "sde":
-            return sample_sde(self.transport, fn, noise, num_steps=steps, **kw)
+            return sample_sde(self.transport, fn, noise, num_steps=steps, generator=generator, **kw)
         raise ValueError(f"sampler {sampler!r} does not apply to SiT; valid: ode, euler, heun, sde")
 
 
@@ -238,12 +239,13 @@ class EDMMaskDiTObjective:
 
     @torch.no_grad()
     def sample(self, model, noise, y, *, sampler: str = "heun", steps: int = 40, cfg_scale: float = 1.0,
-               progress: bool = False, **_) -> torch.Tensor:
+               progress: bool = False, generator: torch.Generator | None = None, **_) -> torch.Tensor:
         if sampler not in ("auto", "heun"):
             raise ValueError(f"sampler {sampler!r} does not apply to EDM; valid: heun")
         m = unwrap(model)
         labels = F.one_hot(y.long(), m.num_classes).to(noise.dtype)
-        out = heun_sampler(model, noise, labels, num_steps=steps, cfg_scale=cfg_scale, progress=progress)
+        out = heun_sampler(model, noise, labels, num_steps=steps, cfg_scale=cfg_scale, progress=progress,
+                           generator=generator)
         return out.to(noise.dtype)
 
 
@@ -293,7 +295,8 @@ class REPAObjective:
 
     @torch.no_grad()
     def sample(self, model, noise, y, *, sampler: str = "euler", steps: int = 50, cfg_scale: float = 1.0,
-               guidance_low: float = 0.0, guidance_high: float = 1.0, progress: bool = False, **_) -> torch.Tensor:
+               guidance_low: float = 0.0, guidance_high: float = 1.0, progress: bool = False,
+               generator: torch.Generator | None = None, **_) -> torch.Tensor:
         from masked_dit.diffusion.repa import repa_euler_maruyama_sampler, repa_euler_sampler
 
         m = unwrap(model)
@@ -302,7 +305,7 @@ class REPAObjective:
         if sampler in ("auto", "euler", "ode", "heun"):
             out = repa_euler_sampler(model, noise, y, heun=sampler == "heun", **kw)
         elif sampler == "sde":
-            out = repa_euler_maruyama_sampler(model, noise, y, path_type=self.path_type, **kw)
+            out = repa_euler_maruyama_sampler(model, noise, y, path_type=self.path_type, generator=generator, **kw)
         else:
             raise ValueError(f"sampler {sampler!r} does not apply to REPA; valid: euler, heun, sde")
         return out.to(noise.dtype)

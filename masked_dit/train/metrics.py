@@ -46,8 +46,10 @@ def training_flops_per_image(model, objective_cfg) -> float | None:
 class MetricsLog:
     """Accumulates per-step values between log points; rank 0 writes ``metrics.jsonl``."""
 
-    def __init__(self, path: Path | None, flops_per_image: float | None, peak: float | None):
+    def __init__(self, path: Path | None, flops_per_image: float | None, peak: float | None,
+                 tensorboard_dir: Path | None = None):
         self.path, self.flops_per_image, self.peak = path, flops_per_image, peak
+        self.tensorboard = _tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None else None
         self.sums: dict[str, float] = {}
         self.count = 0
         self.images = 0
@@ -80,18 +82,31 @@ class MetricsLog:
                 record["mfu"] = tflops * 1e12 / self.peak
         if torch.cuda.is_available() and world.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(world.device) / 2 ** 30
-        if world.is_main and self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if world.is_main:
+            self.write(record)
         self.sums, self.count = {}, 0
         self.reset_clock()
         return record
 
     def write(self, record: dict) -> None:
-        """Appends an out-of-band record (e.g. an evaluation) to ``metrics.jsonl``."""
+        """Appends a record to ``metrics.jsonl`` (and TensorBoard when installed); rank 0 only."""
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
+
+
+def _tensorboard_writer(log_dir: Path):
+    """A TensorBoard ``SummaryWriter`` when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: metrics.jsonl is always written
+        return None
+    return SummaryWriter(str(log_dir))
 
 
 def format_record(r: dict) -> str:

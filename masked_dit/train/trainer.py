@@ -132,7 +132,8 @@ class Trainer:
         self.stream = BatchStream(self.dataset, self.micro_batch, rank=w.rank, world=w.size, seed=cfg.run.seed,
                                   random_flip=cfg.data.random_flip, num_workers=cfg.data.num_workers, state=data_state)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.flops_per_image,
-                                  peak_flops(w.device, cfg.train.peak_tflops))
+                                  peak_flops(w.device, cfg.train.peak_tflops),
+                                  tensorboard_dir=self.run_dir / "tensorboard" if w.is_main else None)
         if w.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
