@@ -277,7 +277,7 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     try:
         return args.func(args, overrides)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as exc:
         print(f"masked-dit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -108,6 +108,7 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # MFU denominator; None: from the GPU name table
     device: str = "auto"                 # auto | cpu | cuda
     progress: bool = True                # tqdm bar on rank 0
+    max_nonfinite_steps: int = 5         # non-finite loss/grad steps are skipped; this many in a row stop the run
 
 
 @dataclass
@@ -150,15 +151,23 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        # write-then-rename: a run killed mid-write never leaves a truncated config.json
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         cfg = cls()
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object of sections (got {type(d).__name__})")
         for section, values in d.items():
             if section == "preset":
                 cfg.preset = values
                 continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"section {section!r} must be an object of key: value (got {type(values).__name__})")
             for key, value in values.items():
                 _set(cfg, section, key, value)
         validate(cfg)
@@ -166,7 +175,20 @@ class Config:
 
     @classmethod
     def load(cls, path) -> "Config":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Reads a config.json; errors name the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object of sections (got {type(d).__name__})")
+        try:
+            return cls.from_dict(d)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
 
 
 #################################################################################
@@ -196,6 +218,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{section}.{key}={value!r} is not valid; choose one of: "
                               + ", ".join(str(v) for v in valid))
     positive = [("train", "steps"), ("train", "global_batch"), ("train", "log_every"), ("train", "sample_every"),
+                ("train", "max_nonfinite_steps"),
                 ("train", "ckpt_every"), ("train", "keep_last"), ("model", "input_size"), ("model", "in_channels"),
                 ("sample", "steps"), ("objective", "diffusion_steps")]
     for section, key in positive:

@@ -151,6 +151,28 @@ class LatentDataset(torch.utils.data.Dataset):
         self.shards = self.manifest["shards"]
         self.starts = np.array([s["start"] for s in self.shards])
         self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self.max_label = self._check_shards()
+
+    def _check_shards(self) -> int:
+        """Every shard file is there, readable and of the manifest's shape (headers only); returns the
+        largest label. Values are checked for NaN/inf as they are read (``__getitem__``)."""
+        max_label = -1
+        for shard in self.shards:
+            for key, name in shard["files"].items():
+                file = self.root / name
+                if not file.is_file():
+                    raise ValueError(f"latents {self.root}: shard file {name} is missing")
+                try:
+                    arr = np.load(file, mmap_mode="r")
+                except Exception:  # noqa: BLE001 - numpy raises ValueError/OSError/EOFError for broken files
+                    raise ValueError(f"latents {self.root}: shard file {name} is truncated or not a .npy array") from None
+                want = [shard["count"]] + ([] if key == "labels" else list(self.latent_shape))
+                if list(arr.shape) != want:
+                    raise ValueError(f"latents {self.root}: {name} has shape {list(arr.shape)}, expected {want}")
+                if key == "labels" and len(arr):
+                    max_label = max(max_label, int(arr.max()))
+                del arr
+        return max_label
 
     def __len__(self) -> int:
         return int(self.manifest["num_images"])
@@ -167,6 +189,9 @@ class LatentDataset(torch.utils.data.Dataset):
         prefix = "flip_" if flip and self.has_flip else ""
         mean = torch.from_numpy(np.array(self._array(si, prefix + "mean")[row], dtype=np.float32))
         std = torch.from_numpy(np.array(self._array(si, prefix + "std")[row], dtype=np.float32))
+        for key, value in ((prefix + "mean", mean), (prefix + "std", std)):
+            if not torch.isfinite(value).all():
+                raise ValueError(f"latents {self.root}: non-finite values in {self.shards[si]['files'][key]} row {row}")
         return {"mean": mean, "std": std, "y": torch.tensor(int(self._array(si, "labels")[row]))}
 
 

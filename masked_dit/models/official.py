@@ -43,17 +43,34 @@ def _torch_load(path: str, weights_only: bool):
                          f"pass weights_only=False") from None
 
 
+def _looks_like_torch_save(path: str) -> bool:
+    """torch.save writes a zip archive (or, legacy, a pickle starting with the protocol byte 0x80)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(1)
+    return zipfile.is_zipfile(path) or head == b"\x80"
+
+
 def load_official_state_dict(path: str | os.PathLike, weights_only: bool = True) -> dict[str, torch.Tensor]:
     """The model weights inside an official checkpoint file (EMA weights when present)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        obj = load_file(path)
-    else:
-        obj = _torch_load(path, weights_only)
+            obj = load_file(path)
+        elif not _looks_like_torch_save(path):
+            raise ValueError("neither a torch.save zip archive nor a legacy pickle")
+        else:
+            obj = _torch_load(path, weights_only)
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign files raise many types
+        if isinstance(exc, ValueError) and str(exc).startswith(path):
+            raise
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {detail})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict or a dict holding one, got {type(obj).__name__}")
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -8,7 +8,10 @@ A checkpoint is a folder ``<run>/checkpoints/step_XXXXXXXX/``:
 
 Everything is written to ``step_XXXXXXXX.tmp`` first and renamed by rank 0 after all ranks are
 done, so a crash mid-save leaves only a ``.tmp`` folder that resume ignores (and the next save
-removes). ``keep_last`` complete checkpoints are kept.
+removes). ``keep_last`` complete checkpoints are kept. A checkpoint is deleted by removing its
+``meta.json`` first, so a crash mid-delete leaves an incomplete folder, never a "complete" one with
+missing shards. ``resume='latest'`` takes the newest checkpoint whose files are all there and whole
+(``verify_checkpoint``), and a checkpoint of another model is refused with the mismatching keys.
 
 The export (``<run>/export/``: ``ema.safetensors`` + ``config.json``) holds the unsharded EMA weights
 under the official key names; ``masked_dit.models.load_official(path, name, **kwargs)`` loads it
@@ -59,18 +62,82 @@ def list_checkpoints(ckpt_root) -> list[Path]:
     return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
 
 
-def resolve_resume(resume: str | None, ckpt_root) -> Path | None:
-    """``None`` -> no resume; ``'latest'`` -> newest complete checkpoint (None if there is none); else a path."""
+def verify_checkpoint(path, world_size: int | None = None) -> None:
+    """Raises ValueError naming the first missing or truncated file of the checkpoint at ``path``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise ValueError(f"checkpoint {path} is damaged: .metadata is missing")
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle raises many types
+        raise ValueError(f"checkpoint {path} is damaged: .metadata is unreadable ({type(exc).__name__})") from None
+    need: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        file = path / name
+        if not file.is_file() or file.stat().st_size < size:
+            raise ValueError(f"checkpoint {path} is damaged: {name} is missing or truncated")
+    meta = json.loads((path / "meta.json").read_text())
+    if world_size is None or meta.get("world_size") == world_size:
+        ranks = range(meta.get("world_size", 1)) if world_size is None else range(world_size)
+        for rank in ranks:
+            if not (path / f"rank_{rank:05d}.pt").is_file():
+                raise ValueError(f"checkpoint {path} is damaged: rank_{rank:05d}.pt is missing")
+
+
+def resolve_resume(resume: str | None, ckpt_root, world_size: int | None = None) -> Path | None:
+    """``None`` -> no resume; ``'latest'`` -> newest complete, undamaged checkpoint (None if there is
+    none); else a path (checked)."""
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(ckpt_root)
-        return found[-1] if found else None
+        for path in reversed(list_checkpoints(ckpt_root)):
+            try:
+                verify_checkpoint(path, world_size)
+            except ValueError as exc:
+                warnings.warn(f"skipping {exc}", stacklevel=2)
+                continue
+            return path
+        return None
     path = Path(resume)
     if not (path / "meta.json").exists():
         raise ValueError(f"--resume {resume}: not a complete checkpoint folder (no meta.json); "
                          f"complete ones: {[str(p) for p in list_checkpoints(ckpt_root)] or 'none'}")
+    verify_checkpoint(path, world_size)
     return path
+
+
+def remove_checkpoint(path) -> None:
+    """Deletes a checkpoint folder, unmarking it (meta.json) first: a crash mid-delete leaves an
+    incomplete folder that resume ignores, never a 'complete' one with shards missing."""
+    path = Path(path)
+    try:
+        (path / "meta.json").unlink()
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def check_fits(path, model, name: str | None = None) -> None:
+    """Raises ValueError (missing / unexpected keys, shape mismatches) if the checkpoint at ``path``
+    holds weights of another model than ``model``; reads only the DCP metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from masked_dit.models.official import check_state_dict
+
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {k[len("model."):]: torch.empty(v.size, device="meta") for k, v in metadata.items()
+             if k.startswith("model.") and hasattr(v, "size")}
+    own = {}
+    for k, v in model.state_dict().items():
+        for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module."):
+            k = k.replace(wrapper, "")
+        own[k] = torch.empty(v.shape, device="meta")
+    shell = type("Shell", (), {"state_dict": lambda self: own, "name": name or type(model).__name__})()
+    check_state_dict(shell, saved, what=f"checkpoint {path}")
 
 
 def _app_state(model, optimizer, ema) -> dict:
@@ -80,7 +147,8 @@ def _app_state(model, optimizer, ema) -> dict:
     return {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()}
 
 
-def save_checkpoint(ckpt_root, step: int, model, optimizer, ema, world, extra: dict, keep_last: int = 2) -> Path:
+def save_checkpoint(ckpt_root, step: int, model, optimizer, ema, world, extra: dict, keep_last: int = 2,
+                    model_name: str | None = None) -> Path:
     """Saves a complete checkpoint of ``step`` (collective: every rank calls it)."""
     import torch.distributed.checkpoint as dcp
 
@@ -99,25 +167,36 @@ def save_checkpoint(ckpt_root, step: int, model, optimizer, ema, world, extra: d
     torch.save({"rng": rng_state(), **extra}, tmp / f"rank_{world.rank:05d}.pt")
     _barrier(world)
     if world.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": world.size}) + "\n")
+        meta = {"step": step, "world_size": world.size, **({"model": model_name} if model_name else {})}
+        (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+        if final.exists():  # re-saving a step: move the old one aside (renames are atomic), then drop it
+            aside = root / f"step_{step:08d}.old"
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(final, aside)
         os.replace(tmp, final)
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_checkpoint(old)
+        for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
+            remove_checkpoint(stale)
+        for empty in root.iterdir():  # folders a crash mid-delete left without meta.json
+            if CKPT_RE.match(empty.name) and not (empty / "meta.json").exists():
+                shutil.rmtree(empty, ignore_errors=True)
     _barrier(world)
     return final
 
 
-def load_checkpoint(path, model, optimizer, ema, world) -> dict:
+def load_checkpoint(path, model, optimizer, ema, world, model_name: str | None = None) -> dict:
     """Loads ``path`` in place; returns this rank's extra state (RNG restored already) and the step."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
+    verify_checkpoint(path, world.size)
+    if model_name and meta.get("model", model_name) != model_name:
+        raise ValueError(f"checkpoint {path} holds a {meta['model']} model, not {model_name}")
+    check_fits(path, model, model_name)
     state = _app_state(model, optimizer, ema)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
@@ -155,7 +234,9 @@ def export_ema(out_dir, full_state: dict, model_name: str, model_kwargs: dict, r
     cfg = {"model": model_name, "model_kwargs": model_kwargs}
     if run_config is not None:
         cfg["run_config"] = run_config
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, out / "config.json")
     return out / "ema.safetensors"
 
 

@@ -46,14 +46,28 @@ def init_world(device: str = "auto") -> World:
     if size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0 and "MASTER_ADDR" in os.environ:
+            kwargs.update(store=_attempt_store(restart, rank), rank=rank, world_size=size)
         try:
             dist.init_process_group(backend, **kwargs)
         except TypeError:  # torch without device_id
-            dist.init_process_group(backend)
+            kwargs.pop("device_id", None)
+            dist.init_process_group(backend, **kwargs)
         here = True
     if dist.is_initialized():
         rank, size = dist.get_rank(), dist.get_world_size()
     return World(rank=rank, local_rank=local_rank, size=size, device=dev, initialized_here=here)
+
+
+def _attempt_store(restart: int, rank: int):
+    """The rendezvous store under a per-attempt prefix. torchrun keeps one store across restarts and
+    the failed attempt's process-group keys (peer addresses) are still in it, so without a fresh
+    prefix a rank that starts first dials its dead peer's old port and fails."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=rank == 0 and not agent_store)
+    return dist.PrefixStore(f"masked_dit/attempt_{restart}", store)
 
 
 def barrier(world: World) -> None:

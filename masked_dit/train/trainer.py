@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from masked_dit.configs import Config, validate
 from masked_dit.data import BatchStream, build_dataset, sample_posterior
@@ -38,6 +40,10 @@ from masked_dit.train.parallel import parallelize, set_gradient_sync
 #################################################################################
 #                                  Helpers                                      #
 #################################################################################
+
+class NonFiniteError(FloatingPointError):
+    """``train.max_nonfinite_steps`` steps in a row had a non-finite loss or gradient (one-line message)."""
+
 
 def batch_sizes(cfg: Config, world: World) -> tuple[int, int]:
     """(micro_batch per rank, accumulation steps) so that micro * accum * world == global_batch."""
@@ -121,9 +127,16 @@ class Trainer:
         torch.manual_seed(cfg.run.seed * 100_003 + w.rank)  # per-rank draws (t, noise, masks, dropout)
         self.step = 0
         data_state = None
-        resume = ckpt.resolve_resume(cfg.run.resume, self.ckpt_dir)
+        self.nonfinite_streak = self.nonfinite_total = 0  # skipped (non-finite) steps: in a row, in all
+        resume_arg = cfg.run.resume
+        if resume_arg is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume_arg = "latest"  # torchrun restarted the workers after a failure: continue, do not start over
+        resume = ckpt.resolve_resume(resume_arg, self.ckpt_dir, w.size)
+        self.resumed_step = None
         if resume is not None:
-            extra = ckpt.load_checkpoint(resume, self.module, self.optimizer, self.ema, w)
+            extra = ckpt.load_checkpoint(resume, self.module, self.optimizer, self.ema, w, model_name=self.model_name)
+            self.resumed_step = extra["step"]
+            self.nonfinite_total = extra.get("nonfinite_steps", 0)
             self.step = extra["step"]
             data_state = extra.get("data")
             self._log(f"resumed from {resume} at step {self.step}")
@@ -163,20 +176,50 @@ class Trainer:
                 (terms["loss"] / self.accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.accum
-        if not all(math.isfinite(v) for v in totals.values()):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: {totals}")
         totals["grad_norm"] = grad_norm_and_clip(list(self.module.parameters()), cfg.optim.grad_clip)
+        if not self._all_finite(totals):
+            return self._skip_step(totals)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update()
         self.step += 1
+        self.nonfinite_streak = 0
         totals["lr"] = lr
         return totals
+
+    def _all_finite(self, totals: dict) -> bool:
+        """Whether the loss terms and the gradient norm are finite on every rank (one collective when
+        distributed: all ranks must agree to skip, or the next step's collectives would not match)."""
+        finite = all(math.isfinite(v) for v in totals.values())
+        if self.world.distributed:
+            flag = torch.tensor([0.0 if finite else 1.0], device=self.world.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            finite = flag.item() == 0.0
+        return finite
+
+    def _skip_step(self, totals: dict) -> dict:
+        """A non-finite step: gradients dropped, no optimizer or EMA update (the step still counts,
+        so the data and LR schedule move on); logged, and fatal after max_nonfinite_steps in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        self._log(f"step {self.step}: non-finite loss or gradient (loss {totals.get('loss')}, grad_norm "
+                  f"{totals.get('grad_norm')}): update skipped ({self.nonfinite_streak} in a row; stop at {limit})")
+        if self.nonfinite_streak >= limit:
+            found = ckpt.list_checkpoints(self.ckpt_dir)
+            kept = f"last good checkpoint: {found[-1]}" if found else "no checkpoint was written"
+            raise NonFiniteError(f"stopped at step {self.step}: {self.nonfinite_streak} consecutive steps had a "
+                                 f"non-finite loss or gradient (--train.max_nonfinite_steps={limit}); {kept}")
+        return {"skipped": 1.0}
 
     # ------------------------------------------------------------------ outputs
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.module, self.optimizer, self.ema, self.world,
-                                    {"data": self.stream.state_dict()}, keep_last=self.cfg.train.keep_last)
+                                    {"data": self.stream.state_dict(), "nonfinite_steps": self.nonfinite_total},
+                                    keep_last=self.cfg.train.keep_last,
+                                    model_name=self.model_name)
 
     def ema_model(self) -> torch.nn.Module | None:
         """An unsharded copy of the model with the EMA weights (rank 0; collective under FSDP)."""
@@ -249,15 +292,20 @@ class Trainer:
         self.metrics.reset_clock()
         while self.step < tc.steps:
             values = self.train_step()
-            self.metrics.add(values, self.micro_batch * self.accum)
+            skipped = "skipped" in values  # a non-finite step: nothing to average into the log
+            if not skipped:
+                self.metrics.add(values, self.micro_batch * self.accum)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.4f}")
+                if not skipped:
+                    bar.set_postfix(loss=f"{values['loss']:.4f}")
             if self.step % tc.log_every == 0 or self.step == tc.steps:
-                last = self.metrics.flush(self.step, w, {})
+                extra = {"nonfinite_steps": self.nonfinite_total} if self.nonfinite_total else {}
+                last = self.metrics.flush(self.step, w, extra)
                 if last is not None:
                     self._log(format_record(last))
-            if self.step % tc.ckpt_every == 0 and self.step < tc.steps:
+            # No checkpoint during a non-finite streak: the newest one stays the last good step.
+            if self.step % tc.ckpt_every == 0 and self.step < tc.steps and self.nonfinite_streak == 0:
                 self.save()
             if self.step % tc.sample_every == 0 and self.step < tc.steps:
                 model = self.ema_model()
@@ -269,7 +317,8 @@ class Trainer:
                 return {"step": self.step, "last": last, "stopped": True}
         if bar is not None:
             bar.close()
-        self.save()
+        if self.step != self.resumed_step:  # re-running a finished run: its final checkpoint is there already
+            self.save()
         export = self.export()
         model = self.ema_model()
         self.sample_grid(self.run_dir / "samples.png", model)

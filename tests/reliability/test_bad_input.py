@@ -1,0 +1,308 @@
+"""Bad input at every entry point gives one line ``masked-dit <command>: error: ...`` naming the
+offending thing, exit code 2, no traceback, and nothing written over. docs/errors.md lists the
+same cases and messages."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from masked_dit.cli import main
+from tests.reliability.common import TINY
+
+#################################################################################
+#                               Bad-input material                              #
+#################################################################################
+
+FOLDER_MODEL = ["--model.in_channels=3", "--model.input_size=16", "--model.num_classes=2"]
+LATENT_MODEL = ["--model.in_channels=4", "--model.input_size=4", "--model.patch_size=2", "--model.num_classes=2"]
+
+
+class PoolVAE:
+    """A stand-in VAE: 4x4 average pooling to a 4-channel latent (RGB + their mean)."""
+
+    class _Dist:
+        def __init__(self, x):
+            pooled = torch.nn.functional.avg_pool2d(x, 4)
+            self.mean = torch.cat([pooled, pooled.mean(1, keepdim=True)], 1)
+            self.std = torch.full_like(self.mean, 0.1)
+
+    def encode(self, x):
+        return type("Out", (), {"latent_dist": self._Dist(x)})()
+
+
+def _images(root, classes=("a", "b"), n=4, size=20, mode="RGB"):
+    ext = ".jpg" if mode == "CMYK" else ".png"  # PNG has no CMYK
+    rng = np.random.RandomState(0)
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(n):
+            arr = rng.randint(0, 255, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(arr).convert(mode).save(root / c / f"{i}{ext}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    """Good inputs made once: an image folder, extracted latents, a checkpoint and an export."""
+    from masked_dit.data import ImageFolderDataset, extract_latents
+    from masked_dit.train import train
+    from tests.reliability.common import tiny_config
+
+    base = tmp_path_factory.mktemp("material")
+    _images(base / "images")
+    extract_latents(ImageFolderDataset(str(base / "images"), 16), base / "latents", PoolVAE(), batch_size=4,
+                    shard_size=4, progress=False)
+    train(tiny_config(base / "runs", **{"train.steps": 1, "train.progress": False}))
+    return base
+
+
+def _tree(root) -> dict:
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            st = os.stat(p)
+            out[p] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def _train(work, *extra):
+    return ["train", "--preset", "digits-dit", *[f"--{k}={v}" for k, v in TINY.items()],
+            f"--run.out_dir={work / 'runs'}", "--train.steps=1", *extra]
+
+
+#################################################################################
+#                                    Cases                                      #
+#################################################################################
+# Each case: (id, setup(work, material) -> argv, expected message). "{work}" / "{m}" in the message
+# stand for the case's work folder and the shared material; a trailing "..." means "starts with".
+
+def _latents_copy(work, m):
+    shutil.copytree(m / "latents", work / "lat")
+    return work / "lat"
+
+
+def _npy(work, m, name):
+    return _latents_copy(work, m) / name
+
+
+def _truncate(path, keep=100):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+def _rewrite(path, fn):
+    arr = np.load(path)
+    np.save(path, fn(arr))
+
+
+def _json(work, name, text):
+    p = work / name
+    p.write_text(text)
+    return p
+
+
+def _other_size_checkpoint(work, m):
+    return m / "runs" / "digits-dit" / "checkpoints" / "step_00000001"
+
+
+def _damaged_checkpoint(work, m, victim):
+    src = m / "runs" / "digits-dit" / "checkpoints" / "step_00000001"
+    dst = work / "ck" / "step_00000001"
+    shutil.copytree(src, dst)
+    if victim == "truncate":
+        _truncate(dst / "__0_0.distcp", 50)
+    else:
+        (dst / victim).unlink()
+    return dst
+
+
+CASES = [
+    # --- command line -----------------------------------------------------------------------------------
+    ("cli-unknown-key", lambda w, m: _train(w, "--train.stepz=3"),
+     "masked-dit train: error: unknown key --train.stepz; valid keys of train: ..."),
+    ("cli-unknown-section", lambda w, m: _train(w, "--trian.steps=3"),
+     "masked-dit train: error: unknown config section 'trian'; valid: run, model, data, objective, optim, train, "
+     "parallel, sample"),
+    ("cli-bad-int", lambda w, m: _train(w, "--train.steps=abc"),
+     "masked-dit train: error: --train.steps='abc' is not a valid int"),
+    ("cli-zero-steps", lambda w, m: _train(w, "--train.steps=0"),
+     "masked-dit train: error: --train.steps must be > 0 (got 0)"),
+    ("cli-bad-choice", lambda w, m: _train(w, "--optim.name=sgd"),
+     "masked-dit train: error: --optim.name='sgd' is not valid; choose one of: adamw, adan"),
+    ("cli-unknown-preset", lambda w, m: ["train", "--preset", "nope"],
+     "masked-dit train: error: unknown preset 'nope'; valid: ..."),
+    ("cli-batch-not-divisible", lambda w, m: _train(w, "--train.micro_batch=3"),
+     "masked-dit train: error: --train.global_batch=8 must be a multiple of micro_batch (3) x world size (1)"),
+    ("cli-max-nonfinite-zero", lambda w, m: _train(w, "--train.max_nonfinite_steps=0"),
+     "masked-dit train: error: --train.max_nonfinite_steps must be > 0 (got 0)"),
+    # --- config files -------------------------------------------------------------------------------------
+    ("config-missing", lambda w, m: ["train", "--config", str(w / "nope.json")],
+     "masked-dit train: error: config file {work}/nope.json does not exist"),
+    ("config-not-json", lambda w, m: ["train", "--config", str(_json(w, "c.json", "{not json"))],
+     "masked-dit train: error: config file {work}/c.json is not valid JSON: Expecting property name enclosed in "
+     "double quotes: line 1 column 2 (char 1)"),
+    ("config-not-object", lambda w, m: ["train", "--config", str(_json(w, "c.json", "[1, 2]"))],
+     "masked-dit train: error: config file {work}/c.json must hold a JSON object of sections (got list)"),
+    ("config-section-not-object", lambda w, m: ["train", "--config", str(_json(w, "c.json", '{"train": 5}'))],
+     "masked-dit train: error: config file {work}/c.json: section 'train' must be an object of key: value (got int)"),
+    ("config-unknown-key", lambda w, m: ["train", "--config", str(_json(w, "c.json", '{"train": {"stepz": 3}}'))],
+     "masked-dit train: error: config file {work}/c.json: unknown key --train.stepz; valid keys of train: ..."),
+    ("config-bad-value", lambda w, m: ["train", "--config", str(_json(w, "c.json", '{"train": {"steps": "x"}}'))],
+     "masked-dit train: error: config file {work}/c.json: --train.steps='x' is not a valid int"),
+    # --- image folders ------------------------------------------------------------------------------------
+    ("folder-missing", lambda w, m: _train(w, "--data.source=folder", f"--data.path={w / 'none'}", *FOLDER_MODEL),
+     "masked-dit train: error: image folder '{work}/none' does not exist"),
+    ("folder-empty", lambda w, m: (os.makedirs(w / "empty"), _train(w, "--data.source=folder",
+                                                                     f"--data.path={w / 'empty'}", *FOLDER_MODEL))[1],
+     "masked-dit train: error: no images (.jpg, .jpeg, .png, .gif, .bmp, .webp, .tif, .tiff) found under "
+     "'{work}/empty'"),
+    ("folder-too-many-classes", lambda w, m: _train(w, "--data.source=folder",
+                                                     f"--data.path={_images(w / 'i3', 'abc')}", *FOLDER_MODEL),
+     "masked-dit train: error: image folder {work}/i3 has 3 classes but the model has --model.num_classes=2"),
+    ("folder-wrong-channels", lambda w, m: _train(w, "--data.source=folder", f"--data.path={m / 'images'}",
+                                                  "--model.input_size=16", "--model.num_classes=2"),
+     "masked-dit train: error: data gives 3x16x16 inputs but the model expects --model.in_channels=1 "
+     "--model.input_size=16"),
+    ("folder-undersized-image", lambda w, m: _train(w, "--data.source=folder",
+                                                    f"--data.path={_images(w / 'small', size=8)}", *FOLDER_MODEL),
+     "masked-dit train: error: image {work}/small/..."),
+    ("folder-unreadable-image", lambda w, m: _train(w, "--data.source=folder", f"--data.path={_broken_images(w)}",
+                                                    *FOLDER_MODEL),
+     "masked-dit train: error: unreadable image {work}/broken/..."),
+    # --- latent shards ------------------------------------------------------------------------------------
+    ("latents-no-manifest", lambda w, m: _train(w, "--data.source=latents", f"--data.path={w}", *LATENT_MODEL),
+     "masked-dit train: error: no manifest.json in '{work}': run `masked-dit extract-latents` first"),
+    ("latents-missing-shard", lambda w, m: _train(w, "--data.source=latents",
+                                                  f"--data.path={_unlink(_npy(w, m, 'shard_00001.std.npy'))}",
+                                                  *LATENT_MODEL),
+     "masked-dit train: error: latents {work}/lat: shard file shard_00001.std.npy is missing"),
+    ("latents-truncated-shard", lambda w, m: _train(w, "--data.source=latents",
+                                                    "--data.path="
+                                                    + str(_apply(_npy(w, m, "shard_00000.mean.npy"), _truncate)),
+                                                    *LATENT_MODEL),
+     "masked-dit train: error: latents {work}/lat: shard file shard_00000.mean.npy is truncated or not a .npy array"),
+    ("latents-wrong-shape", lambda w, m: _train(w, "--data.source=latents", "--data.path=" + str(_apply(
+        _npy(w, m, "shard_00001.mean.npy"), lambda p: _rewrite(p, lambda a: a[:, :3]))), *LATENT_MODEL),
+     "masked-dit train: error: latents {work}/lat: shard_00001.mean.npy has shape [4, 3, 4, 4], expected "
+     "[4, 4, 4, 4]"),
+    ("latents-label-out-of-range", lambda w, m: _train(w, "--data.source=latents", "--data.path=" + str(_apply(
+        _npy(w, m, "shard_00001.labels.npy"), lambda p: _rewrite(p, lambda a: a + 5))), *LATENT_MODEL),
+     "masked-dit train: error: latents {work}/lat hold labels up to 6 but the model has --model.num_classes=2"),
+    ("latents-nan", lambda w, m: _train(w, "--data.source=latents", "--data.path=" + str(_apply(
+        _npy(w, m, "shard_00000.std.npy"), lambda p: _rewrite(p, lambda a: a * np.nan))), *LATENT_MODEL),
+     "masked-dit train: error: latents {work}/lat: non-finite values in shard_00000.std.npy row ..."),
+    ("latents-wrong-model-shape", lambda w, m: _train(w, "--data.source=latents", f"--data.path={m / 'latents'}",
+                                                      "--model.in_channels=4", "--model.input_size=8"),
+     "masked-dit train: error: data gives 4x4x4 inputs but the model expects --model.in_channels=4 "
+     "--model.input_size=8"),
+    # --- checkpoints --------------------------------------------------------------------------------------
+    ("resume-not-a-checkpoint", lambda w, m: _train(w, "--resume", str(w)),
+     "masked-dit train: error: --resume {work}: not a complete checkpoint folder (no meta.json); complete ones: none"),
+    ("resume-other-model-size", lambda w, m: _train(w, "--model.hidden_size=64", "--resume",
+                                                    str(_other_size_checkpoint(w, m))),
+     "masked-dit train: error: checkpoint {m}/runs/digits-dit/checkpoints/step_00000001 does not fit DiT-S/2: "
+     "shape mismatches ..."),
+    ("resume-other-model", lambda w, m: _train(w, "--model.name=SiT-S/2", "--objective.kind=transport",
+                                               "--sample.sampler=ode", "--resume",
+                                               str(_other_size_checkpoint(w, m))),
+     "masked-dit train: error: checkpoint {m}/runs/digits-dit/checkpoints/step_00000001 holds a DiT-S/2 model, "
+     "not SiT-S/2"),
+    ("resume-missing-shard", lambda w, m: _train(w, "--resume", str(_damaged_checkpoint(w, m, "__0_0.distcp"))),
+     "masked-dit train: error: checkpoint {work}/ck/step_00000001 is damaged: __0_0.distcp is missing or truncated"),
+    ("resume-truncated-shard", lambda w, m: _train(w, "--resume", str(_damaged_checkpoint(w, m, "truncate"))),
+     "masked-dit train: error: checkpoint {work}/ck/step_00000001 is damaged: __0_0.distcp is missing or truncated"),
+    ("resume-missing-rank-file", lambda w, m: _train(w, "--resume", str(_damaged_checkpoint(w, m, "rank_00000.pt"))),
+     "masked-dit train: error: checkpoint {work}/ck/step_00000001 is damaged: rank_00000.pt is missing"),
+    ("sample-not-a-run", lambda w, m: ["sample", str(w)],
+     "masked-dit sample: error: {work} is not a run folder (no export/config.json): train it to the end first"),
+    ("sample-missing-file", lambda w, m: ["sample", str(w / "x.pt"), "--model", "DiT-S/2"],
+     "masked-dit sample: error: checkpoint not found: {work}/x.pt"),
+    ("sample-truncated-safetensors", lambda w, m: ["sample", str(_apply(_copy(
+        m / "runs/digits-dit/export/ema.safetensors", w / "e.safetensors"), _truncate)),
+                                                   "--model", "DiT-S/2"],
+     "masked-dit sample: error: {work}/e.safetensors: unreadable checkpoint (..."),
+    ("sample-garbage-pt", lambda w, m: ["sample", str(_json(w, "x.pt", "not a checkpoint")), "--model", "DiT-S/2"],
+     "masked-dit sample: error: {work}/x.pt: unreadable checkpoint (..."),
+    ("sample-wrong-model", lambda w, m: ["sample", str(m / "runs/digits-dit/export/ema.safetensors"),
+                                         "--model", "DiT-B/2",
+                                         "--model-kwargs", '{"in_channels": 1, "num_classes": 10}'],
+     "masked-dit sample: error: checkpoint {m}/runs/digits-dit/export/ema.safetensors does not fit DiT-B/2: ..."),
+    ("sample-wrong-num-classes", lambda w, m: ["sample", str(m / "runs/digits-dit/export/ema.safetensors"),
+                                               "--model", "DiT-S/2", "--model-kwargs",
+                                               '{"in_channels": 1, "num_classes": 5, "depth": 2, "hidden_size": 32, '
+                                               '"num_heads": 2, "patch_size": 4}'],
+     "masked-dit sample: error: checkpoint {m}/runs/digits-dit/export/ema.safetensors does not fit DiT-S/2: "
+     "shape mismatches (1): y_embedder.embedding_table.weight [11, 32] vs model [6, 32]"),
+]
+
+
+def _apply(path, fn):
+    fn(path)
+    return path.parent if path.suffix == ".npy" else path
+
+
+def _unlink(path):
+    path.unlink()
+    return path.parent
+
+
+def _copy(src, dst):
+    shutil.copy(src, dst)
+    return dst
+
+
+def _broken_images(work):
+    root = _images(work / "broken")
+    (root / "a" / "0.png").write_bytes(b"not a png")
+    return root
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(case, material, tmp_path, capsys):
+    name, setup, expected = case
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = setup(work, material)
+    before_material, before_work = _tree(material), _tree(work)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    expected = expected.replace("{work}", str(work)).replace("{m}", str(material))
+    assert "\n" not in err and "Traceback" not in err, err
+    if expected.endswith("..."):
+        assert err.startswith(expected[:-3]), err
+    else:
+        assert err == expected
+    assert _tree(material) == before_material, "the shared material was modified"
+    changed = {p for p, v in before_work.items() if _tree(work).get(p) != v}
+    assert not changed, f"written over: {changed}"
+
+
+def test_unknown_option_is_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--bogus"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "masked-dit: error: unrecognized arguments: --bogus"
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_other_image_modes_are_converted(tmp_path, mode):
+    """Grayscale, alpha, palette and CMYK images are read as RGB (as ADM's loader does), not rejected."""
+    from masked_dit.data import ImageFolderDataset
+
+    ds = ImageFolderDataset(str(_images(tmp_path / "imgs", mode=mode)), 16)
+    item = ds[0]
+    assert item["x"].shape == (3, 16, 16) and item["x"].abs().max() <= 1
+
+
+def test_load_official_names_the_mismatch(material):
+    from masked_dit.models import load_official
+
+    path = material / "runs/digits-dit/export/ema.safetensors"
+    with pytest.raises(ValueError, match=r"does not fit DiT-S/2: .*pos_embed"):
+        load_official(path, "DiT-S/2", in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2,
+                      patch_size=2, input_size=16)
