@@ -571,8 +571,14 @@ class LatentsWithFeatures(torch.utils.data.Dataset):
             if f.has_flip != bool(getattr(latents, "has_flip", False)):
                 raise ValueError(f"features in {str(d)!r} {'have' if f.has_flip else 'lack'} flipped copies but "
                                  "the latents do not match; re-extract them beside these latents")
-        self.num_classes = getattr(latents, "num_classes", 0)
-        self.latent_shape = getattr(latents, "latent_shape", None)
+
+    def __getattr__(self, name):
+        # Everything else the training code asks a latent dataset (num_classes, latent_shape,
+        # max_label, ...) is the wrapped dataset's. Guard 'latents' itself: during unpickling in a
+        # DataLoader worker it is not set yet, and looking it up here would recurse.
+        if name == "latents":
+            raise AttributeError(name)
+        return getattr(self.latents, name)
 
     def __len__(self) -> int:
         return len(self.latents)
