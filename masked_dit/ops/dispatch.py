@@ -101,13 +101,17 @@ def select(op: str, device_type: str) -> tuple[str, str]:
     req = requested()
     if req == "auto":
         order = ("cuda", "triton", "torch") if device_type == "cuda" else ("torch",)
+        reasons = []
         for backend in order:
             if backend not in impls:
                 continue
             ok, why = availability(backend, device_type)
             if ok:
                 return backend, f"auto: {why}"
-        raise RuntimeError(f"no backend registered for op {op!r}")
+            reasons.append(f"{backend}: {why}")
+        if not impls:
+            raise RuntimeError(f"no backend registered for op {op!r}")
+        raise RuntimeError(f"no backend of op {op!r} can run on {device_type}: {'; '.join(reasons)}")
     if req not in impls:
         raise RuntimeError(f"op {op!r} has no {req!r} backend; it has: {', '.join(sorted(impls))}")
     ok, why = availability(req, device_type)
