@@ -104,6 +104,15 @@ def _model_tensor(out):
     raise ValueError(f"cannot find the prediction in a model output of type {type(out).__name__}")
 
 
+def guided_channel_count(guide_channels, in_channels: int) -> int:
+    """``guide_channels`` of a model's ``forward_with_cfg``: ``"all"`` or an int in [1, in_channels]."""
+    if guide_channels == "all":
+        return in_channels
+    if not isinstance(guide_channels, int) or not 1 <= guide_channels <= in_channels:
+        raise ValueError(f"guide_channels must be 'all' or an int in [1, {in_channels}], got {guide_channels!r}")
+    return guide_channels
+
+
 def forward_with_cfg(model_fn: Callable, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale,
                      guided_channels: int | None = 3, schedule: ScaleSchedule | None = None, **model_kwargs):
     """The official ``forward_with_cfg`` contract on a doubled batch.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from masked_dit.diffusion.guidance import forward_with_cfg, guided_channel_count
 from masked_dit.models.flops import FlopsMixin
 from masked_dit.models.registry import register_family, register_sizes
 from masked_dit.nn import (FinalLayer, FusedDiTBlock, LabelEmbedder, PatchEmbed, TimestepEmbedder, check_model_inputs,
@@ -88,19 +89,8 @@ class DiT(FlopsMixin, nn.Module):
         4 latent channels (kept for reproducing published FIDs); ``"all"`` guides every predicted
         channel (all ``in_channels``; never the learned-sigma half).
         """
-        if x.shape[0] % 2:
-            raise ValueError(f"forward_with_cfg needs an even batch (cond half, then uncond half), got {x.shape[0]}")
-        if guide_channels == "all":
-            guide_channels = self.in_channels
-        if not isinstance(guide_channels, int) or not 1 <= guide_channels <= self.in_channels:
-            raise ValueError(f"guide_channels must be 'all' or an int in [1, {self.in_channels}], "
-                             f"got {guide_channels!r}")
-        half = x[: x.shape[0] // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = out[:, :guide_channels], out[:, guide_channels:]
-        cond_eps, uncond_eps = eps.chunk(2, dim=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        return forward_with_cfg(self.forward, x, t, y, cfg_scale,
+                                guided_channels=guided_channel_count(guide_channels, self.in_channels))
 
 
 #################################################################################

@@ -23,11 +23,12 @@ with a different keep count per sample (``ids_keep [T]`` + ``cu_seqlens``) witho
 """
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn as nn
 
+from masked_dit.diffusion.guidance import forward_with_cfg, guided_channel_count, power_cosine_scale
 from masked_dit.models.registry import register_family, register_sizes
 from masked_dit.nn.block import FinalLayer, FusedDiTBlock, init_dit_weights
 from masked_dit.nn.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder, check_model_inputs, sincos_pos_embed_2d,
@@ -161,23 +162,11 @@ class _MDTBase(nn.Module):
         """
         if cfg_scale is None:
             return self.forward(x, t, y)
-        if x.shape[0] % 2:
-            raise ValueError(f"forward_with_cfg needs an even batch (cond half, then uncond half), got {x.shape[0]}")
-        if guide_channels == "all":
-            guide_channels = self.in_channels
-        if not isinstance(guide_channels, int) or not 1 <= guide_channels <= self.in_channels:
-            raise ValueError(f"guide_channels must be 'all' or an int in [1, {self.in_channels}], "
-                             f"got {guide_channels!r}")
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        half = x[: x.shape[0] // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = out[:, :guide_channels], out[:, guide_channels:]
-        cond_eps, uncond_eps = eps.chunk(2, dim=0)
-        step = (1 - torch.cos(((1 - t / diffusion_steps) ** scale_pow) * math.pi)) / 2
-        scale = ((cfg_scale - 1) * step + 1)[: x.shape[0] // 2].view(-1, 1, 1, 1)
-        half_eps = uncond_eps + scale * (cond_eps - uncond_eps)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+        schedule = functools.partial(power_cosine_scale, scale_pow=scale_pow, num_timesteps=diffusion_steps)
+        return forward_with_cfg(self.forward, x, t, y, cfg_scale, schedule=schedule,
+                                guided_channels=guided_channel_count(guide_channels, self.in_channels))
 
 
 #################################################################################
