@@ -321,22 +321,12 @@ def measure(case: Case, size: str, device: torch.device, dtype: torch.dtype, arg
 #################################################################################
 
 
-def _csv(choices):
-    def parse(text: str) -> list[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"invalid choice(s) {bad or text!r}; valid: {', '.join(choices)}")
-        return items
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--size", choices=("full", "toy"), default="full", help="toy: tiny shapes (CPU tests)")
-    p.add_argument("--sizes", type=_csv(("xl2", "s2")), default=["xl2", "s2"], help="shapes of --size full")
-    p.add_argument("--ops", type=_csv(OPS), default=list(OPS))
+    p.add_argument("--sizes", type=common.csv_choices(("xl2", "s2")), default=["xl2", "s2"], help="shapes of --size full")
+    p.add_argument("--ops", type=common.csv_choices(OPS), default=list(OPS))
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="default bfloat16 on GPU, float32 on CPU")
     p.add_argument("--iters", type=int, default=None, help="timed calls (default 50 GPU, 2 CPU)")

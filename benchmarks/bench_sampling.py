@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks import common
-from benchmarks.bench_train_step import PREFIX, TOY_KWARGS, _csv, attention_choice
+from benchmarks.bench_train_step import PREFIX, TOY_KWARGS, attention_choice
 
 # name -> (family, objective class name, sample() keyword arguments)
 SAMPLERS = {
@@ -210,8 +210,8 @@ def parse_args(argv=None):
     p.add_argument("--size", choices=("full", "toy"), default="full",
                    help=f"full: the --model-size models; toy: tiny models, {TOY_STEPS} sampler steps")
     p.add_argument("--model-size", choices=("S", "B", "L", "XL"), default="XL")
-    p.add_argument("--samplers", type=_csv(tuple(SAMPLERS)), default=list(SAMPLERS))
-    p.add_argument("--variants", type=_csv(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--samplers", type=common.csv_choices(tuple(SAMPLERS)), default=list(SAMPLERS))
+    p.add_argument("--variants", type=common.csv_choices(VARIANTS), default=list(VARIANTS))
     p.add_argument("--batches", default=None, help="comma-separated images per batch (default 64,256 GPU; 2 CPU)")
     p.add_argument("--steps", type=int, default=0, help="override the sampler steps (0: the published number)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement")

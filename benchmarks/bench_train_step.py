@@ -415,23 +415,13 @@ def _print_row(r: dict) -> None:
 #                                     CLI                                       #
 #################################################################################
 
-def _csv(choices):
-    def parse(text: str):
-        items = [s.strip() for s in text.split(",") if s.strip()]
-        bad = [s for s in items if s not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"invalid choice(s) {bad or text!r}; valid: {', '.join(choices)}")
-        return items
-    return parse
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--size", choices=("full", "toy"), default="full", help="toy: tiny models on 8x8 latents")
-    p.add_argument("--sizes", type=_csv(SIZES), default=list(SIZES), help="model sizes at patch 2 (full)")
-    p.add_argument("--families", type=_csv(FAMILIES), default=list(FAMILIES))
-    p.add_argument("--variants", type=_csv(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--sizes", type=common.csv_choices(SIZES), default=list(SIZES), help="model sizes at patch 2 (full)")
+    p.add_argument("--families", type=common.csv_choices(FAMILIES), default=list(FAMILIES))
+    p.add_argument("--variants", type=common.csv_choices(VARIANTS), default=list(VARIANTS))
     p.add_argument("--batch", type=int, default=0, help="fixed per-GPU batch (0: search on GPU)")
     p.add_argument("--batch-start", type=int, default=None, help="first batch of the search (default 8 GPU, 2 CPU)")
     p.add_argument("--batch-cap", type=int, default=1024)

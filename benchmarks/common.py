@@ -9,6 +9,7 @@ both, and every record names which peak it used.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import gc
 import importlib.metadata
@@ -264,3 +265,14 @@ def largest_fitting_batch(try_batch, start: int, cap: int, device: torch.device)
     if best is None:
         raise RuntimeError(f"batch {start} does not fit in memory (out of memory at the first probe)")
     return best, log
+
+
+def csv_choices(choices):
+    """argparse ``type=``: a comma-separated list whose items must all be in ``choices``."""
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"invalid choice(s) {bad or text!r}; valid: {', '.join(choices)}")
+        return items
+    return parse
