@@ -78,6 +78,20 @@ def _normalize(x, mask, D, eps):
 
 
 @triton.jit
+def _modulate_store(x, SHIFT, SCALE, H, MEAN, RSTD, row, b, cols, mask, D, eps, ssh_b, ssh_d, ssc_b, ssc_d,
+                    ACC_F64: tl.constexpr):
+    """Forward tail shared by both kernels: normalise the row x, modulate with sample b's
+    shift/scale, store h and the row's mean/rstd."""
+    xhat, mean, rstd = _normalize(x, mask, D, eps)
+    shift = _to_acc(tl.load(SHIFT + b * ssh_b + cols * ssh_d, mask=mask, other=0.0), ACC_F64)
+    scale = _to_acc(tl.load(SCALE + b * ssc_b + cols * ssc_d, mask=mask, other=0.0), ACC_F64)
+    h = xhat * (1.0 + scale) + shift
+    tl.store(H + row * D + cols, h.to(H.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
 def _ln_input_grad(dh, xhat, scale1, rstd, D):
     """d(LayerNorm input) from dh, for h = xhat * scale1 + shift."""
     g = dh * scale1
@@ -103,13 +117,7 @@ def _adaln_fwd_kernel(
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = _to_acc(tl.load(X + b * sx_b + l * sx_l + cols * sx_d, mask=mask, other=0.0), ACC_F64)
-    xhat, mean, rstd = _normalize(x, mask, D, eps)
-    shift = _to_acc(tl.load(SHIFT + b * ssh_b + cols * ssh_d, mask=mask, other=0.0), ACC_F64)
-    scale = _to_acc(tl.load(SCALE + b * ssc_b + cols * ssc_d, mask=mask, other=0.0), ACC_F64)
-    h = xhat * (1.0 + scale) + shift
-    tl.store(H + row * D + cols, h.to(H.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    _modulate_store(x, SHIFT, SCALE, H, MEAN, RSTD, row, b, cols, mask, D, eps, ssh_b, ssh_d, ssc_b, ssc_d, ACC_F64)
 
 
 @triton.jit
@@ -131,13 +139,8 @@ def _gated_fwd_kernel(
     tl.store(R + row * D + cols, r, mask=mask)
     # normalise the stored (rounded) residual: h == adaln_modulate(r) exactly, and the
     # backward, which re-reads r, sees the same values the forward normalised
-    xhat, mean, rstd = _normalize(_to_acc(r, ACC_F64), mask, D, eps)
-    shift = _to_acc(tl.load(SHIFT + b * ssh_b + cols * ssh_d, mask=mask, other=0.0), ACC_F64)
-    scale = _to_acc(tl.load(SCALE + b * ssc_b + cols * ssc_d, mask=mask, other=0.0), ACC_F64)
-    h = xhat * (1.0 + scale) + shift
-    tl.store(H + row * D + cols, h.to(H.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    _modulate_store(_to_acc(r, ACC_F64), SHIFT, SCALE, H, MEAN, RSTD, row, b, cols, mask, D, eps,
+                    ssh_b, ssh_d, ssc_b, ssc_d, ACC_F64)
 
 
 # -----------------------------------------------------------------------------
