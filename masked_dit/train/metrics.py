@@ -88,6 +88,27 @@ class MetricsLog:
         self.reset_clock()
         return record
 
+    def truncate_after(self, step: int) -> None:
+        """Drops records past ``step`` from ``metrics.jsonl`` (rank 0): after a resume those steps are
+        re-done, so each step keeps one record. A torn line (a kill mid-write) goes too. Rewritten to
+        a temporary file and renamed, so a kill mid-way leaves the old file."""
+        if self.path is None or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if record_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if len(kept) == len(lines) and (not lines or lines[-1].endswith("\n")):
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
+
     def write(self, record: dict) -> None:
         """Appends a record to ``metrics.jsonl`` (and TensorBoard when installed); rank 0 only."""
         if self.path is not None:

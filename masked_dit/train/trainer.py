@@ -67,20 +67,21 @@ def _to_device(batch: dict, device) -> dict:
     return out
 
 
-def grad_norm_and_clip(params, max_norm: float) -> float:
-    """Total gradient norm (all ranks' shards under FSDP2); clips in place when max_norm > 0."""
+def grad_norm_and_clip(params, max_norm: float) -> torch.Tensor:
+    """Total gradient norm (all ranks' shards under FSDP2), a 0-dim tensor left on the device (no
+    host sync); clips in place when max_norm > 0."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_total_norm is None:  # torch < 2.6 style: clip_grad_norm_ computes and clips
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     total = get_total_norm(grads, 2.0, False, None)
     if hasattr(total, "full_tensor"):
         total = total.full_tensor()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, None)
-    return float(total)
+    return total
 
 
 def autocast_context(cfg: Config, world: World, fsdp_mp: bool):
@@ -101,6 +102,14 @@ class Trainer:
         w = self.world
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
+        resume_arg = cfg.run.resume
+        if resume_arg is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            resume_arg = "latest"  # torchrun restarted the workers after a failure: continue, do not start over
+        found = ckpt.list_checkpoints(self.ckpt_dir)
+        if resume_arg is None and found:
+            # Starting over here would prune (keep_last) and overwrite the earlier run's checkpoints.
+            raise ValueError(f"run folder {self.run_dir} already has checkpoints (newest: {found[-1].name}); pass "
+                             f"--resume latest to continue it, or another --run.name / --run.out_dir to start anew")
         if cfg.parallel.tf32 and w.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -128,9 +137,6 @@ class Trainer:
         self.step = 0
         data_state = None
         self.nonfinite_streak = self.nonfinite_total = 0  # skipped (non-finite) steps: in a row, in all
-        resume_arg = cfg.run.resume
-        if resume_arg is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-            resume_arg = "latest"  # torchrun restarted the workers after a failure: continue, do not start over
         resume = ckpt.resolve_resume(resume_arg, self.ckpt_dir, w.size)
         self.resumed_step = None
         if resume is not None:
@@ -150,6 +156,7 @@ class Trainer:
         if w.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
+            self.metrics.truncate_after(self.step)  # steps past the checkpoint are about to be re-done
 
     # ------------------------------------------------------------------ logging
     def _log(self, msg: str) -> None:
@@ -167,7 +174,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        totals: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # loss terms stay on the device: no sync between micro-steps
         for micro in range(self.accum):
             last = micro == self.accum - 1
             batch = sample_posterior(_to_device(next(self.stream), w.device), cfg.data.latent_scale)
@@ -175,8 +182,12 @@ class Trainer:
                 terms = self.objective(self.model, batch)
                 (terms["loss"] / self.accum).backward()
             for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + float(v.detach()) / self.accum
-        totals["grad_norm"] = grad_norm_and_clip(list(self.module.parameters()), cfg.optim.grad_clip)
+                term = v.detach().float() / self.accum
+                sums[k] = sums[k] + term if k in sums else term
+        sums["grad_norm"] = grad_norm_and_clip(list(self.module.parameters()), cfg.optim.grad_clip)
+        # The one host sync of the step: the skip decision below needs the values.
+        values = torch.stack([v.to(w.device).reshape(()) for v in sums.values()]).tolist()
+        totals = dict(zip(sums, values))
         if not self._all_finite(totals):
             return self._skip_step(totals)
         self.optimizer.step()

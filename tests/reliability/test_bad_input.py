@@ -202,6 +202,10 @@ CASES = [
     # --- checkpoints --------------------------------------------------------------------------------------
     ("resume-not-a-checkpoint", lambda w, m: _train(w, "--resume", str(w)),
      "masked-dit train: error: --resume {work}: not a complete checkpoint folder (no meta.json); complete ones: none"),
+    ("fresh-run-over-checkpoints", lambda w, m: (shutil.copytree(m / "runs" / "digits-dit", w / "runs" / "digits-dit"),
+                                                 _train(w))[1],
+     "masked-dit train: error: run folder {work}/runs/digits-dit already has checkpoints (newest: step_00000001); "
+     "pass --resume latest to continue it, or another --run.name / --run.out_dir to start anew"),
     ("resume-other-model-size", lambda w, m: _train(w, "--model.hidden_size=64", "--resume",
                                                     str(_other_size_checkpoint(w, m))),
      "masked-dit train: error: checkpoint {m}/runs/digits-dit/checkpoints/step_00000001 does not fit DiT-S/2: "

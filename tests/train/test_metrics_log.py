@@ -42,3 +42,16 @@ def test_records_go_to_jsonl_and_tensorboard(tmp_path, monkeypatch):
 def test_tensorboard_only_when_installed(tmp_path):
     installed = importlib.util.find_spec("tensorboard") is not None
     assert (metrics._tensorboard_writer(tmp_path / "tb") is not None) == installed
+
+
+def test_truncate_after_keeps_one_record_per_step(tmp_path):
+    """On resume at step 2, records of steps 3+ (about to be re-done) are dropped; a torn last line too."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    log = metrics.MetricsLog(path, flops_per_image=None, peak=None)
+    log.truncate_after(2)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    log.write({"step": 3, "loss": 3.0})
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
+    log.truncate_after(0)
+    assert path.read_text() == ""

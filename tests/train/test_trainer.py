@@ -49,11 +49,9 @@ def test_resume_is_bit_exact(tmp_path):
     resumed = Trainer(tiny_config("digits-mdtv2", tmp_path / "b", **{**over, "run.resume": "latest"}))
     assert resumed.step == 2
     resumed.fit()
-    a = {r["step"]: r["loss"] for r in _losses(tmp_path / "a" / "digits-mdtv2")}
-    b = {}
-    for r in _losses(tmp_path / "b" / "digits-mdtv2"):
-        b[r["step"]] = r["loss"]  # the resumed run's step-3 record replaces the killed one's
-    assert a == b
+    a = [(r["step"], r["loss"]) for r in _losses(tmp_path / "a" / "digits-mdtv2") if "loss" in r]
+    b = [(r["step"], r["loss"]) for r in _losses(tmp_path / "b" / "digits-mdtv2") if "loss" in r]
+    assert a == b  # one record per step: the killed run's step-3 record was dropped on resume
     for (n, p), q in zip(full.module.named_parameters(), resumed.module.parameters()):
         assert torch.equal(p, q), n
     for n in full.ema.shadow:
@@ -108,3 +106,15 @@ def test_digits_run_reports_offline_metric_and_pictures(tmp_path):
     assert 0.0 <= evals[0]["digits_cond_acc"] <= 1.0 and evals[0]["digits_fd"] > 0
     assert result["eval"] == evals[0]
     assert (run / "loss_curves.png").exists() and (run / "metric_curves.png").exists()
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    """Without --resume, a run folder holding checkpoints is not started over (that would prune them)."""
+    over = {"train.steps": 2, "train.ckpt_every": 1}
+    Trainer(tiny_config("digits-dit", tmp_path, **over)).fit(stop_at=1)
+    run_dir = tmp_path / "digits-dit"
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="already has checkpoints .*--resume latest"):
+        Trainer(tiny_config("digits-dit", tmp_path, **over))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+    assert Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"})).step == 1
