@@ -4,12 +4,14 @@ when CUDA is usable.
 Switches (environment variables):
   MASKED_DIT_BUILD_EXT=0   never build the extension (pure-Python install; ops fall back)
   FORCE_CUDA=1             build the extension even without a visible GPU (needs nvcc)
-  TORCH_CUDA_ARCH_LIST     GPU architectures, default "8.0;9.0" (A100, H100/H200)
+  TORCH_CUDA_ARCH_LIST     GPU architectures, default "8.0;9.0+PTX" (A100, H100/H200; PTX lets
+                           newer GPUs JIT the kernels instead of failing with "no kernel image")
   MAX_JOBS                 parallel compile jobs (read by torch.utils.cpp_extension)
 Install with ``pip install --no-build-isolation -e .`` so the build sees your torch.
 """
 import glob
 import os
+import re
 
 from setuptools import setup
 
@@ -36,14 +38,18 @@ def _extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    # recorded in the module (_C.cuda_archs) so masked_dit._ext can skip GPUs the build misses;
+    # ',' for ';' keeps the define shell-safe
+    archs = re.sub(r"[;\s]+", ",", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
+    arch_define = [f"-DMASKED_DIT_CUDA_ARCHS={archs}"] if re.fullmatch(r"[\w.+,]+", archs) else []
     root = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "bindings", "*.cpp")) + glob.glob(os.path.join("csrc", "kernels", "*.cu")))
     ext = CUDAExtension(
         name="masked_dit._C",
         sources=sources,
         include_dirs=[os.path.join(root, "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},  # -std from torch
+        extra_compile_args={"cxx": ["-O3", *arch_define], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},  # -std from torch
         py_limited_api=False,
     )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}

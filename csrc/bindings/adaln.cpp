@@ -56,6 +56,9 @@ void check_activation(const char* op, const char* name, const Tensor& t, const T
   TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", expected ", x.device());
   TORCH_CHECK(x.size(2) > 0 && x.size(2) <= adaln::kMaxD, op, ": feature dim D=", x.size(2),
               " must be in [1, ", adaln::kMaxD, "]");
+  // the forward launches one block per token row on grid.x
+  TORCH_CHECK(x.size(0) * x.size(1) <= INT32_MAX, op, ": B*L=", x.size(0) * x.size(1),
+              " token rows exceed the 2^31-1 rows the kernels take");
 }
 
 void check_modulation(const char* op, const char* name, const Tensor& t, const Tensor& x, const Tensor& ref) {

@@ -188,6 +188,8 @@ at::Tensor gather_tokens_varlen(const at::Tensor& x, const at::Tensor& ids_keep,
   TORCH_CHECK(cu.numel() == x.size(0) + 1, "masked_dit_C::", op, ": cu_seqlens has ", cu.numel(), " entries, x has batch ", x.size(0));
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), T_rows = ids.size(0), D = x.size(2);
+  // the kernel maps packed rows to samples through cu_seqlens: with no sample, any row reads out of bounds
+  TORCH_CHECK(B > 0 || T_rows == 0, "masked_dit_C::", op, ": ", T_rows, " packed ids but x has batch 0");
   auto out = at::empty({T_rows, D}, x.options());
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -246,6 +246,10 @@ __global__ void __launch_bounds__(kMaxThreads) gated_bwd_kernel(
     const T* dhr = dh + b * sdh.b + l * sdh.l;
     const T* drr = dr + b * sdr.b + l * sdr.l;
     const T* brr = branch + b * sbr.b + l * sbr.l;
+    // dr and branch are needed only after the block reduction. Wide rows (ITEMS >= 16) read them
+    // there, so two fewer row-sized arrays stay live across it (else registers spill to local
+    // memory); narrow rows read them up front, where the loads overlap the reduction.
+    constexpr bool kLateLoads = ITEMS >= 16;
     float xhat[ITEMS], g[ITEMS], drv[ITEMS], brv[ITEMS], s[2] = {0.f, 0.f};
 #pragma unroll
     for (int k = 0; k < ITEMS; ++k) {
@@ -255,8 +259,10 @@ __global__ void __launch_bounds__(kMaxThreads) gated_bwd_kernel(
         const float dhv = to_float(dhr[d * sdh.d]);
         xhat[k] = (to_float(rr[d * sr.d]) - mu) * rs;
         g[k] = dhv * scale1[k];
-        drv[k] = to_float(drr[d * sdr.d]);
-        brv[k] = to_float(brr[d * sbr.d]);
+        if (!kLateLoads) {
+          drv[k] = to_float(drr[d * sdr.d]);
+          brv[k] = to_float(brr[d * sbr.d]);
+        }
         acc_shift[k] += dhv;
         acc_scale[k] += dhv * xhat[k];
       }
@@ -269,10 +275,12 @@ __global__ void __launch_bounds__(kMaxThreads) gated_bwd_kernel(
     for (int k = 0; k < ITEMS; ++k) {
       const int d = threadIdx.x + k * blockDim.x;
       if (d < D) {
-        const float dres = drv[k] + (g[k] - g_mean - xhat[k] * gx_mean) * rs;
+        const float drk = kLateLoads ? to_float(drr[d * sdr.d]) : drv[k];
+        const float brk = kLateLoads ? to_float(brr[d * sbr.d]) : brv[k];
+        const float dres = drk + (g[k] - g_mean - xhat[k] * gx_mean) * rs;
         dx[row * D + d] = from_float<T>(dres);
         dbranch[row * D + d] = from_float<T>(gate_v[k] * dres);
-        acc_gate[k] += dres * brv[k];
+        acc_gate[k] += dres * brk;
       }
     }
   }

@@ -186,15 +186,23 @@ def _gated_residual_adaln_backward_triton(dr, dh, r, branch, gate, scale, mean, 
 # from the residual's is cast (a copy; rare). fp64 (a test dtype) runs the torch reference.
 
 
+_CUDA_MAX_D = 16384  # kMaxD in csrc/kernels/adaln.h: wider rows run the torch reference
+
+
+def _cuda_unsupported(act: Tensor) -> bool:
+    return act.dtype == torch.float64 or act.shape[-1] > _CUDA_MAX_D
+
+
 def _cuda_modulation(*mods: Tensor) -> tuple[Tensor, ...]:
-    if all(m.dtype == mods[0].dtype for m in mods):
+    # fp64 modulation with non-fp64 activations: the reference computes in fp32 too, so cast
+    if all(m.dtype == mods[0].dtype for m in mods) and mods[0].dtype != torch.float64:
         return mods
     return tuple(m.float() for m in mods)
 
 
 @dispatch.register("adaln_modulate", "cuda")
 def _adaln_modulate_cuda(x, shift, scale, eps):
-    if x.dtype == torch.float64:
+    if _cuda_unsupported(x):
         return _adaln_modulate_torch(x, shift, scale, eps)
     shift, scale = _cuda_modulation(shift, scale)
     return torch.ops.masked_dit_C.adaln_modulate(x, shift, scale, eps)
@@ -202,16 +210,17 @@ def _adaln_modulate_cuda(x, shift, scale, eps):
 
 @dispatch.register("adaln_modulate_backward", "cuda")
 def _adaln_modulate_backward_cuda(dh, x, scale, mean, rstd):
-    if x.dtype == torch.float64:
+    if _cuda_unsupported(x):
         return _adaln_modulate_backward_torch(dh, x, scale, mean, rstd)
-    dx, dshift, dscale = torch.ops.masked_dit_C.adaln_modulate_backward(dh.to(x.dtype), x, scale, mean, rstd)
-    return dx, dshift, dscale
+    (scale_c,) = _cuda_modulation(scale)
+    dx, dshift, dscale = torch.ops.masked_dit_C.adaln_modulate_backward(dh.to(x.dtype), x, scale_c, mean, rstd)
+    return dx, dshift.to(scale.dtype), dscale.to(scale.dtype)
 
 
 @dispatch.register("gated_residual_adaln", "cuda")
 def _gated_residual_adaln_cuda(x, branch, gate, shift, scale, eps):
     r_dtype = _residual_dtype(x, branch, gate)
-    if r_dtype == torch.float64:
+    if r_dtype == torch.float64 or x.shape[-1] > _CUDA_MAX_D:
         return _gated_residual_adaln_torch(x, branch, gate, shift, scale, eps)
     gate, shift, scale = _cuda_modulation(gate, shift, scale)
     return torch.ops.masked_dit_C.gated_residual_adaln(x.to(r_dtype), branch.to(r_dtype), gate, shift, scale, eps)
@@ -219,7 +228,7 @@ def _gated_residual_adaln_cuda(x, branch, gate, shift, scale, eps):
 
 @dispatch.register("gated_residual_adaln_backward", "cuda")
 def _gated_residual_adaln_backward_cuda(dr, dh, r, branch, gate, scale, mean, rstd):
-    if r.dtype == torch.float64:
+    if _cuda_unsupported(r):
         return _gated_residual_adaln_backward_torch(dr, dh, r, branch, gate, scale, mean, rstd)
     gate_c, scale_c = _cuda_modulation(gate, scale)
     dx, dbranch, dgate, dshift, dscale = torch.ops.masked_dit_C.gated_residual_adaln_backward(

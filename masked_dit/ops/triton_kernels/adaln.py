@@ -115,8 +115,9 @@ def _adaln_fwd_kernel(
     b = row // L
     l = row % L
     cols = tl.arange(0, BLOCK_D)
+    cols64 = cols.to(tl.int64)  # cols * (stride of d) may pass 2^31 in strided views
     mask = cols < D
-    x = _to_acc(tl.load(X + b * sx_b + l * sx_l + cols * sx_d, mask=mask, other=0.0), ACC_F64)
+    x = _to_acc(tl.load(X + b * sx_b + l * sx_l + cols64 * sx_d, mask=mask, other=0.0), ACC_F64)
     _modulate_store(x, SHIFT, SCALE, H, MEAN, RSTD, row, b, cols, mask, D, eps, ssh_b, ssh_d, ssc_b, ssc_d, ACC_F64)
 
 
@@ -131,9 +132,10 @@ def _gated_fwd_kernel(
     b = row // L
     l = row % L
     cols = tl.arange(0, BLOCK_D)
+    cols64 = cols.to(tl.int64)  # cols * (stride of d) may pass 2^31 in strided views
     mask = cols < D
-    x = _to_acc(tl.load(X + b * sx_b + l * sx_l + cols * sx_d, mask=mask, other=0.0), ACC_F64)
-    br = _to_acc(tl.load(BR + b * sbr_b + l * sbr_l + cols * sbr_d, mask=mask, other=0.0), ACC_F64)
+    x = _to_acc(tl.load(X + b * sx_b + l * sx_l + cols64 * sx_d, mask=mask, other=0.0), ACC_F64)
+    br = _to_acc(tl.load(BR + b * sbr_b + l * sbr_l + cols64 * sbr_d, mask=mask, other=0.0), ACC_F64)
     gate = _to_acc(tl.load(GATE + b * sg_b + cols * sg_d, mask=mask, other=0.0), ACC_F64)
     r = (x + gate * br).to(R.dtype.element_ty)
     tl.store(R + row * D + cols, r, mask=mask)
@@ -154,19 +156,22 @@ def _adaln_bwd_kernel(
     sdh_b, sdh_l, sdh_d, sx_b, sx_l, sx_d, ssc_b, ssc_d,
     BLOCK_D: tl.constexpr, ACC_F64: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    # 1-D grid (pid = b * n_chunks + chunk): a grid's y/z dims stop at 65535, so B may not be one
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_chunks
+    chunk = pid % n_chunks
     cols = tl.arange(0, BLOCK_D)
+    cols64 = cols.to(tl.int64)  # cols * (stride of d) may pass 2^31 in strided views
     mask = cols < D
     scale1 = 1.0 + _to_acc(tl.load(SCALE + b * ssc_b + cols * ssc_d, mask=mask, other=0.0), ACC_F64)
     acc_dshift = _to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), ACC_F64)
     acc_dscale = _to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), ACC_F64)
     l_start = chunk * rows_per_prog
     l_end = tl.minimum(l_start + rows_per_prog, L)
-    for l in range(l_start, l_end):
+    for l in range(l_start, l_end):  # int64 (chunk is): l * sx_l must not wrap for large views
         row = b * L + l
-        x = _to_acc(tl.load(X + b * sx_b + l * sx_l + cols * sx_d, mask=mask, other=0.0), ACC_F64)
-        dh = _to_acc(tl.load(DH + b * sdh_b + l * sdh_l + cols * sdh_d, mask=mask, other=0.0), ACC_F64)
+        x = _to_acc(tl.load(X + b * sx_b + l * sx_l + cols64 * sx_d, mask=mask, other=0.0), ACC_F64)
+        dh = _to_acc(tl.load(DH + b * sdh_b + l * sdh_l + cols64 * sdh_d, mask=mask, other=0.0), ACC_F64)
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
@@ -187,9 +192,12 @@ def _gated_bwd_kernel(
     sg_b, sg_d, ssc_b, ssc_d,
     BLOCK_D: tl.constexpr, ACC_F64: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    # 1-D grid (pid = b * n_chunks + chunk): a grid's y/z dims stop at 65535, so B may not be one
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_chunks
+    chunk = pid % n_chunks
     cols = tl.arange(0, BLOCK_D)
+    cols64 = cols.to(tl.int64)  # cols * (stride of d) may pass 2^31 in strided views
     mask = cols < D
     scale1 = 1.0 + _to_acc(tl.load(SCALE + b * ssc_b + cols * ssc_d, mask=mask, other=0.0), ACC_F64)
     gate = _to_acc(tl.load(GATE + b * sg_b + cols * sg_d, mask=mask, other=0.0), ACC_F64)
@@ -198,12 +206,12 @@ def _gated_bwd_kernel(
     acc_dscale = _to_acc(tl.zeros([BLOCK_D], dtype=tl.float32), ACC_F64)
     l_start = chunk * rows_per_prog
     l_end = tl.minimum(l_start + rows_per_prog, L)
-    for l in range(l_start, l_end):
+    for l in range(l_start, l_end):  # int64 (chunk is): l * sx_l must not wrap for large views
         row = b * L + l
-        r = _to_acc(tl.load(R + b * sr_b + l * sr_l + cols * sr_d, mask=mask, other=0.0), ACC_F64)
-        dh = _to_acc(tl.load(DH + b * sdh_b + l * sdh_l + cols * sdh_d, mask=mask, other=0.0), ACC_F64)
-        dr = _to_acc(tl.load(DR + b * sdr_b + l * sdr_l + cols * sdr_d, mask=mask, other=0.0), ACC_F64)
-        br = _to_acc(tl.load(BR + b * sbr_b + l * sbr_l + cols * sbr_d, mask=mask, other=0.0), ACC_F64)
+        r = _to_acc(tl.load(R + b * sr_b + l * sr_l + cols64 * sr_d, mask=mask, other=0.0), ACC_F64)
+        dh = _to_acc(tl.load(DH + b * sdh_b + l * sdh_l + cols64 * sdh_d, mask=mask, other=0.0), ACC_F64)
+        dr = _to_acc(tl.load(DR + b * sdr_b + l * sdr_l + cols64 * sdr_d, mask=mask, other=0.0), ACC_F64)
+        br = _to_acc(tl.load(BR + b * sbr_b + l * sbr_l + cols64 * sbr_d, mask=mask, other=0.0), ACC_F64)
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
         xhat = tl.where(mask, (r - mean) * rstd, 0.0)
@@ -254,7 +262,7 @@ def adaln_modulate_bwd(dh, x, scale, mean, rstd):
     if B * L > 0:
         block_d = _block_d(D)
         with _device_guard(x.device):
-            _adaln_bwd_kernel[(n_chunks, B)](
+            _adaln_bwd_kernel[(B * n_chunks,)](
                 dh, x, scale, mean, rstd, dx, partial[0], partial[1],
                 L, D, math.ceil(L / n_chunks), n_chunks,
                 *dh.stride(), *x.stride(), *scale.stride(),
@@ -292,7 +300,7 @@ def gated_residual_adaln_bwd(dr, dh, r, branch, gate, scale, mean, rstd):
     if B * L > 0:
         block_d = _block_d(D)
         with _device_guard(r.device):
-            _gated_bwd_kernel[(n_chunks, B)](
+            _gated_bwd_kernel[(B * n_chunks,)](
                 dr, dh, r, branch, gate, scale, mean, rstd, dx, dbranch, partial[0], partial[1], partial[2],
                 L, D, math.ceil(L / n_chunks), n_chunks,
                 *dr.stride(), *dh.stride(), *r.stride(), *branch.stride(), *gate.stride(), *scale.stride(),

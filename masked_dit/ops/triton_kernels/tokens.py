@@ -14,6 +14,8 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -122,12 +124,17 @@ def _scatter_backward_kernel(
         else:
             acc += tl.sum(tl.where(kept[:, None], 0.0, g.to(acc.dtype)), axis=0)
     if not FILL_DENSE:
-        tl.store(gfill_ptr + pid_r * D + cols, acc, mask=col_ok)
+        tl.store(gfill_ptr + pid_r.to(tl.int64) * D + cols, acc, mask=col_ok)
 
 
 # -----------------------------------------------------------------------------
 # Launch helpers (torch tensors in, torch tensors out)
 # -----------------------------------------------------------------------------
+
+
+def _device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device: make it the tensors' device (multi-GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _blocks(D: int) -> tuple[int, int]:
@@ -168,11 +175,12 @@ def gather_rows(x: torch.Tensor, ids: torch.Tensor, batch: torch.Tensor | None) 
     K = ids.shape[-1] if batch is None else 1
     block_r, block_d = _blocks(D)
     grid = (triton.cdiv(R, block_r), triton.cdiv(D, block_d))
-    _gather_rows_kernel[grid](
-        x, ids, ids if batch is None else batch.contiguous(), out,
-        R, K, D, *x.stride(),
-        VARLEN=batch is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-    )
+    with _device_guard(x.device):
+        _gather_rows_kernel[grid](
+            x, ids, ids if batch is None else batch.contiguous(), out,
+            R, K, D, *x.stride(),
+            VARLEN=batch is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
     return out
 
 
@@ -192,11 +200,12 @@ def scatter_rows(x_keep: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor | N
         sf, fill_arg = fill.stride(), fill
     block_r, block_d = _blocks(D)
     grid = (triton.cdiv(R, block_r), triton.cdiv(D, block_d))
-    _scatter_rows_kernel[grid](
-        x_keep, inv, fill_arg, out,
-        R, N, D, *sk, *sf,
-        VARLEN=varlen, FILL_ZERO=fill is None, BLOCK_R=block_r, BLOCK_D=block_d,
-    )
+    with _device_guard(out.device):
+        _scatter_rows_kernel[grid](
+            x_keep, inv, fill_arg, out,
+            R, N, D, *sk, *sf,
+            VARLEN=varlen, FILL_ZERO=fill is None, BLOCK_R=block_r, BLOCK_D=block_d,
+        )
     return out
 
 
@@ -219,12 +228,13 @@ def scatter_backward(grad_out: torch.Tensor, inv: torch.Tensor, num_keep_rows: i
         grad_fill = torch.empty((n_prog, D), dtype=acc_dtype, device=grad_out.device)
     if R and D:
         grid = (n_prog, triton.cdiv(D, block_d))
-        _scatter_backward_kernel[grid](
-            grad_out, inv, grad_keep, grad_fill,
-            R, N, K, D, *grad_out.stride(),
-            VARLEN=varlen, FILL_DENSE=fill_dense,
-            ROWS_PER_PROG=rows_per_prog, BLOCK_R=block_r, BLOCK_D=block_d,
-        )
+        with _device_guard(grad_out.device):
+            _scatter_backward_kernel[grid](
+                grad_out, inv, grad_keep, grad_fill,
+                R, N, K, D, *grad_out.stride(),
+                VARLEN=varlen, FILL_DENSE=fill_dense,
+                ROWS_PER_PROG=rows_per_prog, BLOCK_R=block_r, BLOCK_D=block_d,
+            )
     if not fill_dense:
         grad_fill = grad_fill.sum(0).to(grad_out.dtype)
     return grad_keep, grad_fill

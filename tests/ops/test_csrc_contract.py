@@ -1,0 +1,176 @@
+"""The compiled extension's op schemas (csrc/bindings/*.cpp) match the Python ops that call them.
+
+No GPU needed: the ``m.def`` strings are parsed from the C++ sources with torch's own schema
+parser and compared with the ``masked_dit::*`` custom ops (names, argument order and types,
+mutability, returns), so a binding that drifts from its Python front fails here, not on a GPU.
+Also checks the cuda backend's Python wrappers route unsupported inputs (fp64 modulation,
+D > kMaxD) away from the extension, against a CPU stand-in that enforces the bindings' checks.
+"""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from masked_dit.ops import adaln as adaln_mod
+from masked_dit.ops import tokens  # noqa: F401  (registers the masked_dit::* token ops)
+
+ROOT = Path(__file__).resolve().parents[2]
+BINDINGS = ROOT / "csrc" / "bindings"
+PY_FRONTS = [ROOT / "masked_dit" / "ops" / "tokens.py", ROOT / "masked_dit" / "ops" / "adaln.py"]
+
+
+def _cpp_defs() -> dict[str, torch._C.FunctionSchema]:
+    """op name -> parsed schema of every ``m.def("...")`` in the bindings (adjacent literals joined)."""
+    defs = {}
+    for path in sorted(BINDINGS.glob("*.cpp")):
+        text = path.read_text()
+        for call in re.findall(r'm\.def\(((?:\s*"[^"]*"\s*)+)\)', text):
+            schema = "".join(re.findall(r'"([^"]*)"', call))
+            parsed = torch._C.parse_schema("masked_dit_C::" + schema)
+            assert parsed.name.split("::")[1] not in defs, f"{parsed.name} defined twice"
+            defs[parsed.name.split("::")[1]] = parsed
+    return defs
+
+
+def _cpp_impls() -> set[str]:
+    names = set()
+    for path in sorted(BINDINGS.glob("*.cpp")):
+        text = path.read_text()
+        for block in re.findall(r"TORCH_LIBRARY_IMPL\(masked_dit_C,\s*CUDA,\s*m\)\s*\{(.*?)\n\}", text, re.S):
+            names.update(re.findall(r'm\.impl\("(\w+)"', block))
+    return names
+
+
+def _signature(schema: torch._C.FunctionSchema):
+    args = [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments]
+    return args, [str(r.type) for r in schema.returns]
+
+
+def test_bindings_define_and_implement_the_same_ops():
+    defs = _cpp_defs()
+    assert len(defs) == 12, sorted(defs)
+    assert _cpp_impls() == set(defs)
+
+
+def test_every_extension_op_the_python_fronts_call_is_defined():
+    called = set()
+    for path in PY_FRONTS:
+        called.update(re.findall(r"torch\.ops\.masked_dit_C\.(\w+)", path.read_text()))
+    # tokens.py registers its cuda backend from a tuple of op names: each must be bound
+    loop = re.search(r"for _name in \((.*?)\):", PY_FRONTS[0].read_text(), re.S)
+    called.update(re.findall(r'"(\w+)"', loop.group(1)))
+    assert len(called) == 12, sorted(called)
+    assert called <= set(_cpp_defs()), called - set(_cpp_defs())
+
+
+@pytest.mark.parametrize("name", sorted(_cpp_defs()))
+def test_binding_schema_matches_python_op(name):
+    """Same argument names, order, types (SymInt == int), no mutation, same returns."""
+    cpp = _cpp_defs()[name]
+    py = getattr(torch.ops.masked_dit, name).default._schema
+    assert _signature(cpp) == _signature(py), f"\nC++:    {cpp}\nPython: {py}"
+    assert not any(w for _, _, w in _signature(cpp)[0]), f"{name} must not mutate its inputs"
+
+
+def test_cpu_stand_in_schemas_match_bindings():
+    """test_adaln's CPU stand-in registers the extension's schemas by hand: keep them in sync."""
+    from tests.ops.test_adaln import _EXT_SCHEMAS
+
+    defs = _cpp_defs()
+    for name, schema in _EXT_SCHEMAS.items():
+        assert _signature(torch._C.parse_schema("masked_dit_C::" + name + schema)) == _signature(defs[name]), name
+
+
+# -----------------------------------------------------------------------------
+# the adaLN cuda wrappers keep inputs the kernels do not take away from the extension
+# -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def strict_extension_stand_in():
+    """CPU impls of the four adaLN extension ops with the bindings' dtype/width checks; they count calls."""
+    from masked_dit import _ext
+
+    if _ext.loaded():
+        pytest.skip("the real extension is loaded; the GPU tests cover it")
+    calls = []
+    lib = torch.library.Library("masked_dit_C", "FRAGMENT")
+    defs = _cpp_defs()
+    names = ("adaln_modulate", "adaln_modulate_backward", "gated_residual_adaln", "gated_residual_adaln_backward")
+    refs = (adaln_mod._adaln_modulate_torch, adaln_mod._adaln_modulate_backward_torch,
+            adaln_mod._gated_residual_adaln_torch, adaln_mod._gated_residual_adaln_backward_torch)
+    for name, ref in zip(names, refs):
+        lib.define(str(defs[name]).split("::", 1)[1])
+
+        def impl(*args, _ref=ref, _name=name):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            assert all(t.dtype != torch.float64 for t in tensors), f"{_name}: fp64 reached the extension"
+            assert tensors[0].shape[-1] <= 16384, f"{_name}: D > kMaxD reached the extension"
+            calls.append(_name)
+            return _ref(*args)
+
+        lib.impl(name, impl, "CPU")
+    yield calls
+    lib._destroy()
+
+
+def test_cuda_wrappers_cast_fp64_modulation(strict_extension_stand_in):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 16, generator=gen)
+    shift, scale = torch.randn(2, 16, generator=gen, dtype=torch.float64), torch.randn(2, 16, generator=gen, dtype=torch.float64)
+    h, mean, rstd = adaln_mod._adaln_modulate_cuda(x, shift, scale, 1e-6)
+    torch.testing.assert_close(h, adaln_mod._adaln_modulate_torch(x, shift, scale, 1e-6)[0])
+    dh = torch.randn(2, 3, 16, generator=gen)
+    dx, dshift, dscale = adaln_mod._adaln_modulate_backward_cuda(dh, x, scale, mean, rstd)
+    ref = adaln_mod._adaln_modulate_backward_torch(dh, x, scale, mean, rstd)
+    assert (dshift.dtype, dscale.dtype) == (torch.float64, torch.float64)
+    torch.testing.assert_close((dx, dshift, dscale), ref)
+    assert strict_extension_stand_in == ["adaln_modulate", "adaln_modulate_backward"]
+
+
+def test_cuda_wrappers_route_wide_rows_to_reference(strict_extension_stand_in):
+    x = torch.randn(1, 2, 16385)
+    mod = torch.randn(1, 16385)
+    r, h, mean, rstd = adaln_mod._gated_residual_adaln_cuda(x, x, mod, mod, mod, 1e-6)
+    adaln_mod._gated_residual_adaln_backward_cuda(x, x, r, x, mod, mod, mean, rstd)
+    h, mean, rstd = adaln_mod._adaln_modulate_cuda(x, mod, mod, 1e-6)
+    adaln_mod._adaln_modulate_backward_cuda(x, x, mod, mean, rstd)
+    assert strict_extension_stand_in == []
+
+
+# -----------------------------------------------------------------------------
+# the extension counts as loaded only on GPUs its build covers
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("archs,capability,runs", [
+    ("8.0,9.0+PTX", (8, 0), True),
+    ("8.0,9.0+PTX", (8, 9), True),     # sm_80 machine code runs on later 8.x
+    ("8.0,9.0+PTX", (9, 0), True),
+    ("8.0,9.0+PTX", (12, 0), True),    # PTX: the driver compiles it for newer GPUs
+    ("8.0,9.0+PTX", (7, 5), False),
+    ("8.0;9.0", (10, 0), False),       # no PTX: nothing for Blackwell
+    ("9.0a", (9, 0), True),
+    ("9.0a", (10, 0), False),          # arch-specific code runs on exactly that GPU
+    ("7.0 7.5", (7, 5), True),
+    ("Ampere;Hopper", (7, 0), True),   # named arches: cannot tell, assume it runs
+    ("", (7, 0), True),
+])
+def test_arch_runs_on(archs, capability, runs):
+    from masked_dit import _ext
+
+    assert _ext.arch_runs_on(archs, capability) is runs
+
+
+def test_unsupported_gpu_names_the_device(monkeypatch):
+    from masked_dit import _ext
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: [(9, 0), (7, 5)][i])
+    assert _ext._unsupported_gpu("8.0,9.0+PTX") == (
+        "built for TORCH_CUDA_ARCH_LIST=8.0;9.0+PTX, which does not cover cuda:1 (sm_75); "
+        "rebuild with that arch in TORCH_CUDA_ARCH_LIST")
+    assert _ext._unsupported_gpu("7.5,8.0,9.0+PTX") == ""
+    assert _ext._unsupported_gpu("") == ""  # built without setup.py: unknown
