@@ -158,8 +158,7 @@ def _extract_features(args, _overrides) -> int:
     import torch
 
     from masked_dit.data import ImageFolderDataset
-    from masked_dit.data.encoders import (extract_encoder_features, feature_dir_name, load_encoder_features,
-                                          repa_encoder_image_size)
+    from masked_dit.data.encoders import extract_encoder_features, feature_dir_name, load_encoder_features
 
     latents = Path(args.latents) / "manifest.json"
     if not latents.exists():
@@ -168,7 +167,7 @@ def _extract_features(args, _overrides) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dataset = ImageFolderDataset(args.images, image_size, args.on_bad_image)
     features = load_encoder_features(args.encoder, token_grid=args.token_grid, device=device,
-                                     image_size=args.encoder_image_size or repa_encoder_image_size(image_size),
+                                     image_size=args.encoder_image_size, resolution=image_size,
                                      autocast_dtype="bf16" if args.precision == "bf16" else None)
     name = args.name or feature_dir_name(args.encoder)
     manifest = extract_encoder_features(dataset, args.latents, features, name=name, batch_size=args.batch_size,
@@ -227,12 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_extract)
 
-    f = sub.add_parser("extract-features", help="cache REPA's DINOv2 features beside extracted latents")
+    f = sub.add_parser("extract-features", help="cache REPA's encoder features beside extracted latents")
     f.add_argument("images", help="the image folder the latents were extracted from (same order and crop)")
     f.add_argument("latents", help="extract-latents' folder; writes <latents>/features/<name> (re-run to resume)")
-    f.add_argument("--encoder", default="dinov2-vit-b", help="DINOv2: dinov2-vit-{s,b,l,g}, hub id or local folder")
+    f.add_argument("--encoder", default="dinov2-vit-b",
+                   help="REPA name (dinov2-vit-b, clip-vit-L, mocov3-vit-b:CKPT, ...), hub id or local folder")
     f.add_argument("--name", help="feature folder name (default: from --encoder); train with --data.features=NAME")
-    f.add_argument("--encoder-image-size", type=int, help="encoder input side (default REPA's 224 * (size // 256))")
+    f.add_argument("--encoder-image-size", type=int, help="encoder input side (default REPA's: 224 * (size // 256); "
+                   "MoCo v3, MAE, DINOv1 256 * (size // 256))")
     f.add_argument("--token-grid", type=int, help="resample tokens to this grid, the model's input_size / patch "
                    "(default: the encoder's own grid, 16 at 224px)")
     f.add_argument("--batch-size", type=int, default=32, help="must divide the latents' shard size")

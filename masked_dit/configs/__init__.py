@@ -243,9 +243,10 @@ def validate(cfg: Config) -> None:
                           f"{cfg.objective.encoder})")
 
 
-ENCODER_CHOICES = ("none, patches, dinov2-vit-{s,b,l,g}, dinov2reg-vit-{s,b,l,g}, a hub id (facebook/dinov2-base), "
-                   "a local save_pretrained folder, a timm name (vit_base_patch14_dinov2.lvd142m); comma-separated "
-                   "for several encoders")
+ENCODER_CHOICES = ("none, patches, dinov2-vit-{s,b,l,g}, dinov2reg-vit-{s,b,l,g}, dinov1-vit-b, clip-vit-L, "
+                   "mocov3-vit-{s,b,l}, mae-vit-l, jepa-vit-h (NAME:PATH: a local folder, or MoCo v3 checkpoint), "
+                   "a hub id (facebook/dinov2-base), a local save_pretrained folder, a timm name "
+                   "(vit_base_patch14_dinov2.lvd142m); comma-separated for several encoders")
 
 
 def _validate_encoder(value: str) -> None:

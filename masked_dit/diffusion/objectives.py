@@ -319,13 +319,13 @@ def pixel_encoder(specs: str, model, image_size: int, precision: str = "fp32") -
     """REPA's frozen DINOv2 encoder(s) on a pixel batch: ``batch -> zs`` on ``model``'s token grid.
 
     ``batch['x']`` holds the (flipped) training images in [-1, 1] at ``image_size`` px; the encoder
-    sees them at REPA's ``224 * (image_size // 256)`` (224 for small images), under the training
-    autocast. Grayscale images (digits) are repeated to RGB.
+    sees them at REPA's ``repa_encoder_image_size(image_size, spec)`` (224 for small images; 256 for
+    MoCo v3, MAE, DINOv1), under the training autocast. Grayscale images (digits) are repeated to RGB.
     """
-    from masked_dit.data.encoders import load_encoder_features, repa_encoder_image_size
+    from masked_dit.data.encoders import load_encoder_features
 
     device = next(model.parameters()).device
-    features = load_encoder_features(specs, model=model, device=device, image_size=repa_encoder_image_size(image_size),
+    features = load_encoder_features(specs, model=model, device=device, resolution=image_size,
                                      autocast_dtype="bf16" if precision == "bf16" else None)
 
     def encode(batch: dict):

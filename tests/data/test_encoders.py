@@ -55,7 +55,7 @@ def test_repa_names_hub_ids_and_timm_names_resolve():
 
 
 @pytest.mark.parametrize("spec, error, words", [
-    ("mocov3-vit-b", ValueError, "only DINOv2"),
+    ("simclr-vit-b", ValueError, "unknown REPA encoder family"),
     ("dinov2-vit-x", ValueError, "vit-s, vit-b"),
     ("resnet50", ValueError, "unknown encoder spec"),
     ("/no/such/dinov2", FileNotFoundError, "does not exist"),
@@ -65,14 +65,14 @@ def test_bad_specs_give_clear_errors(spec, error, words):
         load_encoder(spec)
 
 
-def test_folder_without_config_and_non_dinov2_model_are_rejected(tmp_path):
+def test_folder_without_config_and_non_vision_model_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="not a folder with config.json"):
         load_encoder(str(tmp_path))
-    transformers.ViTConfig(image_size=28, patch_size=14).save_pretrained(tmp_path / "vit")  # config is enough
-    with pytest.raises(ValueError, match="only DINOv2"):
-        load_encoder(str(tmp_path / "vit"))
+    transformers.BertConfig().save_pretrained(tmp_path / "bert")  # config is enough
+    with pytest.raises(ValueError, match="is a 'bert' model; supported"):
+        load_encoder(str(tmp_path / "bert"))
     with pytest.raises(ValueError, match="timm encoders only"):
-        load_encoder(str(tmp_path / "vit"), weights="x.pth")
+        load_encoder(str(tmp_path / "bert"), weights="x.pth")
 
 
 #################################################################################

@@ -96,7 +96,8 @@ def test_repa_sit_trains_on_digits_with_a_local_dinov2(dinov2_dir, tmp_path):
 
 @pytest.mark.parametrize("value, words", [
     ("resnet50", "unknown encoder spec"),
-    ("mocov3-vit-b", "only DINOv2"),
+    ("simclr-vit-b", "unknown REPA encoder family 'simclr'; valid: .*clip-vit-L"),
+    ("mae-vit-b", "mae comes as vit-l"),
     ("dinov2-vit-x", "vit-s, vit-b"),
     ("none,dinov2-vit-b", "choose one of: none, patches, dinov2-vit"),
 ])
@@ -106,6 +107,43 @@ def test_bad_encoder_value_is_a_config_error(value, words, tmp_path, capsys):
     assert main(["train", "--preset", "digits-repa-sit", f"--objective.encoder={value}"]) == 2
     err = capsys.readouterr().err
     assert "--objective.encoder=" in err and "dinov2reg-vit-{s,b,l,g}" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def dinov1_dir(tmp_path_factory):
+    """A 2-layer 32-wide ViT (DINOv1's class; patch 16, 32px table) saved by path."""
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=Z_DIM, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, patch_size=16, image_size=32)
+    path = tmp_path_factory.mktemp("dinov1")
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    return path
+
+
+def test_repa_sit_trains_with_a_repa_named_dinov1_at_its_raw_size(dinov1_dir, tmp_path):
+    spec = f"dinov1-vit-b:{dinov1_dir}"  # REPA's DINOv1 recipe on a local folder
+    cfg = tiny_config("digits-repa-sit", tmp_path, **{"objective.encoder": spec, "train.steps": 1})
+    trainer = Trainer(cfg)
+    assert trainer.module.z_dims == [Z_DIM]  # from the folder's config.json, not the ViT-B table
+    enc = trainer.objective.encoder.features.encoders[0]
+    assert (enc.family, enc.image_size, enc.grid_size) == ("dinov1", 256, 16)  # REPA feeds DINOv1 unresized 256px
+    x = trainer.dataset.images[:2]
+    zs = trainer.objective.features({"x": x, "y": torch.zeros(2)})[0]
+    with torch.no_grad():
+        tokens = enc(preprocess_images(x.expand(-1, 3, -1, -1), 256))
+    want = F.avg_pool2d(tokens.transpose(1, 2).reshape(2, Z_DIM, 16, 16), 4).reshape(2, Z_DIM, 16).transpose(1, 2)
+    torch.testing.assert_close(zs, want, rtol=1e-5, atol=1e-5)
+    assert trainer.fit()["step"] == 1
+
+
+def test_every_repa_name_is_a_valid_encoder_with_a_known_width(tmp_path):
+    from masked_dit.train.build import encoder_z_dims
+
+    names = ("dinov2-vit-b,dinov2reg-vit-l,dinov1-vit-b,clip-vit-L,mocov3-vit-s,mocov3-vit-b,mocov3-vit-l,mae-vit-l,"
+             "jepa-vit-h")
+    for name in names.split(","):
+        assert tiny_config("digits-repa-sit", tmp_path, **{"objective.encoder": name}).objective.encoder == name
+    assert encoder_z_dims(names) == [768, 1024, 768, 1024, 384, 768, 1024, 1024, 1280]  # no weights loaded
 
 
 def test_missing_encoder_folder_is_reported_when_training(tmp_path):
@@ -144,6 +182,28 @@ def test_extract_features_cli_then_train_on_latents(dinov2_dir, latents_dir, tmp
     assert trainer.fit()["step"] == 1
     record = json.loads((tmp_path / cfg.run.name / "metrics.jsonl").read_text().splitlines()[0])
     assert -1 <= record["proj_loss"] <= 1 and np.isfinite(record["loss"])
+
+
+def test_extract_features_cli_with_a_repa_named_clip(latents_dir, tmp_path, capsys):
+    images, latents = latents_dir
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=Z_DIM, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, patch_size=14, image_size=224)
+    transformers.CLIPVisionModel(config).save_pretrained(tmp_path / "clip")
+    spec = f"clip-vit-L:{tmp_path / 'clip'}"
+    assert main(["extract-features", str(images), str(latents), "--encoder", spec, "--token-grid", "4",
+                 "--batch-size", "2", "--dtype", "float32", "--device", "cpu"]) == 0
+    assert "--data.features=clip-vit-L" in capsys.readouterr().out  # the folder is named after the REPA name
+    manifest = json.loads((latents / "features" / "clip-vit-L" / "manifest.json").read_text())
+    assert manifest["image_size"] == 224 and manifest["feature_shape"] == [16, Z_DIM] and manifest["complete"]
+    ds = ImageFolderDataset(str(images), 16)
+    enc = load_encoder(spec)
+    x = torch.stack([ds[i]["x"] for i in range(2)])
+    with torch.no_grad():  # CLIP: resize first, CLIP mean/std
+        tokens = enc(preprocess_images(x, 224, enc.mean, enc.std, resize_first=True))
+    want = F.avg_pool2d(tokens.transpose(1, 2).reshape(2, Z_DIM, 16, 16), 4).reshape(2, Z_DIM, 16).transpose(1, 2)
+    got = np.load(latents / "features" / "clip-vit-L" / "shard_00000.npy")[:2]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-5)
 
 
 def test_latent_feature_errors(latents_dir, tmp_path):

@@ -1,0 +1,206 @@
+"""REPA features cached beside extracted VAE latents, and datasets reading them back."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from masked_dit.data.encoders.features import EncoderFeatures
+from masked_dit.data.encoders.specs import _REPA_NAME
+
+#################################################################################
+#                          Cached features beside latents                       #
+#################################################################################
+# <latents>/features/<name>/manifest.json and shard_00000.npy [n, T, z] (plus shard_00000.flip.npy
+# when the latents have flipped moments): one shard per latent shard, same rows, so a latent index
+# finds its features directly. Shards are written under a temporary name, checked (shape,
+# finiteness) and renamed, then the manifest is rewritten: an interrupted run resumes at the first
+# missing shard. Size: ImageNet-1k with DINOv2-B at 16x16 tokens is 1.28M x 256 x 768 x 2 bytes
+# ~ 500 GB in float16; computing features on the fly (EncoderFeatures) costs no disk.
+
+FEATURES_DIR = "features"
+_MANIFEST = "manifest.json"
+
+
+def feature_dir_name(spec: str) -> str:
+    """A folder name for an encoder spec ('facebook/dinov2-base' -> 'facebook--dinov2-base',
+    'mocov3-vit-b:/ckpts/vit-b-300ep.pth.tar' -> 'mocov3-vit-b', a folder -> its name)."""
+    repa_name, _, local = spec.partition(":")
+    if local and _REPA_NAME.match(repa_name):
+        return repa_name
+    name = Path(spec).name if Path(spec).expanduser().exists() else spec
+    return re.sub(r"[^\w.-]+", "--", name).strip("-") or "encoder"
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_shard(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def extract_encoder_features(dataset, latents_dir, features: EncoderFeatures, *, name: Optional[str] = None,
+                             batch_size: int = 32, dtype: str = "float16", progress: bool = True) -> dict:
+    """Caches ``features`` of ``dataset``'s images beside the latents extracted from the same dataset.
+
+    ``dataset`` items ``{'x': [3, H, W] in [-1, 1] (or uint8), ...}`` in the order used by
+    ``extract_latents``; ``features`` holds one encoder. Writes ``<latents_dir>/features/<name>``
+    and returns its manifest. Re-running resumes; different settings are an error.
+    """
+    if len(features.encoders) != 1:
+        raise ValueError(f"cache one encoder at a time ({features.name} has {len(features.encoders)})")
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"feature dtype must be float16 or float32 (got {dtype!r})")
+    root = Path(latents_dir)
+    if not (root / _MANIFEST).exists():
+        raise FileNotFoundError(f"no {_MANIFEST} in {str(root)!r}: extract the latents first")
+    latents = json.loads((root / _MANIFEST).read_text())
+    if not latents.get("complete"):
+        raise ValueError(f"latents in {str(root)!r} are incomplete: finish extract-latents first")
+    n = len(dataset)
+    if n != latents["num_images"]:
+        raise ValueError(f"dataset has {n} images but the latents were extracted from {latents['num_images']} images")
+    image_size = int(dataset[0]["x"].shape[-1])
+    if image_size != latents["image_size"]:
+        raise ValueError(f"dataset images are {image_size}px but the latents were made from "
+                         f"{latents['image_size']}px images")
+    if batch_size < 1 or latents["shard_size"] % batch_size:
+        raise ValueError(f"batch_size ({batch_size}) must divide the latents' shard_size ({latents['shard_size']})")
+    enc = features.encoders[0]
+    name = name or feature_dir_name(enc.name)
+    out = root / FEATURES_DIR / name
+    out.mkdir(parents=True, exist_ok=True)
+    shape = [features.num_tokens[0], features.z_dims[0]]
+    header = {"encoder": enc.name, "image_size": enc.image_size, "token_grid": int(shape[0] ** 0.5 + 0.5),
+              "feature_shape": shape, "dtype": dtype, "num_images": n, "shard_size": latents["shard_size"],
+              "flip": bool(latents["flip"]), "autocast": str(features.autocast_dtype or "float32")}
+    shards = []
+    if (out / _MANIFEST).exists():
+        old = json.loads((out / _MANIFEST).read_text())
+        mismatched = [k for k in header if old.get(k) != header[k]]
+        if mismatched:
+            raise ValueError(f"{out / _MANIFEST} was made with different settings ({', '.join(mismatched)}); "
+                             "pass another name=")
+        shards = [s for s in old["shards"] if all((out / f).exists() for f in s["files"].values())]
+    done = {s["index"] for s in shards}
+    todo = [s for s in latents["shards"] if s["index"] not in done]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(latents["shards"]), initial=len(done), desc=f"extract-features {name}", unit="shard")
+    for shard in todo:
+        start, count = shard["start"], shard["count"]
+        views = {"z": []}
+        if header["flip"]:
+            views["flip"] = []
+        for b in range(start, start + count, batch_size):
+            x = torch.stack([torch.as_tensor(dataset[i]["x"]) for i in range(b, min(start + count, b + batch_size))])
+            views["z"].append(features(x).cpu())
+            if header["flip"]:
+                views["flip"].append(features(x.flip(-1)).cpu())
+        files = {}
+        for key, chunks in views.items():
+            arr = torch.cat(chunks).numpy().astype(dtype)
+            if list(arr.shape) != [count] + shape:
+                raise ValueError(f"shard {shard['index']} {key} features have shape {list(arr.shape)}, "
+                                 f"expected {[count] + shape}")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"non-finite {key} features in shard {shard['index']} (images {start}.."
+                                 f"{start + count - 1}; float16 overflow? use dtype='float32')")
+            fname = f"shard_{shard['index']:05d}.{'npy' if key == 'z' else 'flip.npy'}"
+            _save_shard(out / fname, arr)
+            files[key] = fname
+        shards.append({"index": shard["index"], "start": start, "count": count, "files": files})
+        shards.sort(key=lambda s: s["index"])
+        _write_json(out / _MANIFEST, {**header, "shards": shards})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    manifest = {**header, "shards": shards, "complete": True}
+    _write_json(out / _MANIFEST, manifest)
+    return manifest
+
+
+class EncoderFeatureDataset(torch.utils.data.Dataset):
+    """Cached features, memory-mapped; ``ds[i]`` or ``ds[(i, flip)]`` -> float32 [T, z]."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        path = self.root / _MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"no {_MANIFEST} in {str(root)!r}: run extract_encoder_features first")
+        self.manifest = json.loads(path.read_text())
+        if not self.manifest.get("complete"):
+            raise ValueError(f"features in {str(root)!r} are incomplete: re-run extract_encoder_features")
+        self.has_flip = bool(self.manifest["flip"])
+        self.feature_shape = tuple(self.manifest["feature_shape"])
+        self.shards = self.manifest["shards"]
+        self.starts = np.array([s["start"] for s in self.shards])
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_images"])
+
+    def _array(self, si: int, key: str) -> np.ndarray:
+        if (si, key) not in self._maps:  # opened lazily so DataLoader workers each map their own
+            arr = np.load(self.root / self.shards[si]["files"][key], mmap_mode="r")
+            if arr.shape != (self.shards[si]["count"], *self.feature_shape):
+                raise ValueError(f"{self.shards[si]['files'][key]} holds {list(arr.shape)}, expected "
+                                 f"{[self.shards[si]['count'], *self.feature_shape]}")
+            self._maps[(si, key)] = arr
+        return self._maps[(si, key)]
+
+    def __getitem__(self, key) -> torch.Tensor:
+        index, flip = key if isinstance(key, tuple) else (key, False)
+        if not 0 <= index < len(self):
+            raise IndexError(f"feature index {index} out of range for {len(self)} images")
+        si = int(np.searchsorted(self.starts, index, side="right") - 1)
+        row = index - self.shards[si]["start"]
+        arr = self._array(si, "flip" if flip and self.has_flip else "z")
+        return torch.from_numpy(np.array(arr[row], dtype=np.float32))
+
+
+class LatentsWithFeatures(torch.utils.data.Dataset):
+    """A ``LatentDataset`` whose items also carry ``'zs'``: cached features of the same image (and
+    flip), a tensor [T, z] for one feature folder or a list for several (collates to REPA's zs)."""
+
+    def __init__(self, latents, feature_dirs: Union[str, os.PathLike, Sequence]):
+        dirs = [feature_dirs] if isinstance(feature_dirs, (str, os.PathLike)) else list(feature_dirs)
+        self.latents = latents
+        self.features = [EncoderFeatureDataset(d) for d in dirs]
+        for d, f in zip(dirs, self.features):
+            if len(f) != len(latents):
+                raise ValueError(f"features in {str(d)!r} cover {len(f)} images, the latents {len(latents)}")
+            if f.has_flip != bool(getattr(latents, "has_flip", False)):
+                raise ValueError(f"features in {str(d)!r} {'have' if f.has_flip else 'lack'} flipped copies but "
+                                 "the latents do not match; re-extract them beside these latents")
+
+    def __getattr__(self, name):
+        # Everything else the training code asks a latent dataset (num_classes, latent_shape,
+        # max_label, ...) is the wrapped dataset's. Guard 'latents' itself: during unpickling in a
+        # DataLoader worker it is not set yet, and looking it up here would recurse.
+        if name == "latents":
+            raise AttributeError(name)
+        return getattr(self.latents, name)
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, key) -> dict:
+        item = dict(self.latents[key])
+        zs = [f[key] for f in self.features]
+        item["zs"] = zs[0] if len(zs) == 1 else zs
+        return item
