@@ -197,7 +197,7 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
     from masked_dit.diffusion.objectives import unwrap
     from masked_dit.models import build
     from masked_dit.train.ema import EMA
-    from masked_dit.train.parallel import apply_fsdp
+    from masked_dit.train.parallel import apply_compile, apply_fsdp
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -244,7 +244,7 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
     if compiled:
         info["compile"] = f"{args.compile} ({args.compile_backend})"
         if args.compile == "block":
-            compile_blocks(model, args.compile_backend)
+            apply_compile(model, args.compile_backend)  # the trainer's per-block compile
         else:
             model = torch.compile(model, backend=args.compile_backend)
     if fsdp:
@@ -261,14 +261,6 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
                         grad_clip=recipe["grad_clip"], backend="auto" if fused else "torch", device=device)
     runner.tf32 = True  # as our trainer (--parallel.tf32): only fp32 matmuls outside autocast see it
     return runner, info
-
-
-def compile_blocks(model: nn.Module, backend: str) -> None:
-    """torch.compile of each transformer block in place (as the trainer's apply_compile; any backend)."""
-    from masked_dit.train.parallel import transformer_blocks
-
-    for block in transformer_blocks(model):
-        block.compile(backend=backend)
 
 
 @contextlib.contextmanager
@@ -432,7 +424,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=("block", "whole"), default="block")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
     p.add_argument("--recompile-limit", type=int, default=0,
-                   help="raise dynamo's per-function recompile limit (0: torch's default, as the trainer runs)")
+                   help="dynamo's per-function recompile limit (0: the trainer's, parallel.RECOMPILE_LIMIT)")
     p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,
                    help="force the reference attention (default: each repo's own, see reference_style.RECIPES)")
     p.add_argument("--seed", type=int, default=0)

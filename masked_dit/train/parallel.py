@@ -38,15 +38,18 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = _checkpointed(block.forward)
 
 
-def apply_compile(model: nn.Module) -> None:
+RECOMPILE_LIMIT = 64
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     # Every block shares one forward code object. MDT's variants (with/without skip_linear, kept vs
     # all tokens, side block, train/eval) each need their own graph: more than dynamo's default
     # limit of 8, past which blocks would silently run uncompiled.
     cfg = torch._dynamo.config
     limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-    setattr(cfg, limit, max(getattr(cfg, limit), 64))
+    setattr(cfg, limit, max(getattr(cfg, limit), RECOMPILE_LIMIT))
     for block in transformer_blocks(model):
-        block.compile()
+        block.compile(backend=backend)
 
 
 def apply_fsdp(model: nn.Module, world, precision: str) -> nn.Module:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from masked_dit.models import MODEL_CONFIGS, build, build_model
 from masked_dit.models.maskdit import MaskDiT
 from masked_dit.nn.masking import packed_masking, random_masking
+from tests.models.compile_check import check_masked_forwards_compile
 from tests.models.zoo_fixtures import constructor_args, load_model_fixture, rel_err
 
 DATA = Path(__file__).parent / "data"
@@ -193,36 +194,10 @@ def test_bad_input_errors():
 
 @pytest.mark.slow
 def test_compile_fullgraph_no_graph_breaks():
-    import torch._dynamo
-
+    """Unmasked, dense-masked and packed forwards each trace to exactly one graph; training compiles."""
     model = _tiny()
     x, sigma, y = _inputs(2)
-    ids_keep, _, _ = random_masking(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
-    pm = packed_masking([3, 9], 16, generator=torch.Generator().manual_seed(0))
-
-    def masked(x, sigma, y, ids_keep):
-        return model(x, sigma, y, ids_keep=ids_keep)
-
-    def packed(x, sigma, y, ids, cu, seg):
-        return model(x, sigma, y, ids_keep=ids, cu_seqlens=cu, segment_ids=seg, max_seqlen=pm.max_seqlen)
-
-    cases = [(model, (x, sigma, y)), (masked, (x, sigma, y, ids_keep)),
-             (packed, (x, sigma, y, pm.ids_keep, pm.cu_seqlens, pm.segment_ids))]
-    for fn, args in cases:
-        graphs = []
-
-        def counting_backend(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
-        torch._dynamo.reset()
-        with torch.no_grad():
-            out = torch.compile(fn, fullgraph=True, backend=counting_backend)(*args)
-            torch.testing.assert_close(out, fn(*args))
-        assert len(graphs) == 1
-    torch._dynamo.reset()
-    compiled = torch.compile(masked, fullgraph=True, backend="aot_eager")
-    compiled(x, sigma, y, ids_keep).sum().backward()
+    check_masked_forwards_compile(model, x, sigma, y)
     assert model.model.mask_token.grad is not None
 
 

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from masked_dit.models import MODEL_CONFIGS, build, build_model
 from masked_dit.models.mdt import MDT, MDTv2
 from masked_dit.nn.masking import packed_masking, random_masking, sample_mdt_mask_ratio
+from tests.models.compile_check import check_masked_forwards_compile
 from tests.models.zoo_fixtures import constructor_args, load_model_fixture, rel_err
 
 DATA = Path(__file__).parent / "data"
@@ -210,39 +211,10 @@ def test_bad_input_errors():
 
 @pytest.mark.slow
 def test_compile_fullgraph_no_graph_breaks():
-    """Unmasked, dense-masked and packed forwards each trace to exactly one graph (fullgraph=True
-    raises on any break; the counting backend sees every graph dynamo produces)."""
-    import torch._dynamo
-
+    """Unmasked, dense-masked and packed forwards each trace to exactly one graph; training compiles."""
     model = _tiny(MDTv2, depth=2, decode_layer=2)
     x, t, y = _inputs(2)
-    ids_keep, _, _ = random_masking(2, 16, 0.5, generator=torch.Generator().manual_seed(0))
-    pm = packed_masking([3, 9], 16, generator=torch.Generator().manual_seed(0))
-
-    def masked(x, t, y, ids_keep):
-        return model(x, t, y, ids_keep=ids_keep)
-
-    def packed(x, t, y, ids, cu, seg):
-        return model(x, t, y, ids_keep=ids, cu_seqlens=cu, segment_ids=seg, max_seqlen=pm.max_seqlen)
-
-    cases = [(model, (x, t, y)), (masked, (x, t, y, ids_keep)),
-             (packed, (x, t, y, pm.ids_keep, pm.cu_seqlens, pm.segment_ids))]
-    for fn, args in cases:
-        graphs = []
-
-        def counting_backend(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
-        torch._dynamo.reset()
-        with torch.no_grad():
-            out = torch.compile(fn, fullgraph=True, backend=counting_backend)(*args)
-            torch.testing.assert_close(out, fn(*args))
-        assert len(graphs) == 1
-    # the training graph (autograd traced through the custom ops) compiles whole as well
-    torch._dynamo.reset()
-    compiled = torch.compile(masked, fullgraph=True, backend="aot_eager")
-    compiled(x, t, y, ids_keep).sum().backward()
+    check_masked_forwards_compile(model, x, t, y)
     assert model.mask_token.grad is not None and model.sideblocks[0].attn.qkv.weight.grad is not None
 
 
