@@ -4,7 +4,7 @@
     masked-dit train --preset digits-dit --optim.lr=5e-4 --train.steps=2000
     masked-dit train --preset imagenet256-mdtv2-xl2 --data.path=latents/ --run.resume=latest
     masked-dit sample runs/digits-mdtv2 --out grid.png
-    masked-dit sample DiT-XL-2-256x256.pt --model DiT-XL/2 --num 50000 --out samples.npz --vae stabilityai/sd-vae-ft-ema
+    masked-dit sample DiT-XL-2-256x256.pt --model DiT-XL/2 --num-samples 50000 --out samples.npz --vae stabilityai/sd-vae-ft-ema
     masked-dit extract-latents /data/imagenet/train latents/ --flip
     masked-dit extract-features /data/imagenet/train latents/ --encoder dinov2-vit-b  # --data.features=dinov2-vit-b
     masked-dit eval VIRTUAL_imagenet256_labeled.npz samples.npz --out metrics.json
@@ -78,60 +78,69 @@ def _load_for_sampling(args):
 
 
 def _sample(args, _overrides) -> int:
-    import numpy as np
     import torch
 
     from masked_dit.diffusion.objectives import build_objective
-    from masked_dit.train.grid import grid_labels, save_grid, to_uint8
-
-    model, cfg = _load_for_sampling(args)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(device).eval()
-    pixel = cfg.data.source != "latents" and not args.vae
-    objective = build_objective(cfg.objective, model, pixel_space=pixel)
-    sampler = args.sampler or cfg.sample.sampler
-    steps = args.steps or cfg.sample.steps
-    cfg_scale = cfg.sample.cfg_scale if args.cfg_scale is None else args.cfg_scale
-    C, S = cfg.model.in_channels, cfg.model.input_size
-    num_classes = cfg.model.num_classes
-    vae = None
-    if args.vae:
-        from masked_dit.data.latents import load_vae
-        vae = load_vae(args.vae, str(device))
+    from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels, settings_of
+    from masked_dit.train.dist import init_world, shutdown
+    from masked_dit.train.grid import grid_labels, save_grid
 
     out = Path(args.out)
-    as_npz = out.suffix == ".npz"
-    if as_npz:
-        n = args.num
-        g = torch.Generator().manual_seed(args.seed)
-        labels = torch.randint(0, num_classes, (n,), generator=g) if args.classes is None else \
-            torch.tensor(args.classes).repeat((n + len(args.classes) - 1) // len(args.classes))[:n]
-    else:
-        labels = grid_labels(num_classes, args.per_class, args.classes)
-        n = len(labels)
-    images = []
-    torch.manual_seed(args.seed)
-    from tqdm import tqdm
-    for start in tqdm(range(0, n, args.batch_size), desc="sample", disable=n <= args.batch_size):
-        y = labels[start: start + args.batch_size].to(device)
-        noise = torch.randn(len(y), C, S, S, device=device)
-        x = objective.sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                             scale_pow=cfg.sample.scale_pow, guidance_low=cfg.sample.guidance_low, guidance_high=cfg.sample.guidance_high)
-        if vae is not None:
+    if out.suffix not in (".npz", ".png"):
+        raise ValueError(f"--out {out}: must end in .npz (samples for FID) or .png (a grid)")
+    if args.batch_size < 1 or args.num < 1:
+        raise ValueError(f"--batch-size ({args.batch_size}) and --num-samples ({args.num}) must be >= 1")
+    model, cfg = _load_for_sampling(args)
+    world = init_world(args.device)
+    try:
+        if out.suffix == ".png" and world.distributed:
+            raise ValueError("a .png grid is sampled by one process; under torchrun write an .npz")
+        model = model.to(world.device).eval()
+        if args.compile:
+            from masked_dit.train.parallel import apply_compile
+            apply_compile(model)
+        objective = build_objective(cfg.objective, model, pixel_space=cfg.data.source != "latents" and not args.vae)
+        sc = cfg.sample
+        kw = dict(sampler=args.sampler or sc.sampler, steps=args.steps or sc.steps,
+                  cfg_scale=sc.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+                  scale_pow=sc.scale_pow if args.scale_pow is None else args.scale_pow,
+                  guidance_low=sc.guidance_low if args.guidance_low is None else args.guidance_low,
+                  guidance_high=sc.guidance_high if args.guidance_high is None else args.guidance_high)
+        autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                    else torch.autocast(world.device.type, enabled=False))
+
+        def draw(noise, y, generator):
+            with autocast:
+                return objective.sample(model, noise, y, generator=generator, **kw)
+
+        vae = None
+        if args.vae:
+            from masked_dit.data.latents import load_vae
+            vae = load_vae(args.vae, str(world.device))
+
+        def decode(x):
             with torch.no_grad():
-                x = vae.decode(x.float() / cfg.data.latent_scale).sample
-        images.append(x.float().cpu())
-    x = torch.cat(images)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if as_npz:
-        arr = to_uint8(x)
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)  # the ADM evaluator expects RGB
-        np.savez(out, arr_0=arr, arr_1=labels.numpy())
-    else:
-        save_grid(x, labels, out, per_row=args.per_class)
-    print(f"wrote {out} ({n} samples)")
-    return 0
+                return vae.decode(x.float() / cfg.data.latent_scale).sample
+
+        shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+        if out.suffix == ".npz":
+            labels = sample_labels(args.num, cfg.model.num_classes, args.seed, args.classes)
+            settings = settings_of(source=str(Path(args.source).resolve()), model=args.model, vae=args.vae,
+                                   precision=args.precision, classes=args.classes, **kw)
+            n = generate_npz(draw, labels, out, shape=shape, batch_size=args.batch_size, seed=args.seed,
+                             settings=settings, world=world, decode=decode if vae else None)
+            if n is not None:
+                print(f"wrote {out} ({n} samples)")
+            return 0
+        labels = grid_labels(cfg.model.num_classes, args.per_class, args.classes)
+        images = [sample_batch(draw, labels[i:i + args.batch_size].to(world.device), shape, args.seed,
+                               i // args.batch_size, decode if vae else None) for i in range(0, len(labels), args.batch_size)]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(torch.cat(images), labels, out, per_row=args.per_class)
+        print(f"wrote {out} ({len(labels)} samples)")
+        return 0
+    finally:
+        shutdown(world)
 
 
 #################################################################################
@@ -201,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="registry name of an official checkpoint (DiT-XL/2, MDTv2-XL/2, ...)")
     s.add_argument("--model-kwargs", help="JSON constructor overrides for --model (e.g. '{\"num_classes\": 10}')")
     s.add_argument("--out", default="samples.png", help="*.png grid or *.npz (uint8 NHWC 'arr_0', labels 'arr_1')")
-    s.add_argument("--num", type=int, default=50_000, help="number of samples for .npz output")
+    # --num-samples, not --num, under torchrun: its parser takes "--num" for an abbreviation of --numa-binding.
+    s.add_argument("--num-samples", "--num", dest="num", type=int, default=50_000,
+                   help="samples for .npz output (batches land in <out>.parts/: a re-run resumes; torchrun shards)")
     s.add_argument("--per-class", type=int, default=8, help="grid columns per class")
     s.add_argument("--classes", type=int, nargs="*", help="class labels (default: grid 0-9, npz uniform)")
     s.add_argument("--sampler", choices=["ddpm", "ddim", "heun", "euler", "ode", "sde"])
@@ -209,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg-scale", type=float)
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scale-pow", type=float, help="MDT power-cosine guidance ramp (0: constant scale)")
+    s.add_argument("--guidance-low", type=float, help="guidance interval: lower end of t (REPA)")
+    s.add_argument("--guidance-high", type=float, help="guidance interval: upper end of t (REPA: 0.7)")
+    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 autocast for the network (fp32 reproduces the papers' numbers)")
+    s.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     s.add_argument("--vae", help="decode latents with this AutoencoderKL (hub id or folder)")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_sample)

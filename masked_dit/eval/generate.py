@@ -1,0 +1,152 @@
+"""Many samples for FID: fixed per-batch noise, sharded over torchrun ranks, resumable.
+
+    masked-dit sample DiT-XL-2-256x256.pt --model DiT-XL/2 --num-samples 50000 --out samples.npz --vae stabilityai/sd-vae-ft-ema
+    torchrun --nproc-per-node=8 -m masked_dit sample ...same flags...      # each rank takes every 8th batch
+
+Batch ``b`` holds samples ``[b * batch_size, (b + 1) * batch_size)``; its labels come from the seed
+and its noise (initial and per step) from its own generator seeded with ``(seed, b)``. So the
+output is the same for any number of ranks and across a resume. Each finished batch is written to
+``<out>.parts/`` (temporary name, then rename); a re-run skips the batches already there, after
+checking that ``parts/settings.json`` matches (mixing settings would corrupt the set silently).
+Rank 0 assembles the ``.npz`` (uint8 NHWC ``arr_0``, labels ``arr_1``, the ADM evaluator's layout)
+once every batch exists, then removes the parts.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from masked_dit.train.grid import to_uint8
+
+
+def sample_labels(num: int, num_classes: int, seed: int, classes=None) -> torch.Tensor:
+    """``num`` labels: uniform over the classes from ``seed``, or ``classes`` repeated in order."""
+    if classes:
+        bad = [c for c in classes if not 0 <= int(c) < num_classes]
+        if bad:
+            raise ValueError(f"--classes {bad} are outside [0, {num_classes - 1}]")
+        reps = (num + len(classes) - 1) // len(classes)
+        return torch.tensor([int(c) for c in classes], dtype=torch.long).repeat(reps)[:num]
+    return torch.randint(0, num_classes, (num,), generator=torch.Generator().manual_seed(seed))
+
+
+def batch_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The generator of batch ``index``: independent of which rank runs it and of resumes."""
+    return torch.Generator(device=device).manual_seed((seed & 0xFFFFFFFF) << 24 | index)
+
+
+def sample_batch(draw: Callable, y: torch.Tensor, shape: tuple, seed: int, index: int,
+                 decode: Optional[Callable] = None) -> torch.Tensor:
+    """Batch ``index``: noise from its generator, ``draw(noise, y, generator)``, optional decoding;
+    float images in [-1, 1] on the CPU."""
+    g = batch_generator(seed, index, y.device)
+    noise = torch.randn((len(y), *shape), generator=g, device=y.device)
+    x = draw(noise, y, g)
+    if decode is not None:
+        x = decode(x)
+    return x.float().clamp(-1, 1).cpu()
+
+
+class PartsFolder:
+    """``<out>.parts/``: one ``batch_XXXXXX.npz`` per finished batch and the settings they were made with."""
+
+    def __init__(self, out: Path, settings: dict):
+        self.root = Path(str(out) + ".parts")
+        self.settings = settings
+
+    def open(self, is_main: bool) -> None:
+        """Creates the folder (rank 0), or checks that an existing one was made with the same settings."""
+        path = self.root / "settings.json"
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+            except ValueError:
+                old = None
+            if old != self.settings:
+                diff = sorted(k for k in set(self.settings) | set(old or {})
+                              if (old or {}).get(k) != self.settings.get(k))
+                raise ValueError(f"{self.root} holds samples made with other settings ({', '.join(diff)} differ): "
+                                 f"remove it or choose another --out")
+        elif is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name("settings.json.tmp")
+            tmp.write_text(json.dumps(self.settings, indent=1, sort_keys=True))
+            tmp.replace(path)
+
+    def path(self, index: int) -> Path:
+        return self.root / f"batch_{index:06d}.npz"
+
+    def done(self, index: int) -> bool:
+        return self.path(index).exists()
+
+    def write(self, index: int, images: np.ndarray, labels: np.ndarray) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"batch_{index:06d}.tmp.npz"
+        np.savez(tmp, arr_0=images, arr_1=labels)
+        tmp.replace(self.path(index))
+
+    def assemble(self, num_batches: int, out: Path) -> int:
+        """Concatenates every batch into ``out`` (temporary name, then rename) and removes the folder."""
+        images, labels = [], []
+        for b in range(num_batches):
+            with np.load(self.path(b)) as part:
+                images.append(part["arr_0"])
+                labels.append(part["arr_1"])
+        arr = np.concatenate(images)
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)  # the ADM evaluator expects RGB
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.stem + ".tmp.npz")
+        np.savez(tmp, arr_0=arr, arr_1=np.concatenate(labels))
+        tmp.replace(out)
+        shutil.rmtree(self.root, ignore_errors=True)
+        return len(arr)
+
+
+def generate_npz(draw: Callable, labels: torch.Tensor, out: Path, *, shape: tuple, batch_size: int, seed: int,
+                 settings: dict, world, decode: Optional[Callable] = None, progress: bool = True,
+                 stop_after: Optional[int] = None) -> Optional[int]:
+    """Samples every label into ``out`` (.npz) through ``<out>.parts/``; this rank runs batches
+    ``rank, rank + world.size, ...`` that are not done yet. Returns the sample count on rank 0 once
+    assembled (None elsewhere, and when ``stop_after`` batches of this rank ended the call early)."""
+    from masked_dit.train.dist import barrier
+
+    num = len(labels)
+    num_batches = (num + batch_size - 1) // batch_size
+    parts = PartsFolder(out, {**settings, "num": num, "batch_size": batch_size, "seed": seed,
+                              "shape": list(shape)})
+    parts.open(world.is_main)
+    barrier(world)  # settings.json exists before any rank writes a batch
+    mine = [b for b in range(world.rank, num_batches, world.size) if not parts.done(b)]
+    bar = contextlib.nullcontext()
+    if progress and world.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=len(mine), desc=f"sample (rank 0 of {world.size})", dynamic_ncols=True)
+    with bar as pbar:
+        for done, b in enumerate(mine):
+            if stop_after is not None and done >= stop_after:
+                return None
+            y = labels[b * batch_size:(b + 1) * batch_size].to(world.device)
+            x = sample_batch(draw, y, shape, seed, b, decode)
+            parts.write(b, to_uint8(x), y.cpu().numpy())
+            if pbar is not None:
+                pbar.update(1)
+    barrier(world)
+    if not world.is_main:
+        return None
+    missing = [b for b in range(num_batches) if not parts.done(b)]
+    if missing:  # another rank stopped early: its batches are for the next run
+        raise ValueError(f"{len(missing)} batches of {parts.root} are missing (first: {missing[0]}): run again to finish")
+    return parts.assemble(num_batches, out)
+
+
+def settings_of(**kwargs) -> dict:
+    """JSON-safe settings for ``parts/settings.json`` (paths and floats as strings where needed)."""
+    return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in kwargs.items()}

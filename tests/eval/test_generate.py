@@ -1,0 +1,105 @@
+"""`masked-dit sample ... --out x.npz`: per-batch noise, resumable parts, torchrun sharding, same bytes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from masked_dit.cli import main
+from masked_dit.eval import generate
+from masked_dit.models import build_model
+
+KWARGS = {"input_size": 8, "patch_size": 4, "in_channels": 4, "hidden_size": 32, "depth": 2, "num_heads": 2,
+          "num_classes": 5}
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("DiT-S/2", **KWARGS)
+    for p in model.parameters():  # adaLN-Zero starts at zero: make the output depend on the input
+        torch.nn.init.normal_(p, std=0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "dit.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def _argv(checkpoint, out, *extra):
+    return ["sample", str(checkpoint), "--model", "DiT-S/2", "--model-kwargs", json.dumps(KWARGS), "--out", str(out),
+            "--num-samples", "7", "--batch-size", "3", "--steps", "4", "--cfg-scale", "1.5", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "a.npz"
+    assert main(_argv(checkpoint, out)) == 0
+    with np.load(out) as f:
+        return f["arr_0"], f["arr_1"]
+
+
+def test_npz_layout_and_parts_removed(reference, checkpoint, tmp_path):
+    images, labels = reference
+    assert images.shape == (7, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (7,)
+    assert labels.max() < 5 and len(np.unique(images.reshape(7, -1), axis=0)) == 7  # every sample differs
+    assert main(_argv(checkpoint, tmp_path / "b.npz")) == 0
+    assert not (tmp_path / "b.npz.parts").exists()
+    with np.load(tmp_path / "b.npz") as f:  # deterministic from the seed
+        assert np.array_equal(f["arr_0"], images) and np.array_equal(f["arr_1"], labels)
+
+
+def test_killed_run_resumes_with_the_same_samples(reference, checkpoint, tmp_path, monkeypatch, capsys):
+    """A run dies after its first batch; the re-run samples only the two missing batches and the
+    result is byte-identical. A re-run with other settings refuses the parts (one line)."""
+    real = generate.sample_batch
+    calls = []
+
+    def dies_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "sample_batch", dies_after_one)
+    out = tmp_path / "c.npz"
+    with pytest.raises(KeyboardInterrupt):
+        main(_argv(checkpoint, out))
+    assert sorted(p.name for p in (tmp_path / "c.npz.parts").iterdir()) == ["batch_000000.npz", "settings.json"]
+
+    capsys.readouterr()
+    assert main(_argv(checkpoint, out, "--cfg-scale", "2.0")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"masked-dit sample: error: {tmp_path}/c.npz.parts holds samples made with other settings "
+                   "(cfg_scale differ): remove it or choose another --out")
+
+    resumed = []
+    monkeypatch.setattr(generate, "sample_batch", lambda *a, **k: (resumed.append(a[4]), real(*a, **k))[1])
+    assert main(_argv(checkpoint, out)) == 0
+    assert resumed == [1, 2]
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_0"], reference[0]) and np.array_equal(f["arr_1"], reference[1])
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_give_the_same_file(reference, checkpoint, tmp_path):
+    out = tmp_path / "d.npz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "masked_dit",
+           *_argv(checkpoint, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(out) as f:
+        assert np.array_equal(f["arr_0"], reference[0]) and np.array_equal(f["arr_1"], reference[1])
+
+
+def test_bad_outputs_are_one_line(checkpoint, tmp_path, capsys):
+    assert main(_argv(checkpoint, tmp_path / "x.jpg")) == 2
+    assert capsys.readouterr().err.strip() == (f"masked-dit sample: error: --out {tmp_path}/x.jpg: must end in .npz "
+                                               "(samples for FID) or .png (a grid)")
+    assert main(_argv(checkpoint, tmp_path / "x.npz", "--classes", "9")) == 2
+    assert capsys.readouterr().err.strip() == "masked-dit sample: error: --classes [9] are outside [0, 4]"
