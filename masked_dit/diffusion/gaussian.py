@@ -90,6 +90,10 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
     """"linear" (1e-4 -> 0.02, scaled by 1000 / T so any T matches the 1000-step schedule) or "cosine"."""
     if name == "linear":
         scale = 1000.0 / num_timesteps
+        if num_timesteps > 1 and scale * 0.02 > 1.0:  # (one step uses beta_start only)
+            raise ValueError(f"noise_schedule 'linear' scales beta_end 0.02 by 1000 / diffusion_steps: "
+                             f"diffusion_steps={num_timesteps} gives beta_end={scale * 0.02:g} > 1; use "
+                             f"diffusion_steps >= 20 or noise_schedule='cosine'")
         return linear_beta_schedule(num_timesteps, scale * 0.0001, scale * 0.02)
     if name in ("cosine", "squaredcos_cap_v2"):
         return cosine_beta_schedule(num_timesteps)
@@ -199,8 +203,10 @@ class GaussianDiffusion:
         ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
         ac_next = torch.cat([ac[1:], ac.new_zeros(1)])
         post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-        # log(0) at t = 0 is replaced by the t = 1 value (ADM's "clipped" log variance).
-        post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]])) if T > 1 else torch.zeros(0, dtype=torch.float64)
+        # log(0) at t = 0 is replaced by the t = 1 value (ADM's "clipped" log variance). A one-step
+        # diffusion (e.g. respaced to 1 step) has no t = 1: both fixed choices fall back to beta_0
+        # (only the decoder NLL reads it; sampling adds no noise at t = 0).
+        post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]) if T > 1 else betas.clone())
         large_var = torch.cat([post_var[1:2], betas[1:]]) if T > 1 else betas.clone()
         self._schedule = {
             "betas": betas,

@@ -104,8 +104,15 @@ def _model_tensor(out):
     raise ValueError(f"cannot find the prediction in a model output of type {type(out).__name__}")
 
 
+# The official DiT/SiT/MDT forward_with_cfg guides channels 0-2 only (kept for published FIDs).
+OFFICIAL_GUIDED_CHANNELS = 3
+
+
 def guided_channel_count(guide_channels, in_channels: int) -> int:
-    """``guide_channels`` of a model's ``forward_with_cfg``: ``"all"`` or an int in [1, in_channels]."""
+    """``guide_channels`` of a model's ``forward_with_cfg``: ``"all"``, an int in [1, in_channels], or
+    None for the official channels 0-2 (every data channel when a model has fewer than 3)."""
+    if guide_channels is None:
+        return min(OFFICIAL_GUIDED_CHANNELS, in_channels)
     if guide_channels == "all":
         return in_channels
     if not isinstance(guide_channels, int) or not 1 <= guide_channels <= in_channels:
@@ -175,6 +182,12 @@ class ClassifierFreeGuidance:
         B = x.shape[0]
         if y.shape[0] != B:
             raise ValueError(f"labels have batch {y.shape[0]}, x has {B}")
+        scale = _resolve_scale(self.cfg_scale, self.schedule, t)
+        if not isinstance(scale, torch.Tensor) and scale == 1.0:
+            # No guidance at this step: the conditional output alone, without the doubled batch.
+            out = (self.model_fn(x, t, y, *args, **kwargs) if positional
+                   else self.model_fn(x, t, *args, **{self.label_key: y}, **kwargs))
+            return _model_tensor(out)
         yy = torch.cat([y, self._null_like(y)], dim=0)
         tt = torch.cat([t, t], dim=0) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
         kw = {k: torch.cat([v, v], dim=0) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v
@@ -182,4 +195,4 @@ class ClassifierFreeGuidance:
         xx = torch.cat([x, x], dim=0)
         out = self.model_fn(xx, tt, yy, *args, **kw) if positional else self.model_fn(xx, tt, *args, **{self.label_key: yy}, **kw)
         cond, uncond = _model_tensor(out).chunk(2, dim=0)
-        return cfg_combine(cond, uncond, _resolve_scale(self.cfg_scale, self.schedule, t), self.guided_channels)
+        return cfg_combine(cond, uncond, scale, self.guided_channels)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from masked_dit.diffusion.edm import edm_loss, heun_sampler, patchify
 from masked_dit.diffusion.gaussian import min_snr_weight
-from masked_dit.diffusion.guidance import ClassifierFreeGuidance, power_cosine_scale
+from masked_dit.diffusion.guidance import ClassifierFreeGuidance, guided_channel_count, power_cosine_scale
 from masked_dit.diffusion.respace import create_diffusion
 from masked_dit.nn.masking import random_masking, sample_mdt_mask_ratio
 
@@ -56,7 +56,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def _guided_channels(m) -> int:
     # The official DiT/SiT/MDT guidance acts on channels 0-2 only (a quirk kept for reproducing
     # published FIDs); with fewer data channels, every data channel (never the sigma half).
-    return min(3, m.in_channels)
+    return guided_channel_count(None, m.in_channels)
 
 
 def _mean_terms(terms: dict, keys) -> dict:
@@ -125,6 +125,10 @@ class MDTv2Objective(ADMObjective):
                  clip_denoised: bool = False, mask_ratio: float = 0.3, mask_ratio_jitter: float = 0.2,
                  min_snr_gamma: float = 5.0, scale_pow: float = 4.0):
         super().__init__(diffusion_steps, noise_schedule, learn_sigma, clip_denoised)
+        if not (mask_ratio >= 0.0 and mask_ratio_jitter >= 0.0 and mask_ratio + mask_ratio_jitter < 1.0):
+            # (checked here, not at the first unlucky draw many steps into training)
+            raise ValueError(f"MDTv2 draws mask ratios in [mask_ratio, mask_ratio + mask_ratio_jitter) = "
+                             f"[{mask_ratio}, {mask_ratio + mask_ratio_jitter}): both must be >= 0 and the sum < 1")
         self.mask_ratio, self.mask_ratio_jitter = mask_ratio, mask_ratio_jitter
         self.min_snr_gamma, self.scale_pow = min_snr_gamma, scale_pow
 
@@ -136,6 +140,10 @@ class MDTv2Objective(ADMObjective):
         full = self.diffusion.training_losses(model, x, t, noise=noise, model_kwargs={"y": y}, weighting=weight)
         ids_restore = None
         if ids_keep is None:
+            top = self.mask_ratio + self.mask_ratio_jitter
+            if m.num_patches * (1.0 - top) < 1.0:
+                raise ValueError(f"mask ratios up to {top} may keep no token of the model's {m.num_patches} patches; "
+                                 f"lower mask_ratio + mask_ratio_jitter to <= 1 - 1/{m.num_patches}")
             ratio = sample_mdt_mask_ratio(self.mask_ratio, spread=self.mask_ratio_jitter, device=x.device) \
                 if self.mask_ratio_jitter else self.mask_ratio
             ids_keep, ids_restore, _ = random_masking(x.shape[0], m.num_patches, ratio, device=x.device)
@@ -201,6 +209,11 @@ class TransportObjective:
 #                              MaskDiT: EDM + MAE                               #
 #################################################################################
 
+def _one_hot_labels(m, y: torch.Tensor, dtype: torch.dtype):
+    """MaskDiT's one-hot labels, or None for an unconditional model (num_classes=0)."""
+    return F.one_hot(y.long(), m.num_classes).to(dtype) if m.num_classes else None
+
+
 class EDMMaskDiTObjective:
     """MaskDiT: EDM denoising loss on the kept patches + ``mae_loss_coef`` x MAE loss (noisy input,
     normalised per patch) on the removed ones; ``mask_ratio = 0`` is the plain EDM loss (the
@@ -217,8 +230,8 @@ class EDMMaskDiTObjective:
         """``rnd_normal`` [B] / ``noise`` (unit) / ``ids_keep`` [B, K] replace the random draws."""
         x, y = batch["x"], batch["y"]
         m = unwrap(model)
-        labels = F.one_hot(y.long(), m.num_classes).to(x.dtype)
-        if m.class_dropout_prob > 0:
+        labels = _one_hot_labels(m, y, x.dtype)
+        if labels is not None and m.class_dropout_prob > 0:
             keep = torch.rand(x.shape[0], 1, device=x.device) >= m.class_dropout_prob
             labels = labels * keep.to(labels.dtype)
         net_kwargs, mask = {}, None
@@ -243,7 +256,9 @@ class EDMMaskDiTObjective:
         if sampler not in ("auto", "heun"):
             raise ValueError(f"sampler {sampler!r} does not apply to EDM; valid: heun")
         m = unwrap(model)
-        labels = F.one_hot(y.long(), m.num_classes).to(noise.dtype)
+        labels = _one_hot_labels(m, y, noise.dtype)
+        if labels is None and cfg_scale != 1.0:
+            raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional model; this MaskDiT has num_classes=0")
         out = heun_sampler(model, noise, labels, num_steps=steps, cfg_scale=cfg_scale, progress=progress,
                            generator=generator)
         return out.to(noise.dtype)

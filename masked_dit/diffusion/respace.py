@@ -27,8 +27,11 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
-            for stride in range(1, num_timesteps):
+            try:
+                desired = int(section_counts[len("ddim"):])
+            except ValueError:
+                raise ValueError(f"timestep_respacing {section_counts!r} is not 'ddimN' (N an integer)") from None
+            for stride in range(1, num_timesteps + 1):  # (+ 1: "ddim1" is the single step [0], as "1")
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
             raise ValueError(f"cannot create exactly {desired} steps with an integer stride from {num_timesteps}")

@@ -66,6 +66,12 @@ def sample_sde(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, meth
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     path = transport.path
     t0, t1 = transport.interval(sde=True, eval=True, diffusion_form=diffusion_form, last_step_size=last_step_size)
+    if method == "Heun" and float(path.sigma(torch.tensor(t1, dtype=torch.float64))[0]) == 0.0:
+        # Heun's corrector evaluates the drift at t1; where sigma_t1 = 0 (Linear velocity model with
+        # last_step=None) the score is 0/0 and SiT returns NaN samples.
+        raise ValueError(f"sample_sde: method='Heun' with last_step={last_step!r} ends at t={t1}, where sigma_t = 0 "
+                         f"makes the score of a {path.name} {transport.prediction} model singular; use "
+                         f"last_step='Mean' (SiT's default) or method='Euler'")
     times = time_grid(t0, t1, num_steps)
     dt = times[1] - times[0]
     sqrt_dt = math.sqrt(dt)

@@ -82,12 +82,13 @@ class DiT(FlopsMixin, nn.Module):
         return self.head(x, c)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                         guide_channels: int | str = 3) -> torch.Tensor:
+                         guide_channels: int | str | None = None) -> torch.Tensor:
         """Classifier-free guidance on a batch whose second half repeats the first with null labels.
 
-        ``guide_channels=3`` reproduces the official code, which guides only channels 0-2 of the
-        4 latent channels (kept for reproducing published FIDs); ``"all"`` guides every predicted
-        channel (all ``in_channels``; never the learned-sigma half).
+        ``guide_channels=None`` (or 3) reproduces the official code, which guides only channels 0-2
+        of the 4 latent channels (kept for reproducing published FIDs; a model with fewer than 3
+        channels guides them all); ``"all"`` guides every predicted channel (all ``in_channels``;
+        never the learned-sigma half).
         """
         return forward_with_cfg(self.forward, x, t, y, cfg_scale,
                                 guided_channels=guided_channel_count(guide_channels, self.in_channels))

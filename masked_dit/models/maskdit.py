@@ -40,6 +40,10 @@ class MaskDiTNet(nn.Module):
                  mlp_ratio=4.0, num_classes=1000, learn_sigma=False, use_decoder=True, mae_loss_coef=0.1,
                  decoder_hidden_size=512, decoder_depth=8, decoder_num_heads=16):
         super().__init__()
+        if use_decoder and (decoder_hidden_size % decoder_num_heads or decoder_hidden_size % 4):
+            # (checked here so the message names the decoder, not the shared block's hidden_size)
+            raise ValueError(f"decoder_hidden_size {decoder_hidden_size} must be divisible by decoder_num_heads "
+                             f"{decoder_num_heads} and by 4 (2-D sin-cos decoder positions)")
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
@@ -139,7 +143,7 @@ class MaskDiT(nn.Module):
     # ---------------------------------------------------------------- inputs
 
     def _check_inputs(self, x, sigma, class_labels):
-        """-> (sigma [B] in x's dtype, labels [B, num_classes] float or None)."""
+        """-> (sigma [B] in float32 or wider, labels [B, num_classes] in x's dtype or None)."""
         name, size = type(self).__name__, self.img_resolution
         if x.dim() != 4:
             raise ValueError(f"{name} input x must be [B, C, H, W], got shape {list(x.shape)}")
@@ -148,7 +152,9 @@ class MaskDiT(nn.Module):
             raise ValueError(f"{name} input x has {C} channels, the model expects in_channels={self.img_channels}")
         if H != size or W != size:
             raise ValueError(f"{name} input x is {H}x{W}, the model expects input_size={size} ({size}x{size})")
-        sigma = torch.as_tensor(sigma, device=x.device).to(x.dtype)
+        # Preconditioning runs in float32 or wider, as the official EDMPrecond (only F sees x's dtype):
+        # a bf16 sigma would round the noise level the network is told by up to 0.4%.
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.promote_types(x.dtype, torch.float32))
         if sigma.numel() not in (1, B):
             raise ValueError(f"{name} sigma must be a scalar or have {B} entries (one per sample), "
                              f"got {list(sigma.shape)}")
@@ -205,7 +211,7 @@ class MaskDiT(nn.Module):
                                  generator)
         c_skip, c_out, c_in, c_noise = self._precondition(x, sigma)
         F_x = self.model((c_in * x).to(x.dtype), c_noise, labels, kept)
-        return c_skip * x + c_out * F_x.to(x.dtype)
+        return (c_skip * x + c_out * F_x.to(c_out.dtype)).to(x.dtype)
 
     def forward_with_cfg(self, x, sigma, class_labels, cfg_scale: float):
         """Guided D(x; sigma): conditional and unconditional (zero label) passes in one batch of 2B,
@@ -220,8 +226,8 @@ class MaskDiT(nn.Module):
         x_in = (c_in * x).to(x.dtype)
         F_both = self.model(torch.cat([x_in, x_in]), torch.cat([c_noise, c_noise]),
                             torch.cat([labels, torch.zeros_like(labels)]))
-        cond, uncond = F_both.to(x.dtype).chunk(2, dim=0)
-        return c_skip * x + c_out * (uncond + cfg_scale * (cond - uncond))
+        cond, uncond = F_both.to(c_out.dtype).chunk(2, dim=0)
+        return (c_skip * x + c_out * (uncond + cfg_scale * (cond - uncond))).to(x.dtype)
 
 
 #################################################################################

@@ -65,6 +65,14 @@ class _MDTBase(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.num_patches = self.x_embedder.num_patches
         self.grid_size = self.x_embedder.grid_size
+        if self.mask_ratio is not None:
+            # Training draws ratios up to mask_ratio + spread (v2: + 0.2 U); each draw must keep a token.
+            # (The reference's int(L (1 - ratio)) goes negative past 1 and silently keeps L - 1 tokens.)
+            top = self.mask_ratio + self.mask_ratio_spread
+            if top >= 1.0 or self.num_patches * (1.0 - top) < 1.0:
+                raise ValueError(f"mask_ratio={mask_ratio} (+ spread {self.mask_ratio_spread}) may keep no token of "
+                                 f"the {self.num_patches} patches; {type(self).__name__} needs "
+                                 f"mask_ratio + {self.mask_ratio_spread} <= 1 - 1/{self.num_patches}")
         # Both position tables are learnable (sin-cos init) in MDT, unlike DiT.
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, hidden_size))
@@ -151,17 +159,19 @@ class _MDTBase(nn.Module):
         return self.head(self.forward_tokens(tokens, c, kept), c)
 
     def forward_with_cfg(self, x, t, y, cfg_scale=None, diffusion_steps=1000, scale_pow=4.0,
-                         guide_channels: int | str = 3):
+                         guide_channels: int | str | None = None):
         """Classifier-free guidance with MDT's power-cosine schedule, as the official sampler calls it.
 
         The batch is ``[cond; uncond]`` (labels of the second half are the null class); the first
         half of ``x`` is used for both. The scale grows from 1 at t = T to ``cfg_scale`` at t = 0:
         ``s = (1 - cos((1 - t/T) ** scale_pow * pi)) / 2``, ``scale = (cfg_scale - 1) s + 1``.
-        ``guide_channels=3`` reproduces the official code (channels 0-2 of 4); ``"all"`` guides
-        every predicted channel (never the learned-sigma half). ``cfg_scale=None``: plain forward.
+        ``guide_channels=None`` (or 3) reproduces the official code (channels 0-2 of 4; all of
+        them when the model has fewer than 3); ``"all"`` guides every predicted channel (never the
+        learned-sigma half). ``cfg_scale=None``: plain forward.
         """
         if cfg_scale is None:
             return self.forward(x, t, y)
+        t = torch.as_tensor(t, device=x.device)  # the schedule reads t: a Python number is fine too
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         schedule = functools.partial(power_cosine_scale, scale_pow=scale_pow, num_timesteps=diffusion_steps)

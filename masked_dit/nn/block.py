@@ -67,7 +67,8 @@ class Attention(nn.Module):
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         out = ops.attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, rel_pos_bias=bias,
                             positions=positions if bias is not None else None)
-        return self.proj(out.reshape(*lead, -1))
+        # explicit width (not -1): an empty batch has no elements to infer it from
+        return self.proj(out.reshape(*lead, self.num_heads * self.head_dim))
 
 
 class Mlp(nn.Module):
@@ -86,6 +87,14 @@ class Mlp(nn.Module):
 #################################################################################
 #                               The fused block                                 #
 #################################################################################
+
+def _per_sample(c: torch.Tensor, x: torch.Tensor, packed_index) -> torch.Tensor:
+    """One conditioning row ``c [1, C]`` for a dense batch ``x [B, L, D]`` -> ``[B, C]``: the official
+    blocks broadcast it in ``modulate``, while the fused ops take one row per sample."""
+    if packed_index is None and c.dim() == 2 and c.shape[0] == 1 and x.dim() == 3 and x.shape[0] != 1:
+        return c.expand(x.shape[0], -1)
+    return c
+
 
 class FusedDiTBlock(nn.Module):
     """adaLN-Zero DiT block: LN+modulate -> attention -> gated residual fused with the second
@@ -111,7 +120,7 @@ class FusedDiTBlock(nn.Module):
             if skip is None:
                 raise ValueError("this block has a skip_linear and needs a skip input")
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
-        mod = self.adaLN_modulation(c)
+        mod = self.adaLN_modulation(_per_sample(c, x, cu_seqlens))
         if cu_seqlens is not None:
             # Packed: per-token conditioning, and the fused ops see [T, 1, D].
             if segment_ids is None:
@@ -141,7 +150,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c, *, segment_ids=None):
         """x [B, L, D] (or packed [T, D] with segment_ids [T]: MaskDiT's decoder_layer on kept tokens), c [B, C]."""
-        mod = self.adaLN_modulation(c)
+        mod = self.adaLN_modulation(_per_sample(c, x, segment_ids))
         if segment_ids is not None:
             mod = mod.index_select(0, segment_ids)
             return self.linear(ops.adaln_modulate(x.unsqueeze(1), *mod.chunk(2, dim=1), self.eps)).squeeze(1)

@@ -126,6 +126,10 @@ def check_model_inputs(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, in_
     if H != input_size or W != input_size:
         raise ValueError(f"{name} input x is {H}x{W}, the model expects input_size={input_size} "
                          f"({input_size}x{input_size})")
+    if not isinstance(t, torch.Tensor):
+        if not isinstance(t, (int, float)) or isinstance(t, bool):
+            raise ValueError(f"{name} timesteps t must be a tensor or a number, got {type(t).__name__}")
+        t = torch.tensor(t, device=x.device)  # a Python number: one timestep for the whole batch
     if t.dim() == 0:
         t = t.expand(B)
     if t.shape != (B,):
@@ -173,7 +177,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> torch.Tensor:
     """[grid_size**2, embed_dim] fixed positions (MAE/DiT recipe: first half from the column
     coordinate, second half from the row coordinate), float32."""
     if embed_dim % 4:
-        raise ValueError(f"2-D sin-cos positions need embed_dim divisible by 4, got {embed_dim}")
+        raise ValueError(f"2-D sin-cos positions need the width (hidden_size) divisible by 4, got {embed_dim}")
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     emb = torch.cat([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], dim=1)
