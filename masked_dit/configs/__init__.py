@@ -31,6 +31,7 @@ class RunConfig:
     out_dir: str = "runs"
     seed: int = 0                        # global seed; rank r uses seed + r for its own draws
     resume: Optional[str] = None         # None | "latest" | path of a checkpoint folder
+    init_from: Optional[str] = None      # weights only (fine-tuning): run / checkpoint / export folder or file
 
 
 @dataclass

@@ -57,7 +57,9 @@ _IMAGENET_RECIPES = {
         "parallel.precision": "bf16", "parallel.compile": True,
         "sample.sampler": "heun", "sample.steps": 40, "sample.cfg_scale": 1.5,
     },
-    # MaskDiT's unmasking fine-tune: no masking, no MAE loss, lr 5e-5 (resume from the masked run).
+    # MaskDiT's unmasking fine-tune: no masking, no MAE loss, lr 5e-5, from the masked run's model and EMA
+    # weights with a fresh optimizer: --run.init_from=<the masked run folder or its checkpoint>. (The
+    # official fine-tune runs fp32 + TF32 at batch 512 for up to 100K steps, keeping the best FID.)
     "imagenet256-maskdit-xl2-unmask": {
         "model.name": "MaskDiT-XL/2", "objective.kind": "edm_maskdit", "objective.mask_ratio": 0.0,
         "objective.mae_loss_coef": 0.0, "optim.lr": 5e-5, "train.global_batch": 1024, "train.steps": 37_500,

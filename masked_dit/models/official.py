@@ -52,8 +52,8 @@ def _looks_like_torch_save(path: str) -> bool:
     return zipfile.is_zipfile(path) or head == b"\x80"
 
 
-def load_official_state_dict(path: str | os.PathLike, weights_only: bool = True) -> dict[str, torch.Tensor]:
-    """The model weights inside an official checkpoint file (EMA weights when present)."""
+def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict:
+    """The dict inside a checkpoint file (.safetensors or torch.save), as stored; one-line errors."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -73,15 +73,25 @@ def load_official_state_dict(path: str | os.PathLike, weights_only: bool = True)
         raise ValueError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {detail})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict or a dict holding one, got {type(obj).__name__}")
+    return obj
+
+
+def pick_weights(obj: dict, path, prefer=_PREFERRED) -> dict[str, torch.Tensor]:
+    """The state dict in ``obj``: ``obj`` itself when it holds tensors, else its first ``prefer`` entry."""
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        for key in _PREFERRED:
+        for key in prefer:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
         else:
-            raise ValueError(f"{path}: no weights found; top-level keys are {sorted(map(str, obj))} "
-                             f"(expected tensors or one of {list(_PREFERRED)})")
+            raise ValueError(f"{os.fspath(path)}: no weights found; top-level keys are {sorted(map(str, obj))} "
+                             f"(expected tensors or one of {list(prefer)})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_official_state_dict(path: str | os.PathLike, weights_only: bool = True) -> dict[str, torch.Tensor]:
+    """The model weights inside an official checkpoint file (EMA weights when present)."""
+    return pick_weights(read_checkpoint(path, weights_only), path)
 
 
 #################################################################################

@@ -122,6 +122,14 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.model_name, self.model_kwargs = model_kwargs(cfg)
         module = build_model_from_config(cfg).to(w.device)
+        resume = ckpt.resolve_resume(resume_arg, self.ckpt_dir, w.size)
+        init_ema = None
+        if cfg.run.init_from and resume is None:  # a resumed fine-tune continues from its own checkpoint
+            from masked_dit.train.warm_start import initial_weights
+
+            init_model, init_ema = initial_weights(cfg.run.init_from, module, self.model_name)
+            module.load_state_dict(init_model)
+            self._log(f"weights from {cfg.run.init_from} (optimizer, step and data start fresh)")
         pixel = cfg.data.source != "latents"
         self.objective = build_objective(cfg.objective, module, pixel_space=pixel,  # loads REPA's DINOv2 if named
                                          image_size=cfg.data.image_size if pixel else None,
@@ -131,13 +139,16 @@ class Trainer:
         self.module = unwrap(self.model)
         self.fsdp_mp = cfg.parallel.mode == "fsdp" and w.distributed
         self.ema = EMA(self.module, cfg.optim.ema_decay)
+        if init_ema is not None:
+            from masked_dit.train.warm_start import load_into_ema
+
+            load_into_ema(self.ema, init_ema)
         self.optimizer = build_optimizer(self.module.parameters(), cfg.optim,
                                          fused=w.device.type == "cuda" and not self.fsdp_mp)
         torch.manual_seed(cfg.run.seed * 100_003 + w.rank)  # per-rank draws (t, noise, masks, dropout)
         self.step = 0
         data_state = None
         self.nonfinite_streak = self.nonfinite_total = 0  # skipped (non-finite) steps: in a row, in all
-        resume = ckpt.resolve_resume(resume_arg, self.ckpt_dir, w.size)
         self.resumed_step = None
         if resume is not None:
             extra = ckpt.load_checkpoint(resume, self.module, self.optimizer, self.ema, w, model_name=self.model_name)

@@ -1,0 +1,97 @@
+"""``--run.init_from``: start a run from another run's weights (fine-tuning), not its optimizer or step.
+
+    masked-dit train --preset imagenet256-maskdit-xl2-unmask --run.init_from=runs/imagenet256-maskdit-xl2
+
+What it accepts, and what it takes from it:
+
+    a run folder            its newest complete checkpoint: model and EMA weights
+    a checkpoint folder     (``step_XXXXXXXX``, with meta.json) model and EMA weights
+    an export folder        ``ema.safetensors``: model and EMA both start from it
+    a checkpoint file       any ``load_official`` format; a training dict with ``'model'`` and
+                            ``'ema'`` gives both (as MaskDiT's fine-tune loads them), a plain state
+                            dict gives the model and the EMA starts from it
+
+The optimizer, step counter, data position and RNG start fresh (MaskDiT's unmasking fine-tune
+also builds a new optimizer). Keys must fit exactly: a mismatch is one line naming the keys.
+``--resume`` wins over ``init_from``: an interrupted fine-tune continues from its own checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from masked_dit.models.official import _match_prefixes, check_state_dict, pick_weights, read_checkpoint
+from masked_dit.train import checkpoint as ckpt
+
+
+def initial_weights(spec: str, model: nn.Module, model_name: Optional[str] = None) -> tuple[dict, dict]:
+    """(model state, EMA state) for ``model`` from ``spec``, full tensors on the CPU (every rank reads them)."""
+    path = Path(spec)
+    what = f"--run.init_from {spec}"
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: no such file or folder")
+    if path.is_dir():
+        if (path / "meta.json").exists():
+            return _from_checkpoint_folder(path, model, model_name)
+        found = ckpt.list_checkpoints(path / "checkpoints")
+        if found:
+            return _from_checkpoint_folder(found[-1], model, model_name)
+        for candidate in (path / "export" / "ema.safetensors", path / "ema.safetensors"):
+            if candidate.exists():
+                return _from_file(candidate, model)
+        raise ValueError(f"{what}: a folder without a complete checkpoint (checkpoints/, meta.json) or ema.safetensors")
+    return _from_file(path, model)
+
+
+def _from_file(path: Path, model: nn.Module) -> tuple[dict, dict]:
+    obj = read_checkpoint(path)
+    weights = pick_weights(obj, path, prefer=("model", "state_dict", "module", "ema"))
+    ema = pick_weights(obj, path, prefer=("ema", "model", "state_dict", "module"))
+    keys = set(model.state_dict())
+    weights, ema = _match_prefixes(weights, keys), _match_prefixes(ema, keys)
+    check_state_dict(model, weights, what=f"--run.init_from {path}")
+    check_state_dict(model, ema, what=f"--run.init_from {path} (EMA)")
+    return weights, ema
+
+
+def _from_checkpoint_folder(path: Path, model: nn.Module, model_name: Optional[str]) -> tuple[dict, dict]:
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    ckpt.verify_checkpoint(path)
+    saved_name = json.loads((path / "meta.json").read_text()).get("model")
+    if model_name and saved_name and saved_name != model_name:
+        raise ValueError(f"--run.init_from {path}: holds a {saved_name} model, not {model_name}")
+    ckpt.check_fits(path, model, model_name)
+    # Plain CPU tensors as the template: DCP reads only these two entries (not the optimizer) and
+    # reshards whatever layout the checkpoint was saved with into full tensors.
+    state = {"model": {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()},
+             "ema": {n: torch.empty_like(p, device="cpu", dtype=torch.float32) for n, p in model.named_parameters()}}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.load(state, checkpoint_id=os.fspath(path))
+    ema = dict(state["model"])
+    ema.update(state["ema"])  # buffers come from the model
+    return state["model"], ema
+
+
+def load_into_ema(ema, full_state: dict) -> None:
+    """Copies full (unsharded) tensors into the EMA shadows, which are FSDP2 DTensor shards or plain."""
+    with torch.no_grad():
+        for name, shadow in ema.shadow.items():
+            full = full_state[name].to(device=shadow.device, dtype=torch.float32)
+            if hasattr(shadow, "device_mesh"):  # a DTensor: take this rank's shard of the full tensor
+                try:
+                    from torch.distributed.tensor import distribute_tensor
+                except ImportError:  # torch < 2.5
+                    from torch.distributed._tensor import distribute_tensor
+                local = distribute_tensor(full, shadow.device_mesh, shadow.placements).to_local()
+                shadow.to_local().copy_(local)
+            else:
+                shadow.copy_(full)
