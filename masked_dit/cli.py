@@ -56,8 +56,8 @@ def _load_for_sampling(args):
     src = Path(args.source)
     if src.is_dir():
         export = src / "export" if (src / "export" / "config.json").exists() else src
-        if not (export / "config.json").exists():
-            raise ValueError(f"{src} is not a run folder (no export/config.json): train it to the end first")
+        if not (export / "config.json").exists() or "model_kwargs" not in json.loads((export / "config.json").read_text()):
+            return _load_checkpoint_ema(src)
         info = json.loads((export / "config.json").read_text())
         model = load_official(export / "ema.safetensors", info["model"], **info["model_kwargs"])
         cfg = Config.from_dict(info["run_config"]) if "run_config" in info else get_preset()
@@ -75,6 +75,26 @@ def _load_for_sampling(args):
     cfg.model.input_size = getattr(model, "input_size", getattr(model, "img_resolution", cfg.model.input_size))
     cfg.data.source = "latents" if cfg.model.in_channels == 4 else "digits"  # pixel models clip to [-1, 1]
     return model, cfg
+
+
+def _load_checkpoint_ema(src: Path):
+    """(EMA model, Config) from a checkpoint folder or the newest checkpoint of an unfinished run."""
+    from masked_dit.configs import Config
+    from masked_dit.train import checkpoint as ckpt
+    from masked_dit.train.build import build_model_from_config, model_kwargs
+    from masked_dit.train.warm_start import initial_weights
+
+    is_checkpoint = (src / "meta.json").exists()
+    run_dir = src.parent.parent if is_checkpoint else src
+    found = [src] if is_checkpoint else ckpt.list_checkpoints(src / "checkpoints")
+    if not found or not (run_dir / "config.json").exists():
+        raise ValueError(f"{src} is not a run folder (no export/config.json, no complete checkpoint with the run's "
+                         f"config.json): train first")
+    cfg = Config.load(run_dir / "config.json")
+    model = build_model_from_config(cfg)
+    _, ema = initial_weights(str(found[-1]), model, model_kwargs(cfg)[0])
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
+    return model.eval(), cfg
 
 
 def _sample(args, _overrides) -> int:

@@ -222,7 +222,8 @@ CASES = [
     ("resume-missing-rank-file", lambda w, m: _train(w, "--resume", str(_damaged_checkpoint(w, m, "rank_00000.pt"))),
      "masked-dit train: error: checkpoint {work}/ck/step_00000001 is damaged: rank_00000.pt is missing"),
     ("sample-not-a-run", lambda w, m: ["sample", str(w)],
-     "masked-dit sample: error: {work} is not a run folder (no export/config.json): train it to the end first"),
+     "masked-dit sample: error: {work} is not a run folder (no export/config.json, no complete checkpoint with the "
+     "run's config.json): train first"),
     ("sample-missing-file", lambda w, m: ["sample", str(w / "x.pt"), "--model", "DiT-S/2"],
      "masked-dit sample: error: checkpoint not found: {work}/x.pt"),
     ("sample-truncated-safetensors", lambda w, m: ["sample", str(_apply(_copy(
