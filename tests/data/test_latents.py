@@ -108,6 +108,7 @@ def test_train_on_latents(tiny_vae_dir, images_dir, tmp_path):
                                                  "model.input_size": 8, "model.num_classes": 2,
                                                  "model.patch_size": 2, "train.global_batch": 2, "train.steps": 2})
     assert train(cfg)["step"] == 2
-    bad = tiny_config("digits-dit", tmp_path, **{"data.source": "latents", "data.path": str(tmp_path / "lat")})
+    bad = tiny_config("digits-dit", tmp_path, **{"data.source": "latents", "data.path": str(tmp_path / "lat"),
+                                                 "run.name": "bad"})
     with pytest.raises(ValueError, match="data gives 4x8x8 inputs but the model expects"):
         train(bad)
