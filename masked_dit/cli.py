@@ -23,11 +23,15 @@ from pathlib import Path
 
 def _train(args, overrides: list[str]) -> int:
     from masked_dit.configs import PRESETS, Config, apply_overrides, get_preset
+    from masked_dit.configs.presets import DEFAULT_PRESET
 
     if args.list_presets:
         print("\n".join(PRESETS))
         return 0
-    cfg = Config.load(args.config) if args.config else get_preset(args.preset)
+    if args.config and args.preset:  # one would be silently ignored
+        raise ValueError(f"--config {args.config} and --preset {args.preset} exclude each other; a config file "
+                         "holds a whole config (override fields with --section.key=value)")
+    cfg = Config.load(args.config) if args.config else get_preset(args.preset or DEFAULT_PRESET)
     if args.config:
         cfg.preset = cfg.preset or Path(args.config).stem
     if args.resume:
@@ -54,6 +58,8 @@ def _load_for_sampling(args):
     from masked_dit.models import load_official
 
     src = Path(args.source)
+    if not src.exists():
+        raise FileNotFoundError(f"checkpoint not found: {src}")
     if src.is_dir():
         export = src / "export" if (src / "export" / "config.json").exists() else src
         if not (export / "config.json").exists() or "model_kwargs" not in json.loads((export / "config.json").read_text()):
@@ -64,7 +70,17 @@ def _load_for_sampling(args):
         return model, cfg
     if not args.model:
         raise ValueError("sampling an official checkpoint needs --model NAME (e.g. DiT-XL/2, MDTv2-XL/2)")
-    model = load_official(src, args.model, **json.loads(args.model_kwargs or "{}"))
+    try:
+        overrides = json.loads(args.model_kwargs or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--model-kwargs {args.model_kwargs!r} is not valid JSON ({exc})") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object of constructor arguments, e.g. "
+                         f"'{{\"num_classes\": 10}}' (got {type(overrides).__name__})")
+    try:
+        model = load_official(src, args.model, **overrides)
+    except TypeError as exc:  # an argument the constructor does not take
+        raise ValueError(f"--model-kwargs: cannot build {args.model} ({exc})") from None
     family = getattr(model, "family", "")
     preset = {"dit": "imagenet256-dit-xl2", "sit": "imagenet256-sit-xl2", "repa_sit": "imagenet256-repa-sit-xl2",
               "mdtv2": "imagenet256-mdtv2-xl2", "mdtv1": "imagenet256-mdtv2-xl2",
@@ -110,6 +126,16 @@ def _sample(args, _overrides) -> int:
         raise ValueError(f"--out {out}: must end in .npz (samples for FID) or .png (a grid)")
     if args.batch_size < 1 or args.num < 1:
         raise ValueError(f"--batch-size ({args.batch_size}) and --num-samples ({args.num}) must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1 (got {args.steps})")
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1 (got {args.per_class})")
+    if args.classes == []:
+        raise ValueError("--classes needs at least one class label (or leave it out)")
+    if out.exists() and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name a file ending in .npz or .png")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
     model, cfg = _load_for_sampling(args)
     world = init_world(args.device)
     try:
@@ -121,11 +147,14 @@ def _sample(args, _overrides) -> int:
             apply_compile(model)
         objective = build_objective(cfg.objective, model, pixel_space=cfg.data.source != "latents" and not args.vae)
         sc = cfg.sample
-        kw = dict(sampler=args.sampler or sc.sampler, steps=args.steps or sc.steps,
+        kw = dict(sampler=args.sampler or sc.sampler, steps=sc.steps if args.steps is None else args.steps,
                   cfg_scale=sc.cfg_scale if args.cfg_scale is None else args.cfg_scale,
                   scale_pow=sc.scale_pow if args.scale_pow is None else args.scale_pow,
                   guidance_low=sc.guidance_low if args.guidance_low is None else args.guidance_low,
                   guidance_high=sc.guidance_high if args.guidance_high is None else args.guidance_high)
+        if kw["cfg_scale"] != 1 and not _has_null_class(model):
+            raise ValueError(f"--cfg-scale {kw['cfg_scale']} needs a null class, which this model lacks (trained "
+                             f"with class_dropout_prob=0): sample with --cfg-scale 1")
         if world.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
         autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16) if args.precision == "bf16"
@@ -139,6 +168,10 @@ def _sample(args, _overrides) -> int:
         if args.vae:
             from masked_dit.data.latents import load_vae
             vae = load_vae(args.vae, str(world.device))
+            latent_channels = getattr(getattr(vae, "config", None), "latent_channels", cfg.model.in_channels)
+            if latent_channels != cfg.model.in_channels:
+                raise ValueError(f"--vae {args.vae} decodes {latent_channels}-channel latents but the model samples "
+                                 f"{cfg.model.in_channels}-channel images; leave --vae out for a pixel-space model")
 
         def decode(x):
             with torch.no_grad():
@@ -153,6 +186,9 @@ def _sample(args, _overrides) -> int:
                              settings=settings, world=world, decode=decode if vae else None)
             if n is not None:
                 print(f"wrote {out} ({n} samples)")
+                if cfg.data.source == "latents" and not args.vae:
+                    print(f"masked-dit sample: warning: {out} holds latent channels 0-2 as images, not decoded "
+                          "images: pass --vae (e.g. stabilityai/sd-vae-ft-ema) for FID", file=sys.stderr)
             return 0
         labels = grid_labels(cfg.model.num_classes, args.per_class, args.classes)
         images = [sample_batch(draw, labels[i:i + args.batch_size].to(world.device), shape, args.seed,
@@ -165,17 +201,45 @@ def _sample(args, _overrides) -> int:
         shutdown(world)
 
 
+def _has_null_class(model) -> bool:
+    """Whether the model's label embedding has the extra 'null' row classifier-free guidance needs
+    (models without a LabelEmbedder, e.g. MaskDiT's one-hot labels, need none)."""
+    from masked_dit.nn.embed import LabelEmbedder
+
+    embedders = [m for m in model.modules() if isinstance(m, LabelEmbedder)]
+    return all(m.embedding_table.num_embeddings > m.num_classes for m in embedders)
+
+
+def _device(name: str) -> str:
+    """--device of extract-latents / extract-features: 'auto', 'cpu', 'cuda', 'cuda:1', ... (one-line errors)."""
+    from masked_dit.eval.cli import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _check_out_dir(out: str) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"output folder {out} is a file")
+
+
+def _check_positive(args, *names) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+
+
 #################################################################################
 #                                extract-latents                                #
 #################################################################################
 
 def _extract(args, _overrides) -> int:
-    import torch
-
     from masked_dit.data import ImageFolderDataset, extract_latents
     from masked_dit.data.latents import load_vae
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_positive(args, "image_size", "batch_size", "shard_size")
+    _check_out_dir(args.out)
+    device = _device(args.device)
     dataset = ImageFolderDataset(args.images, args.image_size, args.on_bad_image)
     vae = load_vae(args.vae, device)
     manifest = extract_latents(dataset, args.out, vae, vae_name=args.vae, batch_size=args.batch_size,
@@ -186,16 +250,15 @@ def _extract(args, _overrides) -> int:
 
 
 def _extract_features(args, _overrides) -> int:
-    import torch
-
-    from masked_dit.data import ImageFolderDataset
+    from masked_dit.data import ImageFolderDataset, LatentDataset
     from masked_dit.data.encoders import extract_encoder_features, feature_dir_name, load_encoder_features
 
-    latents = Path(args.latents) / "manifest.json"
-    if not latents.exists():
-        raise FileNotFoundError(f"no manifest.json in {args.latents!r}: run `masked-dit extract-latents` first")
-    image_size = json.loads(latents.read_text())["image_size"]  # the images exactly as extract-latents saw them
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    # The latents must be complete and readable; their image size is how extract-latents saw the images.
+    image_size = LatentDataset(args.latents).manifest.get("image_size")
+    if not isinstance(image_size, int):
+        raise ValueError(f"latents {args.latents}: manifest.json has no image_size: re-run extract-latents")
+    _check_positive(args, "batch_size", "encoder_image_size", "token_grid")
+    device = _device(args.device)
     dataset = ImageFolderDataset(args.images, image_size, args.on_bad_image)
     features = load_encoder_features(args.encoder, token_grid=args.token_grid, device=device,
                                      image_size=args.encoder_image_size, resolution=image_size,
@@ -220,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (default: MDTv2 on the embedded digits)",
                        description="Train from a preset or a config.json; override any field with --section.key=value.")
-    t.add_argument("--preset", default=DEFAULT_PRESET, help=f"named recipe (default {DEFAULT_PRESET}; --list-presets)")
+    t.add_argument("--preset", default=None, help=f"named recipe (default {DEFAULT_PRESET}; --list-presets)")
     t.add_argument("--config", help="a config.json (e.g. from a run folder) instead of a preset")
     t.add_argument("--resume", help="'latest' or a checkpoint folder (same as --run.resume=...)")
     t.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
@@ -250,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bf16: autocast")
     s.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     s.add_argument("--vae", help="decode latents with this AutoencoderKL (hub id or folder)")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.set_defaults(func=_sample)
 
     e = sub.add_parser("extract-latents", help="encode an image folder once into sharded VAE moments")
@@ -314,11 +377,16 @@ def main(argv=None) -> int:
     # Only `train` takes --section.key=value overrides; anything else left over is an error.
     overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
     unknown = [a for a in rest if a not in overrides]
+    valueless = [a for a in unknown if a.startswith("--") and "." in a and "=" not in a]
+    if valueless and args.command == "train":
+        parser.error(f"override {valueless[0]} needs its value after '=': {valueless[0]}=VALUE")
     if unknown or (overrides and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    # OSError: a path that is a file where a folder is needed (or the reverse), no permission, ...;
+    # Python's message names the path.
     try:
         return args.func(args, overrides)
-    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as exc:
+    except (ValueError, OSError, ImportError, FloatingPointError) as exc:
         print(f"masked-dit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,8 +226,21 @@ def validate(cfg: Config) -> None:
     for section, key in positive:
         if getattr(getattr(cfg, section), key) <= 0:
             raise ConfigError(f"--{section}.{key} must be > 0 (got {getattr(getattr(cfg, section), key)})")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"--optim.lr must be > 0 (got {cfg.optim.lr})")
+    if cfg.train.micro_batch is not None and cfg.train.micro_batch <= 0:
+        raise ConfigError(f"--train.micro_batch must be > 0, or none for global_batch / world size "
+                          f"(got {cfg.train.micro_batch})")
+    _validate_model(cfg)
+    if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
+        raise ConfigError(f"--optim.lr must be a finite number > 0 (got {cfg.optim.lr})")
+    for key in ("weight_decay", "grad_clip"):
+        value = getattr(cfg.optim, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"--optim.{key} must be a finite number >= 0 (got {value})")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"--data.num_workers must be >= 0 (got {cfg.data.num_workers})")
+    if not (math.isfinite(cfg.data.latent_scale) and cfg.data.latent_scale > 0):
+        raise ConfigError(f"--data.latent_scale must be a finite number > 0 (got {cfg.data.latent_scale})")
+    _validate_sample(cfg)
     if not 0 <= cfg.optim.ema_decay < 1:
         raise ConfigError(f"--optim.ema_decay must be in [0, 1) (got {cfg.optim.ema_decay})")
     n_betas = 3 if cfg.optim.name == "adan" else 2
@@ -242,6 +256,48 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--data.features={cfg.data.features!r} gives REPA its features: it needs "
                           f"--objective.kind=repa --objective.encoder=none (got {cfg.objective.kind}, "
                           f"{cfg.objective.encoder})")
+
+
+def _validate_model(cfg: Config) -> None:
+    """Sizes and labels the model constructors would otherwise reject with a ZeroDivisionError or an
+    out-of-range label deep inside a step."""
+    mc = cfg.model
+    for key in ("depth", "hidden_size", "num_heads", "patch_size"):
+        value = getattr(mc, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--model.{key} must be > 0, or none for the registry's value (got {value})")
+    # MaskDiT alone has an unconditional (num_classes=0) form; the others embed at least one class.
+    least = 0 if cfg.objective.kind == "edm_maskdit" else 1
+    if mc.num_classes < least:
+        raise ConfigError(f"--model.num_classes must be >= {least} for --objective.kind={cfg.objective.kind} "
+                          f"(got {mc.num_classes})")
+    if not 0 <= mc.class_dropout_prob <= 1:
+        raise ConfigError(f"--model.class_dropout_prob must be in [0, 1] (got {mc.class_dropout_prob})")
+
+
+def _validate_sample(cfg: Config) -> None:
+    sc = cfg.sample
+    if sc.num_per_class <= 0:
+        raise ConfigError(f"--sample.num_per_class must be > 0 (got {sc.num_per_class})")
+    if sc.grid_classes is not None:
+        labels = sc.grid_classes
+        if not labels or not all(isinstance(c, int) and not isinstance(c, bool) for c in labels):
+            raise ConfigError(f"--sample.grid_classes={labels!r} must be a non-empty list of class labels, "
+                              f"e.g. [0,3,7], or none")
+        bad = [c for c in labels if not 0 <= c < max(cfg.model.num_classes, 1)]
+        if bad:
+            raise ConfigError(f"--sample.grid_classes {bad} are outside [0, {cfg.model.num_classes - 1}] "
+                              f"(--model.num_classes={cfg.model.num_classes})")
+    if not sc.guidance_low <= sc.guidance_high:
+        raise ConfigError(f"--sample.guidance_low={sc.guidance_low} must be <= --sample.guidance_high="
+                          f"{sc.guidance_high} (guidance applies for t in [low, high])")
+    # Without label dropout the model has no null-class row for the unconditional half of CFG
+    # (MaskDiT's null label is the zero one-hot vector, which needs no row).
+    if (sc.cfg_scale != 1 and cfg.model.class_dropout_prob == 0 and cfg.objective.kind != "edm_maskdit"
+            and cfg.model.num_classes > 0):
+        raise ConfigError(f"--sample.cfg_scale={sc.cfg_scale} needs the null class that label dropout trains, but "
+                          f"--model.class_dropout_prob=0 leaves it out: set --sample.cfg_scale=1 or "
+                          f"--model.class_dropout_prob > 0")
 
 
 ENCODER_CHOICES = ("none, patches, dinov2-vit-{s,b,l,g}, dinov2reg-vit-{s,b,l,g}, dinov1-vit-b, clip-vit-L, "
@@ -319,7 +375,7 @@ def _coerce(section: str, key: str, hint, value):
         if hint in (tuple, list) or origin in (tuple, list):
             if isinstance(value, str):
                 value = json.loads(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-            seq = [float(v) if hint is tuple else (int(v) if isinstance(v, str) and v.isdigit() else v) for v in value]
+            seq = [float(v) if hint is tuple else (int(v) if isinstance(v, str) and v.lstrip("-").isdigit() else v) for v in value]
             return tuple(seq) if hint is tuple else list(seq)
         if hint is dict or origin is dict:
             return dict(json.loads(value) if isinstance(value, str) else value)

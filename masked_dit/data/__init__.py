@@ -32,6 +32,12 @@ def build_dataset(data_cfg, model_cfg=None):
         raise ValueError(f"data gives {shape[0]}x{shape[1]}x{shape[1]} inputs but the model expects "
                          f"--model.in_channels={model_cfg.in_channels} --model.input_size={model_cfg.input_size}")
     # Labels out of the class embedding's range would index past it (a CUDA assert, not an error).
+    # An unconditional model (MaskDiT, num_classes=0) ignores the labels.
+    if model_cfg is not None and model_cfg.num_classes == 0:
+        return ds
+    if model_cfg is not None and data_cfg.source == "digits" and ds.num_classes > model_cfg.num_classes:
+        raise ValueError(f"digits hold {ds.num_classes} classes (labels 0-{ds.num_classes - 1}) but the model has "
+                         f"--model.num_classes={model_cfg.num_classes}")
     if model_cfg is not None and data_cfg.source == "folder" and ds.num_classes > model_cfg.num_classes:
         raise ValueError(f"image folder {data_cfg.path} has {ds.num_classes} classes but the model has "
                          f"--model.num_classes={model_cfg.num_classes}")

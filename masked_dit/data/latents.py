@@ -35,7 +35,15 @@ def load_vae(vae: str, device: str = "cpu"):
         from diffusers.models import AutoencoderKL
     except ImportError as exc:
         raise ImportError("extract-latents needs diffusers: pip install 'masked-dit[vae]'") from exc
-    return AutoencoderKL.from_pretrained(vae).to(device).eval()
+    path = Path(vae).expanduser()
+    if (path.is_absolute() or vae.startswith((".", "~"))) and not path.is_dir():  # a folder, not a hub id
+        raise ValueError(f"--vae {vae}: no such folder (a save_pretrained AutoencoderKL folder or a hub id)")
+    try:
+        model = AutoencoderKL.from_pretrained(vae)
+    except OSError as exc:  # no such folder / hub id, no config.json, unreadable weights: name --vae, one line
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--vae {vae}: cannot load an AutoencoderKL ({detail})") from None
+    return model.to(device).eval()
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -142,14 +150,21 @@ class LatentDataset(torch.utils.data.Dataset):
         path = self.root / MANIFEST
         if not path.exists():
             raise FileNotFoundError(f"no {MANIFEST} in {root!r}: run `masked-dit extract-latents` first")
-        self.manifest = json.loads(path.read_text())
-        if not self.manifest.get("complete"):
+        try:
+            self.manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"latents {self.root}: {MANIFEST} is not valid JSON ({exc})") from None
+        if not isinstance(self.manifest, dict) or not self.manifest.get("complete"):
             raise ValueError(f"latents in {root!r} are incomplete: re-run extract-latents to finish them")
-        self.has_flip = bool(self.manifest["flip"])
-        self.num_classes = self.manifest.get("num_classes", 0)
-        self.latent_shape = tuple(self.manifest["latent_shape"])
-        self.shards = self.manifest["shards"]
-        self.starts = np.array([s["start"] for s in self.shards])
+        try:
+            self.has_flip = bool(self.manifest["flip"])
+            self.num_classes = self.manifest.get("num_classes", 0)
+            self.latent_shape = tuple(self.manifest["latent_shape"])
+            self.shards = self.manifest["shards"]
+            self.starts = np.array([s["start"] for s in self.shards])
+        except (KeyError, TypeError) as exc:  # a hand-edited or foreign manifest.json
+            raise ValueError(f"latents {self.root}: {MANIFEST} is not one extract-latents wrote (bad or missing "
+                             f"{exc}): re-run extract-latents") from None
         self._maps: dict[tuple[int, str], np.ndarray] = {}
         self.max_label = self._check_shards()
 

@@ -72,7 +72,16 @@ class BatchStream:
     def __next__(self) -> dict:
         if self._it is None:
             self._start()
-        out = next(self._it)
+        try:
+            out = next(self._it)
+        except (ValueError, OSError) as exc:
+            # A worker's error (bad image, NaN latents) comes back with the worker's whole traceback in
+            # its message; keep the one line that names the file, as with num_workers=0.
+            text = str(exc).strip()
+            if "DataLoader worker process" not in text or "\n" not in text:
+                raise
+            last = text.splitlines()[-1]
+            raise type(exc)(last.split(": ", 1)[1] if ": " in last else last) from None
         self.batch += 1
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0

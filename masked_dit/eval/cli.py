@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -66,10 +67,17 @@ def main(argv=None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.random_init_inception and args.inception_weights:
             raise ValueError("--random-init-inception and --inception-weights exclude each other")
+        if args.out and Path(args.out).is_dir():  # found now, not after the whole evaluation
+            raise ValueError(f"--out {args.out} is a folder; name a .json file")
         open_batches(args.ref_batch, args.sample_batch)  # bad input fails before weights load
         device = resolve_device(args.device)
-        model = load_fid_inception(args.inception_weights, random_init=args.random_init_inception,
-                                   device=device, preprocess=args.preprocess)
+        try:
+            model = load_fid_inception(args.inception_weights, random_init=args.random_init_inception,
+                                       device=device, preprocess=args.preprocess)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # a file that is not the weights
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"--inception-weights {args.inception_weights}: not loadable Inception weights "
+                             f"({type(exc).__name__}: {detail})") from None
         metrics = evaluate(args.ref_batch, args.sample_batch, model, batch_size=args.batch_size, device=device,
                            progress=not args.no_progress)
     except (ValueError, OSError) as err:  # bad input or no weights: one line, no traceback

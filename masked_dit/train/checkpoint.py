@@ -167,7 +167,8 @@ def save_checkpoint(ckpt_root, step: int, model, optimizer, ema, world, extra: d
     torch.save({"rng": rng_state(), **extra}, tmp / f"rank_{world.rank:05d}.pt")
     _barrier(world)
     if world.is_main:
-        meta = {"step": step, "world_size": world.size, **({"model": model_name} if model_name else {})}
+        meta = {"step": step, "world_size": world.size, **({"model": model_name} if model_name else {}),
+                "optimizer": type(optimizer).__name__}
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
         if final.exists():  # re-saving a step: move the old one aside (renames are atomic), then drop it
             aside = root / f"step_{step:08d}.old"
@@ -197,10 +198,21 @@ def load_checkpoint(path, model, optimizer, ema, world, model_name: str | None =
     if model_name and meta.get("model", model_name) != model_name:
         raise ValueError(f"checkpoint {path} holds a {meta['model']} model, not {model_name}")
     check_fits(path, model, model_name)
+    if meta.get("optimizer", type(optimizer).__name__) != type(optimizer).__name__:
+        raise ValueError(f"checkpoint {path} holds {meta['optimizer']} state but this run uses "
+                         f"{type(optimizer).__name__} (--optim.name): resume with the optimizer it was saved with, "
+                         f"or take its weights only with --run.init_from")
     state = _app_state(model, optimizer, ema)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.load(state, checkpoint_id=str(path))
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        # DCP wraps planner errors (state this checkpoint lacks) in a CheckpointException, a BaseException
+        except (Exception, getattr(dcp.api, "CheckpointException", Exception)) as exc:  # noqa: BLE001
+            missing = re.search(r"Missing key in checkpoint state_dict: ([\w.]*\w)", str(exc), re.M)
+            detail = f"it lacks {missing.group(1)}" if missing else type(exc).__name__
+            raise ValueError(f"checkpoint {path} does not hold this run's training state ({detail}); was a "
+                             f"setting such as --optim.name changed since it was saved?") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     ema.load_state_dict(state["ema"])
     rank_file = path / f"rank_{world.rank:05d}.pt"

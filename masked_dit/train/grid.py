@@ -6,10 +6,12 @@ import torch
 
 
 def grid_labels(num_classes: int, num_per_class: int, classes=None) -> torch.Tensor:
-    classes = list(range(min(num_classes, 10))) if classes is None else [int(c) for c in classes]
-    bad = [c for c in classes if not 0 <= c < num_classes]
+    # An unconditional model (num_classes=0, MaskDiT) ignores labels: one row, labelled 0.
+    num_rows = max(num_classes, 1)
+    classes = list(range(min(num_rows, 10))) if classes is None else [int(c) for c in classes]
+    bad = [c for c in classes if not 0 <= c < num_rows]
     if bad:
-        raise ValueError(f"grid classes {bad} are outside [0, {num_classes - 1}]")
+        raise ValueError(f"grid classes {bad} are outside [0, {num_rows - 1}]")
     return torch.tensor(classes, dtype=torch.long).repeat_interleave(num_per_class)
 
 

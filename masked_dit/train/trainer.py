@@ -282,7 +282,8 @@ class Trainer:
         """The offline digits metric (conditional accuracy, classifier-feature FD) of the EMA
         ``model`` on ``sample.eval_num`` samples with balanced labels; written to metrics.jsonl."""
         cfg, w = self.cfg, self.world
-        if cfg.data.source != "digits" or cfg.sample.eval_num < 2 or model is None:
+        # (conditional accuracy needs a class-conditional model: not MaskDiT's unconditional num_classes=0)
+        if cfg.data.source != "digits" or cfg.sample.eval_num < 2 or model is None or cfg.model.num_classes == 0:
             return None
         from masked_dit.eval.digits import score_digits
 

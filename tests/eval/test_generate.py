@@ -103,3 +103,9 @@ def test_bad_outputs_are_one_line(checkpoint, tmp_path, capsys):
                                                "(samples for FID) or .png (a grid)")
     assert main(_argv(checkpoint, tmp_path / "x.npz", "--classes", "9")) == 2
     assert capsys.readouterr().err.strip() == "masked-dit sample: error: --classes [9] are outside [0, 4]"
+
+
+def test_latent_samples_without_a_vae_warn(checkpoint, tmp_path, capsys):
+    assert main(_argv(checkpoint, tmp_path / "w.npz", "--num-samples", "1")) == 0
+    assert ("masked-dit sample: warning: " + f"{tmp_path}/w.npz holds latent channels 0-2 as images"
+            in capsys.readouterr().err)

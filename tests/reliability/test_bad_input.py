@@ -139,6 +139,44 @@ CASES = [
      "masked-dit train: error: --train.global_batch=8 must be a multiple of micro_batch (3) x world size (1)"),
     ("cli-max-nonfinite-zero", lambda w, m: _train(w, "--train.max_nonfinite_steps=0"),
      "masked-dit train: error: --train.max_nonfinite_steps must be > 0 (got 0)"),
+    # found by fuzzing the command line (tests/reliability/test_cli_fuzz.py): each was a traceback, a
+    # message naming no option, or a failure only after training
+    ("cli-micro-batch-zero", lambda w, m: _train(w, "--train.micro_batch=0"),
+     "masked-dit train: error: --train.micro_batch must be > 0, or none for global_batch / world size (got 0)"),
+    ("cli-hidden-size-zero", lambda w, m: _train(w, "--model.hidden_size=0"),
+     "masked-dit train: error: --model.hidden_size must be > 0, or none for the registry's value (got 0)"),
+    ("cli-num-classes-below-digits", lambda w, m: _train(w, "--model.num_classes=1"),
+     "masked-dit train: error: digits hold 10 classes (labels 0-9) but the model has --model.num_classes=1"),
+    ("cli-num-classes-zero", lambda w, m: _train(w, "--model.num_classes=0"),
+     "masked-dit train: error: --model.num_classes must be >= 1 for --objective.kind=adm (got 0)"),
+    ("cli-class-dropout-range", lambda w, m: _train(w, "--model.class_dropout_prob=1.5"),
+     "masked-dit train: error: --model.class_dropout_prob must be in [0, 1] (got 1.5)"),
+    ("cli-cfg-without-null-class", lambda w, m: _train(w, "--model.class_dropout_prob=0"),
+     "masked-dit train: error: --sample.cfg_scale=4.0 needs the null class that label dropout trains, but "
+     "--model.class_dropout_prob=0 leaves it out: set --sample.cfg_scale=1 or --model.class_dropout_prob > 0"),
+    ("cli-lr-nan", lambda w, m: _train(w, "--optim.lr=nan"),
+     "masked-dit train: error: --optim.lr must be a finite number > 0 (got nan)"),
+    ("cli-weight-decay-negative", lambda w, m: _train(w, "--optim.weight_decay=-1"),
+     "masked-dit train: error: --optim.weight_decay must be a finite number >= 0 (got -1.0)"),
+    ("cli-num-workers-negative", lambda w, m: _train(w, "--data.num_workers=-1"),
+     "masked-dit train: error: --data.num_workers must be >= 0 (got -1)"),
+    ("cli-latent-scale-zero", lambda w, m: _train(w, "--data.latent_scale=0"),
+     "masked-dit train: error: --data.latent_scale must be a finite number > 0 (got 0.0)"),
+    ("cli-num-per-class-zero", lambda w, m: _train(w, "--sample.num_per_class=0"),
+     "masked-dit train: error: --sample.num_per_class must be > 0 (got 0)"),
+    ("cli-grid-classes-empty", lambda w, m: _train(w, "--sample.grid_classes=[]"),
+     "masked-dit train: error: --sample.grid_classes=[] must be a non-empty list of class labels, e.g. [0,3,7], "
+     "or none"),
+    ("cli-grid-classes-out-of-range", lambda w, m: _train(w, "--sample.grid_classes=3,30,-1"),
+     "masked-dit train: error: --sample.grid_classes [30, -1] are outside [0, 9] (--model.num_classes=10)"),
+    ("cli-guidance-interval-reversed", lambda w, m: _train(w, "--sample.guidance_low=0.8",
+                                                           "--sample.guidance_high=0.2"),
+     "masked-dit train: error: --sample.guidance_low=0.8 must be <= --sample.guidance_high=0.2 (guidance applies "
+     "for t in [low, high])"),
+    ("cli-config-and-preset", lambda w, m: ["train", "--config", str(_json(w, "c.json", "{}")), "--preset",
+                                            "digits-sit"],
+     "masked-dit train: error: --config {work}/c.json and --preset digits-sit exclude each other; a config file "
+     "holds a whole config (override fields with --section.key=value)"),
     # --- config files -------------------------------------------------------------------------------------
     ("config-missing", lambda w, m: ["train", "--config", str(w / "nope.json")],
      "masked-dit train: error: config file {work}/nope.json does not exist"),
@@ -173,6 +211,10 @@ CASES = [
     ("folder-unreadable-image", lambda w, m: _train(w, "--data.source=folder", f"--data.path={_broken_images(w)}",
                                                     *FOLDER_MODEL),
      "masked-dit train: error: unreadable image {work}/broken/..."),
+    ("folder-unreadable-image-workers", lambda w, m: _train(w, "--data.source=folder",
+                                                            f"--data.path={_broken_images(w)}", *FOLDER_MODEL,
+                                                            "--data.num_workers=2"),
+     "masked-dit train: error: unreadable image {work}/broken/..."),  # not the worker's traceback
     # --- latent shards ------------------------------------------------------------------------------------
     ("latents-no-manifest", lambda w, m: _train(w, "--data.source=latents", f"--data.path={w}", *LATENT_MODEL),
      "masked-dit train: error: no manifest.json in '{work}': run `masked-dit extract-latents` first"),
@@ -195,6 +237,14 @@ CASES = [
     ("latents-nan", lambda w, m: _train(w, "--data.source=latents", "--data.path=" + str(_apply(
         _npy(w, m, "shard_00000.std.npy"), lambda p: _rewrite(p, lambda a: a * np.nan))), *LATENT_MODEL),
      "masked-dit train: error: latents {work}/lat: non-finite values in shard_00000.std.npy row ..."),
+    ("latents-manifest-not-json", lambda w, m: _train(w, "--data.source=latents", "--data.path=" + str(
+        _json(w, "manifest.json", "{not json").parent), *LATENT_MODEL),
+     "masked-dit train: error: latents {work}: manifest.json is not valid JSON (Expecting property name enclosed in "
+     "double quotes: line 1 column 2 (char 1))"),
+    ("features-foreign-manifest", lambda w, m: ["extract-features", str(m / "images"), str(
+        _json(w, "manifest.json", '{"complete": true}').parent)],
+     "masked-dit extract-features: error: latents {work}: manifest.json is not one extract-latents wrote (bad or "
+     "missing 'flip'): re-run extract-latents"),
     ("latents-wrong-model-shape", lambda w, m: _train(w, "--data.source=latents", f"--data.path={m / 'latents'}",
                                                       "--model.in_channels=4", "--model.input_size=8"),
      "masked-dit train: error: data gives 4x4x4 inputs but the model expects --model.in_channels=4 "
@@ -215,6 +265,11 @@ CASES = [
                                                str(_other_size_checkpoint(w, m))),
      "masked-dit train: error: checkpoint {m}/runs/digits-dit/checkpoints/step_00000001 holds a DiT-S/2 model, "
      "not SiT-S/2"),
+    ("resume-other-optimizer", lambda w, m: _train(w, "--optim.name=adan", "--optim.betas=0.98,0.92,0.99",
+                                                   "--resume", str(_other_size_checkpoint(w, m))),
+     "masked-dit train: error: checkpoint {m}/runs/digits-dit/checkpoints/step_00000001 holds AdamW state but this "
+     "run uses Adan (--optim.name): resume with the optimizer it was saved with, or take its weights only with "
+     "--run.init_from"),
     ("resume-missing-shard", lambda w, m: _train(w, "--resume", str(_damaged_checkpoint(w, m, "__0_0.distcp"))),
      "masked-dit train: error: checkpoint {work}/ck/step_00000001 is damaged: __0_0.distcp is missing or truncated"),
     ("resume-truncated-shard", lambda w, m: _train(w, "--resume", str(_damaged_checkpoint(w, m, "truncate"))),
@@ -232,6 +287,47 @@ CASES = [
      "masked-dit sample: error: {work}/e.safetensors: unreadable checkpoint (..."),
     ("sample-garbage-pt", lambda w, m: ["sample", str(_json(w, "x.pt", "not a checkpoint")), "--model", "DiT-S/2"],
      "masked-dit sample: error: {work}/x.pt: unreadable checkpoint (..."),
+    ("sample-missing-run-folder", lambda w, m: ["sample", str(w / "no_run")],
+     "masked-dit sample: error: checkpoint not found: {work}/no_run"),
+    ("sample-steps-zero", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"), "--steps", "0"],
+     "masked-dit sample: error: --steps must be >= 1 (got 0)"),
+    ("sample-per-class-negative", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
+                                                "--per-class", "-1"],
+     "masked-dit sample: error: --per-class must be >= 1 (got -1)"),
+    ("sample-classes-empty", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
+                                           "--classes"],
+     "masked-dit sample: error: --classes needs at least one class label (or leave it out)"),
+    ("sample-out-is-folder", lambda w, m: (os.makedirs(w / "o.npz"), ["sample", str(m / "runs/digits-dit"),
+                                                                        "--out", str(w / "o.npz")])[1],
+     "masked-dit sample: error: --out {work}/o.npz is a folder; name a file ending in .npz or .png"),
+    ("sample-model-kwargs-not-object", lambda w, m: ["sample", str(m / "runs/digits-dit/export/ema.safetensors"),
+                                                     "--model", "DiT-S/2", "--model-kwargs", "[1]"],
+     "masked-dit sample: error: --model-kwargs must be a JSON object of constructor arguments, e.g. "
+     "'{\"num_classes\": 10}' (got list)"),
+    ("sample-model-kwargs-bad-json", lambda w, m: ["sample", str(m / "runs/digits-dit/export/ema.safetensors"),
+                                                   "--model", "DiT-S/2", "--model-kwargs", "{bad"],
+     "masked-dit sample: error: --model-kwargs '{bad' is not valid JSON (Expecting property name enclosed in "
+     "double quotes: line 1 column 2 (char 1))"),
+    ("sample-model-kwargs-unknown", lambda w, m: ["sample", str(m / "runs/digits-dit/export/ema.safetensors"),
+                                                  "--model", "DiT-S/2", "--model-kwargs", '{"bogus": 1}'],
+     "masked-dit sample: error: --model-kwargs: cannot build DiT-S/2 (DiT.__init__() got an unexpected keyword "
+     "argument 'bogus')"),
+    ("sample-vae-missing", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
+                                         "--vae", str(w / "novae")],
+     "masked-dit sample: error: --vae {work}/novae: no such folder (a save_pretrained AutoencoderKL folder "
+     "or a hub id)"),
+    # --- extract-latents ----------------------------------------------------------------------------------
+    ("extract-batch-size-zero", lambda w, m: ["extract-latents", str(m / "images"), str(w / "lat"),
+                                              "--batch-size", "0"],
+     "masked-dit extract-latents: error: --batch-size must be >= 1 (got 0)"),
+    ("extract-out-is-file", lambda w, m: ["extract-latents", str(m / "images"), str(_json(w, "f.txt", "x"))],
+     "masked-dit extract-latents: error: output folder {work}/f.txt is a file"),
+    ("extract-bad-device", lambda w, m: ["extract-latents", str(m / "images"), str(w / "lat"), "--device", "gpu"],
+     "masked-dit extract-latents: error: --device: unknown device 'gpu'"),
+    ("extract-vae-missing", lambda w, m: ["extract-latents", str(m / "images"), str(w / "lat"),
+                                          "--vae", str(w / "novae"), "--device", "cpu"],
+     "masked-dit extract-latents: error: --vae {work}/novae: no such folder (a save_pretrained AutoencoderKL folder "
+     "or a hub id)"),
     ("sample-wrong-model", lambda w, m: ["sample", str(m / "runs/digits-dit/export/ema.safetensors"),
                                          "--model", "DiT-B/2",
                                          "--model-kwargs", '{"in_channels": 1, "num_classes": 10}'],
@@ -285,6 +381,15 @@ def test_bad_input_is_one_line(case, material, tmp_path, capsys):
     assert _tree(material) == before_material, "the shared material was modified"
     changed = {p for p, v in before_work.items() if _tree(work).get(p) != v}
     assert not changed, f"written over: {changed}"
+
+
+def test_override_without_value_is_argparse_error(capsys):
+    """``--train.steps 3`` (a space, not '='): the error says how to write it."""
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--train.steps", "3"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "masked-dit: error: override --train.steps needs its value after '=': --train.steps=VALUE")
 
 
 def test_unknown_option_is_argparse_error(capsys):
