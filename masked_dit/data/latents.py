@@ -46,7 +46,8 @@ def load_vae(vae: str, device: str = "cpu"):
     return model.to(device).eval()
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
+def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` to a temporary name, then rename: a kill leaves the old file or none, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.save(f, arr)
@@ -118,21 +119,21 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
             if arr.shape[0] != stop - start:
                 raise ValueError(f"shard {si} {key} holds {arr.shape[0]} rows, expected {stop - start}")
             fname = f"shard_{si:05d}.{key}.npy"
-            _save_npy(out / fname, arr)
+            save_npy_atomic(out / fname, arr)
             files[key] = fname
         shards.append({"index": si, "start": start, "count": stop - start, "files": files, "latent_shape": latent_shape})
         shards.sort(key=lambda s: s["index"])
-        _write_manifest(manifest_path, {**header, "latent_shape": latent_shape, "shards": shards})
+        write_json_atomic(manifest_path, {**header, "latent_shape": latent_shape, "shards": shards})
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     manifest = {**header, "latent_shape": latent_shape, "shards": shards, "complete": True}
-    _write_manifest(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     return manifest
 
 
-def _write_manifest(path: Path, manifest: dict) -> None:
+def write_json_atomic(path: Path, manifest: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, path)

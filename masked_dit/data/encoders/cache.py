@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from masked_dit.data.encoders.features import EncoderFeatures
+from masked_dit.data.latents import save_npy_atomic as _save_shard
+from masked_dit.data.latents import write_json_atomic as _write_json
 from masked_dit.data.encoders.specs import _REPA_NAME
 
 #################################################################################
@@ -35,19 +37,6 @@ def feature_dir_name(spec: str) -> str:
         return repa_name
     name = Path(spec).name if Path(spec).expanduser().exists() else spec
     return re.sub(r"[^\w.-]+", "--", name).strip("-") or "encoder"
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _save_shard(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
