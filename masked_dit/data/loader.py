@@ -53,9 +53,24 @@ class BatchStream:
         self.kw = dict(rank=rank, world=world, seed=seed, random_flip=random_flip)
         self.num_workers = num_workers
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
+        per_batch = micro_batch * world  # samples one position step covers, over all ranks
+        saved = (state or {}).get("samples_per_batch", per_batch)
+        if saved != per_batch:
+            # Resumed with another micro-batch or world size: keep the number of samples consumed in
+            # the epoch (the position is in batches); a remainder means a few samples come again.
+            consumed = self.batch * saved
+            self.batch = consumed // per_batch
+            if consumed % per_batch:
+                import warnings
+                warnings.warn(f"data position: {consumed} samples of epoch {self.epoch} were consumed in batches of "
+                              f"{saved}; continuing in batches of {per_batch} repeats {consumed % per_batch} of them",
+                              stacklevel=2)
         self._it = None
 
     def _start(self):
+        per_epoch = len(self.dataset) // (self.micro_batch * self.kw["world"])
+        if per_epoch and self.batch >= per_epoch:  # a converted position past this epoch's last batch
+            self.epoch, self.batch = self.epoch + 1, 0
         sampler = ResumableBatchSampler(len(self.dataset), self.micro_batch, epoch=self.epoch, batch=self.batch, **self.kw)
         self.batches_per_epoch = sampler.batches_per_epoch
         # A private generator: creating the iterator must not draw from the global RNG (which
@@ -88,4 +103,4 @@ class BatchStream:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return {"epoch": self.epoch, "batch": self.batch, "samples_per_batch": self.micro_batch * self.kw["world"]}

@@ -220,6 +220,11 @@ def load_checkpoint(path, model, optimizer, ema, world, model_name: str | None =
     if rank_file.exists() and meta["world_size"] == world.size:
         extra = torch.load(rank_file, map_location="cpu", weights_only=False)
         set_rng_state(extra.pop("rng"))
+    elif (path / "rank_00000.pt").exists():
+        # Another world size: the RNG streams are per rank and start afresh, but the data position is
+        # global (every rank holds the same) and BatchStream converts it to the new batch geometry.
+        extra = torch.load(path / "rank_00000.pt", map_location="cpu", weights_only=False)
+        extra.pop("rng", None)
     extra["step"] = meta["step"]
     return extra
 

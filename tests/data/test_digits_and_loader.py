@@ -47,6 +47,32 @@ def test_stream_resumes_at_its_position():
         assert torch.equal(next(c)["x"], batches[i]["x"])
 
 
+def test_resume_with_another_batch_geometry_keeps_the_sample_position():
+    """Checkpointed at 12 samples into the epoch in batches of 4; resumed in batches of 2 (or 2 ranks
+    x 3) the stream continues at sample 12; batches of 5 continue at 10, with a warning."""
+    class Ids(torch.utils.data.Dataset):  # item = its own index
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, key):
+            return key[0]
+
+    order = ResumableBatchSampler(100, 1, seed=3).epoch_keys(0)[0].tolist()
+    a = BatchStream(Ids(), 4, seed=3)
+    for _ in range(3):
+        next(a)
+    state = a.state_dict()
+    assert state == {"epoch": 0, "batch": 3, "samples_per_batch": 4}
+    assert next(BatchStream(Ids(), 2, seed=3, state=state)).tolist() == order[12:14]
+    ranks = [BatchStream(Ids(), 3, rank=r, world=2, seed=3, state=state) for r in range(2)]
+    assert [next(r).tolist() for r in ranks] == [order[12:15], order[15:18]]
+    with pytest.warns(UserWarning, match="repeats 2 of them"):
+        five = BatchStream(Ids(), 5, seed=3, state=state)
+    assert next(five).tolist() == order[10:15]
+    old = BatchStream(Ids(), 4, seed=3, state={"epoch": 0, "batch": 3})  # checkpoints of before
+    assert next(old).tolist() == order[12:16]
+
+
 def test_random_flip_is_seeded():
     ds = DigitsDataset("train", 8)
     keys = next(iter(ResumableBatchSampler(len(ds), 32, seed=0, random_flip=True)))

@@ -118,3 +118,21 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
         Trainer(tiny_config("digits-dit", tmp_path, **over))
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
     assert Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"})).step == 1
+
+
+def test_resume_with_another_batch_geometry_or_world_size_keeps_the_data_position(tmp_path):
+    """Saved at step 2 with micro-batches of 4 (2 per step): 16 samples into the epoch. Resumed without
+    accumulation (micro 8), and from a checkpoint marked as written by 2 ranks (whose per-rank RNG
+    cannot be reused), the stream continues at sample 16, not at the start of the epoch."""
+    import json as _json
+
+    over = {"train.steps": 4, "train.ckpt_every": 2, "train.global_batch": 8, "train.micro_batch": 4}
+    Trainer(tiny_config("digits-dit", tmp_path, **over)).fit(stop_at=2)
+    resumed = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "train.micro_batch": 8,
+                                                             "run.resume": "latest"}))
+    assert resumed.step == 2 and resumed.stream.state_dict() == {"epoch": 0, "batch": 2, "samples_per_batch": 8}
+    meta_path = tmp_path / "digits-dit" / "checkpoints" / "step_00000002" / "meta.json"
+    meta = _json.loads(meta_path.read_text())
+    meta_path.write_text(_json.dumps({**meta, "world_size": 2}))
+    other_world = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
+    assert other_world.step == 2 and other_world.stream.state_dict()["batch"] == 4
