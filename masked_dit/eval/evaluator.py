@@ -264,7 +264,15 @@ def open_batches(ref_batch: str | Path, sample_batch: str | Path,
         raise ValueError(f"{ref_path} holds neither 'arr_0' images nor 'mu'/'sigma' statistics")
     if not sample_path.is_dir() and "arr_0" not in _npz_members(sample_path):
         raise ValueError(f"{sample_path} has no 'arr_0' images (the sample batch needs images)")
-    return Batches(ref_images, ref_stats, open_images(sample_path), read_statistics(sample_path, dims))
+    sample_images = open_images(sample_path)
+    # FID needs two images for a covariance; precision/recall (with reference images) k + 1 = 4 for
+    # the 3rd-nearest-neighbour radii. Checked here, before the Inception pass, naming the file.
+    need = 4 if ref_images is not None else 2
+    for role, path, images in (("reference", ref_path, ref_images), ("sample", sample_path, sample_images)):
+        if images is not None and len(images) < need:
+            raise ValueError(f"{role} batch {path} holds {len(images)} image(s); the metrics need at least {need} "
+                             f"(FID's covariance, precision/recall's 3 nearest neighbours)")
+    return Batches(ref_images, ref_stats, sample_images, read_statistics(sample_path, dims))
 
 
 def _statistics(acts: InceptionActivations | None, precomputed: dict, metric: str):

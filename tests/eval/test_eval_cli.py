@@ -128,6 +128,7 @@ def test_npz_streaming_reads_all_images_in_order(tmp_path):
     ({"arr_0": np.zeros((4, 8, 8), np.uint8)}, r"shape \[N > 0, H, W, 3\]"),
     ({"arr_0": np.zeros((4, 3, 8, 8), np.uint8)}, r"shape \[N > 0, H, W, 3\]"),
     ({"images": np.zeros((4, 8, 8, 3), np.uint8)}, "no 'arr_0'"),
+    ({"arr_0": np.zeros((1, 8, 8, 3), np.uint8)}, r"holds 1 image\(s\); the metrics need at least 4"),
 ])
 def test_bad_sample_batches(batches, tmp_path, arrays, match):
     ref_path = batches[0]
@@ -164,6 +165,8 @@ def test_bad_folders(batches, tmp_path):
     mixed.mkdir()
     Image.fromarray(_images(1, 0, 8)[0]).save(mixed / "a.png")
     Image.fromarray(_images(1, 0, 9)[0]).save(mixed / "b.png")
+    for name in ("c.png", "d.png"):  # four images: enough for every metric, so the size check is reached
+        Image.fromarray(_images(1, 0, 8)[0]).save(mixed / name)
     with pytest.raises(ValueError, match="b.png is 9x9 but the folder's images are 8x8"):
         evaluate(ref_path, mixed, StubFeatures())
     with pytest.raises(ValueError, match="must be an .npz file"):

@@ -66,7 +66,7 @@ def test_print_config_round_trip(tmp_path, capsys):
 def test_eval_refuses_bad_out_and_weights_before_work(tmp_path, capsys):
     """--out naming a folder was an IsADirectoryError after the whole evaluation; a file that is not
     Inception weights was an UnpicklingError traceback."""
-    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     (tmp_path / "out").mkdir()
     (tmp_path / "w.pth").write_text("not weights")
     batch = str(tmp_path / "ref.npz")
