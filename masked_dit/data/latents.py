@@ -143,20 +143,27 @@ def write_json_atomic(path: Path, manifest: dict) -> None:
 #                                    Reading                                    #
 #################################################################################
 
+def read_manifest(root: Path, name: str, what: str, first: str, rerun: str) -> dict:
+    """The manifest ``root/name`` of a finished extraction (latents, encoder features); one line naming
+    the folder when it is missing (``first``: what to run), not JSON, or unfinished (``rerun``)."""
+    path = root / name
+    if not path.exists():
+        raise FileNotFoundError(f"no {name} in {str(root)!r}: run {first} first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {root}: {name} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or not manifest.get("complete"):
+        raise ValueError(f"{what} in {str(root)!r} are incomplete: re-run {rerun} to finish them")
+    return manifest
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Memory-mapped moments; items ``{'mean', 'std', 'y'}`` (the flipped moments when the key flips)."""
 
     def __init__(self, root):
         self.root = Path(root)
-        path = self.root / MANIFEST
-        if not path.exists():
-            raise FileNotFoundError(f"no {MANIFEST} in {root!r}: run `masked-dit extract-latents` first")
-        try:
-            self.manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"latents {self.root}: {MANIFEST} is not valid JSON ({exc})") from None
-        if not isinstance(self.manifest, dict) or not self.manifest.get("complete"):
-            raise ValueError(f"latents in {root!r} are incomplete: re-run extract-latents to finish them")
+        self.manifest = read_manifest(self.root, MANIFEST, "latents", "`masked-dit extract-latents`", "extract-latents")
         try:
             self.has_flip = bool(self.manifest["flip"])
             self.num_classes = self.manifest.get("num_classes", 0)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from masked_dit.data.encoders.features import EncoderFeatures
+from masked_dit.data.latents import read_manifest
 from masked_dit.data.latents import save_npy_atomic as _save_shard
 from masked_dit.data.latents import write_json_atomic as _write_json
 from masked_dit.data.encoders.specs import _REPA_NAME
@@ -128,12 +129,8 @@ class EncoderFeatureDataset(torch.utils.data.Dataset):
 
     def __init__(self, root):
         self.root = Path(root)
-        path = self.root / _MANIFEST
-        if not path.exists():
-            raise FileNotFoundError(f"no {_MANIFEST} in {str(root)!r}: run extract_encoder_features first")
-        self.manifest = json.loads(path.read_text())
-        if not self.manifest.get("complete"):
-            raise ValueError(f"features in {str(root)!r} are incomplete: re-run extract_encoder_features")
+        self.manifest = read_manifest(self.root, _MANIFEST, "features", "extract_encoder_features",
+                                      "extract_encoder_features")
         self.has_flip = bool(self.manifest["flip"])
         self.feature_shape = tuple(self.manifest["feature_shape"])
         self.shards = self.manifest["shards"]
