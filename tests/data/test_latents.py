@@ -2,37 +2,24 @@
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import diffusers  # CI installs it (the "vae" extra): these tests require it
 
 from masked_dit.cli import main  # noqa: E402
 from masked_dit.data import ImageFolderDataset, LatentDataset, extract_latents, sample_posterior  # noqa: E402
+from tests.data.tiny_data import save_tiny_vae, write_image_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                  layers_per_block=1, norm_num_groups=4, sample_size=16)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return path
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 @pytest.fixture(scope="module")
 def images_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.RandomState(0)
-    for c in ("a", "b"):
-        (root / c).mkdir()
-        for i in range(3):
-            Image.fromarray(rng.randint(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("images"))
 
 
 def test_extract_verify_and_read(tiny_vae_dir, images_dir, tmp_path):

@@ -19,6 +19,7 @@ from masked_dit.configs import ConfigError  # noqa: E402
 from masked_dit.data import ImageFolderDataset, build_dataset  # noqa: E402
 from masked_dit.data.encoders import load_encoder, preprocess_images  # noqa: E402
 from masked_dit.train import Trainer  # noqa: E402
+from tests.data.tiny_data import save_tiny_vae, write_image_folder  # noqa: E402
 from tests.train.tiny import tiny_config  # noqa: E402
 
 Z_DIM = 32
@@ -39,19 +40,8 @@ def dinov2_dir(tmp_path_factory):
 def latents_dir(tmp_path_factory):
     """(images folder, latents folder): 6 RGB images in 2 classes, tiny-VAE latents 4x8x8 with flips."""
     root = tmp_path_factory.mktemp("repa_data")
-    rng = np.random.RandomState(0)
-    from PIL import Image
-
-    for c in ("a", "b"):
-        (root / "images" / c).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.randint(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                                  sample_size=16)
-    vae.save_pretrained(root / "vae")
+    write_image_folder(root / "images")
+    save_tiny_vae(root / "vae")
     rc = main(["extract-latents", str(root / "images"), str(root / "latents"), "--vae", str(root / "vae"),
                "--image-size", "16", "--batch-size", "2", "--shard-size", "4", "--flip", "--device", "cpu"])
     assert rc == 0
