@@ -62,9 +62,9 @@ def _load_for_sampling(args):
         raise FileNotFoundError(f"checkpoint not found: {src}")
     if src.is_dir():
         export = src / "export" if (src / "export" / "config.json").exists() else src
-        if not (export / "config.json").exists() or "model_kwargs" not in json.loads((export / "config.json").read_text()):
+        info = json.loads((export / "config.json").read_text()) if (export / "config.json").exists() else {}
+        if "model_kwargs" not in info:  # not an export: a checkpoint folder or an unfinished run
             return _load_checkpoint_ema(src)
-        info = json.loads((export / "config.json").read_text())
         model = load_official(export / "ema.safetensors", info["model"], **info["model_kwargs"])
         cfg = Config.from_dict(info["run_config"]) if "run_config" in info else get_preset()
         return model, cfg
@@ -117,7 +117,7 @@ def _sample(args, _overrides) -> int:
     import torch
 
     from masked_dit.diffusion.objectives import build_objective
-    from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels, settings_of
+    from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels
     from masked_dit.train.dist import init_world, shutdown
     from masked_dit.train.grid import grid_labels, save_grid
 
@@ -180,7 +180,7 @@ def _sample(args, _overrides) -> int:
         shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
         if out.suffix == ".npz":
             labels = sample_labels(args.num, cfg.model.num_classes, args.seed, args.classes)
-            settings = settings_of(source=str(Path(args.source).resolve()), model=args.model, vae=args.vae,
+            settings = dict(source=str(Path(args.source).resolve()), model=args.model, vae=args.vae,
                                    precision=args.precision, classes=args.classes, **kw)
             n = generate_npz(draw, labels, out, shape=shape, batch_size=args.batch_size, seed=args.seed,
                              settings=settings, world=world, decode=decode if vae else None)

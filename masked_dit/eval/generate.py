@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -150,7 +149,3 @@ def generate_npz(draw: Callable, labels: torch.Tensor, out: Path, *, shape: tupl
         raise ValueError(f"{len(missing)} batches of {parts.root} are missing (first: {missing[0]}): run again to finish")
     return parts.assemble(num_batches, out)
 
-
-def settings_of(**kwargs) -> dict:
-    """JSON-safe settings for ``parts/settings.json`` (paths and floats as strings where needed)."""
-    return {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in kwargs.items()}
