@@ -108,7 +108,7 @@ def _load_checkpoint_ema(src: Path):
                          f"config.json): train first")
     cfg = Config.load(run_dir / "config.json")
     model = build_model_from_config(cfg)
-    _, ema = initial_weights(str(found[-1]), model, model_kwargs(cfg)[0])
+    _, ema = initial_weights(str(found[-1]), model, model_kwargs(cfg)[0], ema_only=True)  # not the raw weights
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
     return model.eval(), cfg
 
@@ -384,8 +384,16 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     # OSError: a path that is a file where a folder is needed (or the reverse), no permission, ...;
     # Python's message names the path.
+    from masked_dit.train.signals import Preempted
+
     try:
         return args.func(args, overrides)
+    except Preempted as exc:  # SIGTERM / SIGINT / SIGUSR1 during training: checkpoint saved
+        print(f"masked-dit {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:  # Ctrl-C outside the step loop (or twice): what was written stays
+        print(f"masked-dit {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError, ImportError, FloatingPointError) as exc:
         print(f"masked-dit {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ from masked_dit.train.grid import fixed_noise, grid_labels, save_grid
 from masked_dit.train.metrics import MetricsLog, format_record, peak_flops, training_flops_per_image
 from masked_dit.train.optim import build_optimizer, lr_at
 from masked_dit.train.parallel import parallelize, set_gradient_sync
+from masked_dit.train.signals import Preempted, StopRequest
 
 
 #################################################################################
@@ -150,6 +151,8 @@ class Trainer:
         data_state = None
         self.nonfinite_streak = self.nonfinite_total = 0  # skipped (non-finite) steps: in a row, in all
         self.resumed_step = None
+        self.stop = StopRequest()  # the signal handlers are installed by fit()
+        self.stop_signum = None  # a stop signal every rank has agreed on (see _agree)
         if resume is not None:
             extra = ckpt.load_checkpoint(resume, self.module, self.optimizer, self.ema, w, model_name=self.model_name)
             self.resumed_step = extra["step"]
@@ -199,7 +202,7 @@ class Trainer:
         # The one host sync of the step: the skip decision below needs the values.
         values = torch.stack([v.to(w.device).reshape(()) for v in sums.values()]).tolist()
         totals = dict(zip(sums, values))
-        if not self._all_finite(totals):
+        if not self._agree(totals):
             return self._skip_step(totals)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -209,14 +212,19 @@ class Trainer:
         totals["lr"] = lr
         return totals
 
-    def _all_finite(self, totals: dict) -> bool:
-        """Whether the loss terms and the gradient norm are finite on every rank (one collective when
-        distributed: all ranks must agree to skip, or the next step's collectives would not match)."""
+    def _agree(self, totals: dict) -> bool:
+        """Whether the loss terms and the gradient norm are finite on every rank, and whether any rank
+        got a stop signal (sets ``stop_signum``). One collective when distributed: all ranks must skip
+        and stop at the same step, or the next step's collectives would not match."""
         finite = all(math.isfinite(v) for v in totals.values())
+        signum = self.stop.signum or 0
         if self.world.distributed:
-            flag = torch.tensor([0.0 if finite else 1.0], device=self.world.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            finite = flag.item() == 0.0
+            flags = torch.tensor([0.0 if finite else 1.0, float(signum)], device=self.world.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            nonfinite, signum = flags.tolist()
+            finite, signum = nonfinite == 0.0, int(signum)
+        if signum and self.stop_signum is None:
+            self.stop_signum = signum
         return finite
 
     def _skip_step(self, totals: dict) -> dict:
@@ -296,6 +304,20 @@ class Trainer:
                   f"feature FD {record['digits_fd']:.2f} ({n} EMA samples)")
         return record
 
+    def _stop_on_signal(self, bar, saved: bool) -> None:
+        """After the step in flight: log the partial window, checkpoint (unless this step was just saved,
+        or a non-finite streak makes the newest checkpoint the last good one) and raise Preempted."""
+        if bar is not None:
+            bar.close()
+        extra = {"nonfinite_steps": self.nonfinite_total} if self.nonfinite_total else {}
+        self.metrics.flush(self.step, self.world, extra)
+        if self.nonfinite_streak == 0 and not saved:
+            self.save()
+        found = ckpt.list_checkpoints(self.ckpt_dir)
+        where = f"checkpoint {found[-1]}" if found else "no checkpoint (non-finite steps from the start)"
+        raise Preempted(f"stopped by {StopRequest.name(self.stop_signum)} at step {self.step} of "
+                        f"{self.cfg.train.steps}: {where}; continue with --resume latest", self.stop_signum)
+
     def export(self) -> Path | None:
         full = self.ema.full_state_dict(self.module)
         if not self.world.is_main:
@@ -303,17 +325,12 @@ class Trainer:
         return ckpt.export_ema(self.run_dir / "export", full, self.model_name, self.model_kwargs, self.cfg.to_dict())
 
     # -------------------------------------------------------------------- loop
-    def fit(self, stop_at: int | None = None) -> dict:
-        """Trains to ``train.steps``; ``stop_at`` ends early without final outputs (as if killed)."""
+    def _steps(self, bar, stop_at: int | None) -> dict | None:
+        """Steps to ``train.steps`` (or ``stop_at``) with logs, checkpoints and grids; the last record."""
         cfg, w = self.cfg, self.world
         tc = cfg.train
-        bar = None
-        if w.is_main and tc.progress and self.step < tc.steps:
-            from tqdm import tqdm
-            bar = tqdm(total=tc.steps, initial=self.step, desc=cfg.run.name, dynamic_ncols=True, file=sys.stderr)
         last = None
-        self.metrics.reset_clock()
-        while self.step < tc.steps:
+        while self.step < tc.steps and (stop_at is None or self.step < stop_at):
             values = self.train_step()
             skipped = "skipped" in values  # a non-finite step: nothing to average into the log
             if not skipped:
@@ -330,14 +347,29 @@ class Trainer:
             # No checkpoint during a non-finite streak: the newest one stays the last good step.
             if self.step % tc.ckpt_every == 0 and self.step < tc.steps and self.nonfinite_streak == 0:
                 self.save()
+            if self.stop_signum is not None and self.step < tc.steps:
+                self._stop_on_signal(bar, saved=self.step % tc.ckpt_every == 0)
             if self.step % tc.sample_every == 0 and self.step < tc.steps:
                 model = self.ema_model()
                 self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", model)
                 self.evaluate_digits(model)
-            if stop_at is not None and self.step >= stop_at:
-                if bar is not None:
-                    bar.close()
-                return {"step": self.step, "last": last, "stopped": True}
+        return last
+
+    def fit(self, stop_at: int | None = None) -> dict:
+        """Trains to ``train.steps``; ``stop_at`` ends early without final outputs (as if killed)."""
+        cfg, w = self.cfg, self.world
+        tc = cfg.train
+        bar = None
+        if w.is_main and tc.progress and self.step < tc.steps:
+            from tqdm import tqdm
+            bar = tqdm(total=tc.steps, initial=self.step, desc=cfg.run.name, dynamic_ncols=True, file=sys.stderr)
+        self.metrics.reset_clock()
+        with self.stop:  # SIGTERM / SIGINT / SIGUSR1: checkpoint at the end of the step (see signals.py)
+            last = self._steps(bar, stop_at)
+        if stop_at is not None and self.step >= stop_at:
+            if bar is not None:
+                bar.close()
+            return {"step": self.step, "last": last, "stopped": True}
         if bar is not None:
             bar.close()
         if self.step != self.resumed_step:  # re-running a finished run: its final checkpoint is there already

@@ -29,18 +29,21 @@ from masked_dit.models.official import _match_prefixes, check_state_dict, pick_w
 from masked_dit.train import checkpoint as ckpt
 
 
-def initial_weights(spec: str, model: nn.Module, model_name: Optional[str] = None) -> tuple[dict, dict]:
-    """(model state, EMA state) for ``model`` from ``spec``, full tensors on the CPU (every rank reads them)."""
+def initial_weights(spec: str, model: nn.Module, model_name: Optional[str] = None,
+                    ema_only: bool = False) -> tuple[dict | None, dict]:
+    """(model state, EMA state) for ``model`` from ``spec``, full tensors on the CPU (every rank reads them).
+    ``ema_only``: from a DCP checkpoint folder read just the EMA (and the model's buffers): half the
+    bytes; the model state is then None."""
     path = Path(spec)
     what = f"--run.init_from {spec}"
     if not path.exists():
         raise FileNotFoundError(f"{what}: no such file or folder")
     if path.is_dir():
         if (path / "meta.json").exists():
-            return _from_checkpoint_folder(path, model, model_name)
+            return _from_checkpoint_folder(path, model, model_name, ema_only)
         found = ckpt.list_checkpoints(path / "checkpoints")
         if found:
-            return _from_checkpoint_folder(found[-1], model, model_name)
+            return _from_checkpoint_folder(found[-1], model, model_name, ema_only)
         for candidate in (path / "export" / "ema.safetensors", path / "ema.safetensors"):
             if candidate.exists():
                 return _from_file(candidate, model)
@@ -59,7 +62,8 @@ def _from_file(path: Path, model: nn.Module) -> tuple[dict, dict]:
     return weights, ema
 
 
-def _from_checkpoint_folder(path: Path, model: nn.Module, model_name: Optional[str]) -> tuple[dict, dict]:
+def _from_checkpoint_folder(path: Path, model: nn.Module, model_name: Optional[str],
+                            ema_only: bool = False) -> tuple[dict | None, dict]:
     import json
 
     import torch.distributed.checkpoint as dcp
@@ -71,14 +75,16 @@ def _from_checkpoint_folder(path: Path, model: nn.Module, model_name: Optional[s
     ckpt.check_fits(path, model, model_name)
     # Plain CPU tensors as the template: DCP reads only these two entries (not the optimizer) and
     # reshards whatever layout the checkpoint was saved with into full tensors.
-    state = {"model": {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()},
-             "ema": {n: torch.empty_like(p, device="cpu", dtype=torch.float32) for n, p in model.named_parameters()}}
+    params = dict(model.named_parameters())
+    wanted = {k: v for k, v in model.state_dict().items() if not (ema_only and k in params)}  # buffers only
+    state = {"model": {k: torch.empty_like(v, device="cpu") for k, v in wanted.items()},
+             "ema": {n: torch.empty_like(p, device="cpu", dtype=torch.float32) for n, p in params.items()}}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.load(state, checkpoint_id=os.fspath(path))
     ema = dict(state["model"])
     ema.update(state["ema"])  # buffers come from the model
-    return state["model"], ema
+    return (None if ema_only else state["model"]), ema
 
 
 def load_into_ema(ema, full_state: dict) -> None:

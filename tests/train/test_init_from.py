@@ -51,6 +51,28 @@ def test_from_a_run_or_checkpoint_folder(source, where, tmp_path):
     assert trainer.step == 3
 
 
+def test_ema_only_reads_no_raw_weights(source, monkeypatch):
+    """`masked-dit sample` of a checkpoint needs the EMA only: DCP is asked for the EMA and the buffers."""
+    import torch.distributed.checkpoint as dcp
+
+    from masked_dit.train.build import build_model_from_config
+    from masked_dit.train.warm_start import initial_weights
+
+    run, _, ema = source
+    asked = []
+    real_load = dcp.load
+    monkeypatch.setattr(dcp, "load", lambda state, **k: (asked.append({s: set(v) for s, v in state.items()}),
+                                                         real_load(state, **k))[1])
+    cfg = tiny_config("digits-dit", run.parent)
+    model = build_model_from_config(cfg)
+    raw, got = initial_weights(str(run), model, ema_only=True)
+    params = {n for n, _ in model.named_parameters()}
+    assert raw is None and set(got) == set(model.state_dict())
+    assert not asked[0]["model"] & params and asked[0]["ema"] == params
+    for k in ema:
+        assert torch.equal(got[k], ema[k]), k
+
+
 def test_from_an_export_folder(source, tmp_path):
     run, _, ema = source
     exported = load_file(str(run / "export" / "ema.safetensors"))

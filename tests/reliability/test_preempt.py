@@ -1,0 +1,154 @@
+"""Preemption: SIGTERM / SIGINT / SIGUSR1 finish the step in flight, save a checkpoint and exit with
+128 + the signal; ``--resume latest`` then continues as if nothing happened. Under torchrun a signal
+to one rank stops every rank at the same step (the stop flag rides the step's one collective)."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from masked_dit.train import checkpoint as ckpt
+from masked_dit.train.signals import Preempted, StopRequest
+from masked_dit.train.trainer import Trainer
+from tests.reliability.common import FAULTY, REPO, child_env, cli_args, load_latest, records, run_cli
+from tests.reliability.common import tiny_config as cli_tiny_config
+from tests.train.tiny import tiny_config
+
+
+def _signal_before_step(trainer, step: int, signum: int):
+    """Delivers ``signum`` to this process just before step ``step`` (1-based) starts."""
+    real = trainer.train_step
+
+    def train_step():
+        if trainer.step + 1 == step:
+            signal.raise_signal(signum)
+        return real()
+    trainer.train_step = train_step
+
+
+def test_stop_request_records_the_first_signal_and_a_second_ctrl_c_interrupts():
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    with StopRequest() as stop:
+        signal.raise_signal(signal.SIGUSR1)
+        signal.raise_signal(signal.SIGTERM)  # the first one is kept
+        assert stop.signum == signal.SIGUSR1
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_run_checkpoints_the_step_and_resume_matches_one_run(tmp_path, signum):
+    over = {"train.steps": 6, "train.ckpt_every": 1000, "train.log_every": 4, "train.global_batch": 8,
+            "train.micro_batch": 4, "optim.grad_clip": 1.0}
+    full = Trainer(tiny_config("digits-mdtv2", tmp_path / "a", **over))
+    full.fit()
+    part = Trainer(tiny_config("digits-mdtv2", tmp_path / "b", **over))
+    _signal_before_step(part, 3, signum)
+    before = signal.getsignal(signum)
+    with pytest.raises(Preempted, match=rf"stopped by {signal.Signals(signum).name} at step 3 of 6: checkpoint "
+                                        rf".*step_00000003; continue with --resume latest") as info:
+        part.fit()
+    assert info.value.signum == signum and signal.getsignal(signum) is before
+    run_b = tmp_path / "b" / "digits-mdtv2"
+    assert [p.name for p in ckpt.list_checkpoints(run_b / "checkpoints")] == ["step_00000003"]
+    assert [r["step"] for r in records(run_b)] == [3]  # the partial log window is flushed, not lost
+    assert not (run_b / "export").exists()
+    resumed = Trainer(tiny_config("digits-mdtv2", tmp_path / "b", **{**over, "run.resume": "latest"}))
+    assert resumed.step == 3
+    resumed.fit()
+    for (n, p), q in zip(full.module.named_parameters(), resumed.module.parameters()):
+        assert torch.equal(p, q), n
+    for n in full.ema.shadow:
+        assert torch.equal(full.ema.shadow[n], resumed.ema.shadow[n]), n
+
+
+def test_signal_on_a_checkpoint_step_saves_once_and_last_step_finishes(tmp_path):
+    over = {"train.steps": 4, "train.ckpt_every": 2}
+    t = Trainer(tiny_config("digits-dit", tmp_path, **over))
+    _signal_before_step(t, 2, signal.SIGTERM)
+    with pytest.raises(Preempted, match="at step 2 of 4: checkpoint .*step_00000002"):
+        t.fit()
+    # a signal during the last step: the run is finished normally (final checkpoint and export)
+    t = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
+    _signal_before_step(t, 4, signal.SIGTERM)
+    assert t.fit()["step"] == 4
+    assert (tmp_path / "digits-dit" / "export" / "ema.safetensors").exists()
+
+
+def _start_and_wait_for_a_step(cmd, env):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    stepped, lines = threading.Event(), []
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("step "):
+                stepped.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not stepped.wait(0.05) and proc.poll() is None and time.monotonic() < deadline:
+        pass
+    assert stepped.is_set(), "".join(lines)[-3000:]
+    return proc, reader, lines
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_cli_exits_143_with_one_line_and_resumes(tmp_path):
+    args = cli_args(tmp_path, **{"train.steps": 100000, "train.ckpt_every": 100000})
+    proc, reader, lines = _start_and_wait_for_a_step([sys.executable, FAULTY, *args], child_env())
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    reader.join(5)
+    err = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("masked-dit train: stopped by SIGTERM at step ") and "Traceback" not in err, err[-3000:]
+    step = int(last.split(" at step ")[1].split()[0])
+    assert load_latest(cli_tiny_config(tmp_path, **{"train.steps": 100000})) == step
+    done = run_cli(cli_args(tmp_path, **{"train.steps": step + 2, "run.resume": "latest"}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in records(tmp_path / "digits-dit")][-1] == step + 2
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _rank_of(pid: int) -> int | None:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    ranks = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+    return int(ranks[0]) if ranks else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the torchrun workers through /proc")
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    args = cli_args(tmp_path, **{"train.steps": 100000, "train.ckpt_every": 100000, "parallel.mode": "fsdp"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
+           "--max-restarts=0", "--monitor-interval=0.5", FAULTY, *args]
+    proc, reader, lines = _start_and_wait_for_a_step(cmd, child_env())
+    try:
+        workers = {_rank_of(c): c for c in _children(proc.pid)}
+        assert set(workers) == {0, 1}, workers
+        os.kill(workers[1], signal.SIGTERM)  # rank 0 gets nothing
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    err = "".join(lines)
+    stopped = [line for line in err.splitlines() if line.startswith("masked-dit train: stopped by SIGTERM")]
+    assert stopped, err[-4000:]
+    step = int(stopped[0].split(" at step ")[1].split()[0])
+    found = ckpt.list_checkpoints(tmp_path / "digits-dit" / "checkpoints")
+    assert [p.name for p in found] == [f"step_{step:08d}"], err[-4000:]
+    ckpt.verify_checkpoint(found[-1], world_size=2)  # both ranks' files: they stopped at the same step
