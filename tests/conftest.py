@@ -1,9 +1,15 @@
 import os
 from pathlib import Path
 
-# Triton reads TRITON_INTERPRET when it is first imported, and any test module may import it
-# (through masked_dit.ops): set it before collection so Triton kernels run on CPU tensors.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton reads TRITON_INTERPRET when a kernel is defined, and any test module may import them
+# (through masked_dit.ops): set it before collection so Triton kernels run on CPU tensors. Not with
+# a GPU: there the `gpu` tests must run the compiled kernels (interpreted ones would copy every
+# tensor to the host and test nothing of the compiled code).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 

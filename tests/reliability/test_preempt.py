@@ -82,7 +82,9 @@ def test_signal_on_a_checkpoint_step_saves_once_and_last_step_finishes(tmp_path)
 
 
 def _start_and_wait_for_a_step(cmd, env):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    # a session of its own: a failed test kills the whole group, torchrun's workers included
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
     stepped, lines = threading.Event(), []
 
     def read():
@@ -95,6 +97,8 @@ def _start_and_wait_for_a_step(cmd, env):
     deadline = time.monotonic() + 120
     while not stepped.wait(0.05) and proc.poll() is None and time.monotonic() < deadline:
         pass
+    if not stepped.is_set():
+        _kill_group(proc)
     assert stepped.is_set(), "".join(lines)[-3000:]
     return proc, reader, lines
 
@@ -103,8 +107,11 @@ def _start_and_wait_for_a_step(cmd, env):
 def test_sigterm_to_the_cli_exits_143_with_one_line_and_resumes(tmp_path):
     args = cli_args(tmp_path, **{"train.steps": 100000, "train.ckpt_every": 100000})
     proc, reader, lines = _start_and_wait_for_a_step([sys.executable, FAULTY, *args], child_env())
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        _kill_group(proc)
     reader.join(5)
     err = "".join(lines)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
@@ -115,6 +122,14 @@ def test_sigterm_to_the_cli_exits_143_with_one_line_and_resumes(tmp_path):
     done = run_cli(cli_args(tmp_path, **{"train.steps": step + 2, "run.resume": "latest"}))
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in records(tmp_path / "digits-dit")][-1] == step + 2
+
+
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # also what is left of it after it exited
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _children(pid: int) -> list[int]:
@@ -141,9 +156,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
         os.kill(workers[1], signal.SIGTERM)  # rank 0 gets nothing
         proc.wait(120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _kill_group(proc)
     reader.join(5)
     err = "".join(lines)
     stopped = [line for line in err.splitlines() if line.startswith("masked-dit train: stopped by SIGTERM")]

@@ -8,9 +8,6 @@ timesteps, forward_with_cfg with fewer than 3 channels, MDT mask ratios that can
 one-step ADM diffusions and "ddim1", Heun SDE at a singular end time, CFG scale 1.
 """
 import math
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # triton kernels on CPU tensors (see tests/ops/conftest.py)
 
 import pytest
 import torch
