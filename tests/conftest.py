@@ -1,4 +1,6 @@
+import logging
 import os
+import sys
 from pathlib import Path
 
 # Triton reads TRITON_INTERPRET when a kernel is defined, and any test module may import them
@@ -37,3 +39,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+class _CurrentStderr:
+    """A stream that writes to whatever ``sys.stderr`` is now (capsys swaps it per test)."""
+
+    def write(self, text):
+        return sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True)
+def _library_loggers_follow_capture():
+    """diffusers, transformers and huggingface_hub give their root logger a StreamHandler bound to
+    ``sys.stderr`` of the moment they first log (diffusers binds its ``flush`` too): under capsys a
+    stream closed after that test, so every later log call printed a "--- Logging error ---" traceback
+    into another test's stderr. Point them at the current stderr instead (before and after each test,
+    as a library may be imported during one)."""
+    def rebind():
+        for name in ("diffusers", "transformers", "huggingface_hub"):
+            if name in sys.modules:
+                for handler in logging.getLogger(name).handlers:
+                    if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _CurrentStderr):
+                        handler.stream = _CurrentStderr()  # not setStream: it flushes the old, maybe closed, stream
+                        handler.__dict__.pop("flush", None)  # diffusers binds flush to the old stderr's too
+    rebind()
+    yield
+    rebind()
