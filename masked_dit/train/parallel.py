@@ -76,7 +76,10 @@ def apply_ddp(model: nn.Module, world) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids)
+    # No buffer broadcast: every buffer here is a constant (positions, relative-position index) built
+    # identically on each rank, and the broadcast's in-place copy at each forward bumped the version of
+    # a buffer the previous forward had saved for backward (MDT's two passes: an autograd error on torch 2.11).
+    return DDP(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def parallelize(model: nn.Module, cfg, world) -> nn.Module:
