@@ -12,13 +12,29 @@ Install with ``pip install --no-build-isolation -e .`` so the build sees your to
 import glob
 import os
 import re
+import shutil
 
 from setuptools import setup
+
+
+def _cuda_home_from_nvcc() -> None:
+    """torch takes CUDA_HOME as two levels above the first ``nvcc`` on PATH: ``/usr/local`` for a
+    ``/usr/local/bin/nvcc`` link or wrapper script, where there are no CUDA headers. Set it, before
+    torch's cpp_extension reads it (once, at import), to the first candidate that has the headers."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for home in [*candidates, "/usr/local/cuda"]:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
 
 
 def _want_extension() -> bool:
     if os.environ.get("MASKED_DIT_BUILD_EXT", "1") == "0":
         return False
+    _cuda_home_from_nvcc()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME
