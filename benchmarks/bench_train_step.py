@@ -44,6 +44,7 @@ import torch.nn as nn
 
 from benchmarks import common
 from benchmarks.reference_style import RECIPES, reference_like
+from masked_dit.train.parallel import fsdp_supported
 
 FAMILIES = ("dit", "sit", "mdtv2", "maskdit", "repa_sit")
 PREFIX = {"dit": "DiT", "sit": "SiT", "mdtv2": "MDTv2", "maskdit": "MaskDiT", "repa_sit": "REPA-SiT"}
@@ -51,6 +52,10 @@ SIZES = ("S", "B", "L", "XL")
 VARIANTS = ("reference", "reference_bf16", "eager", "eager_fused", "compiled", "compiled_fused", "compiled_fused_fsdp")
 # Mask ratio the FLOPs are counted at: MDTv2 draws 0.3 + 0.2 U(0, 1) per step (mean 0.4), MaskDiT 0.5.
 FLOPS_MASK_RATIO = {"mdtv2": 0.4, "maskdit": 0.5}
+
+
+class VariantSkipped(Exception):
+    """This torch or device cannot run the variant (recorded as status "skipped" with the reason)."""
 DINOV2_B = (256, 768)  # REPA's encoder features per image: 256 patch tokens of width 768
 
 # Toy models: hidden 64, depth 2 (MDTv2: 4 with 2 decoder blocks) on 8x8x4 latents, 10 classes.
@@ -349,6 +354,8 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict) 
         try:
             if variant.endswith("fsdp") and device.type == "cuda" and not torch.distributed.is_available():
                 raise RuntimeError("torch.distributed is not available")
+            if variant.endswith("fsdp") and not fsdp_supported(device.type)[0]:
+                raise VariantSkipped(fsdp_supported(device.type)[1])
             runner, info = build_runner(variant, family, kwargs, base_state, device, args)
             row.update(info)
             group = variant if variant.startswith("reference") else "ours"
@@ -373,6 +380,8 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict) 
             row.update(result)
             row.update(common.mfu_fields(row["img_per_s"], flops, peaks))
             row["status"] = "ok"
+        except VariantSkipped as why:  # this torch / device cannot run it: not an error of ours
+            row.update(status="skipped", reason=str(why))
         except Exception as err:  # noqa: BLE001  (one failing variant must not lose the others)
             row.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             if args.verbose:

@@ -35,7 +35,7 @@ BLOCK_SIZE = 128
 
 
 def _any_head_dim_supported() -> bool:
-    """Older FlexAttention (<= 2.6) rejects head dims that are not powers of two (e.g. 72)."""
+    """Older FlexAttention (<= 2.6) rejects head dims that are not powers of two from 2 (e.g. 72, or 1)."""
     validate = getattr(_flex_module, "_validate_embed_dim", None)
     if validate is None:  # newer torch dropped the check
         return True
@@ -100,7 +100,7 @@ def flex_core(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], index: O
     else:
         qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     dh = qh.shape[-1]
-    pad = 0 if ANY_HEAD_DIM else (1 << (dh - 1).bit_length()) - dh
+    pad = 0 if ANY_HEAD_DIM else max(2, 1 << (dh - 1).bit_length()) - dh  # old torch: powers of two from 2
     if pad:  # zero columns change neither q.k nor the kept output columns
         qh, kh, vh = (F.pad(x, (0, pad)) for x in (qh, kh, vh))
 

@@ -52,7 +52,18 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
         block.compile(backend=backend)
 
 
+def fsdp_supported(device_type: str) -> tuple[bool, str]:
+    """Whether this torch's FSDP2 runs on ``device_type``, and why not: it orders its collectives with
+    stream events, which the CPU stream of torch 2.6 does not have (later versions do)."""
+    if device_type == "cpu" and not hasattr(torch.cpu.Stream, "record_event"):
+        return False, f"FSDP2 of torch {torch.__version__} cannot run on CPU (its CPU stream has no record_event)"
+    return True, ""
+
+
 def apply_fsdp(model: nn.Module, world, precision: str) -> nn.Module:
+    ok, why = fsdp_supported(world.device.type)
+    if not ok:
+        raise ValueError(f"--parallel.mode=fsdp: {why}; use --parallel.mode=ddp, a GPU or a newer torch")
     from torch.distributed.device_mesh import init_device_mesh
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -60,17 +60,27 @@ def test_reference_records_the_official_recipe(train_results):
 
 
 def test_compiled_and_fsdp_variants(train_results_compiled):
-    rows = {r["variant"]: r for r in _ok_rows(train_results_compiled[1])}
-    assert set(rows) == {"reference_bf16", "compiled", "compiled_fused_fsdp"}
+    from masked_dit.train.parallel import fsdp_supported
+
+    results = train_results_compiled[1]["results"]
+    fsdp_ok, why = fsdp_supported("cpu")
+    if not fsdp_ok:  # torch 2.6: FSDP2 has no CPU path; recorded as skipped with the reason, not an error
+        skipped = [r for r in results if r["variant"] == "compiled_fused_fsdp"]
+        assert [(r["status"], r["reason"]) for r in skipped] == [("skipped", why)]
+        results = [r for r in results if r not in skipped]
+    rows = {r["variant"]: r for r in _ok_rows({"results": results})}
+    assert set(rows) == {"reference_bf16", "compiled"} | ({"compiled_fused_fsdp"} if fsdp_ok else set())
     assert rows["compiled"]["compile"] == "block (aot_eager)"
     # DiT's blocks are alike: a few graphs, no break, no eager fallback; with --warmup 0 every graph
     # was compiled inside the timed loop, and the row says so
     dyn = rows["compiled"]["dynamo"]
     assert dyn["unique_graphs"] >= 1 and dyn["graph_breaks"] == 0 and dyn["recompile_limit_hits"] == 0
     assert dyn["compiled_while_timing"] == dyn["unique_graphs"]
-    assert rows["compiled_fused_fsdp"]["precision"].startswith("FSDP2")
     assert "speedup_vs_reference_bf16" in rows["compiled"]
-    assert rows["compiled"]["ops_backend"] == "torch" and rows["compiled_fused_fsdp"]["ops_backend"] == "auto"
+    assert rows["compiled"]["ops_backend"] == "torch"
+    if fsdp_ok:
+        assert rows["compiled_fused_fsdp"]["precision"].startswith("FSDP2")
+        assert rows["compiled_fused_fsdp"]["ops_backend"] == "auto"
 
 
 def test_bad_options_fail_clearly():

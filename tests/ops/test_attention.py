@@ -210,6 +210,11 @@ def test_flex_pads_head_dim_on_old_torch(monkeypatch):
         out = attention(q, k, v, rel_pos_bias=(table, index))
     assert out.shape == q.shape
     assert_close(out, ref_attention(q, k, v, mdt_bias(table, index)), torch.float32)
+    q, k, v = qkv_views(2, 9, 2, 1, torch.float32)  # head dim 1: padded to 2 (torch 2.6 takes 2, 4, ..., 1024)
+    with use_attention_backend("flex"), torch.no_grad():
+        out = attention(q, k, v, rel_pos_bias=(table, index))
+    assert out.shape == q.shape
+    assert_close(out, ref_attention(q, k, v, mdt_bias(table, index)), torch.float32)
 
 
 # ----------------------------------------------------------------------------------------

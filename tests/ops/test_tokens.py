@@ -539,11 +539,9 @@ def test_triton_kernels_compile_for_gpu():
     import subprocess
     import sys
 
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as err:  # ahead-of-time API of this triton version differs
-        pytest.skip(f"triton has no ahead-of-time compile API here: {err}")
+    from tests.ops.triton_aot import require_aot_api
+
+    require_aot_api()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, don't interpret
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

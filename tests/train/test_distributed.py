@@ -19,7 +19,7 @@ from masked_dit.train.build import build_model_from_config
 from masked_dit.train.ema import EMA
 from masked_dit.train.optim import build_optimizer, lr_at
 from masked_dit.train.trainer import grad_norm_and_clip
-from tests.train.tiny import tiny_config
+from tests.train.tiny import cpu_fsdp_skip, tiny_config
 
 OVERRIDES = {"train.steps": 3, "train.global_batch": 8, "train.ckpt_every": 1000, "optim.grad_clip": 1.0}
 
@@ -83,7 +83,7 @@ def tiny_overrides(preset, out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=cpu_fsdp_skip())])
 def test_two_ranks_match_one_process(mode, tmp_path):
     preset = "digits-mdtv2"  # two forward passes per step: the hardest case for DDP/FSDP hooks
     run = torchrun(tmp_path, preset, mode)

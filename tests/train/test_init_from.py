@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from masked_dit.cli import main
 from masked_dit.train import Trainer
-from tests.train.tiny import tiny_config
+from tests.train.tiny import cpu_fsdp_skip, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,6 +112,7 @@ def test_bad_init_from_is_one_line(source, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@cpu_fsdp_skip()
 def test_fsdp_two_ranks_load_model_and_ema_shards(source, tmp_path):
     """FSDP2 on 2 gloo ranks from the run (model != EMA): with lr 1e-30 (a step moves nothing visible)
     and EMA decay 0.5, the exported EMA is lerp(EMA, model, 0.5) of the source only if both the model

@@ -136,3 +136,17 @@ def test_resume_with_another_batch_geometry_or_world_size_keeps_the_data_positio
     meta_path.write_text(_json.dumps({**meta, "world_size": 2}))
     other_world = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
     assert other_world.step == 2 and other_world.stream.state_dict()["batch"] == 4
+
+
+def test_fsdp_where_this_torch_cannot_is_one_line(monkeypatch):
+    """torch 2.6's FSDP2 has no CPU path (detected, not version-matched): a clear error, not a deep one."""
+    from types import SimpleNamespace
+
+    from masked_dit.train import parallel
+
+    monkeypatch.delattr(torch.cpu.Stream, "record_event", raising=False)
+    ok, why = parallel.fsdp_supported("cpu")
+    assert not ok and why.startswith(f"FSDP2 of torch {torch.__version__} cannot run on CPU")
+    assert parallel.fsdp_supported("cuda")[0]
+    with pytest.raises(ValueError, match=r"^--parallel.mode=fsdp: FSDP2 of torch .* use --parallel.mode=ddp"):
+        parallel.apply_fsdp(torch.nn.Linear(2, 2), SimpleNamespace(device=torch.device("cpu")), "fp32")

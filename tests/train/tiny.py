@@ -17,3 +17,13 @@ def tiny_config(preset: str, out_dir, **overrides):
          "optim.warmup_steps": 0, "sample.steps": 2, "sample.num_per_class": 1, "sample.eval_num": 0, "parallel.tf32": False}
     o.update(overrides)
     return apply_overrides(get_preset(preset), o)
+
+
+def cpu_fsdp_skip():
+    """A skipif mark for tests that run FSDP2 on CPU ranks (torch 2.6's FSDP2 cannot)."""
+    import pytest
+
+    from masked_dit.train.parallel import fsdp_supported
+
+    ok, why = fsdp_supported("cpu")
+    return pytest.mark.skipif(not ok, reason=why)
