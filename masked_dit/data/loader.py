@@ -44,6 +44,18 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         return self.batches_per_epoch
 
 
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """A group-wide SIGTERM (scancel, a container stop) or Ctrl-C reaches the loader's workers too;
+    one killed by it makes the DataLoader raise in the main process before the trainer can finish the
+    step and checkpoint (see train/signals.py). Workers end when the loader closes, or with their
+    parent (torch's watchdog)."""
+    import signal
+
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class BatchStream:
     """Infinite iterator of collated batches with a resumable ``state_dict()``."""
 
@@ -78,7 +90,8 @@ class BatchStream:
         g = torch.Generator().manual_seed(self.kw["seed"] * 7919 + self.kw["rank"])
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                              persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                                             generator=g)
+                                             generator=g,
+                                             worker_init_fn=_worker_ignores_stop_signals if self.num_workers else None)
         self._it = iter(loader)
 
     def __iter__(self):

@@ -105,11 +105,18 @@ def _start_and_wait_for_a_step(cmd, env):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_cli_exits_143_with_one_line_and_resumes(tmp_path):
-    args = cli_args(tmp_path, **{"train.steps": 100000, "train.ckpt_every": 100000})
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_to_the_cli_exits_143_with_one_line_and_resumes(tmp_path, workers):
+    """With DataLoader workers the signal goes to the whole process group (as scancel or Ctrl-C send
+    it): a worker it killed used to make the loader raise in the main process, before the checkpoint."""
+    args = cli_args(tmp_path, **{"train.steps": 100000, "train.ckpt_every": 100000, "data.num_workers": workers})
     proc, reader, lines = _start_and_wait_for_a_step([sys.executable, FAULTY, *args], child_env())
     try:
-        proc.send_signal(signal.SIGTERM)
+        if workers:
+            time.sleep(0.5)  # the workers are up and prefetching
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     finally:
         _kill_group(proc)
