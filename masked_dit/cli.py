@@ -372,7 +372,11 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv[:1] == ["eval"]:  # the evaluator owns its options (its own --help)
-        return _eval(argparse.Namespace(eval_args=argv[1:]), [])
+        try:
+            return _eval(argparse.Namespace(eval_args=argv[1:]), [])
+        except KeyboardInterrupt:
+            print("masked-dit eval: interrupted", file=sys.stderr)
+            return 130
     args, rest = parser.parse_known_args(argv)
     # Only `train` takes --section.key=value overrides; anything else left over is an error.
     overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]

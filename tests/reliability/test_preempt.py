@@ -174,3 +174,19 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     found = ckpt.list_checkpoints(tmp_path / "digits-dit" / "checkpoints")
     assert [p.name for p in found] == [f"step_{step:08d}"], err[-4000:]
     ckpt.verify_checkpoint(found[-1], world_size=2)  # both ranks' files: they stopped at the same step
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_ctrl_c_outside_the_step_loop_is_one_line(command, monkeypatch, capsys, tmp_path):
+    """A second Ctrl-C (or one during start-up, sampling or evaluation) ends with one line, exit 130."""
+    from masked_dit import cli
+    from masked_dit.eval import cli as eval_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    monkeypatch.setattr(eval_cli, "main", interrupted)
+    argv = cli_args(tmp_path) if command == "train" else ["eval", str(tmp_path / "x.npz")]
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"masked-dit {command}: interrupted"
