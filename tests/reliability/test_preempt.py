@@ -153,7 +153,10 @@ def _rank_of(pid: int) -> int | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the torchrun workers through /proc")
-def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
+@pytest.mark.parametrize("target", ["rank1", "torchrun"])
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, target):
+    """rank1: only rank 1 is signalled; torchrun: the launcher is (a job scheduler's SIGTERM), and it
+    forwards the signal to its workers."""
     mode = "fsdp" if fsdp_supported("cpu")[0] else "ddp"  # FSDP's collective save when this torch can
     args = cli_args(tmp_path, **{"train.steps": 100000, "train.ckpt_every": 100000, "parallel.mode": mode})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
@@ -162,7 +165,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path):
     try:
         workers = {_rank_of(c): c for c in _children(proc.pid)}
         assert set(workers) == {0, 1}, workers
-        os.kill(workers[1], signal.SIGTERM)  # rank 0 gets nothing
+        os.kill(workers[1] if target == "rank1" else proc.pid, signal.SIGTERM)  # rank1: rank 0 gets nothing
         proc.wait(120)
     finally:
         _kill_group(proc)
