@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -399,6 +400,10 @@ def main(argv=None) -> int:
         print(f"masked-dit {args.command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError, FloatingPointError) as exc:
+        from masked_dit.configs import ConfigError
+
+        if isinstance(exc, ConfigError) and os.environ.get("RANK", "0") != "0":
+            return 2  # a config error is the same on every torchrun rank: rank 0 says it once
         print(f"masked-dit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

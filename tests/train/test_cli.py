@@ -95,3 +95,19 @@ def test_sample_an_unfinished_run_and_a_checkpoint(tmp_path):
                  "--precision", "fp32", "--sampler", "ddpm", "--cfg-scale",
                  str(trainer.cfg.sample.cfg_scale)]) == 0
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "2.npz")["arr_0"]), torch.from_numpy(outs[0]))
+
+
+def test_config_error_is_said_once_under_torchrun(tmp_path, capsys, monkeypatch):
+    """Every torchrun rank validates the same argv: rank 0 prints the line, the others only exit 2.
+    Errors that may differ per rank (a file missing on one node) are still printed by every rank."""
+    argv = ["train", "--preset", "digits-dit", f"--run.out_dir={tmp_path}", "--optim.lr=-1"]
+    for rank, printed in (("0", True), ("3", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert (err.splitlines()[-1].startswith("masked-dit train: error: --optim.lr") if printed else err == ""), err
+    monkeypatch.setenv("RANK", "3")
+    assert main(["train", "--preset", "digits-dit", f"--run.out_dir={tmp_path}", "--data.source=folder",
+                 f"--data.path={tmp_path / 'missing'}"]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert not (tmp_path / "digits-dit").exists()
