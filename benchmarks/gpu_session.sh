@@ -10,7 +10,7 @@
 # Calls that follow within the machine's warm window reuse its build (ignored outputs are kept there);
 # every stage rebuilds only when `masked_dit._C` is missing. Without a GPU every stage runs at toy
 # size on the CPU instead (how CI-less machines check this script). Wheels the image lacks
-# (diffusers, for the VAE tests) travel in .whl/ as the device README explains: carry ".whl".
+# (diffusers, for the VAE tests) travel in .whl/ (benchmarks/fetch_wheels.sh fills it): carry ".whl".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-build-test}
