@@ -47,13 +47,20 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
 def _worker_ignores_stop_signals(worker_id: int) -> None:
     """A group-wide SIGTERM (scancel, a container stop) or Ctrl-C reaches the loader's workers too;
     one killed by it makes the DataLoader raise in the main process before the trainer can finish the
-    step and checkpoint (see train/signals.py). Workers end when the loader closes, or with their
-    parent (torch's watchdog)."""
+    step and checkpoint (see train/signals.py). Workers end when the loader closes (``BatchStream.close``,
+    also at interpreter exit: multiprocessing's own exit hook would SIGTERM them and wait forever), or
+    with their parent (torch's watchdog)."""
     import signal
 
     for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _close_stream(ref) -> None:
+    stream = ref()
+    if stream is not None:
+        stream.close()
 
 
 class BatchStream:
@@ -93,6 +100,20 @@ class BatchStream:
                                              generator=g,
                                              worker_init_fn=_worker_ignores_stop_signals if self.num_workers else None)
         self._it = iter(loader)
+        if self.num_workers and not getattr(self, "_closes_at_exit", False):
+            import atexit
+            import weakref
+
+            # registered after torch and multiprocessing: runs before their exit hooks
+            atexit.register(_close_stream, weakref.ref(self))
+            self._closes_at_exit = True
+
+    def close(self) -> None:
+        """Stops the loader's workers (idempotent; a later ``next`` starts them again at the position)."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def __iter__(self):
         return self

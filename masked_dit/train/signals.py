@@ -38,7 +38,8 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            # None: a handler installed from C, which Python cannot put back; the default is closest
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:

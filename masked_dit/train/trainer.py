@@ -393,4 +393,5 @@ def train(cfg: Config, stop_at: int | None = None) -> dict:
     try:
         return trainer.fit(stop_at=stop_at)
     finally:
+        trainer.stream.close()  # the DataLoader workers ignore SIGTERM: stop them here, whatever happened
         shutdown(trainer.world)

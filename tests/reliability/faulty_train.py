@@ -10,6 +10,7 @@ Faults are chosen by environment variables so that the same real ``masked-dit tr
                                       rmtree      half-way through deleting a checkpoint folder
                                       export      right after ema.safetensors of the export
     MDIT_FAULT_NAN_STEPS=3,4,5      the objective returns NaN (loss and gradients) at these steps
+    MDIT_FAULT_RAISE_AT=<k>         a RuntimeError (as a CUDA OOM or NCCL error would be) before step k
     MDIT_FAULT_RANK_KILL=<r>:<k>    rank r SIGKILLs itself before step k on the first torchrun
                                     attempt only (TORCHELASTIC_RESTART_COUNT == 0)
 
@@ -136,12 +137,26 @@ def install_rank_kill(spec: str) -> None:
     trainer_mod.Trainer.train_step = train_step
 
 
+def install_raise(step: int) -> None:
+    from masked_dit.train import trainer as trainer_mod
+
+    real_step = trainer_mod.Trainer.train_step
+
+    def train_step(self):
+        if self.step + 1 == step:
+            raise RuntimeError(f"injected failure before step {step}")
+        return real_step(self)
+    trainer_mod.Trainer.train_step = train_step
+
+
 def main() -> int:
     torch.set_num_threads(1)
     if os.environ.get("MDIT_FAULT_KILL"):
         install_kill(os.environ["MDIT_FAULT_KILL"])
     if os.environ.get("MDIT_FAULT_NAN_STEPS"):
         install_nan({int(s) for s in os.environ["MDIT_FAULT_NAN_STEPS"].split(",")})
+    if os.environ.get("MDIT_FAULT_RAISE_AT"):
+        install_raise(int(os.environ["MDIT_FAULT_RAISE_AT"]))
     if os.environ.get("MDIT_FAULT_RANK_KILL"):
         install_rank_kill(os.environ["MDIT_FAULT_RANK_KILL"])
     from masked_dit.cli import main as cli_main

@@ -140,6 +140,40 @@ def _kill_group(proc) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
+def test_unexpected_error_with_workers_still_exits(tmp_path):
+    """The workers ignore SIGTERM, so multiprocessing's exit hook (SIGTERM, then an unbounded join)
+    could not stop them: an uncaught error (a CUDA OOM, an NCCL error) left the process hanging."""
+    args = cli_args(tmp_path, **{"train.steps": 100, "data.num_workers": 2})
+    proc = subprocess.run([sys.executable, FAULTY, *args], capture_output=True, text=True, cwd=REPO,
+                          env=child_env(raise_at=3), timeout=120, start_new_session=True)
+    assert proc.returncode == 1 and "RuntimeError: injected failure before step 3" in proc.stderr, proc.stderr[-2000:]
+
+
+class _Numbers(torch.utils.data.Dataset):
+    """Item i is {"x": [i]} (BatchStream asks for (index, flip) keys)."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, key):
+        return {"x": torch.tensor([float(key[0])])}
+
+
+def test_closed_stream_restarts_at_its_position():
+    from masked_dit.data import BatchStream
+
+    data = _Numbers()
+    a, b = BatchStream(data, 2, num_workers=1), BatchStream(data, 2, num_workers=0)
+    first = [next(a)["x"] for _ in range(3)]
+    a.close()
+    a.close()  # idempotent
+    rest = [next(a)["x"] for _ in range(5)]
+    a.close()
+    for got, want in zip(first + rest, [next(b)["x"] for _ in range(8)]):
+        assert torch.equal(got, want)
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.exists() else []
