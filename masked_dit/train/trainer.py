@@ -350,9 +350,13 @@ class Trainer:
             if self.stop_signum is not None and self.step < tc.steps:
                 self._stop_on_signal(bar, saved=self.step % tc.ckpt_every == 0)
             if self.step % tc.sample_every == 0 and self.step < tc.steps:
-                model = self.ema_model()
-                self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", model)
-                self.evaluate_digits(model)
+                # The EMA copy's random init and the digits classifier's must not move the training RNG:
+                # a run resumed from this step's checkpoint would draw other noise than one run.
+                devices = [w.device.index or 0] if w.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    model = self.ema_model()
+                    self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", model)
+                    self.evaluate_digits(model)
         return last
 
     def fit(self, stop_at: int | None = None) -> dict:
