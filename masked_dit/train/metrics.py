@@ -61,6 +61,15 @@ class MetricsLog:
         self.count += 1
         self.images += images
 
+    def state_dict(self) -> dict:
+        """The open log window (this rank's sums since the last record): saved in each checkpoint, so
+        a record whose window spans a resume averages the same steps as in one run."""
+        return {"sums": dict(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.sums, self.count = dict(state["sums"]), int(state["count"])
+
     def reset_clock(self) -> None:
         self.t0 = time.perf_counter()
         self.images = 0
@@ -88,20 +97,23 @@ class MetricsLog:
         self.reset_clock()
         return record
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, evaluations_at_step: bool = True) -> None:
         """Drops records past ``step`` from ``metrics.jsonl`` (rank 0): after a resume those steps are
-        re-done, so each step keeps one record. A torn line (a kill mid-write) goes too. Rewritten to
-        a temporary file and renamed, so a kill mid-way leaves the old file."""
+        re-done, so each step keeps one record. ``evaluations_at_step=False`` also drops the records
+        without a loss at ``step`` (a finished run's final evaluation, which a re-run writes again).
+        A torn line (a kill mid-write) goes too. Rewritten to a temporary file and renamed, so a kill
+        mid-way leaves the old file."""
         if self.path is None or not self.path.exists():
             return
         lines = self.path.read_text().splitlines(keepends=True)
         kept = []
         for line in lines:
             try:
-                record_step = json.loads(line)["step"]
+                record = json.loads(line)
+                record_step = record["step"]
             except (ValueError, KeyError, TypeError):
                 continue
-            if record_step <= step:
+            if record_step < step or (record_step == step and (evaluations_at_step or "loss" in record)):
                 kept.append(line if line.endswith("\n") else line + "\n")
         if len(kept) == len(lines) and (not lines or lines[-1].endswith("\n")):
             return

@@ -148,7 +148,7 @@ class Trainer:
                                          fused=w.device.type == "cuda" and not self.fsdp_mp)
         torch.manual_seed(cfg.run.seed * 100_003 + w.rank)  # per-rank draws (t, noise, masks, dropout)
         self.step = 0
-        data_state = None
+        data_state = metrics_window = None
         self.nonfinite_streak = self.nonfinite_total = 0  # skipped (non-finite) steps: in a row, in all
         self.resumed_step = None
         self.stop = StopRequest()  # the signal handlers are installed by fit()
@@ -159,6 +159,7 @@ class Trainer:
             self.nonfinite_total = extra.get("nonfinite_steps", 0)
             self.step = extra["step"]
             data_state = extra.get("data")
+            metrics_window = extra.get("metrics")
             self._log(f"resumed from {resume} at step {self.step}")
         elif cfg.run.resume and cfg.run.resume != "latest":
             raise ValueError(f"--run.resume={cfg.run.resume}: no checkpoint found")
@@ -167,10 +168,12 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.flops_per_image,
                                   peak_flops(w.device, cfg.train.peak_tflops),
                                   tensorboard_dir=self.run_dir / "tensorboard" if w.is_main else None)
+        self.metrics.load_state_dict(metrics_window)  # a log window open at the checkpoint goes on
         if w.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
-            self.metrics.truncate_after(self.step)  # steps past the checkpoint are about to be re-done
+            # steps past the checkpoint are about to be re-done; a finished run re-evaluates its end
+            self.metrics.truncate_after(self.step, evaluations_at_step=self.step < cfg.train.steps)
 
     # ------------------------------------------------------------------ logging
     def _log(self, msg: str) -> None:
@@ -247,7 +250,8 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.module, self.optimizer, self.ema, self.world,
-                                    {"data": self.stream.state_dict(), "nonfinite_steps": self.nonfinite_total},
+                                    {"data": self.stream.state_dict(), "nonfinite_steps": self.nonfinite_total,
+                                     "metrics": self.metrics.state_dict()},
                                     keep_last=self.cfg.train.keep_last,
                                     model_name=self.model_name)
 
@@ -304,14 +308,12 @@ class Trainer:
                   f"feature FD {record['digits_fd']:.2f} ({n} EMA samples)")
         return record
 
-    def _stop_on_signal(self, bar, saved: bool) -> None:
-        """After the step in flight: log the partial window, checkpoint (unless this step was just saved,
-        or a non-finite streak makes the newest checkpoint the last good one) and raise Preempted."""
+    def _stop_on_signal(self, bar) -> None:
+        """After the step in flight: checkpoint (the open log window goes into it; not during a non-finite
+        streak, which makes the newest checkpoint the last good one) and raise Preempted."""
         if bar is not None:
             bar.close()
-        extra = {"nonfinite_steps": self.nonfinite_total} if self.nonfinite_total else {}
-        self.metrics.flush(self.step, self.world, extra)
-        if self.nonfinite_streak == 0 and not saved:
+        if self.nonfinite_streak == 0:
             self.save()
         found = ckpt.list_checkpoints(self.ckpt_dir)
         where = f"checkpoint {found[-1]}" if found else "no checkpoint (non-finite steps from the start)"
@@ -344,19 +346,19 @@ class Trainer:
                 last = self.metrics.flush(self.step, w, extra)
                 if last is not None:
                     self._log(format_record(last))
-            # No checkpoint during a non-finite streak: the newest one stays the last good step.
-            if self.step % tc.ckpt_every == 0 and self.step < tc.steps and self.nonfinite_streak == 0:
-                self.save()
             if self.stop_signum is not None and self.step < tc.steps:
-                self._stop_on_signal(bar, saved=self.step % tc.ckpt_every == 0)
+                self._stop_on_signal(bar)  # saves and raises: no grid now, the deadline is near
             if self.step % tc.sample_every == 0 and self.step < tc.steps:
-                # The EMA copy's random init and the digits classifier's must not move the training RNG:
-                # a run resumed from this step's checkpoint would draw other noise than one run.
+                # Before this step's checkpoint (a kill in between re-does the step and its grid). The
+                # EMA copy's and the digits classifier's random init must not move the training RNG.
                 devices = [w.device.index or 0] if w.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):
                     model = self.ema_model()
                     self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", model)
                     self.evaluate_digits(model)
+            # No checkpoint during a non-finite streak: the newest one stays the last good step.
+            if self.step % tc.ckpt_every == 0 and self.step < tc.steps and self.nonfinite_streak == 0:
+                self.save()
         return last
 
     def fit(self, stop_at: int | None = None) -> dict:

@@ -76,6 +76,22 @@ def test_resume_is_bit_exact_with_sample_grids_at_checkpoints(tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_log_window_across_a_resume_and_a_rerun_finished_run_keep_one_run_s_records(tmp_path):
+    """Records every 3 steps, checkpoints every 2: the step-3 record spans the step-2 checkpoint and
+    averages steps 1-3 after a resume too (the open window is in the checkpoint). Re-running the
+    finished run re-evaluates its end once (no second final digits record)."""
+    over = {"train.steps": 6, "train.ckpt_every": 2, "train.log_every": 3, "sample.eval_num": 4}
+    Trainer(tiny_config("digits-dit", tmp_path / "a", **over)).fit()
+    Trainer(tiny_config("digits-dit", tmp_path / "b", **over)).fit(stop_at=3)
+    Trainer(tiny_config("digits-dit", tmp_path / "b", **{**over, "run.resume": "latest"})).fit()
+    Trainer(tiny_config("digits-dit", tmp_path / "b", **{**over, "run.resume": "latest"})).fit()  # finished
+    a, b = (_losses(tmp_path / run / "digits-dit") for run in ("a", "b"))
+    timing = ("img_per_s", "tflops_per_device")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in b]
+    assert [r["step"] for r in a] == [3, 6, 6]  # two log records, one final evaluation
+
+
 def test_incomplete_checkpoint_is_ignored(tmp_path):
     cfg = tiny_config("digits-dit", tmp_path, **{"train.steps": 2})
     train(cfg)
