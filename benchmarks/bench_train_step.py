@@ -354,8 +354,9 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict) 
         try:
             if variant.endswith("fsdp") and device.type == "cuda" and not torch.distributed.is_available():
                 raise RuntimeError("torch.distributed is not available")
-            if variant.endswith("fsdp") and not fsdp_supported(device.type)[0]:
-                raise VariantSkipped(fsdp_supported(device.type)[1])
+            fsdp_ok, why = fsdp_supported(device.type)
+            if variant.endswith("fsdp") and not fsdp_ok:
+                raise VariantSkipped(why)
             runner, info = build_runner(variant, family, kwargs, base_state, device, args)
             row.update(info)
             group = variant if variant.startswith("reference") else "ours"

@@ -127,10 +127,7 @@ def _sample(args, _overrides) -> int:
         raise ValueError(f"--out {out}: must end in .npz (samples for FID) or .png (a grid)")
     if args.batch_size < 1 or args.num < 1:
         raise ValueError(f"--batch-size ({args.batch_size}) and --num-samples ({args.num}) must be >= 1")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1 (got {args.steps})")
-    if args.per_class < 1:
-        raise ValueError(f"--per-class must be >= 1 (got {args.per_class})")
+    _check_positive(args, "steps", "per_class")
     if args.classes == []:
         raise ValueError("--classes needs at least one class label (or leave it out)")
     if out.exists() and out.is_dir():

@@ -52,9 +52,10 @@ def _worker_ignores_stop_signals(worker_id: int) -> None:
     with their parent (torch's watchdog)."""
     import signal
 
-    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    from masked_dit.train.signals import STOP_SIGNALS  # here: masked_dit.train imports this module
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _close_stream(ref) -> None:

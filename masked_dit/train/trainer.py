@@ -264,14 +264,19 @@ class Trainer:
         model.load_state_dict(full, strict=True)
         return model.to(self.world.device).eval()
 
+    def _training_rng_kept(self):
+        """A context whose draws leave the training RNG (CPU and this rank's GPU) as it was: what runs
+        between steps must not move it, or a resumed run would draw other noise than one run."""
+        w = self.world
+        return torch.random.fork_rng(devices=[w.device.index or 0] if w.device.type == "cuda" else [])
+
     def _sample(self, model, y: torch.Tensor, seed: int) -> torch.Tensor:
         """Samples for labels ``y`` from fixed noise, without moving the training RNG."""
         cfg, w = self.cfg, self.world
         sc = cfg.sample
         shape = (len(y), cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
         noise = fixed_noise(shape, seed).to(w.device)
-        devices = [w.device.index or 0] if w.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # sampling must not move the training RNG
+        with self._training_rng_kept():
             torch.manual_seed(seed)
             return self.objective.sample(model, noise, y, sampler=sc.sampler, steps=sc.steps, cfg_scale=sc.cfg_scale,
                                          scale_pow=sc.scale_pow, guidance_low=sc.guidance_low,
@@ -349,10 +354,9 @@ class Trainer:
             if self.stop_signum is not None and self.step < tc.steps:
                 self._stop_on_signal(bar)  # saves and raises: no grid now, the deadline is near
             if self.step % tc.sample_every == 0 and self.step < tc.steps:
-                # Before this step's checkpoint (a kill in between re-does the step and its grid). The
-                # EMA copy's and the digits classifier's random init must not move the training RNG.
-                devices = [w.device.index or 0] if w.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices):
+                # Before this step's checkpoint (a kill in between re-does the step and its grid); the
+                # EMA copy's and the digits classifier's random init draw too.
+                with self._training_rng_kept():
                     model = self.ema_model()
                     self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", model)
                     self.evaluate_digits(model)
