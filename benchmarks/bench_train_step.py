@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -42,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `masked_
 import torch
 import torch.nn as nn
 
-from benchmarks import common
+from benchmarks import common, profiling
 from benchmarks.reference_style import RECIPES, reference_like
 from masked_dit.train.parallel import fsdp_supported
 
@@ -325,6 +326,22 @@ def measure(runner: StepRunner, family: str, kwargs: dict, batch: int, device: t
     return out
 
 
+def profile_variant(runner: StepRunner, family: str, kwargs: dict, batch: int, device: torch.device, args,
+                    label: str) -> dict:
+    """``--profile N``: N more steps under torch.profiler, summarized by kernel category (see profiling.py);
+    after the timed loop, so the profiler's overhead stays out of img/s."""
+    data = make_batch(family, kwargs, batch, device)
+    trace = None
+    if args.trace:
+        out_dir = Path(args.out_dir or common.RESULTS_DIR)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        trace = out_dir / f"trace-{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}.json.gz"
+    with tf32(runner.tf32):
+        summary = profiling.profile_steps(lambda: runner.step(data), args.profile, device, trace=trace)
+    print(profiling.format_summary(label, summary), flush=True)
+    return summary
+
+
 def probe(runner: StepRunner, family: str, kwargs: dict, device: torch.device):
     """try_batch(b): two steps at batch b (the second allocates the optimizer state's steady footprint)."""
     def try_batch(b):
@@ -381,6 +398,14 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict) 
             row.update(result)
             row.update(common.mfu_fields(row["img_per_s"], flops, peaks))
             row["status"] = "ok"
+            _print_row(row)
+            if args.profile:
+                try:  # a failing profile (e.g. the profiler's memory) must not lose the measured row
+                    row["profile"] = profile_variant(runner, family, kwargs, row["batch"], device, args,
+                                                     f"{name}-{variant}-b{row['batch']}")
+                except Exception as err:  # noqa: BLE001
+                    row["profile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    print(f"# profile of {name} {variant} failed: {row['profile_error']}", flush=True)
         except VariantSkipped as why:  # this torch / device cannot run it: not an error of ours
             row.update(status="skipped", reason=str(why))
         except Exception as err:  # noqa: BLE001  (one failing variant must not lose the others)
@@ -391,7 +416,8 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict) 
             runner = None  # drop the model, optimizer and compiled graphs before the next variant
             common.free_memory(device)
         rows.append(row)
-        _print_row(row)
+        if row["status"] != "ok":
+            _print_row(row)
     ref = next((r for r in rows if r["variant"] == "reference" and r["status"] == "ok"), None)
     ref16 = next((r for r in rows if r["variant"] == "reference_bf16" and r["status"] == "ok"), None)
     for r in rows:
@@ -437,12 +463,17 @@ def parse_args(argv=None):
                    help="dynamo's per-function recompile limit (0: the trainer's, parallel.RECOMPILE_LIMIT)")
     p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,
                    help="force the reference attention (default: each repo's own, see reference_style.RECIPES)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more steps per variant: time by kernel category (row 'profile')")
+    p.add_argument("--trace", action="store_true", help="with --profile: also write a gzipped Chrome trace per variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     p.add_argument("--tag", default=None, help="suffix of the result file name (default: the day's file)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing variants")
     args = p.parse_args(argv)
-    for name in ("batch", "batch_cap"):
+    if args.trace and not args.profile:
+        p.error("--trace needs --profile N (N > 0)")
+    for name in ("batch", "batch_cap", "profile"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     return args

@@ -6,6 +6,9 @@
 #   bash benchmarks/gpu_session.sh ops               # bench_ops.py, every op and backend
 #   bash benchmarks/gpu_session.sh train dit XL      # bench_train_step.py, one family and size, all variants
 #   bash benchmarks/gpu_session.sh sample            # bench_sampling.py, 50 of the 250 DDPM steps (scale img/s by 1/5)
+#   bash benchmarks/gpu_session.sh profile dit XL 256   # 3 profiled steps of reference + compiled_fused at batch 256:
+#                                                       # time by kernel category, top kernels, gzipped Chrome traces
+#                                                       # (PROFILE_VARIANTS=... for others; no batch: searched)
 #
 # Calls that follow within the machine's warm window reuse its build (ignored outputs are kept there);
 # every stage rebuilds only when `masked_dit._C` is missing. Without a GPU every stage runs at toy
@@ -18,7 +21,7 @@ out=${OUT:-benchmarks/results/session-$(date -u +%Y-%m-%d)}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
@@ -56,6 +59,15 @@ case "$stage" in
         timeout 480 python3 benchmarks/bench_train_step.py "${device[@]}" "${size[@]}" "${sizes[@]}" \
             --families "$family" --out-dir "$out" 2>&1 | tee "$out/train_${family}_${model_size}.log" | tail -20
         ;;
+    profile)
+        build > /dev/null
+        family=${2:-dit}; model_size=${3:-XL}; batch=${4:-}
+        sizes=(); batches=(); [ "$gpu" = 1 ] && sizes=(--sizes "$model_size")
+        [ -n "$batch" ] && batches=(--batch "$batch")
+        timeout 480 python3 benchmarks/bench_train_step.py "${device[@]}" "${size[@]}" "${sizes[@]}" "${batches[@]}" \
+            --families "$family" --variants "${PROFILE_VARIANTS:-reference,compiled_fused}" --profile 3 --trace \
+            --tag profile --out-dir "$out" 2>&1 | tee "$out/profile_${family}_${model_size}.log" | grep -v '^USDT' | tail -60
+        ;;
     sample)
         build > /dev/null
         steps=(); [ "$gpu" = 1 ] && steps=(--steps 50 --batches 64,256)
@@ -63,7 +75,7 @@ case "$stage" in
             --samplers dit_ddpm250_cfg --out-dir "$out" 2>&1 | tee "$out/sample.log" | tail -20
         ;;
     *)
-        echo "unknown stage '$stage'; valid: build-test, ops, train FAMILY SIZE, sample" >&2
+        echo "unknown stage '$stage'; valid: build-test, ops, train FAMILY SIZE, profile FAMILY SIZE [BATCH], sample" >&2
         exit 2
         ;;
 esac
