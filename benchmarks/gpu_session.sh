@@ -32,7 +32,7 @@ fi
 
 build() {  # the CUDA extension, in place (no pip: the image has no index to reach)
     if [ "$gpu" = 1 ] && ! python3 -c "import masked_dit._C" 2> /dev/null; then
-        FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 360 python3 setup.py build_ext --inplace \
+        FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 python3 setup.py build_ext --inplace \
             > "$out/build.log" 2>&1 || { echo "build failed: see $out/build.log"; tail -20 "$out/build.log"; }
     fi
     python3 -m masked_dit info > "$out/info.txt" 2>&1
@@ -43,7 +43,10 @@ case "$stage" in
     build-test)
         build
         if [ "$gpu" = 1 ]; then
-            timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -15
+            # whatever the build left of the device tool's 600 s per command (a first build can take minutes)
+            left=$((570 - SECONDS)); [ "$left" -lt 60 ] && left=60
+            timeout "$left" python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests 2>&1 \
+                | tee "$out/gpu_tests.log" | tail -40
         else
             echo "no GPU: pytest -m gpu would only skip"
         fi

@@ -151,12 +151,14 @@ class Trainer:
         data_state = metrics_window = None
         self.nonfinite_streak = self.nonfinite_total = 0  # skipped (non-finite) steps: in a row, in all
         self.resumed_step = None
+        self.sample_owed = False  # a stop signal at a grid step checkpointed it before its grid ran
         self.stop = StopRequest()  # the signal handlers are installed by fit()
         self.stop_signum = None  # a stop signal every rank has agreed on (see _agree)
         if resume is not None:
             extra = ckpt.load_checkpoint(resume, self.module, self.optimizer, self.ema, w, model_name=self.model_name)
             self.resumed_step = extra["step"]
             self.nonfinite_total = extra.get("nonfinite_steps", 0)
+            self.sample_owed = bool(extra.get("sample_owed", False))
             self.step = extra["step"]
             data_state = extra.get("data")
             metrics_window = extra.get("metrics")
@@ -251,7 +253,7 @@ class Trainer:
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.module, self.optimizer, self.ema, self.world,
                                     {"data": self.stream.state_dict(), "nonfinite_steps": self.nonfinite_total,
-                                     "metrics": self.metrics.state_dict()},
+                                     "metrics": self.metrics.state_dict(), "sample_owed": self.sample_owed},
                                     keep_last=self.cfg.train.keep_last,
                                     model_name=self.model_name)
 
@@ -318,6 +320,8 @@ class Trainer:
         streak, which makes the newest checkpoint the last good one) and raise Preempted."""
         if bar is not None:
             bar.close()
+        # the step's grid and digits record are owed: the resumed run makes them first (same EMA, same noise)
+        self.sample_owed = self.step % self.cfg.train.sample_every == 0
         if self.nonfinite_streak == 0:
             self.save()
         found = ckpt.list_checkpoints(self.ckpt_dir)
@@ -332,11 +336,22 @@ class Trainer:
         return ckpt.export_ema(self.run_dir / "export", full, self.model_name, self.model_kwargs, self.cfg.to_dict())
 
     # -------------------------------------------------------------------- loop
+    def _periodic_samples(self) -> None:
+        """This step's grid and digits record; under a forked RNG, since the EMA copy's and the digits
+        classifier's random init draw too (a resumed run must draw what one run draws)."""
+        with self._training_rng_kept():
+            model = self.ema_model()
+            self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", model)
+            self.evaluate_digits(model)
+
     def _steps(self, bar, stop_at: int | None) -> dict | None:
         """Steps to ``train.steps`` (or ``stop_at``) with logs, checkpoints and grids; the last record."""
         cfg, w = self.cfg, self.world
         tc = cfg.train
         last = None
+        if self.sample_owed:  # preempted at a grid step: its grid and digits record, as one run makes them
+            self._periodic_samples()
+            self.sample_owed = False
         while self.step < tc.steps and (stop_at is None or self.step < stop_at):
             values = self.train_step()
             skipped = "skipped" in values  # a non-finite step: nothing to average into the log
@@ -354,12 +369,7 @@ class Trainer:
             if self.stop_signum is not None and self.step < tc.steps:
                 self._stop_on_signal(bar)  # saves and raises: no grid now, the deadline is near
             if self.step % tc.sample_every == 0 and self.step < tc.steps:
-                # Before this step's checkpoint (a kill in between re-does the step and its grid); the
-                # EMA copy's and the digits classifier's random init draw too.
-                with self._training_rng_kept():
-                    model = self.ema_model()
-                    self.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", model)
-                    self.evaluate_digits(model)
+                self._periodic_samples()  # before this step's checkpoint: a kill in between re-does both
             # No checkpoint during a non-finite streak: the newest one stays the last good step.
             if self.step % tc.ckpt_every == 0 and self.step < tc.steps and self.nonfinite_streak == 0:
                 self.save()

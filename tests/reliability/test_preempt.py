@@ -84,6 +84,35 @@ def test_signal_on_a_checkpoint_step_saves_once_and_last_step_finishes(tmp_path)
     assert (tmp_path / "digits-dit" / "export" / "ema.safetensors").exists()
 
 
+def test_signal_at_a_grid_step_owes_its_grid_and_digits_record_to_the_resumed_run(tmp_path):
+    """The stop skips the grid step's sampling (the deadline is near); the resumed run makes the grid and
+    the digits record first, from the checkpointed EMA: the same files and records as one run."""
+    import json
+
+    over = {"train.steps": 4, "train.sample_every": 2, "train.ckpt_every": 1000, "sample.eval_num": 10}
+    Trainer(tiny_config("digits-dit", tmp_path / "a", **over)).fit()
+    part = Trainer(tiny_config("digits-dit", tmp_path / "b", **over))
+    _signal_before_step(part, 2, signal.SIGTERM)
+    with pytest.raises(Preempted, match="at step 2 of 4"):
+        part.fit()
+    run_a, run_b = tmp_path / "a" / "digits-dit", tmp_path / "b" / "digits-dit"
+    assert not (run_b / "samples" / "step_00000002.png").exists()
+    resumed = Trainer(tiny_config("digits-dit", tmp_path / "b", **{**over, "run.resume": "latest"}))
+    assert resumed.sample_owed
+    resumed.fit()
+    assert not resumed.sample_owed
+    grid = "samples/step_00000002.png"
+    assert (run_a / grid).read_bytes() == (run_b / grid).read_bytes()
+
+    def evaluations(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["digits_cond_acc"], r["digits_fd"]) for r in rows if "digits_fd" in r]
+    assert evaluations(run_a) == evaluations(run_b) and [s for s, _, _ in evaluations(run_a)] == [2, 4]
+    # a checkpoint made at a grid step in the normal way owes nothing
+    again = Trainer(tiny_config("digits-dit", tmp_path / "b", **{**over, "train.steps": 6, "run.resume": "latest"}))
+    assert again.step == 4 and not again.sample_owed
+
+
 def _start_and_wait_for_a_step(cmd, env):
     # a session of its own: a failed test kills the whole group, torchrun's workers included
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
