@@ -9,10 +9,13 @@ trap 'rm -rf "$out"' EXIT
 NVCC=${NVCC:-nvcc}
 shopt -s nullglob
 kernels=(csrc/kernels/*.cu)
+# the flags torch's CUDAExtension adds to every nvcc call (-D__CUDA_NO_HALF_OPERATORS__ and friends):
+# without them half/bfloat16 operators and implicit conversions compile here but break setup.py
+read -r -a torch_nvcc_flags <<< "$(python -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS; print(' '.join(COMMON_NVCC_FLAGS))")"
 for arch in ${CHECK_ARCHS:-90}; do
   for f in "${kernels[@]}"; do
     echo "nvcc sm_${arch}: $f"
-    "$NVCC" -c -std=c++17 -O2 -arch=sm_${arch} -Icsrc "$f" -o "$out/$(basename "$f").sm${arch}.o"
+    "$NVCC" -c -std=c++17 -O2 -arch=sm_${arch} "${torch_nvcc_flags[@]}" -Icsrc "$f" -o "$out/$(basename "$f").sm${arch}.o"
   done
 done
 TORCH_INC=$(python -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
