@@ -190,3 +190,42 @@ def test_unsupported_gpu_names_the_device(monkeypatch):
         "rebuild with that arch in TORCH_CUDA_ARCH_LIST")
     assert _ext._unsupported_gpu("7.5,8.0,9.0+PTX") == ""
     assert _ext._unsupported_gpu("") == ""  # built without setup.py: unknown
+
+
+# -----------------------------------------------------------------------------
+# the adaLN kernels' launch configuration covers every feature width the binding accepts
+# -----------------------------------------------------------------------------
+
+# threads_for in csrc/kernels/adaln.cu, mirrored below (the test fails if the C++ changes)
+_THREADS_FOR = ("return static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, "
+                "(per_row + 31) / 32 * 32)));")
+
+
+def test_adaln_items_and_threads_cover_every_width():
+    """with_items / threads_for (parsed from adaln.cu): for every D in [1, kMaxD] a block of whole
+    warps (block_sum shuffles with a full mask), at most kMaxThreads (the __launch_bounds__ and the
+    kWarps shared-memory slots), holding the whole row (threads * ITEMS >= D); and the Python
+    wrappers' _CUDA_MAX_D is the kernels' kMaxD."""
+    src = (ROOT / "csrc" / "kernels" / "adaln.cu").read_text()
+    header = (ROOT / "csrc" / "kernels" / "adaln.h").read_text()
+    max_threads = int(re.search(r"constexpr int kMaxThreads = (\d+);", src).group(1))
+    max_d = int(re.search(r"constexpr int64_t kMaxD = (\d+);", header).group(1))
+    assert adaln_mod._CUDA_MAX_D == max_d
+    with_items = re.search(r"cudaError_t with_items\(.*?\n\}", src, re.S).group(0)
+    bounded = [(int(m), int(i)) for m, i in re.findall(
+        r"if \(D <= (\d+) \* kMaxThreads\) return launch\(std::integral_constant<int, (\d+)>\{\}\);", with_items)]
+    fallback = re.findall(r"\n  return launch\(std::integral_constant<int, (\d+)>\{\}\);", with_items)
+    assert bounded and len(fallback) == 1, with_items
+    threads_for = re.search(r"inline int threads_for\(.*?\n\}", src, re.S).group(0)
+    assert _THREADS_FOR in " ".join(threads_for.split()), threads_for
+
+    def launch(D):
+        items = next((i for m, i in bounded if D <= m * max_threads), int(fallback[0]))
+        per_row = -(-D // items)
+        return items, min(max_threads, max(32, -(-per_row // 32) * 32))
+
+    for D in range(1, max_d + 1):
+        items, threads = launch(D)
+        assert threads % 32 == 0 and 32 <= threads <= max_threads, (D, items, threads)
+        assert threads * items >= D, (D, items, threads)
+    assert launch(1152) == (4, 288)  # DiT-XL: 9 warps, 4 values per thread

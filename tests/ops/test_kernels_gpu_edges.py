@@ -12,7 +12,7 @@ import torch
 from masked_dit.ops import adaln as adaln_mod
 from masked_dit.ops import dispatch, use_backend
 from masked_dit.ops import tokens as tok
-from tests.ops.test_adaln import check_against_reference
+from tests.ops.test_adaln import check_against_reference, make_activation, make_modulation
 
 pytestmark = pytest.mark.gpu
 
@@ -114,6 +114,44 @@ def test_tokens_empty_tensors(backend):
         assert tok.gather_tokens(zero_d, torch.zeros(2, 1, dtype=torch.long, device=dev)).shape == (2, 1, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("backend", _backends("triton", "cuda"))
+def test_tokens_strided_keep_and_dense_fill(backend, dtype):
+    """Kept rows read through arbitrary strides (test_gpu_dense/varlen only scatter a gather's
+    contiguous output), and the varlen [B, N, D]-fill backward (keep_row = packed row), against torch."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    B, N, K, lengths = 3, 40, 11, [7, 0, 40, 13]
+    for D in (72, 1152):
+        def rand(*shape):
+            return torch.randn(*shape, device="cuda", generator=gen).to(dtype)
+
+        ids = torch.stack([torch.randperm(N, device="cuda", generator=gen)[:K] for _ in range(B)])
+        ids_v = torch.cat([torch.randperm(N, device="cuda", generator=gen)[:k] for k in lengths])
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        T, Bv = ids_v.numel(), len(lengths)
+        cases = [  # (op, args, fill_dense); x_keep: batch-transposed, feature-strided, packed feature-strided
+            (tok.scatter_tokens, (rand(K, B, D).transpose(0, 1), ids, rand(D), N), False),
+            (tok.scatter_tokens, (rand(B, D, K).transpose(1, 2), ids, rand(N, B, D).transpose(0, 1), N), True),
+            (tok.scatter_tokens_varlen, (rand(D, T).t(), ids_v, cu, rand(2 * D)[::2], N), False),
+            (tok.scatter_tokens_varlen, (rand(D, T).t(), ids_v, cu, rand(Bv, D, N).transpose(1, 2), N), True),
+        ]
+        for op, args, fill_dense in cases:
+            grad = rand(N, len(args[1]) if op is tok.scatter_tokens else Bv, D).transpose(0, 1)
+            bwd = tok._scatter_tokens_backward_op if op is tok.scatter_tokens else tok._scatter_tokens_varlen_backward_op
+            index = args[1:2] if op is tok.scatter_tokens else args[1:3]
+            what = f"{backend} {op.__name__} D={D} {dtype} fill_dense={fill_dense}"
+            with use_backend("torch"):
+                ref = (op(*args), *bwd(grad, *index, fill_dense))
+            with use_backend(backend):
+                got = (op(*args), *bwd(grad, *index, fill_dense))
+            _exact(got[0], ref[0], f"{what}: scatter")
+            _exact(got[1], ref[1], f"{what}: grad keep")
+            if fill_dense:
+                _exact(got[2], ref[2], f"{what}: grad fill")
+            else:
+                torch.testing.assert_close(got[2].float(), ref[2].float(), rtol=1e-2, atol=1e-2, msg=what)
+
+
 def test_cuda_varlen_gather_rejects_ids_without_samples():
     if not dispatch.availability("cuda", "cuda")[0]:
         pytest.skip("masked_dit._C not loaded")
@@ -145,6 +183,42 @@ def test_adaln_empty_batch_and_sequence(backend):
             (h.sum() + r.sum()).backward()
         assert h.shape == (B, L, 16) and x.grad.shape == x.shape
         _exact(mod.grad, torch.zeros_like(mod), f"{backend} B={B} L={L} modulation grads of no tokens")
+
+
+@pytest.mark.parametrize("backend", _backends("triton", "cuda"))
+def test_adaln_mixed_dtypes_and_odd_widths(backend):
+    """Activation and modulation dtypes that differ (the cuda wrappers cast a mixed modulation
+    set to fp32 and x/branch to the residual dtype: kernels <float, bf16>, <bf16, float>,
+    <half, bf16>), at widths that are no multiple of 32 or straddle an ITEMS step, against torch."""
+    gen = torch.Generator().manual_seed(7)
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    combos = [  # (x, branch, gate, shift, scale) dtypes
+        (f32, bf16, bf16, bf16, bf16),
+        (bf16, bf16, bf16, f32, bf16),
+        (f16, f16, bf16, bf16, bf16),
+    ]
+    for D in (1, 33, 1152, 2049):
+        for dtypes in combos:
+            acts = [make_activation(3, 5, D, dt, "chunked", gen, "cuda") for dt in dtypes[:2]]
+            mods = [make_modulation(3, D, 1, dt, "chunked", gen, "cuda")[0] for dt in dtypes[2:]]  # strided chunks
+            inputs = [t.detach().requires_grad_() for t in acts + mods]
+            x, branch, gate, shift, scale = inputs
+            grads_out = None
+            results = {}
+            for name in ("torch", backend):
+                with use_backend(name):
+                    r, h = adaln_mod.gated_residual_adaln(x, branch, gate, shift, scale)
+                    h2 = adaln_mod.adaln_modulate(x, shift, scale)
+                    outs = (r, h, h2)
+                    if grads_out is None:
+                        grads_out = [torch.randn(o.shape, generator=gen).to("cuda", o.dtype) for o in outs]
+                    results[name] = (*outs, *torch.autograd.grad(outs, inputs, grads_out))
+            for i, (got, ref) in enumerate(zip(results[backend], results["torch"])):
+                what = f"{backend} D={D} {dtypes} output {i}"
+                assert got.dtype == ref.dtype and got.shape == ref.shape, what
+                tol = 1.6e-2  # bf16/fp16 inputs or outputs in every combination (4 bf16 ulps)
+                atol = tol * max(ref.abs().max().item(), 1.0)
+                torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=atol, msg=what)
 
 
 @pytest.mark.parametrize("D", [4100, 8192, 16384])
