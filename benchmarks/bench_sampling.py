@@ -18,12 +18,22 @@ Variants: ``eager``; ``compiled`` (torch.compile of the whole network); ``cudagr
 with the reason on CPU). The samplers' Python loops stay eager in every variant. Each timed run
 follows an untimed short run (compilation, graph capture). The number of network calls (NFE) is
 counted in the eager run. Results: ``<out-dir>/sampling-<device>-<date>[-<tag>].json`` (rows of
-earlier runs of the day are kept unless measured again).
+earlier runs of the day are kept unless measured again), rewritten after every sampler and batch so
+that a run stopped by a time limit keeps what it measured.
+
+``--steps N`` (fewer than the published steps, to save device time) is recorded as such: every row
+has ``steps`` (what ran) and ``published_steps``; when they differ it also has
+``img_per_s_at_published_steps`` = img/s x steps / published_steps, an *estimate* (each step costs the
+same network call; the fixed per-run cost is not rescaled), and ``published_steps_estimate: true``.
+The file key includes ``steps``, so a shortened run never replaces (or reads as) a full one.
+CUDA-graph rows record ``cudagraph_skips`` (Inductor's count of graphs it did not capture: > 0 means
+that row ran at least partly without CUDA graphs).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -46,6 +56,8 @@ SAMPLERS = {
     "sit_sde50_cfg": ("sit", "TransportObjective", dict(sampler="sde", steps=50, cfg_scale=1.5)),
 }
 VARIANTS = ("eager", "compiled", "cudagraphs")
+# A row's identity in the day's file: a shortened (--steps) run is a different row from a full one.
+KEY_FIELDS = ("sampler", "model", "batch", "variant", "steps")
 TOY_STEPS = 3       # sampler steps at toy size
 WARMUP_STEPS = 3    # steps of the untimed run before each timed run
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -148,9 +160,12 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
                "ops_backend": "auto", "attention": attention_choice(device, model_cfg(model), "auto",
                                                                     _DTYPES[args.precision]),
                "method": sample_kwargs["sampler"], "cfg_scale": sample_kwargs["cfg_scale"]}
+        published = sample_kwargs["steps"]
+        row["published_steps"] = published
         calls, hook = [0], None
         try:
             torch._dynamo.reset()
+            skips_before = _cudagraph_skips()
             wrapped = wrap_variant(model, variant, device, args)
             if variant == "eager":  # count network calls (NFE)
                 hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
@@ -160,17 +175,26 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
             calls[0] = 0
             timer = common.Timer(device)
             common.reset_peak_memory(device)
-            timer.start()
-            for _ in range(args.repeats):
+            times = []
+            for _ in range(args.repeats):  # one timed run each (device-synchronised at start and stop)
+                timer.start()
                 out = run_sampler(objective, wrapped, batch, sample_kwargs, steps, device, args.precision,
                                   args.seed, num_classes)
-            seconds = timer.stop() / 1e3 / args.repeats
+                times.append(timer.stop() / 1e3)
+            seconds = statistics.median(times)
             if hook is not None:
                 row["nfe"] = calls[0] // args.repeats
             if not torch.isfinite(out).all():
                 raise FloatingPointError("the sampler produced non-finite values")
             row.update(status="ok", seconds_per_batch=seconds, img_per_s=batch / seconds,
                        peak_mem_gib=common.peak_memory_gib(device))
+            if args.repeats > 1:
+                row["seconds_per_batch_runs"] = times
+            if steps != published:
+                row.update(published_steps_estimate=True,
+                           img_per_s_at_published_steps=batch / seconds * steps / published)
+            if variant == "cudagraphs":
+                row["cudagraph_skips"] = _cudagraph_skips() - skips_before
         except _Skip as why:
             row.update(status="skipped", reason=str(why))
         except Exception as err:  # noqa: BLE001  (one failing variant must not lose the others)
@@ -192,12 +216,23 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
     return rows
 
 
+def _cudagraph_skips() -> int:
+    """Inductor's running count of graphs it declined to capture as CUDA graphs."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def _print_row(r: dict) -> None:
     head = f"{r['sampler']:>20} {r['model']:>14} batch {r['batch']:4d} {r['variant']:>11}"
     if r["status"] != "ok":
         print(f"{head}  {r['status']}: {r.get('reason', '')}", flush=True)
         return
-    print(f"{head}  {r['img_per_s']:9.2f} img/s  {r['seconds_per_batch']:8.2f} s/batch", flush=True)
+    scaled = ""
+    if r.get("published_steps_estimate"):
+        scaled = (f"  ({r['steps']} of {r['published_steps']} steps; est. "
+                  f"{r['img_per_s_at_published_steps']:.2f} img/s at {r['published_steps']})")
+    print(f"{head}  {r['img_per_s']:9.2f} img/s  {r['seconds_per_batch']:8.2f} s/batch{scaled}", flush=True)
 
 
 #################################################################################
@@ -246,14 +281,15 @@ def main(argv=None) -> Path:
     env = common.environment(device)
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
     size = "toy" if args.size == "toy" else args.model_size
-    rows = []
+    rows, path = [], None
     for name in args.samplers:
         for batch in batches:
             rows.extend(run_one(name, size, batch, device, args, args.variants))
-    payload = {"kind": "sampling", **env,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")}, "results": rows}
-    path = common.write_results(payload, args.out_dir, "sampling", key_fields=("sampler", "model", "batch", "variant"),
-                                tag=args.tag)
+            # Written after every (sampler, batch): a run cut off by a time limit keeps its rows.
+            payload = {"kind": "sampling", **env,
+                       "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")},
+                       "results": rows}
+            path = common.write_results(payload, args.out_dir, "sampling", key_fields=KEY_FIELDS, tag=args.tag)
     print(f"# wrote {path}", flush=True)
     return path
 

@@ -120,6 +120,10 @@ def environment(device: torch.device) -> dict:
         "time_utc": now.strftime("%H:%M:%S"),
         "python": platform.python_version(),
         "peaks": peaks_for(device),
+        # Allocator settings change which batch fits (fragmentation after an OOM probe) and cuDNN's
+        # autotuner the conv kernel: a result names them.
+        "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -22,15 +22,22 @@ if __package__ in (None, ""):
 
 from benchmarks.common import RESULTS_DIR
 
+MFU_TARGETS = (50.0, 45.0)  # % of the datasheet bf16 peak (DiT-XL/2; MaskDiT-XL/2 and MDTv2-XL/2)
 TRAIN_VARIANTS = ("reference", "reference_bf16", "eager", "eager_fused", "compiled", "compiled_fused", "compiled_fused_fsdp")
 
 
 def load_results(results_dir: str | Path) -> list[dict]:
-    """Every benchmark JSON in ``results_dir`` (sorted by name), with its path under '_path'."""
-    out = []
-    for path in sorted(Path(results_dir).glob("*.json")):
+    """Every benchmark JSON in ``results_dir`` and its sub-folders (``gpu_session.sh`` writes to
+    ``results/session-<date>/``), sorted by path, with its path under '_path'. A file whose exact
+    content was already read (a copy in another folder) is read once."""
+    out, seen = [], set()
+    for path in sorted(Path(results_dir).rglob("*.json")):
+        text = path.read_text()
+        if text in seen:
+            continue
+        seen.add(text)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(data, dict) or data.get("kind") not in ("train_step", "sampling"):
@@ -67,11 +74,11 @@ def _header(run: dict) -> str:
 def train_table(run: dict) -> str:
     lines = [_header(run), "",
              "| model | variant | batch | img/s | TFLOP/s | MFU (datasheet) | MFU (GEMM ceiling) | peak mem (GiB) "
-             "| × reference | × reference bf16 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| × reference | × reference bf16 | flags |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in run["results"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['model']} | {r['variant']} | | {r.get('status')}: {r.get('reason', '')} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['variant']} | | {r.get('status')}: {r.get('reason', '')} | | | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['img_per_s']:.1f} | "
                      f"{_f(r.get('tflops'), '.1f')} | {_f(r.get('mfu_datasheet'), '.1f', 100)}"
@@ -79,22 +86,52 @@ def train_table(run: dict) -> str:
                      f"{_f(r.get('mfu_measured_gemm'), '.1f', 100)}{'%' if r.get('mfu_measured_gemm') is not None else ''}"
                      f" | {_f(r.get('peak_mem_gib'), '.1f')} | "
                      f"{_f(_ratio(r, run['results'], 'speedup_vs_reference', 'reference', ('model',)), '.2f')} | "
-                     f"{_f(_ratio(r, run['results'], 'speedup_vs_reference_bf16', 'reference_bf16', ('model',)), '.2f')} |")
+                     f"{_f(_ratio(r, run['results'], 'speedup_vs_reference_bf16', 'reference_bf16', ('model',)), '.2f')} | "
+                     f"{train_flags(r)} |")
     return "\n".join(lines)
 
 
+def train_flags(r: dict) -> str:
+    """What makes a row's number suspect: compiles inside the timed loop, recompile-limit hits
+    (blocks fell back to eager), graph breaks, or a batch backed off after an out-of-memory."""
+    flags = []
+    dyn = r.get("dynamo") or {}
+    if dyn.get("compiled_while_timing"):
+        flags.append(f"{dyn['compiled_while_timing']} graph(s) compiled while timing")
+    if dyn.get("recompile_limit_hits"):
+        flags.append(f"{dyn['recompile_limit_hits']} recompile-limit hit(s)")
+    if dyn.get("graph_breaks"):
+        flags.append(f"{dyn['graph_breaks']} graph break(s)")
+    if r.get("backed_off"):
+        flags.append("batch backed off after OOM")
+    return "; ".join(flags)
+
+
 def sampling_table(run: dict) -> str:
+    """img/s and s / batch are of the steps that ran (``steps``); when fewer than the sampler's
+    published steps ran, the last column gives the linear estimate at the published count, marked
+    'est.', and img/s is never shown under the published count alone."""
     lines = [_header(run), "",
-             "| sampler | model | batch | variant | NFE | img/s | s / batch | × eager |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+             "| sampler | model | batch | variant | steps run | NFE | img/s (steps run) | s / batch | "
+             "img/s at published steps | × eager |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in run["results"]:
+        steps = r.get("steps")
         if r.get("status") != "ok":
-            lines.append(f"| {r['sampler']} | {r['model']} | {r['batch']} | {r['variant']} | | "
-                         f"{r.get('status')}: {r.get('reason', '')} | | |")
+            lines.append(f"| {r['sampler']} | {r['model']} | {r['batch']} | {r['variant']} | {_f(steps, 'd')} | | "
+                         f"{r.get('status')}: {r.get('reason', '')} | | | |")
             continue
-        lines.append(f"| {r['sampler']} | {r['model']} | {r['batch']} | {r['variant']} | {_f(r.get('nfe'), 'd')} | "
-                     f"{r['img_per_s']:.2f} | {r['seconds_per_batch']:.2f} | "
-                     f"{_f(_ratio(r, run['results'], 'speedup_vs_eager', 'eager', ('sampler', 'model', 'batch')), '.2f')} |")
+        published = r.get("published_steps")
+        if r.get("published_steps_estimate"):
+            at_published = f"≈ {r['img_per_s_at_published_steps']:.2f} (est. from {steps} of {published})"
+        elif published is not None and steps == published:
+            at_published = f"{r['img_per_s']:.2f}"
+        else:  # an older file without published_steps: unknown
+            at_published = "–"
+        keys = ("sampler", "model", "batch", "steps")
+        lines.append(f"| {r['sampler']} | {r['model']} | {r['batch']} | {r['variant']} | {_f(steps, 'd')} | "
+                     f"{_f(r.get('nfe'), 'd')} | {r['img_per_s']:.2f} | {r['seconds_per_batch']:.2f} | {at_published} | "
+                     f"{_f(_ratio(r, run['results'], 'speedup_vs_eager', 'eager', keys), '.2f')} |")
     return "\n".join(lines)
 
 
@@ -139,6 +176,9 @@ def plot(runs: list[dict], path: str | Path) -> Path | None:
                 values.append(0.0 if v is None else (100 * v if use_mfu else v))
             ax.bar([j + (i - (len(variants) - 1) / 2) * width for j in range(len(models))], values, width,
                    label=variant)
+        if use_mfu:  # the issue's MFU targets (datasheet peak): DiT-XL/2 50%, MaskDiT-/MDTv2-XL/2 45%
+            for target in MFU_TARGETS:
+                ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xticks(range(len(models)))
         ax.set_xticklabels(models, rotation=30, ha="right")
         peak = (run.get("peaks") or {}).get("datasheet_tflops")

@@ -58,3 +58,48 @@ def test_graphed_model_wrapper_runs_a_sampler():
     torch.manual_seed(1)
     ref = ADMObjective().sample(model, noise, torch.tensor([1, 2]), steps=2, cfg_scale=1.5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shortened_runs_say_so_and_estimate_the_published_count(sampling_results):
+    """A run with fewer steps than the sampler's published count (gpu_session.sh: 50 of 250) keeps
+    its measured img/s, names both counts, and gives the scaled figure as an estimate."""
+    rows = [r for r in sampling_results[1]["results"] if r["status"] == "ok"]
+    published = {name: kw["steps"] for name, (_, _, kw) in bench_sampling.SAMPLERS.items()}
+    for r in rows:
+        assert r["steps"] == bench_sampling.TOY_STEPS and r["published_steps"] == published[r["sampler"]]
+        assert r["published_steps_estimate"] is True
+        assert r["img_per_s_at_published_steps"] == pytest.approx(r["img_per_s"] * r["steps"] / r["published_steps"])
+    assert "steps" in bench_sampling.KEY_FIELDS  # a shortened run never replaces a full one in the day's file
+
+
+def test_results_are_written_after_every_sampler(tmp_path, monkeypatch):
+    """A run stopped part-way (a stage's time limit) keeps the rows it finished."""
+    real, calls = bench_sampling.run_one, []
+
+    def run_one(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands for the SIGTERM of `timeout`
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_sampling, "run_one", run_one)
+    with pytest.raises(KeyboardInterrupt):
+        bench_sampling.main(["--size", "toy", "--device", "cpu", "--out-dir", str(tmp_path), "--variants", "eager",
+                             "--samplers", "dit_ddpm250_cfg,sit_ode50_cfg"])
+    import json
+
+    (path,) = tmp_path.glob("sampling-*.json")
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["sampler"], r["status"]) for r in rows] == [("dit_ddpm250_cfg", "ok")]
+
+
+def test_repeats_report_the_median_run(tmp_path):
+    import json
+
+    path = bench_sampling.main(["--size", "toy", "--device", "cpu", "--out-dir", str(tmp_path), "--variants", "eager",
+                                "--samplers", "dit_ddpm250_cfg", "--repeats", "3"])
+    (row,) = json.loads(path.read_text())["results"]
+    import statistics
+
+    assert len(row["seconds_per_batch_runs"]) == 3
+    assert row["seconds_per_batch"] == statistics.median(row["seconds_per_batch_runs"])

@@ -75,3 +75,14 @@ def test_write_results_merges_rows_of_the_day(tmp_path):
     assert tagged.name == "train_step-cpu-2026-01-02-run2.json"
     with pytest.raises(ValueError, match="--tag"):
         common.write_results(dict(base, results=[]), tmp_path, "train_step", tag="a/b")
+
+
+def test_environment_names_allocator_and_cudnn_settings(monkeypatch):
+    import torch
+
+    from benchmarks import common as c
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    env = c.environment(torch.device("cpu"))
+    assert env["pytorch_cuda_alloc_conf"] == "expandable_segments:True"
+    assert env["cudnn_benchmark"] is bool(torch.backends.cudnn.benchmark)

@@ -45,3 +45,45 @@ def test_empty_and_missing_folders(tmp_path):
     assert report.main(["--results", str(tmp_path), "--no-plot"]).startswith("No benchmark results")
     with pytest.raises(ValueError, match="not a folder"):
         report.main(["--results", str(tmp_path / "missing")])
+
+
+def _sampling_run(tmp_path, rows, name="sampling-h100-2026-01-01.json"):
+    data = {"kind": "sampling", "device": "FAKE H100 (test data)", "device_tag": "h100", "torch": "2.11",
+            "triton": "3.6", "commit": "0123456789abcdef", "date": "2026-01-01",
+            "peaks": {"key": "H100", "datasheet_tflops": 989.0, "measured_gemm_tflops": 798.0}, "results": rows}
+    (tmp_path / name).write_text(json.dumps(data))
+
+
+def test_sampling_table_never_shows_a_shortened_run_as_the_published_one(tmp_path):
+    base = {"sampler": "dit_ddpm250_cfg", "model": "DiT-XL/2", "batch": 64, "status": "ok", "nfe": 50,
+            "published_steps": 250}
+    _sampling_run(tmp_path, [
+        dict(base, variant="eager", steps=50, img_per_s=10.0, seconds_per_batch=6.4, published_steps_estimate=True,
+             img_per_s_at_published_steps=2.0),
+        dict(base, variant="eager", steps=250, nfe=250, img_per_s=2.1, seconds_per_batch=30.5)])
+    text = report.main(["--results", str(tmp_path), "--no-plot"])
+    assert "| dit_ddpm250_cfg | DiT-XL/2 | 64 | eager | 50 | 50 | 10.00 | 6.40 | ≈ 2.00 (est. from 50 of 250) |" in text
+    assert "| dit_ddpm250_cfg | DiT-XL/2 | 64 | eager | 250 | 250 | 2.10 | 30.50 | 2.10 |" in text
+
+
+def test_train_flags_mark_suspect_rows(tmp_path):
+    _gpu_run(tmp_path)
+    path = tmp_path / "train_step-h100-2026-01-01.json"
+    data = json.loads(path.read_text())
+    data["results"][1]["dynamo"] = {"unique_graphs": 4, "graph_breaks": 0, "recompile_limit_hits": 1,
+                                    "compiled_while_timing": 2}
+    data["results"][1]["backed_off"] = True
+    path.write_text(json.dumps(data))
+    text = report.main(["--results", str(tmp_path), "--no-plot"])
+    assert ("2 graph(s) compiled while timing; 1 recompile-limit hit(s); batch backed off after OOM |" in text)
+
+
+def test_session_folders_are_read_and_copies_once(tmp_path):
+    """gpu_session.sh writes to results/session-<date>/: the report finds those files; a copy of the
+    same file elsewhere is not counted twice."""
+    (tmp_path / "session-2026-01-01").mkdir()
+    _gpu_run(tmp_path / "session-2026-01-01")
+    (tmp_path / "train_step-h100-2026-01-01.json").write_text(
+        (tmp_path / "session-2026-01-01" / "train_step-h100-2026-01-01.json").read_text())
+    runs = report.load_results(tmp_path)
+    assert len(runs) == 1 and runs[0]["kind"] == "train_step"

@@ -66,3 +66,48 @@ def test_model_table_and_mfu():
     assert mfu(100.0, 1e12, 1e15) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="family"):
         forward_flops(torch.nn.Linear(2, 2))
+
+
+def _hand_block(d, n, cond=None, skip=False, mlp=4):
+    """Independent closed form of one adaLN-Zero block (MACs): qkv + proj + MLP per token, the two
+    attention products, the 6-way modulation Linear once per image, MDT's skip Linear per token."""
+    return (4 * d * d + 2 * mlp * d * d + (2 * d * d if skip else 0)) * n + 2 * n * n * d + (cond or d) * 6 * d
+
+
+def test_mdtv2_xl2_training_step_hand_count():
+    """MDTv2-XL/2 (12 in + 12 out with skips, 4 decoder blocks with skips, 1 side block): full pass +
+    masked pass at the mean ratio 0.4 (153 kept of 256), each x 3 for forward + backward."""
+    d, n, k = 1152, 256, int(256 * 0.6)
+    stem = n * d * 4 * 2 * 2 + 256 * d + d * d
+    final = d * 2 * d + n * d * 2 * 2 * 8
+
+    def pass_macs(tokens, side):
+        enc = 12 * _hand_block(d, tokens) + 12 * _hand_block(d, tokens, skip=True)
+        return stem + enc + 4 * _hand_block(d, n, skip=True) + (_hand_block(d, n) if side else 0) + final
+
+    expected = 3 * 2 * (pass_macs(n, False) + pass_macs(k, True))
+    assert meta_model("MDTv2-XL/2").flops_per_image(0.4) == pytest.approx(expected, rel=1e-12)
+    assert expected / 1e9 == pytest.approx(1309.5, abs=0.1)
+
+
+def test_maskdit_xl2_training_step_hand_count():
+    """MaskDiT-XL/2 at mask 0.5: 28 encoder blocks on the 128 kept tokens, the D -> 512 decoder_layer on
+    the kept tokens, 8 decoder blocks of width 512 (conditioned on the 1152-wide embedding) and the
+    final layer on all 256 tokens; one-hot label Linear; x 3 for forward + backward."""
+    d, dd, n, k = 1152, 512, 256, 128
+    stem = n * d * 4 * 2 * 2 + 256 * d + d * d + 1000 * d
+    enc = 28 * _hand_block(d, k)
+    decoder_layer = d * 2 * d + k * d * dd
+    dec = 8 * _hand_block(dd, n, cond=d)
+    final = d * 2 * dd + n * dd * 2 * 2 * 4
+    expected = 3 * 2 * (stem + enc + decoder_layer + dec + final)
+    assert meta_model("MaskDiT-XL/2").flops_per_image(0.5) == pytest.approx(expected, rel=1e-12)
+    # the encoder halves, the decoder does not: 55% of DiT-XL/2's 712 GFLOP per training image
+    assert expected / meta_model("DiT-XL/2").flops_per_image() == pytest.approx(0.552, abs=0.002)
+
+
+def test_dit_xl2_attention_share_matches_the_notes():
+    """performance-facts.md: attention products are ~3.6% of DiT-XL/2's FLOPs at 256 tokens."""
+    d, n = 1152, 256
+    share = 28 * 2 * n * n * d / forward_flops("DiT-XL/2").macs
+    assert share == pytest.approx(0.0356, abs=0.0005)
