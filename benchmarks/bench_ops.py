@@ -358,18 +358,20 @@ def main(argv=None) -> Path:
     copy_gbps = copy_bandwidth_gbps(device, copy_bytes, iters=20 if gpu else 2)
     print(f"# copy bandwidth {copy_gbps:.1f} GB/s ({copy_bytes >> 20} MiB buffer)", flush=True)
     sizes = ["toy"] if args.size == "toy" else args.sizes
-    rows = []
+    rows, path = [], None
     for size in sizes:
         for case in build_cases(size, dtype, device, args.ops):
             rows.extend(measure(case, size, device, dtype, args, copy_gbps))
             common.free_memory(device)
-    payload = {"kind": "ops", **env,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")},
-               "copy_bandwidth_gbps": copy_gbps, "copy_buffer_bytes": copy_bytes,
-               "sizes": {s: SIZES[s] for s in sizes},
-               "bytes": "ideal kernel traffic: inputs read once, outputs written once (index tensors included)",
-               "results": rows}
-    path = common.write_results(payload, args.out_dir, "ops", key_fields=("op", "size", "impl", "mode", "dtype"), tag=args.tag)
+            # Written after every op: a run stopped by a time limit (gpu_session.sh) keeps what it measured.
+            payload = {"kind": "ops", **env,
+                       "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")},
+                       "copy_bandwidth_gbps": copy_gbps, "copy_buffer_bytes": copy_bytes,
+                       "sizes": {s: SIZES[s] for s in sizes},
+                       "bytes": "ideal kernel traffic: inputs read once, outputs written once (index tensors included)",
+                       "results": rows}
+            path = common.write_results(payload, args.out_dir, "ops", key_fields=("op", "size", "impl", "mode", "dtype"),
+                                        tag=args.tag)
     print(f"# wrote {path}", flush=True)
     return path
 

@@ -32,7 +32,10 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Dense bf16 TFLOP/s from the datasheets, by a substring of the device name (first match wins,
 # so the more specific names come first).
-DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
+# H100 SXM ('H100 80GB HBM3', the lent machine) 989; the PCIe and NVL boards run lower clocks/power
+# (756 and 835 dense bf16): matched first so that they do not take the SXM peak.
+DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100 PCIE": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800": 989.0,
+                         "A100": 312.0, "A800": 312.0}
 # 8192^3 bf16 GEMM measured on the lent machines (performance-facts.md). None: not measured.
 MEASURED_GEMM_TFLOPS = {"H200": 788.0, "H100": 798.0}
 
@@ -102,7 +105,7 @@ def device_tag(device: torch.device) -> str:
         return "cpu"
     key = device_key(torch.cuda.get_device_name(device))
     if key:
-        return key.lower()
+        return re.sub(r"[^a-z0-9]+", "-", key.lower())
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 

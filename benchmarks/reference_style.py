@@ -40,7 +40,8 @@ RECIPES = {
                   attention="softmax", source="MDT (ADM codebase): fp32, Adan, grad-norm 1, explicit softmax + "
                                              "materialised relative-position bias"),
     "maskdit": dict(precision="fp16", tf32=True, optimizer="adamw", fused_optimizer=True, grad_clip=0.0,
-                    attention="sdpa", source="MaskDiT train.py: fp16 AMP + GradScaler, fused AdamW"),
+                    attention="sdpa", source="MaskDiT train.py: fp16 AMP + GradScaler, fused AdamW; the official "
+                                             "run also torch.compiles the network, this baseline stays eager"),
 }
 
 

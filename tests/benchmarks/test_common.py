@@ -51,6 +51,11 @@ def test_device_key_and_tags():
     assert common.device_key("NVIDIA H200") == "H200"
     assert common.device_key("NVIDIA A100-SXM4-80GB") == "A100"
     assert common.device_key("Tesla T4") is None
+    # the PCIe / NVL boards have lower datasheet peaks than the SXM part (and no measured ceiling here)
+    assert common.device_key("NVIDIA H100 PCIe") == "H100 PCIE"
+    assert common.DATASHEET_BF16_TFLOPS[common.device_key("NVIDIA H100 NVL")] == 835.0
+    assert common.DATASHEET_BF16_TFLOPS[common.device_key("NVIDIA H100 80GB HBM3")] == 989.0
+    assert common.MEASURED_GEMM_TFLOPS.get(common.device_key("NVIDIA H100 PCIe")) is None
     assert common.device_tag(torch.device("cpu")) == "cpu"
     with pytest.raises(ValueError, match="--device"):
         common.resolve_device("tpu")

@@ -87,3 +87,16 @@ def test_session_folders_are_read_and_copies_once(tmp_path):
         (tmp_path / "session-2026-01-01" / "train_step-h100-2026-01-01.json").read_text())
     runs = report.load_results(tmp_path)
     assert len(runs) == 1 and runs[0]["kind"] == "train_step"
+
+
+def test_headline_table_checks_the_targets(tmp_path):
+    """Best of our variants vs the reference and the MFU target; DiT-XL/2 sampling vs 4 img/s by its
+    (marked) 250-step estimate."""
+    _gpu_run(tmp_path)
+    base = {"sampler": "dit_ddpm250_cfg", "model": "DiT-XL/2", "batch": 64, "status": "ok", "published_steps": 250}
+    _sampling_run(tmp_path, [dict(base, variant="cudagraphs", steps=50, img_per_s=25.0, seconds_per_batch=2.56,
+                                  published_steps_estimate=True, img_per_s_at_published_steps=5.0)])
+    text = report.main(["--results", str(tmp_path), "--no-plot"])
+    assert ("| FAKE H100 (test data) | DiT-XL/2 | compiled_fused | 300.0 | 21.6% (target 50%) | **no** | 30.0 | "
+            "10.00 | yes |") in text
+    assert "| cudagraphs | 5.00 (est. from 50 of 250 steps) | | yes (≥ 4 img/s) |" in text

@@ -1,0 +1,42 @@
+"""bench_ops.py end to end at toy size on the CPU (it had no test: the ops stage of gpu_session.sh)."""
+import json
+
+import pytest
+
+from benchmarks import bench_ops
+
+
+def test_toy_run_writes_every_case_with_reference_speedups(tmp_path):
+    path = bench_ops.main(["--size", "toy", "--device", "cpu", "--out-dir", str(tmp_path),
+                           "--ops", "gather_tokens,adaln_modulate,attention"])
+    data = json.loads(path.read_text())
+    assert data["kind"] == "ops" and data["copy_bandwidth_gbps"] > 0
+    rows = data["results"]
+    assert {r["op"] for r in rows} == {"gather_tokens", "adaln_modulate", "attention"}
+    for op in ("gather_tokens", "adaln_modulate", "attention"):
+        for mode in bench_ops.MODES:
+            ref = [r for r in rows if r["op"] == op and r["mode"] == mode and r["impl"] == "reference:eager"]
+            assert ref and ref[0]["status"] == "ok", ref
+            assert ref[0]["speedup_vs_reference"] == pytest.approx(1.0)
+            assert any(r["impl"].startswith("backend:") and r["status"] == "ok" for r in rows
+                       if r["op"] == op and r["mode"] == mode)
+    att = [r for r in rows if r["op"] == "attention" and r["status"] == "ok"]
+    assert all(r["tflops"] > 0 for r in att)
+
+
+def test_results_are_written_after_every_op(tmp_path, monkeypatch):
+    """A run stopped part-way (the ops stage's time limit) keeps the ops it finished."""
+    real, calls = bench_ops.measure, []
+
+    def measure(case, *args, **kwargs):
+        calls.append(case.op)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands for the SIGTERM of `timeout`
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(bench_ops, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        bench_ops.main(["--size", "toy", "--device", "cpu", "--out-dir", str(tmp_path),
+                        "--ops", "gather_tokens,adaln_modulate"])
+    (path,) = tmp_path.glob("ops-*.json")
+    assert {r["op"] for r in json.loads(path.read_text())["results"]} == {"gather_tokens"}
