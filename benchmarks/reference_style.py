@@ -362,8 +362,11 @@ def build_reference(family: str, attention: str | None = None, **kwargs) -> nn.M
 
 
 def reference_like(model: nn.Module, kwargs: dict, attention: str | None = None) -> nn.Module:
-    """A reference-style copy of our ``model`` (built with ``kwargs``) holding the same weights."""
+    """A reference-style copy of our ``model`` (built with ``kwargs``) holding the same weights.
+    Built directly on the model's device: at XL a CPU build (random init of ~700M parameters that
+    load_state_dict overwrites at once) costs seconds of device time per benchmark variant."""
     family = getattr(model, "family", None)
-    ref = build_reference(family, attention=attention, **kwargs)
+    with torch.device(next(model.parameters()).device):
+        ref = build_reference(family, attention=attention, **kwargs)
     ref.load_state_dict(model.state_dict(), strict=True)
-    return ref.to(next(model.parameters()).device)
+    return ref
