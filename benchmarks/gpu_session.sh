@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_session.sh train dit XL      # bench_train_step.py, one family and size, all variants
 #   bash benchmarks/gpu_session.sh train mdtv2 XL compiled_fused 128   # only these variants, at this batch
 #   bash benchmarks/gpu_session.sh sample            # bench_sampling.py, 50 of the 250 DDPM steps (rows say so)
+#   bash benchmarks/gpu_session.sh profile dit XL 256   # 3 profiled steps of reference + compiled_fused at batch 256:
+#                                                       # time by kernel category, top kernels, gzipped Chrome traces
+#                                                       # (PROFILE_VARIANTS=... for others; no batch: searched)
 #
 # Time: the whole stage (the extension build included) must end inside one device call (600 s), so
 # each stage runs against a deadline of STAGE_SECONDS (default 560) from its start, and every python
@@ -33,7 +36,7 @@ deadline=$((SECONDS + ${STAGE_SECONDS:-560}))
 min_seconds=${MIN_SECONDS:-90}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
@@ -96,7 +99,8 @@ case "$stage" in
         if [ "$gpu" = 1 ]; then
             cp masked_dit/_C*.so "$out/" 2> /dev/null && echo "# copied $(ls masked_dit/_C*.so) to \$OUT (carry it back)"
             t=$(left); [ "$t" -gt 300 ] && t=300
-            timeout "$t" python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -15
+            timeout "$t" python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests 2>&1 \
+                | tee "$out/gpu_tests.log" | tail -40
         else
             echo "no GPU: pytest -m gpu would only skip"
         fi
@@ -128,6 +132,16 @@ case "$stage" in
         fi
         echo "# train stage: ${SECONDS}s" | tee -a "$log"
         ;;
+    profile)
+        build > /dev/null
+        family=${2:-dit}; model_size=${3:-XL}; batch=${4:-}
+        sizes=(); batches=(); [ "$gpu" = 1 ] && sizes=(--sizes "$model_size")
+        [ -n "$batch" ] && batches=(--batch "$batch")
+        run_timed "$out/profile_${family}_${model_size}.log" python3 benchmarks/bench_train_step.py "${device[@]}" \
+            "${size[@]}" "${sizes[@]}" "${batches[@]}" "${compile_backend[@]}" --families "$family" \
+            --variants "${PROFILE_VARIANTS:-reference,compiled_fused}" --warmup 10 --profile 3 --trace --tag profile \
+            --out-dir "$out" | grep -v '^USDT' | tail -60
+        ;;
     sample)
         build > /dev/null
         steps=(); [ "$gpu" = 1 ] && steps=(--steps 50 --batches 64,256)
@@ -135,7 +149,7 @@ case "$stage" in
             "${compile_backend[@]}" --samplers dit_ddpm250_cfg --out-dir "$out" | tail -20
         ;;
     *)
-        echo "unknown stage '$stage'; valid: build-test, ops, train FAMILY SIZE [VARIANTS [BATCH]], sample" >&2
+        echo "unknown stage '$stage'; valid: build-test, ops, train FAMILY SIZE [VARIANTS [BATCH]], profile FAMILY SIZE [BATCH], sample" >&2
         exit 2
         ;;
 esac

@@ -27,10 +27,24 @@ def test_sample_stage_writes_its_json(tmp_path):
     assert list(tmp_path.glob("sampling-*.json")), proc.stdout[-2000:]
 
 
+def test_profile_stage_writes_summaries_and_traces(tmp_path):
+    import json
+
+    proc = _run(tmp_path, "profile", "sit", "XL", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (result,) = tmp_path.glob("train_step-*-profile.json")
+    rows = json.loads(result.read_text())["results"]
+    assert [(r["variant"], r["status"]) for r in rows] == [("reference", "ok"), ("compiled_fused", "ok")]
+    assert all(r["batch"] == 2 and r["profile"]["steps"] == 3 for r in rows)
+    assert len(list(tmp_path.glob("trace-SiT-toy-*.json.gz"))) == 2
+    assert "## SiT-toy-compiled_fused-b2" in proc.stdout
+
+
 def test_unknown_stage_is_refused(tmp_path):
     proc = _run(tmp_path, "bogus")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "unknown stage 'bogus'; valid: build-test, ops, train FAMILY SIZE [VARIANTS [BATCH]], sample"
+    assert proc.stderr.strip() == ("unknown stage 'bogus'; valid: build-test, ops, train FAMILY SIZE [VARIANTS [BATCH]], "
+                                   "profile FAMILY SIZE [BATCH], sample")
 
 
 @pytest.mark.slow
