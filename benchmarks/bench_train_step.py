@@ -6,9 +6,11 @@
 
 One step = objective (forward + loss; MDTv2 runs its two passes) + backward + grad clip (if the
 recipe clips) + optimizer step + EMA update, on random 32x32x4 latents (REPA: random DINOv2-B-shaped
-features [B, 256, 768]). Variants (all measured in the same run, same weights):
+features [B, 256, 768]); the VAE and DINOv2 encoders run in no variant (precomputed, as in ours).
+Variants (all measured in the same run, same weights):
 
-    reference            benchmarks/reference_style.py with the repo's precision/optimizer (RECIPES)
+    reference            benchmarks/reference_style.py with the repo's precision/optimizer (RECIPES), eager
+                         (official MaskDiT also wraps its model in torch.compile: its ratio is vs eager)
     reference_bf16       the same reference code at our precision (bf16 autocast, TF32): separates
                          what precision buys from what the implementation buys
     eager                our modules, bf16 autocast, ops on the torch backend (unfused; attention
@@ -20,16 +22,19 @@ features [B, 256, 768]). Variants (all measured in the same run, same weights):
 
 Batch: ``--batch N``, else (GPU) a search doubling from ``--batch-start`` until out of memory or
 ``--batch-cap``; the reference variants are searched each, ours once (the first of ours that runs,
-normally eager) and reused by the others (halved while it does not fit). MFU from the analytic FLOPs of
+normally eager; a compiled variant searches with its eager twin, not compiling per probed batch) and
+reused by the others (halved while it does not fit; MDTv2 probes at its lowest mask ratio, the most
+kept tokens). Timing: ``--warmup`` steps (compiled: more until two steps compile nothing), then the
+median of three windows of ``--steps`` in all (``step_ms_windows``). MFU from the analytic FLOPs of
 :mod:`masked_dit.models.flops` (training = 3 x forward) against the datasheet peak and the measured
-GEMM ceiling. Results: ``<out-dir>/train_step-<device>-<date>[-<tag>].json``; rows of earlier runs of the day
+GEMM ceiling. Results: ``<out-dir>/train_step-<device>-<date>[-<tag>].json``, rewritten after every variant (a run
+cut off by a deadline keeps what it measured); rows of earlier runs of the day
 (other families, sizes) are kept, the same (model, variant) measured again replaces its row.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import logging
 import re
 import sys
@@ -208,7 +213,8 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     RECOMPILE_LIMIT_HITS.count = 0
-    model = build(family, **kwargs)
+    with torch.device(device):  # initialised where it runs: a CPU init of XL costs seconds per variant
+        model = build(family, **kwargs)
     model.load_state_dict(base_state)
     model.to(device).train()
     objective = make_objective(family)
@@ -311,15 +317,26 @@ def dynamo_stats() -> dict:
 def measure(runner: StepRunner, family: str, kwargs: dict, batch: int, device: torch.device, args) -> dict:
     data = make_batch(family, kwargs, batch, device)
     with tf32(runner.tf32):
+        warmup = 0
         for _ in range(args.warmup):
             runner.step(data)
+            warmup += 1
+        # Compiled variants: go on while graphs are still being compiled (MDTv2's kept-token counts
+        # recompile), until two steps in a row compile nothing, at most WARMUP_EXTRA more steps.
+        quiet, graphs = 0, dynamo_stats()["unique_graphs"]
+        while graphs and quiet < 2 and warmup < args.warmup + WARMUP_EXTRA:
+            runner.step(data)
+            warmup += 1
+            now = dynamo_stats()["unique_graphs"]
+            quiet, graphs = (quiet + 1, now) if now == graphs else (0, now)
         common.synchronize(device)
         common.reset_peak_memory(device)
         before = dynamo_stats()
-        ms = common.time_loop(lambda: runner.step(data), args.steps, device)
+        windows = [common.time_loop(lambda: runner.step(data), n, device) for n in _windows(args.steps)]
     after = dynamo_stats()
-    out = {"batch": batch, "step_ms": ms, "img_per_s": batch * 1e3 / ms,
-           "peak_mem_gib": common.peak_memory_gib(device)}
+    ms = sorted(windows)[len(windows) // 2]
+    out = {"batch": batch, "step_ms": ms, "img_per_s": batch * 1e3 / ms, "step_ms_windows": windows,
+           "warmup_steps": warmup, "peak_mem_gib": common.peak_memory_gib(device)}
     if after["unique_graphs"]:
         # Graphs compiled inside the timed loop mean the warmup was too short (e.g. MDTv2's kept-token count).
         out["dynamo"] = dict(after, compiled_while_timing=after["unique_graphs"] - before["unique_graphs"])
@@ -342,27 +359,51 @@ def profile_variant(runner: StepRunner, family: str, kwargs: dict, batch: int, d
     return summary
 
 
+WARMUP_EXTRA = 20
+
+
+def _windows(steps: int) -> list[int]:
+    """Three back-to-back timing windows of ``steps`` in all (one when fewer than 3): the median is the
+    result and the three show the spread."""
+    if steps < 3:
+        return [steps]
+    return [steps // 3 + (1 if i < steps % 3 else 0) for i in range(3)]
+
+
 def probe(runner: StepRunner, family: str, kwargs: dict, device: torch.device):
-    """try_batch(b): two steps at batch b (the second allocates the optimizer state's steady footprint)."""
+    """try_batch(b): two steps at batch b (the second allocates the optimizer state's steady footprint).
+    MDTv2 draws its mask ratio per step: the probe runs at the lowest ratio (most kept tokens, most
+    memory), so a timed step cannot keep more tokens than the probe did and run out of memory."""
     def try_batch(b):
         data = make_batch(family, kwargs, b, device)
-        with tf32(runner.tf32):
-            for _ in range(2):
-                runner.step(data)
-        common.synchronize(device)
+        objective = runner.objective
+        jitter = getattr(objective, "mask_ratio_jitter", None)
+        try:
+            if jitter is not None:
+                objective.mask_ratio_jitter = 0.0
+            with tf32(runner.tf32):
+                for _ in range(2):
+                    runner.step(data)
+            common.synchronize(device)
+        finally:
+            if jitter is not None:
+                objective.mask_ratio_jitter = jitter
     return try_batch
 
 
-def run_family(family: str, size: str, device: torch.device, args, peaks: dict) -> list[dict]:
+def run_family(family: str, size: str, device: torch.device, args, peaks: dict, on_row=None) -> list[dict]:
+    """Every variant of one model; ``on_row(rows)`` after each (the caller writes the JSON as it goes)."""
     from masked_dit.models import build
     from masked_dit.models.flops import flops_per_image
 
     name, kwargs = model_kwargs(family, size)
     torch.manual_seed(args.seed)
-    base = build(family, **kwargs)
+    with torch.device(device):
+        base = build(family, **kwargs)
     flops = float(flops_per_image(base, mask_ratio=FLOPS_MASK_RATIO.get(family, 0.0), training=True))
-    base_state = copy.deepcopy(base.state_dict())
+    base_state = {k: v.detach().to("cpu", copy=True) for k, v in base.state_dict().items()}  # off the GPU's memory
     del base
+    common.free_memory(device)
     rows, batches = [], {}
     for variant in args.variants:
         row = {"model": name, "family": family, "size": size, "variant": variant, "flops_per_image": flops,
@@ -374,8 +415,6 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict) 
             fsdp_ok, why = fsdp_supported(device.type)
             if variant.endswith("fsdp") and not fsdp_ok:
                 raise VariantSkipped(why)
-            runner, info = build_runner(variant, family, kwargs, base_state, device, args)
-            row.update(info)
             group = variant if variant.startswith("reference") else "ours"
             if args.batch:
                 batch = args.batch
@@ -384,10 +423,23 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict) 
             elif group in batches:
                 batch = batches[group]
             else:
-                batch, log = common.largest_fitting_batch(probe(runner, family, kwargs, device), args.batch_start,
-                                                          args.batch_cap, device)
+                # A compiled variant would compile (or recompile) at every probed batch: minutes at XL.
+                # Its eager twin searches instead (compiled steps need no more memory than eager ones).
+                searcher_variant = ("eager_fused" if "fused" in variant else "eager") \
+                    if variant.startswith("compiled") else variant
+                searcher, _ = build_runner(searcher_variant, family, kwargs, base_state, device, args)
+                try:
+                    batch, log = common.largest_fitting_batch(probe(searcher, family, kwargs, device),
+                                                              args.batch_start, args.batch_cap, device)
+                finally:
+                    searcher = None
+                    common.free_memory(device)
                 row["batch_search"] = log
+                if searcher_variant != variant:
+                    row["batch_search_variant"] = searcher_variant
                 batches[group] = batch
+            runner, info = build_runner(variant, family, kwargs, base_state, device, args)
+            row.update(info)
             result = {}
             while not common.run_or_oom(lambda: result.update(measure(runner, family, kwargs, batch, device, args))):
                 common.free_memory(device)
@@ -395,6 +447,8 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict) 
                     raise RuntimeError("out of memory at batch 1")
                 batch //= 2  # back off
                 row["backed_off"] = True
+                if group in batches:
+                    batches[group] = batch  # the next variants start where this one fits
             row.update(result)
             row.update(common.mfu_fields(row["img_per_s"], flops, peaks))
             row["status"] = "ok"
@@ -418,6 +472,8 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict) 
         rows.append(row)
         if row["status"] != "ok":
             _print_row(row)
+        if on_row is not None:
+            on_row(rows)
     ref = next((r for r in rows if r["variant"] == "reference" and r["status"] == "ok"), None)
     ref16 = next((r for r in rows if r["variant"] == "reference_bf16" and r["status"] == "ok"), None)
     for r in rows:
@@ -498,15 +554,20 @@ def main(argv=None) -> Path:
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}", flush=True)
     sizes = ["toy"] if args.size == "toy" else args.sizes
     rows = []
+
+    def write(current=()) -> Path:
+        """The JSON after every variant: a run cut off by a deadline keeps the rows it measured."""
+        payload = {"kind": "train_step", **env,
+                   "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")},
+                   "latent": "random 4 x 32 x 32 (toy: 4 x 8 x 8); REPA features random [B, 256, 768] (toy [B, 16, 32])",
+                   "flops": "analytic (masked_dit.models.flops), training = 3 x forward, MDTv2 both passes at mask 0.4",
+                   "results": rows + list(current)}
+        return common.write_results(payload, args.out_dir, "train_step", key_fields=("model", "variant"), tag=args.tag)
+
     for size in sizes:
         for family in args.families:
-            rows.extend(run_family(family, size, device, args, env["peaks"]))
-    payload = {"kind": "train_step", **env,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")},
-               "latent": "random 4 x 32 x 32 (toy: 4 x 8 x 8); REPA features random [B, 256, 768] (toy [B, 16, 32])",
-               "flops": "analytic (masked_dit.models.flops), training = 3 x forward, MDTv2 both passes at mask 0.4",
-               "results": rows}
-    path = common.write_results(payload, args.out_dir, "train_step", key_fields=("model", "variant"), tag=args.tag)
+            rows.extend(run_family(family, size, device, args, env["peaks"], on_row=write))
+    path = write()
     print(f"# wrote {path}", flush=True)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -112,3 +112,96 @@ def test_batch_search_and_back_off(tmp_path, monkeypatch):
     assert row["status"] == "ok", row.get("reason")
     assert [e["batch"] for e in row["batch_search"]] == [2, 4] and all(e["ok"] for e in row["batch_search"])
     assert calls == [4, 2] and row["batch"] == 2 and row["backed_off"]
+
+
+def test_results_are_written_after_every_variant(tmp_path, monkeypatch):
+    """A run killed by a deadline keeps the rows it measured: the file exists after the first variant."""
+    import json
+
+    seen = []
+    real = bench_train_step.build_runner
+
+    def build_runner(variant, *args, **kwargs):
+        files = list(tmp_path.glob("train_step-*.json"))
+        seen.append((variant, [r["variant"] for f in files for r in json.loads(f.read_text())["results"]]))
+        return real(variant, *args, **kwargs)
+
+    monkeypatch.setattr(bench_train_step, "build_runner", build_runner)
+    bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0", "--families", "dit",
+                           "--variants", "reference,eager", "--out-dir", str(tmp_path)])
+    assert seen == [("reference", []), ("eager", ["reference"])]
+
+
+def test_compiled_variant_searches_its_batch_with_the_eager_twin(tmp_path, monkeypatch):
+    """Probing batches with a compiled model would compile at every size: the eager twin probes; a
+    back-off of one variant is where the next starts."""
+    import json
+
+    built, measured = [], []
+    real_build, real_measure = bench_train_step.build_runner, bench_train_step.measure
+
+    def build_runner(variant, *args, **kwargs):
+        built.append(variant)
+        return real_build(variant, *args, **kwargs)
+
+    def measure(runner, family, kwargs, batch, device, args):
+        measured.append(batch)
+        if len(measured) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_measure(runner, family, kwargs, batch, device, args)
+
+    monkeypatch.setattr(bench_train_step, "build_runner", build_runner)
+    monkeypatch.setattr(bench_train_step, "measure", measure)
+    path = bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                                  "--families", "dit", "--variants", "compiled_fused,compiled",
+                                  "--compile-backend", "aot_eager", "--search-batch", "--batch-start", "2",
+                                  "--batch-cap", "4", "--out-dir", str(tmp_path)])
+    rows = {r["variant"]: r for r in json.loads(path.read_text())["results"]}
+    assert built == ["eager_fused", "compiled_fused", "compiled"]
+    assert rows["compiled_fused"]["batch_search_variant"] == "eager_fused"
+    assert [e["batch"] for e in rows["compiled_fused"]["batch_search"]] == [2, 4]
+    assert measured == [4, 2, 2] and rows["compiled_fused"]["backed_off"] and rows["compiled"]["batch"] == 2
+    assert "backed_off" not in rows["compiled"]
+
+
+def test_mdtv2_probe_runs_at_the_lowest_mask_ratio():
+    """The probe must see the most kept tokens (ratio 0.3, not a random draw up to 0.5), then restore."""
+    import torch
+
+    from masked_dit.diffusion.objectives import MDTv2Objective
+
+    objective = MDTv2Objective()
+    jitters = []
+
+    class Runner:
+        tf32 = False
+
+        def __init__(self):
+            self.objective = objective
+
+        def step(self, data):
+            jitters.append(objective.mask_ratio_jitter)
+
+    try_batch = bench_train_step.probe(Runner(), "mdtv2", bench_train_step.TOY_KWARGS["mdtv2"], torch.device("cpu"))
+    try_batch(2)
+    assert jitters == [0.0, 0.0] and objective.mask_ratio_jitter == 0.2
+
+
+def test_timing_windows_and_warmup_until_compiles_stop(train_results_compiled):
+    assert bench_train_step._windows(1) == [1] and bench_train_step._windows(2) == [2]
+    assert bench_train_step._windows(20) == [7, 7, 6] and bench_train_step._windows(3) == [1, 1, 1]
+    rows = {r["variant"]: r for r in train_results_compiled[1]["results"]}
+    for row in rows.values():
+        assert len(row["step_ms_windows"]) == 1 and row["step_ms"] == row["step_ms_windows"][0]
+    assert rows["reference_bf16"]["warmup_steps"] == 0  # --warmup 0, nothing compiled: no extra step
+
+
+def test_compiled_warmup_goes_on_until_two_steps_compile_nothing(tmp_path):
+    import json
+
+    path = bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "3", "--warmup", "1",
+                                  "--families", "dit", "--variants", "compiled", "--compile-backend", "aot_eager",
+                                  "--out-dir", str(tmp_path)])
+    (row,) = json.loads(path.read_text())["results"]
+    assert row["warmup_steps"] == 3 and row["dynamo"]["compiled_while_timing"] == 0
+    assert len(row["step_ms_windows"]) == 3 and row["step_ms"] == sorted(row["step_ms_windows"])[1]
