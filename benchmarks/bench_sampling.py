@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import statistics
 import sys
 import traceback
@@ -44,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `masked_
 import torch
 import torch.nn as nn
 
-from benchmarks import common
+from benchmarks import common, profiling
 from benchmarks.bench_train_step import PREFIX, TOY_KWARGS, attention_choice
 
 # name -> (family, objective class name, sample() keyword arguments)
@@ -195,6 +196,9 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
                            img_per_s_at_published_steps=batch / seconds * steps / published)
             if variant == "cudagraphs":
                 row["cudagraph_skips"] = _cudagraph_skips() - skips_before
+            if args.profile:
+                _profile(row, lambda: run_sampler(objective, wrapped, batch, sample_kwargs, args.profile, device,
+                                                  args.precision, args.seed, num_classes), device, args)
         except _Skip as why:
             row.update(status="skipped", reason=str(why))
         except Exception as err:  # noqa: BLE001  (one failing variant must not lose the others)
@@ -214,6 +218,26 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
     del model
     common.free_memory(device)
     return rows
+
+
+def _profile(row: dict, run, device: torch.device, args) -> None:
+    """``--profile N``: one sampler run of N steps under torch.profiler (after the timed runs): where the
+    network calls' time goes, by kernel category (benchmarks/profiling.py). A failure only notes itself."""
+    label = f"{row['sampler']}-{row['variant']}-b{row['batch']}"
+    trace = None
+    if args.trace:
+        out_dir = Path(args.out_dir or common.RESULTS_DIR)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        trace = out_dir / f"trace-{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}.json.gz"
+    try:
+        summary = profiling.profile_steps(run, 1, device, trace=trace)
+    except Exception as err:  # noqa: BLE001  (the measured row stays)
+        row["profile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        print(f"# profile of {label} failed: {row['profile_error']}", flush=True)
+        return
+    row["profile"] = {**summary, "per": f"one run of {args.profile} sampler steps"}
+    print(profiling.format_summary(f"{label}, {args.profile} sampler steps", summary).replace("ms/step", "ms/run"),
+          flush=True)
 
 
 def _cudagraph_skips() -> int:
@@ -253,6 +277,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="network precision (default bf16 autocast on GPU, fp32 on CPU)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of 'compiled' (tests: aot_eager)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one run of N sampler steps per row: time by kernel category")
+    p.add_argument("--trace", action="store_true", help="with --profile: also write a gzipped Chrome trace per row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     p.add_argument("--tag", default=None, help="suffix of the result file name (default: the day's file)")
@@ -262,6 +289,10 @@ def parse_args(argv=None):
         p.error("--repeats must be >= 1")
     if args.steps < 0:
         p.error("--steps must be >= 0")
+    if args.profile < 0:
+        p.error("--profile must be >= 0")
+    if args.trace and not args.profile:
+        p.error("--trace needs --profile N (N > 0)")
     return args
 
 

@@ -103,3 +103,19 @@ def test_repeats_report_the_median_run(tmp_path):
 
     assert len(row["seconds_per_batch_runs"]) == 3
     assert row["seconds_per_batch"] == statistics.median(row["seconds_per_batch_runs"])
+
+
+def test_profile_of_a_sampler_run(tmp_path):
+    import gzip
+    import json
+
+    path = bench_sampling.main(["--size", "toy", "--device", "cpu", "--samplers", "dit_ddpm250_cfg", "--variants",
+                                "eager", "--profile", "2", "--trace", "--out-dir", str(tmp_path)])
+    (row,) = json.loads(path.read_text())["results"]
+    assert row["status"] == "ok", row.get("reason")
+    prof = row["profile"]
+    assert prof["per"] == "one run of 2 sampler steps" and prof["categories_ms_per_step"]["gemm"] > 0
+    trace = tmp_path / "trace-dit_ddpm250_cfg-eager-b2.json.gz"
+    assert prof["trace"] == str(trace) and json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+    with pytest.raises(SystemExit):
+        bench_sampling.parse_args(["--trace"])
