@@ -92,10 +92,9 @@ def test_bad_options_fail_clearly():
         bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "0"])
 
 
-def test_batch_search_and_back_off(tmp_path, monkeypatch):
-    """The GPU path on the CPU: search doubles 2 -> 4 (the cap); a later OOM at 4 backs off to 2."""
-    real_measure = bench_train_step.measure
-    calls = []
+def _first_measure_runs_out_of_memory(monkeypatch) -> list[int]:
+    """Patches measure(): the first call raises a (simulated) CUDA OOM; returns the batches it was called with."""
+    real_measure, calls = bench_train_step.measure, []
 
     def measure(runner, family, kwargs, batch, device, args):
         calls.append(batch)
@@ -104,6 +103,12 @@ def test_batch_search_and_back_off(tmp_path, monkeypatch):
         return real_measure(runner, family, kwargs, batch, device, args)
 
     monkeypatch.setattr(bench_train_step, "measure", measure)
+    return calls
+
+
+def test_batch_search_and_back_off(tmp_path, monkeypatch):
+    """The GPU path on the CPU: search doubles 2 -> 4 (the cap); a later OOM at 4 backs off to 2."""
+    calls = _first_measure_runs_out_of_memory(monkeypatch)
     path = bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0",
                                   "--families", "sit", "--variants", "eager", "--search-batch", "--batch-start",
                                   "2", "--batch-cap", "4", "--out-dir", str(tmp_path)])
@@ -137,21 +142,15 @@ def test_compiled_variant_searches_its_batch_with_the_eager_twin(tmp_path, monke
     back-off of one variant is where the next starts."""
     import json
 
-    built, measured = [], []
-    real_build, real_measure = bench_train_step.build_runner, bench_train_step.measure
+    built = []
+    real_build = bench_train_step.build_runner
 
     def build_runner(variant, *args, **kwargs):
         built.append(variant)
         return real_build(variant, *args, **kwargs)
 
-    def measure(runner, family, kwargs, batch, device, args):
-        measured.append(batch)
-        if len(measured) == 1:
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return real_measure(runner, family, kwargs, batch, device, args)
-
     monkeypatch.setattr(bench_train_step, "build_runner", build_runner)
-    monkeypatch.setattr(bench_train_step, "measure", measure)
+    measured = _first_measure_runs_out_of_memory(monkeypatch)
     path = bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0",
                                   "--families", "dit", "--variants", "compiled_fused,compiled",
                                   "--compile-backend", "aot_eager", "--search-batch", "--batch-start", "2",
