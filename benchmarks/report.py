@@ -15,6 +15,9 @@ MDTv2-XL/2 45%, datasheet peak), and DiT-XL/2 250-step sampling against 4 img/s.
 shortened run (``--steps``) show img/s of the steps that ran and, marked as an estimate, at the
 published steps; the training table flags rows that compiled while timing, hit the recompile limit,
 broke graphs or backed off their batch.
+
+``--readme README.md`` also rewrites the part of the README between the ``README_BEGIN`` and
+``README_END`` markers: the headline table, the plot and a pointer to the full tables (``--out``).
 """
 from __future__ import annotations
 
@@ -34,6 +37,11 @@ MFU_TARGETS = (50.0, 45.0)  # % of the datasheet bf16 peak (DiT-XL/2; MaskDiT-XL
 MFU_TARGET = {"DiT-XL/2": 0.50, "MaskDiT-XL/2": 0.45, "MDTv2-XL/2": 0.45}
 SPEEDUP_TARGET = 1.5
 SAMPLING_TARGET = ("dit_ddpm250_cfg", "DiT-XL/2", 4.0)
+README_BEGIN = "<!-- benchmark-results:begin (benchmarks/report.py --readme writes this part) -->"
+README_END = "<!-- benchmark-results:end -->"
+NO_GPU_RESULTS = ("No GPU numbers yet: no GPU has been lent to this project's sessions so far "
+                  "(`benchmarks/NOTES.md` has the runbook for the first one; `benchmarks/gpu_session.sh` runs "
+                  "it stage by stage).")
 TRAIN_VARIANTS = ("reference", "reference_bf16", "eager", "eager_fused", "compiled", "compiled_fused", "compiled_fused_fsdp")
 
 
@@ -214,6 +222,33 @@ def markdown(runs: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def readme_section(runs: list[dict], readme: Path, plot_path: Path | None, full: Path | None) -> str:
+    """What goes between the README markers: the headline of the GPU runs, the plot and where the
+    full tables are (paths relative to the README); the no-GPU sentence while there are none."""
+    import os
+
+    head = headline_table([r for r in runs if r["kind"] == "train_step"], [r for r in runs if r["kind"] == "sampling"])
+    if not head:
+        return NO_GPU_RESULTS
+    rel = lambda p: Path(os.path.relpath(Path(p).resolve(), readme.resolve().parent)).as_posix()  # noqa: E731
+    parts = [head]
+    if plot_path is not None:
+        parts.append(f"![MFU per model and variant]({rel(plot_path)})")
+    if full is not None:
+        parts.append(f"Every row, with batch, memory and flags: [{rel(full)}]({rel(full)}).")
+    return "\n\n".join(parts)
+
+
+def splice_readme(readme: Path, section: str) -> None:
+    """Replaces the text between the README markers (each on a line of its own) with ``section``."""
+    text = readme.read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):
+        raise ValueError(f"--readme {readme}: needs one '{README_BEGIN}' line followed by one '{README_END}' line")
+    before, rest = text.split(README_BEGIN)
+    _, after = rest.split(README_END)
+    readme.write_text(f"{before}{README_BEGIN}\n{section.strip()}\n{README_END}{after}")
+
+
 def plot(runs: list[dict], path: str | Path) -> Path | None:
     """Grouped bars, one panel per training file: MFU (datasheet peak) per model and variant,
     or img/s when the file has no peak. Returns the PNG path (None when there is nothing to plot)."""
@@ -264,6 +299,7 @@ def main(argv=None) -> str:
     p.add_argument("--out", default=None, help="write the markdown here (default: stdout)")
     p.add_argument("--plot", default=None, help="PNG path of the MFU plot (default <results>/mfu.png)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--readme", default=None, help="also rewrite this README's results section (between the markers)")
     args = p.parse_args(argv)
     if not Path(args.results).is_dir():
         raise ValueError(f"--results {args.results}: not a folder")
@@ -273,10 +309,17 @@ def main(argv=None) -> str:
         Path(args.out).write_text(text)
     else:
         print(text)
+    png = None
     if not args.no_plot:
         png = plot(runs, args.plot or Path(args.results) / "mfu.png")
         if png is not None:
             print(f"# plot: {png}", file=sys.stderr)
+    if args.readme:
+        readme = Path(args.readme)
+        if not readme.is_file():
+            raise ValueError(f"--readme {readme}: no such file")
+        splice_readme(readme, readme_section(runs, readme, png, Path(args.out) if args.out else None))
+        print(f"# rewrote the results section of {readme}", file=sys.stderr)
     return text
 
 

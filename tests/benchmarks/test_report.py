@@ -100,3 +100,37 @@ def test_headline_table_checks_the_targets(tmp_path):
     assert ("| FAKE H100 (test data) | DiT-XL/2 | compiled_fused | 300.0 | 21.6% (target 50%) | **no** | 30.0 | "
             "10.00 | yes |") in text
     assert "| cudagraphs | 5.00 (est. from 50 of 250 steps) | | yes (≥ 4 img/s) |" in text
+
+
+def test_readme_section_is_rewritten_between_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.README_BEGIN}\nold text\n{report.README_END}\nafter\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    report.main(["--results", str(results), "--no-plot", "--readme", str(readme)])  # no GPU runs yet
+    assert readme.read_text() == (f"# x\n\nbefore\n{report.README_BEGIN}\n{report.NO_GPU_RESULTS}\n"
+                                  f"{report.README_END}\nafter\n")
+    _gpu_run(results)
+    report.main(["--results", str(results), "--out", str(results / "RESULTS.md"), "--plot",
+                 str(results / "mfu.png"), "--readme", str(readme)])
+    text = readme.read_text()
+    section = text.split(report.README_BEGIN)[1].split(report.README_END)[0]
+    assert "| DiT-XL/2 | compiled_fused |" in section and "old text" not in text
+    assert "![MFU per model and variant](results/mfu.png)" in section
+    assert "[results/RESULTS.md](results/RESULTS.md)" in section
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{report.README_END}\nafter\n")
+
+
+def test_readme_without_markers_is_refused_in_one_line(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match=r"--readme .*README.md: needs one '<!-- benchmark-results:begin"):
+        report.main(["--results", str(tmp_path), "--no-plot", "--readme", str(readme)])
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_the_repository_readme_has_the_markers():
+    from pathlib import Path
+
+    text = (Path(report.__file__).resolve().parents[1] / "README.md").read_text()
+    assert text.count(report.README_BEGIN) == 1 and text.count(report.README_END) == 1
