@@ -50,7 +50,7 @@ import torch.nn as nn
 
 from benchmarks import common, profiling
 from benchmarks.reference_style import RECIPES, reference_like
-from masked_dit.train.parallel import fsdp_supported
+from masked_dit.train.parallel import COMPILE_MODES, fsdp_supported
 
 FAMILIES = ("dit", "sit", "mdtv2", "maskdit", "repa_sit")
 PREFIX = {"dit": "DiT", "sit": "SiT", "mdtv2": "MDTv2", "maskdit": "MaskDiT", "repa_sit": "REPA-SiT"}
@@ -254,11 +254,13 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
     info.update(ops_backend="auto" if fused else "torch", optimizer=recipe["optimizer"],
                 attention=attention_choice(device, kwargs, "auto" if fused else "torch"))
     if compiled:
-        info["compile"] = f"{args.compile} ({args.compile_backend})"
+        info["compile"] = f"{args.compile} ({args.compile_backend}" + \
+            (f", {args.compile_mode})" if args.compile_mode != "default" and args.compile_backend == "inductor" else ")")
         if args.compile == "block":
-            apply_compile(model, args.compile_backend)  # the trainer's per-block compile
+            apply_compile(model, args.compile_backend, args.compile_mode)  # the trainer's per-block compile
         else:
-            model = torch.compile(model, backend=args.compile_backend)
+            model = torch.compile(model, backend=args.compile_backend,
+                                  **({"mode": args.compile_mode} if args.compile_backend == "inductor" else {}))
     if fsdp:
         init_single_rank_group(device)
         apply_fsdp(unwrap(model), SimpleNamespace(device=device, size=1), "bf16")
@@ -515,6 +517,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 1 CPU)")
     p.add_argument("--compile", choices=("block", "whole"), default="block")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="Inductor mode of the compiled variants (the trainer's --parallel.compile_mode)")
     p.add_argument("--recompile-limit", type=int, default=0,
                    help="dynamo's per-function recompile limit (0: the trainer's, parallel.RECOMPILE_LIMIT)")
     p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,

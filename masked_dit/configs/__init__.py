@@ -117,6 +117,8 @@ class TrainConfig:
 class ParallelConfig:
     mode: str = "ddp"                    # ddp | fsdp
     compile: bool = False                # torch.compile each transformer block
+    compile_mode: str = "default"        # default | max-autotune-no-cudagraphs (Inductor autotunes GEMMs,
+                                         # Triton GEMM templates can take elementwise epilogues; longer compile)
     activation_checkpointing: bool = False
     precision: str = "fp32"              # fp32 | bf16 (autocast; FSDP: bf16 params, fp32 grad reduce)
     tf32: bool = True
@@ -209,6 +211,8 @@ CHOICES = {
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("parallel", "mode"): ("ddp", "fsdp"),
     ("parallel", "precision"): ("fp32", "bf16"),
+    # no CUDA-graph modes: per-block graphs under FSDP/DDP hooks and AC recompute are not capturable
+    ("parallel", "compile_mode"): ("default", "max-autotune-no-cudagraphs"),
     ("sample", "sampler"): ("auto", "ddpm", "ddim", "heun", "euler", "ode", "sde"),
 }
 

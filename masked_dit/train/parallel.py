@@ -41,15 +41,22 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 RECOMPILE_LIMIT = 64
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor", mode: str = "default") -> None:
     # Every block shares one forward code object. MDT's variants (with/without skip_linear, kept vs
     # all tokens, side block, train/eval) each need their own graph: more than dynamo's default
     # limit of 8, past which blocks would silently run uncompiled.
     cfg = torch._dynamo.config
     limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.7
     setattr(cfg, limit, max(getattr(cfg, limit), RECOMPILE_LIMIT))
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not valid; choose one of: {', '.join(COMPILE_MODES)}")
+    # Inductor's modes only: another backend (aot_eager in tests) takes none
+    kwargs = {"mode": mode} if backend == "inductor" and mode != "default" else {}
     for block in transformer_blocks(model):
-        block.compile(backend=backend)
+        block.compile(backend=backend, **kwargs)
 
 
 def fsdp_supported(device_type: str) -> tuple[bool, str]:
@@ -99,7 +106,7 @@ def parallelize(model: nn.Module, cfg, world) -> nn.Module:
     if pc.activation_checkpointing:
         apply_activation_checkpointing(model)
     if pc.compile:
-        apply_compile(model)
+        apply_compile(model, mode=pc.compile_mode)
     if pc.mode == "fsdp" and world.distributed:
         return apply_fsdp(model, world, pc.precision)
     if pc.mode == "fsdp" and pc.precision == "bf16":

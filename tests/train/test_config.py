@@ -65,3 +65,28 @@ def test_family_objective_mismatch_is_explained():
     cfg = apply_overrides(get_preset("digits-dit"), ["--objective.kind=edm_maskdit"])
     with pytest.raises(ValueError, match="use --objective.kind=adm"):
         build_model_from_config(cfg)
+
+
+def test_compile_mode_is_validated_and_reaches_every_block(monkeypatch):
+    import torch
+
+    from masked_dit.configs import CHOICES
+    from masked_dit.train import parallel
+
+    assert CHOICES[("parallel", "compile_mode")] == parallel.COMPILE_MODES
+    with pytest.raises(ConfigError, match=r"--parallel.compile_mode='reduce-overhead' is not valid; choose one of: "
+                                          r"default, max-autotune-no-cudagraphs"):
+        apply_overrides(get_preset("digits-dit"), ["--parallel.compile_mode=reduce-overhead"])
+    cfg = apply_overrides(get_preset("digits-dit"), ["--parallel.compile=true",
+                                                     "--parallel.compile_mode=max-autotune-no-cudagraphs"])
+    model = build_model_from_config(cfg)
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
+    parallel.parallelize(model, cfg, type("World", (), {"distributed": False})())
+    assert seen and all(kw == {"backend": "inductor", "mode": "max-autotune-no-cudagraphs"} for kw in seen)
+    assert len(seen) == len(parallel.transformer_blocks(model))
+    seen.clear()
+    parallel.apply_compile(model, "aot_eager", "max-autotune-no-cudagraphs")  # other backends take no mode
+    assert all(kw == {"backend": "aot_eager"} for kw in seen)
+    with pytest.raises(ValueError, match="compile mode 'turbo' is not valid"):
+        parallel.apply_compile(model, mode="turbo")
