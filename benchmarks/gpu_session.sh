@@ -19,7 +19,9 @@
 # loses only its own row (bench_train_step.py writes its JSON at the end of a process), and rows of
 # every process merge into the day's file. A variant that no longer has MIN_SECONDS (default 90) left
 # is not started and is named in the log. COMPILED_VARIANTS="compiled_fused" keeps a long stage
-# (MDTv2/MaskDiT at XL, ~2-4 min of compile per compiled variant) to the headline variant.
+# (MDTv2/MaskDiT at XL, ~2-4 min of compile per compiled variant) to the headline variant;
+# COMPILE_MODE=max-autotune-no-cudagraphs compiles them with Inductor's GEMM autotuning, into a file of
+# its own (tag TAG, default "autotune": its rows do not replace the default mode's).
 #
 # Calls that follow within the machine's warm window (30 s) reuse its build (ignored outputs are kept
 # there); every stage rebuilds only when `masked_dit._C` is missing, and build-test copies the built
@@ -114,8 +116,9 @@ case "$stage" in
         family=${2:-dit}; model_size=${3:-XL}; variants=${4:-}; batch=${5:-}
         sizes=(); [ "$gpu" = 1 ] && sizes=(--sizes "$model_size")
         log="$out/train_${family}_${model_size}.log"
+        mode=(); [ -n "${COMPILE_MODE:-}" ] && mode=(--compile-mode "$COMPILE_MODE" --tag "${TAG:-autotune}")
         bench=(python3 benchmarks/bench_train_step.py "${device[@]}" "${size[@]}" "${sizes[@]}" --families "$family"
-               "${compile_backend[@]}" --out-dir "$out")
+               "${compile_backend[@]}" "${mode[@]}" --out-dir "$out")
         if [ -n "$variants" ]; then
             fixed=(); [ -n "$batch" ] && fixed=(--batch "$batch")
             run_timed "$log" "${bench[@]}" --variants "$variants" "${fixed[@]}" | tail -20
