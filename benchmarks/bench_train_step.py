@@ -204,7 +204,8 @@ def init_single_rank_group(device: torch.device) -> None:
 
 
 def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, device: torch.device, args):
-    """(runner, info) for one variant; every variant starts from the same weights ``base_state``."""
+    """(runner, info) for one variant; every variant starts from the same weights ``base_state`` (None: a
+    fresh init, for counting that needs shapes, not weights: roofline_step.py at XL on a small machine)."""
     from masked_dit.diffusion.objectives import unwrap
     from masked_dit.models import build
     from masked_dit.train.ema import EMA
@@ -215,7 +216,8 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
     RECOMPILE_LIMIT_HITS.count = 0
     with torch.device(device):  # initialised where it runs: a CPU init of XL costs seconds per variant
         model = build(family, **kwargs)
-    model.load_state_dict(base_state)
+    if base_state is not None:
+        model.load_state_dict(base_state)
     model.to(device).train()
     objective = make_objective(family)
     recipe = RECIPES[family]
