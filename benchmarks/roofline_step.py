@@ -50,6 +50,7 @@ from benchmarks.bench_train_step import (FAMILIES, FLOPS_MASK_RATIO, SIZES, buil
 from benchmarks.reference_style import RECIPES
 
 VARIANTS = ("reference", "eager", "eager_fused")
+TOP_OPS = 12  # ops listed per row by bytes moved
 
 
 #################################################################################
@@ -386,6 +387,20 @@ def count_variant(variant: str, family: str, kwargs: dict, base_state: dict | No
 #                                    Rows                                       #
 #################################################################################
 
+def top_ops(ops: list[dict], batch: int, n: int = TOP_OPS) -> list[dict]:
+    """The ``n`` ops (by name and category, summed over the step) that move the most bytes at ``batch``:
+    where fusion or a better kernel would pay first."""
+    by_name: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    for op in ops:
+        agg = by_name[(op["name"], op["category"])]
+        agg[0] += max(op["bytes"][0] + op["bytes"][1] * batch, 0.0)
+        agg[1] += op["bytes"][1]
+        agg[2] += 1
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:n]
+    return [dict(name=name, category=cat, gb_per_step=v[0] / 1e9, gb_per_image=v[1] / 1e9, calls=v[2])
+            for (name, cat), v in ranked]
+
+
 def make_row(name, family, size, variant, counted: dict, analytic: float, batch: int, peaks_name: str) -> dict:
     peaks = DEVICE_PEAKS[peaks_name]
     cats = predict(counted["ops"], batch, peaks, counted["info"]["tf32"])
@@ -407,6 +422,7 @@ def make_row(name, family, size, variant, counted: dict, analytic: float, batch:
                pred_step_ms=step_ms, pred_img_per_s=img_per_s,
                peaks=dict(peaks, attn_efficiency=ATTN_EFFICIENCY, attn_bwd_recompute=ATTN_BWD_RECOMPUTE),
                **counted["info"])
+    row["top_ops"] = top_ops(counted["ops"], batch)
     row.update(common.mfu_fields(img_per_s, analytic, {"datasheet_tflops": peaks["datasheet_tflops"],
                                                        "measured_gemm_tflops": peaks["gemm_tflops"]}))
     row["status"] = "ok"

@@ -194,6 +194,9 @@ def test_cli_end_to_end_writes_json(tmp_path):
         assert r["pred_step_ms"] == pytest.approx(sum(r["floor_terms_ms"].values()))
         assert r["pred_img_per_s"] == pytest.approx(64e3 / r["pred_step_ms"])
         assert 0 < r["mfu_datasheet"] < r["mfu_measured_gemm"] < 1
+        top = [t["gb_per_step"] for t in r["top_ops"]]
+        assert 0 < len(top) <= R.TOP_OPS and top == sorted(top, reverse=True)
+        assert sum(top) <= sum(r["bytes_per_step"].values()) / 1e9 * (1 + 1e-9)
     h100, h200 = (next(r for r in rows if r["variant"] == "eager_fused" and r["device_peaks"] == p)
                   for p in ("h100", "h200"))
     assert h200["floor_terms_ms"]["memory_bound"] < h100["floor_terms_ms"]["memory_bound"]  # 4.3 vs 3.0 TB/s
