@@ -88,6 +88,15 @@ class Mlp(nn.Module):
 #                               The fused block                                 #
 #################################################################################
 
+def _linear_input_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast will cast a Linear's input to (None: no autocast, or fp64, which it leaves):
+    the adaLN ops store h in it directly, so the cast's extra pass over an fp32 h disappears."""
+    device = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def _per_sample(c: torch.Tensor, x: torch.Tensor, packed_index) -> torch.Tensor:
     """One conditioning row ``c [1, C]`` for a dense batch ``x [B, L, D]`` -> ``[B, C]``: the official
     blocks broadcast it in ``modulate``, while the fused ops take one row per sample."""
@@ -128,12 +137,13 @@ class FusedDiTBlock(nn.Module):
             mod = mod.index_select(0, segment_ids)
             x = x.unsqueeze(1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        h = ops.adaln_modulate(x, shift_msa, scale_msa, self.eps)
+        h_dtype = _linear_input_dtype(x)  # h feeds qkv / fc1 only
+        h = ops.adaln_modulate(x, shift_msa, scale_msa, self.eps, out_dtype=h_dtype)
         if cu_seqlens is not None:
             a = self.attn(h.squeeze(1), positions=positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).unsqueeze(1)
         else:
             a = self.attn(h, positions=positions)
-        x, h = ops.gated_residual_adaln(x, a, gate_msa, shift_mlp, scale_mlp, self.eps)
+        x, h = ops.gated_residual_adaln(x, a, gate_msa, shift_mlp, scale_mlp, self.eps, out_dtype=h_dtype)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(h)
         return x.squeeze(1) if cu_seqlens is not None else x
 
@@ -153,9 +163,10 @@ class FinalLayer(nn.Module):
         mod = self.adaLN_modulation(_per_sample(c, x, segment_ids))
         if segment_ids is not None:
             mod = mod.index_select(0, segment_ids)
-            return self.linear(ops.adaln_modulate(x.unsqueeze(1), *mod.chunk(2, dim=1), self.eps)).squeeze(1)
+            return self.linear(ops.adaln_modulate(x.unsqueeze(1), *mod.chunk(2, dim=1), self.eps,
+                                                  out_dtype=_linear_input_dtype(x))).squeeze(1)
         shift, scale = mod.chunk(2, dim=1)
-        return self.linear(ops.adaln_modulate(x, shift, scale, self.eps))
+        return self.linear(ops.adaln_modulate(x, shift, scale, self.eps, out_dtype=_linear_input_dtype(x)))
 
 
 #################################################################################

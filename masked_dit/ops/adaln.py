@@ -15,11 +15,16 @@ needs no statistics pass. Both dispatch at call time to a backend (see
 :mod:`masked_dit.ops.dispatch`): ``torch`` (reference, below), ``triton``
 (:mod:`masked_dit.ops.triton_kernels.adaln`) or ``cuda`` (``torch.ops.masked_dit_C``).
 
-Dtypes: h has x's dtype; r (and its h) has the dtype torch gives ``x + gate[:, None] * branch``.
-Gradients come back in each input's dtype. All tensors may be strided views (e.g. ``chunk`` of
+Dtypes: h has x's dtype; r (and its h) has the dtype torch gives ``x + gate[:, None] * branch``;
+``out_dtype`` stores h in another dtype instead (the block passes autocast's dtype: h feeds a Linear
+that would cast it anyway, so writing bf16 once saves the cast's read + write of an fp32 h and halves
+h's own write; the values are those of the cast, the kernels compute in fp32 either way).
+Gradients come back in each input's dtype; dh may come in any float dtype. All tensors may be strided views (e.g. ``chunk`` of
 the adaLN Linear's [B, 6D] output); the triton and cuda backends read them without copies.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -54,6 +59,11 @@ def _check_modulation(name: str, t: Tensor, x: Tensor) -> None:
         raise ValueError(f"{name} must be [B, D] = {(B, D)} to match x {tuple(x.shape)}, got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in _FLOATS:
+        raise ValueError(f"out_dtype must be None or float16/bfloat16/float32/float64, got {out_dtype}")
 
 
 def _check_adaln(x: Tensor, shift: Tensor, scale: Tensor) -> None:
@@ -109,11 +119,11 @@ def _layer_norm_input_grad(dh: Tensor, xhat: Tensor, scale: Tensor, rstd: Tensor
 
 
 @dispatch.register("adaln_modulate", "torch")
-def _adaln_modulate_torch(x, shift, scale, eps):
+def _adaln_modulate_torch(x, shift, scale, eps, out_dtype=None):
     xhat, mean, rstd = _layer_norm_stats(x, eps)
     acc = mean.dtype
     h = xhat * (1 + scale.to(acc)[:, None]) + shift.to(acc)[:, None]
-    return _contiguous(h.to(x.dtype), mean, rstd)
+    return _contiguous(h.to(out_dtype or x.dtype), mean, rstd)
 
 
 @dispatch.register("adaln_modulate_backward", "torch")
@@ -126,11 +136,11 @@ def _adaln_modulate_backward_torch(dh, x, scale, mean, rstd):
 
 
 @dispatch.register("gated_residual_adaln", "torch")
-def _gated_residual_adaln_torch(x, branch, gate, shift, scale, eps):
+def _gated_residual_adaln_torch(x, branch, gate, shift, scale, eps, out_dtype=None):
     r_dtype = _residual_dtype(x, branch, gate)
     acc = _stats_dtype(r_dtype)
     r = (x.to(acc) + gate.to(acc)[:, None] * branch.to(acc)).to(r_dtype)
-    h, mean, rstd = _adaln_modulate_torch(r, shift, scale, eps)
+    h, mean, rstd = _adaln_modulate_torch(r, shift, scale, eps, out_dtype)
     return _contiguous(r, h, mean, rstd)
 
 
@@ -160,8 +170,8 @@ def _triton():
 
 
 @dispatch.register("adaln_modulate", "triton")
-def _adaln_modulate_triton(x, shift, scale, eps):
-    return _triton().adaln_modulate_fwd(x, shift, scale, eps)
+def _adaln_modulate_triton(x, shift, scale, eps, out_dtype=None):
+    return _triton().adaln_modulate_fwd(x, shift, scale, eps, out_dtype)
 
 
 @dispatch.register("adaln_modulate_backward", "triton")
@@ -170,8 +180,9 @@ def _adaln_modulate_backward_triton(dh, x, scale, mean, rstd):
 
 
 @dispatch.register("gated_residual_adaln", "triton")
-def _gated_residual_adaln_triton(x, branch, gate, shift, scale, eps):
-    return _triton().gated_residual_adaln_fwd(x, branch, gate, shift, scale, eps, _residual_dtype(x, branch, gate))
+def _gated_residual_adaln_triton(x, branch, gate, shift, scale, eps, out_dtype=None):
+    return _triton().gated_residual_adaln_fwd(x, branch, gate, shift, scale, eps, _residual_dtype(x, branch, gate),
+                                              out_dtype)
 
 
 @dispatch.register("gated_residual_adaln_backward", "triton")
@@ -200,12 +211,21 @@ def _cuda_modulation(*mods: Tensor) -> tuple[Tensor, ...]:
     return tuple(m.float() for m in mods)
 
 
+def _other_out_dtype(out_dtype, like: torch.dtype) -> bool:
+    # the CUDA kernels store h in the activation dtype: another h dtype runs the Triton kernel (which
+    # stores any dtype), else the CUDA kernel and a cast
+    return out_dtype is not None and out_dtype != like
+
+
 @dispatch.register("adaln_modulate", "cuda")
-def _adaln_modulate_cuda(x, shift, scale, eps):
+def _adaln_modulate_cuda(x, shift, scale, eps, out_dtype=None):
     if _cuda_unsupported(x):
-        return _adaln_modulate_torch(x, shift, scale, eps)
+        return _adaln_modulate_torch(x, shift, scale, eps, out_dtype)
+    if _other_out_dtype(out_dtype, x.dtype) and dispatch.triton_importable():
+        return _adaln_modulate_triton(x, shift, scale, eps, out_dtype)
     shift, scale = _cuda_modulation(shift, scale)
-    return torch.ops.masked_dit_C.adaln_modulate(x, shift, scale, eps)
+    h, mean, rstd = torch.ops.masked_dit_C.adaln_modulate(x, shift, scale, eps)
+    return h.to(out_dtype or h.dtype), mean, rstd
 
 
 @dispatch.register("adaln_modulate_backward", "cuda")
@@ -218,12 +238,16 @@ def _adaln_modulate_backward_cuda(dh, x, scale, mean, rstd):
 
 
 @dispatch.register("gated_residual_adaln", "cuda")
-def _gated_residual_adaln_cuda(x, branch, gate, shift, scale, eps):
+def _gated_residual_adaln_cuda(x, branch, gate, shift, scale, eps, out_dtype=None):
     r_dtype = _residual_dtype(x, branch, gate)
     if r_dtype == torch.float64 or x.shape[-1] > _CUDA_MAX_D:
-        return _gated_residual_adaln_torch(x, branch, gate, shift, scale, eps)
+        return _gated_residual_adaln_torch(x, branch, gate, shift, scale, eps, out_dtype)
+    if _other_out_dtype(out_dtype, r_dtype) and dispatch.triton_importable():
+        return _gated_residual_adaln_triton(x, branch, gate, shift, scale, eps, out_dtype)
     gate, shift, scale = _cuda_modulation(gate, shift, scale)
-    return torch.ops.masked_dit_C.gated_residual_adaln(x.to(r_dtype), branch.to(r_dtype), gate, shift, scale, eps)
+    r, h, mean, rstd = torch.ops.masked_dit_C.gated_residual_adaln(x.to(r_dtype), branch.to(r_dtype), gate, shift,
+                                                                   scale, eps)
+    return r, h.to(out_dtype or h.dtype), mean, rstd
 
 
 @dispatch.register("gated_residual_adaln_backward", "cuda")
@@ -247,13 +271,15 @@ def _empty_stats(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("masked_dit::adaln_modulate", mutates_args=())
-def _adaln_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.impl("adaln_modulate", x.device)(x, shift, scale, eps)
+def _adaln_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float,
+                       out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return dispatch.impl("adaln_modulate", x.device)(x, shift, scale, eps, out_dtype)
 
 
 @_adaln_modulate_op.register_fake
-def _(x, shift, scale, eps):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), *_empty_stats(x, x.dtype))
+def _(x, shift, scale, eps, out_dtype=None):
+    return (torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format),
+            *_empty_stats(x, x.dtype))
 
 
 @torch.library.custom_op("masked_dit::adaln_modulate_backward", mutates_args=())
@@ -270,7 +296,7 @@ def _(dh, x, scale, mean, rstd):
 
 
 def _adaln_modulate_setup(ctx, inputs, output):
-    x, shift, scale, _ = inputs
+    x, shift, scale, _, _ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, scale, mean, rstd)
@@ -280,7 +306,7 @@ def _adaln_modulate_setup(ctx, inputs, output):
 def _adaln_modulate_grad(ctx, dh, _dmean, _drstd):
     x, scale, mean, rstd = ctx.saved_tensors
     dx, dshift, dscale = _adaln_modulate_backward_op(dh, x, scale, mean, rstd)
-    return dx, dshift.to(ctx.shift_dtype), dscale, None
+    return dx, dshift.to(ctx.shift_dtype), dscale, None, None
 
 
 _adaln_modulate_op.register_autograd(_adaln_modulate_grad, setup_context=_adaln_modulate_setup)
@@ -288,16 +314,17 @@ _adaln_modulate_op.register_autograd(_adaln_modulate_grad, setup_context=_adaln_
 
 @torch.library.custom_op("masked_dit::gated_residual_adaln", mutates_args=())
 def _gated_residual_adaln_op(
-    x: Tensor, branch: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float
+    x: Tensor, branch: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return dispatch.impl("gated_residual_adaln", x.device)(x, branch, gate, shift, scale, eps)
+    return dispatch.impl("gated_residual_adaln", x.device)(x, branch, gate, shift, scale, eps, out_dtype)
 
 
 @_gated_residual_adaln_op.register_fake
-def _(x, branch, gate, shift, scale, eps):
+def _(x, branch, gate, shift, scale, eps, out_dtype=None):
     r_dtype = _residual_dtype(x, branch, gate)
     r = torch.empty(x.shape, dtype=r_dtype, device=x.device)
-    return r, torch.empty_like(r), *_empty_stats(x, r_dtype)
+    return r, torch.empty_like(r, dtype=out_dtype or r_dtype), *_empty_stats(x, r_dtype)
 
 
 @torch.library.custom_op("masked_dit::gated_residual_adaln_backward", mutates_args=())
@@ -315,7 +342,7 @@ def _(dr, dh, r, branch, gate, scale, mean, rstd):
 
 
 def _gated_residual_adaln_setup(ctx, inputs, output):
-    x, branch, gate, shift, scale, _ = inputs
+    x, branch, gate, shift, scale, _, _ = inputs
     r, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(r, branch, gate, scale, mean, rstd)
@@ -325,7 +352,7 @@ def _gated_residual_adaln_setup(ctx, inputs, output):
 def _gated_residual_adaln_grad(ctx, dr, dh, _dmean, _drstd):
     r, branch, gate, scale, mean, rstd = ctx.saved_tensors
     dx, dbranch, dgate, dshift, dscale = _gated_residual_adaln_backward_op(dr, dh, r, branch, gate, scale, mean, rstd)
-    return dx.to(ctx.x_dtype), dbranch, dgate, dshift.to(ctx.shift_dtype), dscale, None
+    return dx.to(ctx.x_dtype), dbranch, dgate, dshift.to(ctx.shift_dtype), dscale, None, None
 
 
 _gated_residual_adaln_op.register_autograd(_gated_residual_adaln_grad, setup_context=_gated_residual_adaln_setup)
@@ -335,15 +362,20 @@ _gated_residual_adaln_op.register_autograd(_gated_residual_adaln_grad, setup_con
 # public API
 
 
-def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
-    """LayerNorm(x) (no affine) * (1 + scale[:, None]) + shift[:, None]; x [B, L, D], shift/scale [B, D]."""
+def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6,
+                   out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """LayerNorm(x) (no affine) * (1 + scale[:, None]) + shift[:, None]; x [B, L, D], shift/scale [B, D];
+    stored in ``out_dtype`` (default x's dtype)."""
     _check_adaln(x, shift, scale)
-    return _adaln_modulate_op(x, shift, scale, float(eps))[0]
+    _check_out_dtype(out_dtype)
+    return _adaln_modulate_op(x, shift, scale, float(eps), out_dtype)[0]
 
 
 def gated_residual_adaln(x: Tensor, branch: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
-                         eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """(r, h): r = x + gate[:, None] * branch; h = adaln_modulate(r, shift, scale, eps)."""
+                         eps: float = 1e-6, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """(r, h): r = x + gate[:, None] * branch; h = adaln_modulate(r, shift, scale, eps), stored in
+    ``out_dtype`` (default r's dtype)."""
     _check_gated(x, branch, gate, shift, scale)
-    r, h, _, _ = _gated_residual_adaln_op(x, branch, gate, shift, scale, float(eps))
+    _check_out_dtype(out_dtype)
+    r, h, _, _ = _gated_residual_adaln_op(x, branch, gate, shift, scale, float(eps), out_dtype)
     return r, h

@@ -156,3 +156,49 @@ def test_skip_block_needs_skip():
     block = FusedDiTBlock(D, H, skip=True)
     with pytest.raises(ValueError, match="skip"):
         block(torch.randn(B, N, D), torch.randn(B, D))
+
+
+def test_autocast_stores_h_in_the_linear_dtype_with_the_same_results(monkeypatch):
+    """Under autocast the adaLN ops write h in autocast's dtype (the qkv/fc1/final Linear would cast it
+    anyway): outputs and every gradient equal the cast-after path bit for bit, and the Linears see bf16."""
+    import masked_dit.nn.block as block_mod
+
+    torch.manual_seed(0)
+    blk, final = FusedDiTBlock(64, 4), FinalLayer(64, 2, 4)
+    for p in [*blk.parameters(), *final.parameters()]:
+        nn.init.normal_(p, std=0.05)
+    x0, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+
+    def run():
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = final(blk(x, c), c)
+        out.float().square().sum().backward()
+        grads = [x.grad] + [p.grad.clone() for p in [*blk.parameters(), *final.parameters()]]
+        for p in [*blk.parameters(), *final.parameters()]:
+            p.grad = None
+        return out, grads
+
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+             for m in (blk.attn.qkv, blk.mlp.fc1, final.linear)]
+    out, grads = run()
+    assert seen == [torch.bfloat16] * 3
+    monkeypatch.setattr(block_mod, "_linear_input_dtype", lambda x: None)  # the cast-after path
+    seen.clear()
+    ref, ref_grads = run()
+    assert seen == [torch.float32] * 3  # autocast casts inside the Linear
+    for h in hooks:
+        h.remove()
+    assert torch.equal(out, ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+
+
+def test_linear_input_dtype_follows_autocast():
+    from masked_dit.nn.block import _linear_input_dtype
+
+    x = torch.randn(1, 2, 4)
+    assert _linear_input_dtype(x) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _linear_input_dtype(x) == torch.bfloat16
+        assert _linear_input_dtype(x.double()) is None  # autocast leaves fp64 alone, so must we

@@ -254,6 +254,85 @@ def test_opcheck(kind, backend):
                 torch.library.opcheck(op, args)
 
 
+def _out_dtype_matches_cast(kind, backend, device="cpu", D=24, dtypes=(torch.bfloat16, torch.float16)):
+    """out_dtype stores h as its cast would: the same values, and the same gradients for every input
+    (dh then arrives in out_dtype; the kernels read it in fp32, as the cast's backward made it)."""
+    gen = torch.Generator().manual_seed(11)
+    n_act, n_mod = (1, 2) if kind == "adaln" else (2, 3)
+    for out_dtype in dtypes:
+        base = [make_activation(2, 5, D, torch.float32, "chunked", gen, device) for _ in range(n_act)]
+        base += make_modulation(2, D, n_mod, torch.float32, "chunked", gen, device)
+        weight = torch.randn(2, 5, D, generator=gen).to(device)
+        results = []
+        for fused in (True, False):
+            inputs = [leaf(t) for t in base]
+            with use_backend(backend):
+                if kind == "adaln":
+                    x, shift, scale = inputs
+                    outs = [adaln_modulate(x, shift, scale, out_dtype=out_dtype if fused else None)]
+                else:
+                    outs = list(gated_residual_adaln(*inputs, out_dtype=out_dtype if fused else None))
+                h = outs[-1] if fused else outs[-1].to(out_dtype)
+                assert h.dtype == out_dtype and h.is_contiguous()
+                loss = (h.float() * weight).sum() + (outs[0].float().sum() if kind == "gated" else 0.0)
+                loss.backward()
+            results.append(([h.detach(), *[o.detach() for o in outs[:-1]]], [t.grad for t in inputs]))
+        (h1, *rest1), grads1 = results[0]
+        (h2, *rest2), grads2 = results[1]
+        if backend == "triton" and device == "cpu" and out_dtype == torch.bfloat16:
+            # Triton's CPU interpreter rounds fp32 -> bf16 toward zero (compiled Triton rounds to nearest
+            # even, as the cast does; the GPU test checks equality): h must be one of the two bf16
+            # neighbours of the fp32 value
+            with use_backend(backend):
+                exact = (adaln_modulate(*[t.detach() for t in base]) if kind == "adaln"
+                         else gated_residual_adaln(*[t.detach() for t in base])[1])
+            ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+            assert ((h1.float() - exact).abs() <= ulp).all() and ((h1.float() - h2.float()).abs() <= ulp).all()
+        else:
+            assert torch.equal(h1, h2), (kind, backend, out_dtype)
+        for a, b in zip(rest1, rest2):
+            assert torch.equal(a, b)  # r keeps the residual dtype
+        for i, (a, b) in enumerate(zip(grads1, grads2)):
+            assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), (kind, backend, out_dtype, i)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["adaln", "gated"])
+def test_out_dtype_is_the_cast_of_h(kind, backend):
+    _out_dtype_matches_cast(kind, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["adaln", "gated"])
+def test_opcheck_with_out_dtype(kind, backend):
+    with use_backend(backend):
+        for op, args in _op_cases(kind, torch.float32):
+            if op in (adaln_mod._adaln_modulate_op, adaln_mod._gated_residual_adaln_op):
+                torch.library.opcheck(op, (*args, torch.bfloat16))
+            else:  # the backward takes dh in the stored dtype
+                dh_at = 0 if kind == "adaln" else 1
+                args = list(args)
+                args[dh_at] = args[dh_at].to(torch.bfloat16)
+                torch.library.opcheck(op, tuple(args))
+
+
+def test_out_dtype_is_checked():
+    x = torch.randn(2, 3, 8)
+    ok = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="out_dtype must be None or float16/bfloat16/float32/float64, got torch.int8"):
+        adaln_modulate(x, ok, ok, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="out_dtype must be None"):
+        gated_residual_adaln(x, x, ok, ok, ok, out_dtype=torch.int64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["adaln", "gated"])
+def test_gpu_out_dtype_is_the_cast_of_h(kind):
+    """On CUDA every backend, the cuda one included (it hands another h dtype to the Triton kernel)."""
+    for backend in _gpu_backends():
+        _out_dtype_matches_cast(kind, backend, device="cuda", D=1152)
+
+
 def _block_seam(x, branch, mod):
     """The DiT usage: six strided chunks of the adaLN output, seam op, then the next modulate."""
     shift1, scale1, gate1, shift2, scale2, _ = mod.chunk(6, dim=1)
@@ -437,6 +516,27 @@ def test_cuda_backend_wrappers_normalise_dtypes(cpu_extension_stand_in, mixed):
     x64 = x.double()
     out64 = adaln_mod._adaln_modulate_cuda(x64, shift.double(), scale.double(), EPS)
     assert out64[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("triton_there", [True, False])
+def test_cuda_backend_wrappers_store_another_out_dtype(cpu_extension_stand_in, monkeypatch, triton_there):
+    """The kernels store h in the activation dtype: another out_dtype runs the Triton kernel when triton
+    is there (never the extension with a mixed set), else the extension and a cast."""
+    if triton_there and "triton" not in CPU_BACKENDS:
+        pytest.skip("triton (interpreter) not available")
+    monkeypatch.setattr(dispatch, "triton_importable", lambda: triton_there)
+    gen = torch.Generator().manual_seed(8)
+    x, branch = (make_activation(2, 3, 40, torch.float32, "chunked", gen) for _ in range(2))
+    gate, shift, scale = make_modulation(2, 40, 3, torch.float32, "chunked", gen)
+    for out_dtype in (torch.float16, torch.bfloat16):
+        h, mean, rstd = adaln_mod._adaln_modulate_cuda(x, shift, scale, EPS, out_dtype)
+        h_ref, mean_ref, _ = adaln_mod._adaln_modulate_torch(x, shift, scale, EPS, out_dtype)
+        assert h.dtype == out_dtype and mean.dtype == torch.float32
+        torch.testing.assert_close(h, h_ref, rtol=TOL[out_dtype], atol=TOL[out_dtype])
+        r, h, _, _ = adaln_mod._gated_residual_adaln_cuda(x, branch, gate, shift, scale, EPS, out_dtype)
+        r_ref, h_ref, _, _ = adaln_mod._gated_residual_adaln_torch(x, branch, gate, shift, scale, EPS, out_dtype)
+        assert r.dtype == torch.float32 and h.dtype == out_dtype
+        torch.testing.assert_close((r, h), (r_ref, h_ref), rtol=TOL[out_dtype], atol=TOL[out_dtype])
 
 
 # -----------------------------------------------------------------------------

@@ -235,10 +235,10 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def adaln_modulate_fwd(x, shift, scale, eps):
+def adaln_modulate_fwd(x, shift, scale, eps, out_dtype=None):
     B, L, D = x.shape
     stats = _stats_dtype(x.dtype)
-    h = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    h = torch.empty((B, L, D), dtype=out_dtype or x.dtype, device=x.device)  # the store converts
     mean = torch.empty((B, L), dtype=stats, device=x.device)
     rstd = torch.empty((B, L), dtype=stats, device=x.device)
     if B * L == 0:
@@ -272,11 +272,11 @@ def adaln_modulate_bwd(dh, x, scale, mean, rstd):
     return dx, partial[0].sum(dim=1).to(scale.dtype), partial[1].sum(dim=1).to(scale.dtype)
 
 
-def gated_residual_adaln_fwd(x, branch, gate, shift, scale, eps, r_dtype):
+def gated_residual_adaln_fwd(x, branch, gate, shift, scale, eps, r_dtype, out_dtype=None):
     B, L, D = x.shape
     stats = _stats_dtype(r_dtype)
     r = torch.empty((B, L, D), dtype=r_dtype, device=x.device)
-    h = torch.empty((B, L, D), dtype=r_dtype, device=x.device)
+    h = torch.empty((B, L, D), dtype=out_dtype or r_dtype, device=x.device)
     mean = torch.empty((B, L), dtype=stats, device=x.device)
     rstd = torch.empty((B, L), dtype=stats, device=x.device)
     if B * L == 0:
