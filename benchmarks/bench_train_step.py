@@ -116,7 +116,7 @@ def make_optimizer(name: str, params, fused: bool):
     if name == "adan":
         from masked_dit.train.optim import Adan
 
-        return Adan(params, lr=1e-4)
+        return Adan(params, lr=1e-4, fused=None if fused else False)  # fused: the Triton step where it runs
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused or None)
 
 
@@ -272,7 +272,9 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
         info["precision"] = "bf16 autocast"
         autocast_dtype = torch.bfloat16
     module = unwrap(model)
-    optimizer = make_optimizer(recipe["optimizer"], module.parameters(), fused=device.type == "cuda" and not fsdp)
+    # as the trainer: fused AdamW off under FSDP2, Adan's Triton step on the local fp32 shards
+    optimizer = make_optimizer(recipe["optimizer"], module.parameters(),
+                               fused=device.type == "cuda" and (not fsdp or recipe["optimizer"] == "adan"))
     runner = StepRunner(model, objective, optimizer, EMA(module), autocast_dtype=autocast_dtype,
                         grad_clip=recipe["grad_clip"], backend="auto" if fused else "torch", device=device)
     runner.tf32 = True  # as our trainer (--parallel.tf32): only fp32 matmuls outside autocast see it

@@ -144,8 +144,11 @@ class Trainer:
             from masked_dit.train.warm_start import load_into_ema
 
             load_into_ema(self.ema, init_ema)
-        self.optimizer = build_optimizer(self.module.parameters(), cfg.optim,
-                                         fused=w.device.type == "cuda" and not self.fsdp_mp)
+        # Fused AdamW stays off under FSDP2 mixed precision; Adan's Triton step updates each rank's
+        # local shard, plain contiguous fp32 tensors (sharded params stay fp32, grads are reduced in
+        # fp32), so it runs there too (a shard it cannot take falls back to foreach).
+        fused = w.device.type == "cuda" and (not self.fsdp_mp or cfg.optim.name == "adan")
+        self.optimizer = build_optimizer(self.module.parameters(), cfg.optim, fused=fused)
         torch.manual_seed(cfg.run.seed * 100_003 + w.rank)  # per-rank draws (t, noise, masks, dropout)
         self.step = 0
         data_state = metrics_window = None

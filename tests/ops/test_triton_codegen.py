@@ -4,6 +4,8 @@
   which holds 4 values per thread) when the launcher's
   specialisation applies (unit D stride, pointers and other strides divisible by 16), after
   the int64 index changes: a silent fall back to 2-byte accesses would cost bandwidth on H100.
+* The Adan step moves fp32 state in 16-byte vectors and divides / takes square roots IEEE-rounded
+  (``div.rn``, ``sqrt.rn``: the foreach reference's arithmetic, not Triton's approximate default).
 * The kernels compile with 64-bit strides and sizes (how Triton passes values >= 2^31, i.e.
   tensors with more than 2^31 elements) and for B > 65535 (the adaLN backward grid is 1-D).
 """
@@ -20,7 +22,7 @@ import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from masked_dit.ops.triton_kernels import adaln as ka, tokens as kt
+from masked_dit.ops.triton_kernels import adaln as ka, adan as kd, tokens as kt
 
 def compile_ptx(fn, types, constexprs, int_type="i32", divisible=True, num_warps=4):
     """types: arg name -> '*dtype' for pointers, 'fp32' for floats; other non-constexpr args are ints."""
@@ -74,6 +76,19 @@ for name, (types, ce) in tok.items():
     ce64 = {k: v for k, v in ce.items() if not k.endswith("_d")}
     compile_ptx(fn, types, ce64, int_type="i64", divisible=False)
     print(name, "ok")
+
+# Adan step: fp32 state in 16-byte vectors, IEEE division / sqrt (as the foreach reference)
+fn = kd._adan_kernel
+types = {n: "*fp32" for n in "P G PREV M V N".split()}
+types.update({n: "fp32" for n in fn.arg_names[fn.arg_names.index("lr"):fn.arg_names.index("wd_div") + 1]})
+for no_prox in (False, True):
+    ce = {"NO_PROX": no_prox, "BLOCK": kd.BLOCK}
+    ptx = compile_ptx(fn, types, ce, num_warps=kd.NUM_WARPS)
+    assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, ("adan", accesses(ptx))
+    assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx, "adan: approximate division or sqrt"
+    assert not re.search(r"(div|sqrt)\.(full|approx)", ptx), "adan: approximate division or sqrt"
+    compile_ptx(fn, types, ce, int_type="i64", divisible=False, num_warps=kd.NUM_WARPS)  # numel >= 2^31
+    print("adan", no_prox, "ok")
 print("compiled")
 '''
 

@@ -1,13 +1,25 @@
-"""Adan against its update equations, written out in float64 one parameter at a time."""
+"""Adan against its update equations, written out in float64 one parameter at a time; the fused
+Triton step against the foreach one (on CPU under TRITON_INTERPRET=1, see tests/conftest.py)."""
 import copy
+import os
 
 import pytest
 import torch
 
+from masked_dit.ops import dispatch
 from masked_dit.train.optim import Adan
+
+# the fused step on CPU tensors: Triton's interpreter (tests/conftest.py sets it only without a GPU)
+needs_interpreter = pytest.mark.skipif(
+    not (os.environ.get("TRITON_INTERPRET") == "1" and dispatch.triton_importable()),
+    reason="triton not importable or TRITON_INTERPRET unset")
+
+STATE_KEYS = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "pre_grad")
 
 
 def reference_adan(p0, grads, lr, betas, eps, wd, no_prox):
+    """lr: a float, or one per step."""
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(grads)
     b1, b2, b3 = betas
     p = p0.clone()
     m = torch.zeros_like(p)
@@ -15,7 +27,7 @@ def reference_adan(p0, grads, lr, betas, eps, wd, no_prox):
     n = torch.zeros_like(p)
     prev = grads[0]
     out = []
-    for k, g in enumerate(grads, start=1):
+    for k, (g, lr) in enumerate(zip(grads, lrs), start=1):
         diff = g - prev
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * diff
@@ -76,3 +88,128 @@ def test_adan_state_dict_roundtrip():
 def test_adan_rejects_bad_betas():
     with pytest.raises(ValueError, match="three values"):
         Adan([torch.nn.Parameter(torch.zeros(1))], betas=(0.9, 0.99))
+
+
+# -----------------------------------------------------------------------------
+# fused (Triton) step against foreach
+# -----------------------------------------------------------------------------
+
+# BLOCK is 1024: 1500 and 37 * 29 end in a masked tail; 0-d, one element and empty tensors too
+SHAPES = [(37, 29), (1500,), (), (1,), (0,), (5, 4, 3)]
+
+
+def run_adan(p0s, grads, lrs, fused, **kw):
+    params = [torch.nn.Parameter(p.clone()) for p in p0s]
+    opt = Adan(params, fused=fused, **kw)
+    for step_grads, lr in zip(grads, lrs):
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.param_groups[0]["lr"] = lr  # as the trainer's schedule does
+        opt.step()
+    return params, opt
+
+
+def assert_same_run(a, b, rtol, atol):
+    (pa, oa), (pb, ob) = a, b
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(x.detach(), y.detach(), rtol=rtol, atol=atol)
+        for key in STATE_KEYS:
+            torch.testing.assert_close(oa.state[x][key], ob.state[y][key], rtol=rtol, atol=atol, msg=key)
+        assert int(oa.state[x]["step"]) == int(ob.state[y]["step"])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("wd, no_prox", [(0.0, False), (0.02, False), (0.02, True)])
+def test_fused_matches_foreach_and_equations(wd, no_prox):
+    torch.manual_seed(0)
+    p0s = [torch.randn(s) for s in SHAPES]
+    grads = [[torch.randn(s) for s in SHAPES] for _ in range(5)]
+    lrs = [0.01, 0.02, 0.005, 0.03, 0.01]
+    kw = dict(betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=wd, no_prox=no_prox)
+    fused = run_adan(p0s, grads, lrs, True, **kw)
+    foreach = run_adan(p0s, grads, lrs, False, **kw)
+    assert_same_run(fused, foreach, rtol=1e-6, atol=1e-7)
+    for i, p0 in enumerate(p0s):  # both against the float64 equations
+        ref = reference_adan(p0.double(), [g[i].double() for g in grads], lrs, kw["betas"], kw["eps"], wd, no_prox)[-1]
+        for params, _ in (fused, foreach):
+            torch.testing.assert_close(params[i].detach().double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_is_foreach_on_cpu():
+    # fused=None takes the Triton step on CUDA only (the interpreter is for tests): bit-equal to foreach
+    torch.manual_seed(2)
+    p0s = [torch.randn(s) for s in SHAPES]
+    grads = [[torch.randn(s) for s in SHAPES] for _ in range(2)]
+    (pa, _), (pb, _) = run_adan(p0s, grads, [0.01, 0.02], None), run_adan(p0s, grads, [0.01, 0.02], False)
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("first", [True, False])
+def test_state_dict_loads_across_paths(first):
+    """A checkpoint of the fused step resumes in foreach and vice versa (same state keys, same format)."""
+    torch.manual_seed(3)
+    p0s = [torch.randn(s) for s in SHAPES]
+    grads = [[torch.randn(s) for s in SHAPES] for _ in range(3)]
+    params, opt = run_adan(p0s, grads[:2], [0.01, 0.01], first, weight_decay=0.02)
+    sd = copy.deepcopy(opt.state_dict())  # (a plain load aliases the tensors)
+    assert set(sd["state"][0]) == {"step", *STATE_KEYS}
+    assert set(sd["param_groups"][0]) == set(Adan([torch.nn.Parameter(torch.zeros(1))], fused=False).state_dict()["param_groups"][0])
+    runs = []
+    for fused in (first, not first):
+        clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        other = Adan(clones, lr=0.01, weight_decay=0.02, fused=fused)
+        other.load_state_dict(copy.deepcopy(sd))
+        for p, g in zip(clones, grads[2]):
+            p.grad = g.clone()
+        other.step()
+        runs.append((clones, other))
+    assert_same_run(*runs, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_true_fails_in_one_line_where_it_cannot_run(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU allowed: the checks below fail before any launch
+
+    def fails(match, make):
+        with pytest.raises(RuntimeError, match=match) as err:
+            make()
+        assert "\n" not in str(err.value) and str(err.value).startswith("Adan(fused=True): parameter")
+
+    fails("float64", lambda: Adan([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))], fused=True))
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    opt = Adan([p], fused=True)
+    p.grad = torch.zeros(3, 4).t()  # a transposed gradient: not contiguous
+    fails("non-contiguous", opt.step)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    p.grad = torch.zeros(4, 3)
+    fails("TRITON_INTERPRET is not 1", opt.step)
+    fails("TRITON_INTERPRET is not 1", lambda: Adan([torch.nn.Parameter(torch.zeros(3))], fused=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("no_prox", [False, True])
+def test_fused_matches_foreach_on_cuda(no_prox):
+    """~10M parameters in tensors of DiT-like shapes (fresh random inputs); lr changes every step
+    without a recompile (hyper-parameters are runtime arguments)."""
+    from masked_dit.ops.triton_kernels.adan import _adan_kernel
+
+    seed = int(torch.randint(0, 2**31, (), generator=torch.Generator().manual_seed(torch.seed())))
+    print(f"seed {seed}")  # fresh inputs each run: shown with a failure
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shapes = [(1152, 4608), (4608, 1152), (6912, 96), (1152,), (1000, 3), ()]
+    p0s = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+    grads = [[torch.randn(s, device="cuda", generator=gen) * 1e-2 for s in shapes] for _ in range(5)]
+    lrs = [1e-4, 2e-4, 3e-4, 3e-4, 1e-4]
+    kw = dict(weight_decay=0.02, no_prox=no_prox)
+    fused = run_adan(p0s, grads[:1], lrs[:1], True, **kw)
+    caches = getattr(_adan_kernel, "device_caches", {})
+    compiled = sum(len(c[0]) for c in caches.values())
+    for g, lr in zip(grads[1:], lrs[1:]):
+        for p, x in zip(fused[0], g):
+            p.grad = x.clone()
+        fused[1].param_groups[0]["lr"] = lr
+        fused[1].step()
+    assert sum(len(c[0]) for c in caches.values()) == compiled, "a new lr recompiled the kernel"
+    foreach = run_adan(p0s, grads, lrs, False, **kw)
+    assert_same_run(fused, foreach, rtol=1e-6, atol=1e-7)
