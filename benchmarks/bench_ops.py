@@ -60,7 +60,7 @@ SIZES = {
     "xl2": dict(B=256, N=256, K=128, D=1152, H=16, grid=16),
 }
 OPS = ("gather_tokens", "scatter_tokens", "gather_tokens_varlen", "scatter_tokens_varlen", "adaln_modulate",
-       "gated_residual_adaln", "attention", "attention_mdt_bias")
+       "adaln_modulate_to_bf16", "gated_residual_adaln", "attention", "attention_mdt_bias")
 MODES = ("fwd", "fwd+bwd")
 EPS = 1e-6
 
@@ -166,6 +166,15 @@ def build_cases(size: str, dtype: torch.dtype, device: torch.device, wanted) -> 
             lambda x, shift, scale: modulate(F.layer_norm(x, (D,), eps=EPS), shift, scale),
             bytes_fwd=2 * B * N * D * e + 2 * B * D * e, bytes_bwd=3 * B * N * D * e + 3 * B * D * e,
             backends=("dispatch", "adaln_modulate"), shape=dict(B=B, L=N, D=D)))
+
+    if "adaln_modulate_to_bf16" in wanted:  # as the blocks run it under bf16 autocast: fp32 residual in, bf16 h out
+        bf16 = torch.bfloat16
+        cases.append(Case(
+            "adaln_modulate_to_bf16", dict(x=rnd(B, N, D).float(), shift=rnd(B, D), scale=rnd(B, D)),
+            lambda x, shift, scale: ops.adaln_modulate(x, shift, scale, EPS, out_dtype=bf16),
+            lambda x, shift, scale: modulate(F.layer_norm(x, (D,), eps=EPS), shift, scale).to(bf16),
+            bytes_fwd=B * N * D * (4 + 2) + 2 * B * D * e, bytes_bwd=B * N * D * (2 + 4 + 4) + 3 * B * D * e,
+            backends=("dispatch", "adaln_modulate"), shape=dict(B=B, L=N, D=D, x="float32", h="bfloat16")))
 
     if "gated_residual_adaln" in wanted:
         def gated_ref(x, branch, gate, shift, scale):

@@ -8,18 +8,21 @@ from benchmarks import bench_ops
 
 def test_toy_run_writes_every_case_with_reference_speedups(tmp_path):
     path = bench_ops.main(["--size", "toy", "--device", "cpu", "--out-dir", str(tmp_path),
-                           "--ops", "gather_tokens,adaln_modulate,attention"])
+                           "--ops", "gather_tokens,adaln_modulate,adaln_modulate_to_bf16,attention"])
     data = json.loads(path.read_text())
     assert data["kind"] == "ops" and data["copy_bandwidth_gbps"] > 0
     rows = data["results"]
-    assert {r["op"] for r in rows} == {"gather_tokens", "adaln_modulate", "attention"}
-    for op in ("gather_tokens", "adaln_modulate", "attention"):
+    assert {r["op"] for r in rows} == {"gather_tokens", "adaln_modulate", "adaln_modulate_to_bf16", "attention"}
+    for op in ("gather_tokens", "adaln_modulate", "adaln_modulate_to_bf16", "attention"):
         for mode in bench_ops.MODES:
             ref = [r for r in rows if r["op"] == op and r["mode"] == mode and r["impl"] == "reference:eager"]
             assert ref and ref[0]["status"] == "ok", ref
             assert ref[0]["speedup_vs_reference"] == pytest.approx(1.0)
             assert any(r["impl"].startswith("backend:") and r["status"] == "ok" for r in rows
                        if r["op"] == op and r["mode"] == mode)
+    # the blocks' autocast case: an fp32 residual in, bf16 h out (what the model runs)
+    assert all(r["shape"]["x"] == "float32" and r["shape"]["h"] == "bfloat16"
+               for r in rows if r["op"] == "adaln_modulate_to_bf16")
     att = [r for r in rows if r["op"] == "attention" and r["status"] == "ok"]
     assert all(r["tflops"] > 0 for r in att)
 
