@@ -343,9 +343,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the reference (auto: on GPU only)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
-    p.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
-    p.add_argument("--tag", default=None, help="suffix of the result file name")
-    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing implementations")
+    common.add_output_args(p, seed=False)
     return p.parse_args(argv)
 
 

@@ -530,10 +530,7 @@ def parse_args(argv=None):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps per variant: time by kernel category (row 'profile')")
     p.add_argument("--trace", action="store_true", help="with --profile: also write a gzipped Chrome trace per variant")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
-    p.add_argument("--tag", default=None, help="suffix of the result file name (default: the day's file)")
-    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing variants")
+    common.add_output_args(p)
     args = p.parse_args(argv)
     if args.trace and not args.profile:
         p.error("--trace needs --profile N (N > 0)")

@@ -274,6 +274,15 @@ def largest_fitting_batch(try_batch, start: int, cap: int, device: torch.device)
     return best, log
 
 
+def add_output_args(p, seed: bool = True) -> None:
+    """The arguments every benchmark script ends with: --seed, --out-dir, --tag, --verbose."""
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
+    p.add_argument("--tag", default=None, help="suffix of the result file name (default: the day's file)")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing rows")
+
+
 def csv_choices(choices):
     """argparse ``type=``: a comma-separated list whose items must all be in ``choices``."""
     def parse(text: str) -> list[str]:

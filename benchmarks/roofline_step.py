@@ -490,10 +490,7 @@ def parse_args(argv=None):
     p.add_argument("--device-peaks", type=common.csv_choices(tuple(DEVICE_PEAKS)), default=["h100"])
     p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,
                    help="force the reference attention (default: each repo's own)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
-    p.add_argument("--tag", default=None, help="suffix of the result file name")
-    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing variants")
+    common.add_output_args(p)
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error("--batch must be >= 1")
