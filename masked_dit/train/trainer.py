@@ -177,8 +177,10 @@ class Trainer:
         if w.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.json")
-            # steps past the checkpoint are about to be re-done; a finished run re-evaluates its end
-            self.metrics.truncate_after(self.step, evaluations_at_step=self.step < cfg.train.steps)
+            # steps past the checkpoint are about to be re-done; a finished run re-evaluates its end, and
+            # an owed grid step re-makes its digits record (a run killed after making it wrote one already)
+            self.metrics.truncate_after(self.step,
+                                        evaluations_at_step=self.step < cfg.train.steps and not self.sample_owed)
 
     # ------------------------------------------------------------------ logging
     def _log(self, msg: str) -> None:

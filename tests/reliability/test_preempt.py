@@ -113,6 +113,33 @@ def test_signal_at_a_grid_step_owes_its_grid_and_digits_record_to_the_resumed_ru
     assert again.step == 4 and not again.sample_owed
 
 
+def test_a_kill_after_the_owed_grid_leaves_one_digits_record_per_step(tmp_path):
+    """The resumed run made the owed grid and digits record, then died before its next checkpoint: the run
+    resumed again from the same (owing) checkpoint re-makes them, and metrics.jsonl keeps one record."""
+    import json
+
+    over = {"train.steps": 4, "train.sample_every": 2, "train.ckpt_every": 1000, "sample.eval_num": 10}
+    Trainer(tiny_config("digits-dit", tmp_path / "a", **over)).fit()
+    part = Trainer(tiny_config("digits-dit", tmp_path / "b", **over))
+    _signal_before_step(part, 2, signal.SIGTERM)
+    with pytest.raises(Preempted, match="at step 2 of 4"):
+        part.fit()
+    resume = {**over, "run.resume": "latest"}
+    killed = Trainer(tiny_config("digits-dit", tmp_path / "b", **resume))
+    assert killed.sample_owed
+    killed.fit(stop_at=3)  # the owed grid and record, one more step, then "killed" (no checkpoint after step 2)
+    again = Trainer(tiny_config("digits-dit", tmp_path / "b", **resume))
+    assert again.step == 2 and again.sample_owed
+    again.fit()
+
+    def evaluations(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["digits_cond_acc"], r["digits_fd"]) for r in rows if "digits_fd" in r]
+    run_a, run_b = tmp_path / "a" / "digits-dit", tmp_path / "b" / "digits-dit"
+    assert [s for s, _, _ in evaluations(run_b)] == [2, 4]
+    assert evaluations(run_a) == evaluations(run_b)
+
+
 def _start_and_wait_for_a_step(cmd, env):
     # a session of its own: a failed test kills the whole group, torchrun's workers included
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
