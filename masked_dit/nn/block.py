@@ -92,7 +92,8 @@ def _linear_input_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast will cast a Linear's input to (None: no autocast, or fp64, which it leaves):
     the adaLN ops store h in it directly, so the cast's extra pass over an fp32 h disappears."""
     device = x.device.type
-    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device):
+    # meta (shape-only forwards): autocast has no state for it, and is_autocast_enabled("meta") raises
+    if x.dtype == torch.float64 or device == "meta" or not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
 

@@ -202,3 +202,13 @@ def test_linear_input_dtype_follows_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _linear_input_dtype(x) == torch.bfloat16
         assert _linear_input_dtype(x.double()) is None  # autocast leaves fp64 alone, so must we
+
+
+def test_shape_only_forward_on_meta():
+    """The adaLN ops have fake kernels, so a block runs on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        blk, final = FusedDiTBlock(64, 4), FinalLayer(64, 2, 4)
+        x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+        out = final(blk(x, c), c)
+        packed = final(x.reshape(32, 64), c, segment_ids=torch.arange(2).repeat_interleave(16))
+    assert out.shape == (2, 16, 16) and out.device.type == "meta" and packed.shape == (32, 16)
