@@ -88,6 +88,12 @@ class Adan(torch.optim.Optimizer):
                 if why is not None:
                     raise RuntimeError(f"Adan(fused=True): parameter {i}: {why}")
 
+    def __getstate__(self):  # Optimizer's pickles only defaults, state and param_groups: keep fused (copy, pickle)
+        return {**super().__getstate__(), "fused": self.fused}
+
+    def __setstate__(self, state):
+        super().__setstate__({"fused": None, **state})  # a pickle from before fused existed: the default
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

@@ -213,3 +213,19 @@ def test_fused_matches_foreach_on_cuda(no_prox):
     assert sum(len(c[0]) for c in caches.values()) == compiled, "a new lr recompiled the kernel"
     foreach = run_adan(p0s, grads, lrs, False, **kw)
     assert_same_run(fused, foreach, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [False, None])
+def test_copied_and_pickled_optimizer_keeps_fused_and_steps(fused):
+    """torch.optim.Optimizer pickles defaults, state and param_groups only; fused (an attribute) comes along."""
+    import pickle
+
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = Adan([p], lr=0.01, fused=fused)
+    p.grad = torch.randn(5)
+    opt.step()
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other.fused is fused
+        q = other.param_groups[0]["params"][0]
+        q.grad = p.grad.clone()
+        other.step()
