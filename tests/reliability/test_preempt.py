@@ -84,17 +84,24 @@ def test_signal_on_a_checkpoint_step_saves_once_and_last_step_finishes(tmp_path)
     assert (tmp_path / "digits-dit" / "export" / "ema.safetensors").exists()
 
 
-def test_signal_at_a_grid_step_owes_its_grid_and_digits_record_to_the_resumed_run(tmp_path):
-    """The stop skips the grid step's sampling (the deadline is near); the resumed run makes the grid and
-    the digits record first, from the checkpointed EMA: the same files and records as one run."""
-    import json
-
+def _one_run_and_one_stopped_at_its_grid_step(tmp_path) -> dict:
+    """Run a: 4 steps with grids at 2 and 4; run b: the same, SIGTERM before step 2 (a grid step).
+    Returns the config overrides both use."""
     over = {"train.steps": 4, "train.sample_every": 2, "train.ckpt_every": 1000, "sample.eval_num": 10}
     Trainer(tiny_config("digits-dit", tmp_path / "a", **over)).fit()
     part = Trainer(tiny_config("digits-dit", tmp_path / "b", **over))
     _signal_before_step(part, 2, signal.SIGTERM)
     with pytest.raises(Preempted, match="at step 2 of 4"):
         part.fit()
+    return over
+
+
+def test_signal_at_a_grid_step_owes_its_grid_and_digits_record_to_the_resumed_run(tmp_path):
+    """The stop skips the grid step's sampling (the deadline is near); the resumed run makes the grid and
+    the digits record first, from the checkpointed EMA: the same files and records as one run."""
+    import json
+
+    over = _one_run_and_one_stopped_at_its_grid_step(tmp_path)
     run_a, run_b = tmp_path / "a" / "digits-dit", tmp_path / "b" / "digits-dit"
     assert not (run_b / "samples" / "step_00000002.png").exists()
     resumed = Trainer(tiny_config("digits-dit", tmp_path / "b", **{**over, "run.resume": "latest"}))
@@ -118,12 +125,7 @@ def test_a_kill_after_the_owed_grid_leaves_one_digits_record_per_step(tmp_path):
     resumed again from the same (owing) checkpoint re-makes them, and metrics.jsonl keeps one record."""
     import json
 
-    over = {"train.steps": 4, "train.sample_every": 2, "train.ckpt_every": 1000, "sample.eval_num": 10}
-    Trainer(tiny_config("digits-dit", tmp_path / "a", **over)).fit()
-    part = Trainer(tiny_config("digits-dit", tmp_path / "b", **over))
-    _signal_before_step(part, 2, signal.SIGTERM)
-    with pytest.raises(Preempted, match="at step 2 of 4"):
-        part.fit()
+    over = _one_run_and_one_stopped_at_its_grid_step(tmp_path)
     resume = {**over, "run.resume": "latest"}
     killed = Trainer(tiny_config("digits-dit", tmp_path / "b", **resume))
     assert killed.sample_owed
