@@ -7,7 +7,8 @@ import pytest
 
 from benchmarks import bench_train_step, profiling
 
-# Kernel names as the CUDA profiler reports them on H100 (torch 2.x, cuBLAS/cuDNN/FA2/Triton/ours).
+# Kernel names of the forms CUDA profiles of torch 2.x on Hopper show (cuBLAS/cuDNN/FA2/Triton/ours), written
+# from public traces, not captured on a lent GPU yet: the first GPU profile should confirm the categories.
 KERNELS = {
     "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off": "gemm",
     "nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "gemm",
