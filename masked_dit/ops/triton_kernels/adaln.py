@@ -13,13 +13,14 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from masked_dit.ops.triton_kernels import device_guard
 
 # -----------------------------------------------------------------------------
 # launch heuristics
@@ -50,9 +51,6 @@ def _num_chunks(B: int, L: int, device: torch.device) -> int:
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
-
-def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -244,7 +242,7 @@ def adaln_modulate_fwd(x, shift, scale, eps, out_dtype=None):
     if B * L == 0:
         return h, mean, rstd
     block_d = _block_d(D)
-    with _device_guard(x.device):
+    with device_guard(x.device):
         _adaln_fwd_kernel[(B * L,)](
             x, shift, scale, h, mean, rstd, L, D, eps,
             *x.stride(), *shift.stride(), *scale.stride(),
@@ -261,7 +259,7 @@ def adaln_modulate_bwd(dh, x, scale, mean, rstd):
     partial = (torch.empty if B * L else torch.zeros)((2, B, n_chunks, D), dtype=mean.dtype, device=x.device)
     if B * L > 0:
         block_d = _block_d(D)
-        with _device_guard(x.device):
+        with device_guard(x.device):
             _adaln_bwd_kernel[(B * n_chunks,)](
                 dh, x, scale, mean, rstd, dx, partial[0], partial[1],
                 L, D, math.ceil(L / n_chunks), n_chunks,
@@ -282,7 +280,7 @@ def gated_residual_adaln_fwd(x, branch, gate, shift, scale, eps, r_dtype, out_dt
     if B * L == 0:
         return r, h, mean, rstd
     block_d = _block_d(D)
-    with _device_guard(x.device):
+    with device_guard(x.device):
         _gated_fwd_kernel[(B * L,)](
             x, branch, gate, shift, scale, r, h, mean, rstd, L, D, eps,
             *x.stride(), *branch.stride(), *gate.stride(), *shift.stride(), *scale.stride(),
@@ -299,7 +297,7 @@ def gated_residual_adaln_bwd(dr, dh, r, branch, gate, scale, mean, rstd):
     partial = (torch.empty if B * L else torch.zeros)((3, B, n_chunks, D), dtype=mean.dtype, device=r.device)
     if B * L > 0:
         block_d = _block_d(D)
-        with _device_guard(r.device):
+        with device_guard(r.device):
             _gated_bwd_kernel[(B * n_chunks,)](
                 dr, dh, r, branch, gate, scale, mean, rstd, dx, dbranch, partial[0], partial[1], partial[2],
                 L, D, math.ceil(L / n_chunks), n_chunks,

@@ -13,11 +13,10 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 from __future__ import annotations
 
-import contextlib
-
-import torch
 import triton
 import triton.language as tl
+
+from masked_dit.ops.triton_kernels import device_guard
 
 BLOCK = 1024  # 8 fp32 per thread at 4 warps: two 16-byte accesses per tensor
 NUM_WARPS = 4
@@ -77,10 +76,6 @@ def _adan_kernel(
 # -----------------------------------------------------------------------------
 
 
-def _device_guard(device: torch.device):
-    """Triton launches on the *current* CUDA device: make it the tensors' device (multi-GPU)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
 
 def adan_step_(p, g, prev, m, v, n, *, lr: float, betas, eps: float, bc1: float, bc2: float, bc3: float,
                weight_decay: float, no_prox: bool) -> None:
@@ -94,7 +89,7 @@ def adan_step_(p, g, prev, m, v, n, *, lr: float, betas, eps: float, bc1: float,
         return
     b1, b2, b3 = (float(b) for b in betas)
     lr, wd = float(lr), float(weight_decay)  # floats: an int 0 or 1 would be specialised (recompiles)
-    with _device_guard(p.device):
+    with device_guard(p.device):
         _adan_kernel[(triton.cdiv(numel, BLOCK),)](
             p, g, prev, m, v, n,
             numel,

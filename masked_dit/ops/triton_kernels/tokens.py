@@ -14,11 +14,11 @@ Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from masked_dit.ops.triton_kernels import device_guard
 
 # -----------------------------------------------------------------------------
 # Kernels
@@ -132,10 +132,6 @@ def _scatter_backward_kernel(
 # -----------------------------------------------------------------------------
 
 
-def _device_guard(device: torch.device):
-    """Triton launches on the *current* CUDA device: make it the tensors' device (multi-GPU)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
 
 def _blocks(D: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_D): ~4K elements per program, D split in power-of-two tiles of <= 256."""
@@ -175,7 +171,7 @@ def gather_rows(x: torch.Tensor, ids: torch.Tensor, batch: torch.Tensor | None) 
     K = ids.shape[-1] if batch is None else 1
     block_r, block_d = _blocks(D)
     grid = (triton.cdiv(R, block_r), triton.cdiv(D, block_d))
-    with _device_guard(x.device):
+    with device_guard(x.device):
         _gather_rows_kernel[grid](
             x, ids, ids if batch is None else batch.contiguous(), out,
             R, K, D, *x.stride(),
@@ -200,7 +196,7 @@ def scatter_rows(x_keep: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor | N
         sf, fill_arg = fill.stride(), fill
     block_r, block_d = _blocks(D)
     grid = (triton.cdiv(R, block_r), triton.cdiv(D, block_d))
-    with _device_guard(out.device):
+    with device_guard(out.device):
         _scatter_rows_kernel[grid](
             x_keep, inv, fill_arg, out,
             R, N, D, *sk, *sf,
@@ -228,7 +224,7 @@ def scatter_backward(grad_out: torch.Tensor, inv: torch.Tensor, num_keep_rows: i
         grad_fill = torch.empty((n_prog, D), dtype=acc_dtype, device=grad_out.device)
     if R and D:
         grid = (n_prog, triton.cdiv(D, block_d))
-        with _device_guard(grad_out.device):
+        with device_guard(grad_out.device):
             _scatter_backward_kernel[grid](
                 grad_out, inv, grad_keep, grad_fill,
                 R, N, K, D, *grad_out.stride(),
