@@ -304,7 +304,7 @@ def measure(case: Case, size: str, device: torch.device, dtype: torch.dtype, arg
                     step = make_step(fn, case, mode)
                     ms = common.time_loop(step, args.iters, device, warmup=args.warmup)
             except Exception as err:  # noqa: BLE001  (recorded, the other implementations still run)
-                row.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                row.update(status="error", reason=common.error_line(err))
                 if args.verbose:
                     traceback.print_exc()
                 continue

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import statistics
 import sys
 import traceback
@@ -196,13 +195,16 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
                            img_per_s_at_published_steps=batch / seconds * steps / published)
             if variant == "cudagraphs":
                 row["cudagraph_skips"] = _cudagraph_skips() - skips_before
-            if args.profile:
-                _profile(row, lambda: run_sampler(objective, wrapped, batch, sample_kwargs, args.profile, device,
-                                                  args.precision, args.seed, num_classes), device, args)
+            if args.profile:  # one run of N sampler steps by kernel category (profiling.py)
+                profiling.profile_into(row, f"{name}-{variant}-b{batch}",
+                                       lambda: run_sampler(objective, wrapped, batch, sample_kwargs, args.profile,
+                                                           device, args.precision, args.seed, num_classes),
+                                       1, device, args.out_dir, args.trace,
+                                       per=f"one run of {args.profile} sampler steps")
         except _Skip as why:
             row.update(status="skipped", reason=str(why))
         except Exception as err:  # noqa: BLE001  (one failing variant must not lose the others)
-            row.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            row.update(status="error", reason=common.error_line(err))
             if args.verbose:
                 traceback.print_exc()
         finally:
@@ -218,26 +220,6 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
     del model
     common.free_memory(device)
     return rows
-
-
-def _profile(row: dict, run, device: torch.device, args) -> None:
-    """``--profile N``: one sampler run of N steps under torch.profiler (after the timed runs): where the
-    network calls' time goes, by kernel category (benchmarks/profiling.py). A failure only notes itself."""
-    label = f"{row['sampler']}-{row['variant']}-b{row['batch']}"
-    trace = None
-    if args.trace:
-        out_dir = Path(args.out_dir or common.RESULTS_DIR)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        trace = out_dir / f"trace-{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}.json.gz"
-    try:
-        summary = profiling.profile_steps(run, 1, device, trace=trace)
-    except Exception as err:  # noqa: BLE001  (the measured row stays)
-        row["profile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        print(f"# profile of {label} failed: {row['profile_error']}", flush=True)
-        return
-    row["profile"] = {**summary, "per": f"one run of {args.profile} sampler steps"}
-    print(profiling.format_summary(f"{label}, {args.profile} sampler steps", summary).replace("ms/step", "ms/run"),
-          flush=True)
 
 
 def _cudagraph_skips() -> int:

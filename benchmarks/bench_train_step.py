@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import re
 import sys
 import traceback
 from pathlib import Path
@@ -50,6 +49,7 @@ import torch.nn as nn
 
 from benchmarks import common, profiling
 from benchmarks.reference_style import RECIPES, reference_like
+from masked_dit.train.optim import use_fused
 from masked_dit.train.parallel import COMPILE_MODES, fsdp_supported
 
 FAMILIES = ("dit", "sit", "mdtv2", "maskdit", "repa_sit")
@@ -272,9 +272,8 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
         info["precision"] = "bf16 autocast"
         autocast_dtype = torch.bfloat16
     module = unwrap(model)
-    # as the trainer: fused AdamW off under FSDP2, Adan's Triton step on the local fp32 shards
-    optimizer = make_optimizer(recipe["optimizer"], module.parameters(),
-                               fused=device.type == "cuda" and (not fsdp or recipe["optimizer"] == "adan"))
+    optimizer = make_optimizer(recipe["optimizer"], module.parameters(),  # as the trainer
+                               fused=use_fused(recipe["optimizer"], device.type, fsdp))
     runner = StepRunner(model, objective, optimizer, EMA(module), autocast_dtype=autocast_dtype,
                         grad_clip=recipe["grad_clip"], backend="auto" if fused else "torch", device=device)
     runner.tf32 = True  # as our trainer (--parallel.tf32): only fp32 matmuls outside autocast see it
@@ -347,22 +346,6 @@ def measure(runner: StepRunner, family: str, kwargs: dict, batch: int, device: t
         # Graphs compiled inside the timed loop mean the warmup was too short (e.g. MDTv2's kept-token count).
         out["dynamo"] = dict(after, compiled_while_timing=after["unique_graphs"] - before["unique_graphs"])
     return out
-
-
-def profile_variant(runner: StepRunner, family: str, kwargs: dict, batch: int, device: torch.device, args,
-                    label: str) -> dict:
-    """``--profile N``: N more steps under torch.profiler, summarized by kernel category (see profiling.py);
-    after the timed loop, so the profiler's overhead stays out of img/s."""
-    data = make_batch(family, kwargs, batch, device)
-    trace = None
-    if args.trace:
-        out_dir = Path(args.out_dir or common.RESULTS_DIR)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        trace = out_dir / f"trace-{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}.json.gz"
-    with tf32(runner.tf32):
-        summary = profiling.profile_steps(lambda: runner.step(data), args.profile, device, trace=trace)
-    print(profiling.format_summary(label, summary), flush=True)
-    return summary
 
 
 WARMUP_EXTRA = 20
@@ -459,17 +442,15 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict, 
             row.update(common.mfu_fields(row["img_per_s"], flops, peaks))
             row["status"] = "ok"
             _print_row(row)
-            if args.profile:
-                try:  # a failing profile (e.g. the profiler's memory) must not lose the measured row
-                    row["profile"] = profile_variant(runner, family, kwargs, row["batch"], device, args,
-                                                     f"{name}-{variant}-b{row['batch']}")
-                except Exception as err:  # noqa: BLE001
-                    row["profile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                    print(f"# profile of {name} {variant} failed: {row['profile_error']}", flush=True)
+            if args.profile:  # N more steps by kernel category (profiling.py)
+                data = make_batch(family, kwargs, row["batch"], device)
+                with tf32(runner.tf32):
+                    profiling.profile_into(row, f"{name}-{variant}-b{row['batch']}", lambda: runner.step(data),
+                                           args.profile, device, args.out_dir, args.trace)
         except VariantSkipped as why:  # this torch / device cannot run it: not an error of ours
             row.update(status="skipped", reason=str(why))
         except Exception as err:  # noqa: BLE001  (one failing variant must not lose the others)
-            row.update(status="error", reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            row.update(status="error", reason=common.error_line(err))
             if args.verbose:
                 traceback.print_exc()
         finally:

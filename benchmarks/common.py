@@ -274,6 +274,12 @@ def largest_fitting_batch(try_batch, start: int, cap: int, device: torch.device)
     return best, log
 
 
+def error_line(err: BaseException) -> str:
+    """'Type: first line of the message', what a failed row records as its reason."""
+    text = str(err)
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def add_output_args(p, seed: bool = True) -> None:
     """The arguments every benchmark script ends with: --seed, --out-dir, --tag, --verbose."""
     if seed:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+from pathlib import Path
 import shutil
 import tempfile
 import time
@@ -122,6 +123,31 @@ def profile_steps(step, steps: int, device: torch.device, trace: str | os.PathLi
                 shutil.copyfileobj(src, dst)
         summary["trace"] = str(trace)
     return summary
+
+
+def profile_into(row: dict, label: str, step, steps: int, device: torch.device, out_dir, trace: bool,
+                 per: str | None = None) -> None:
+    """``--profile``: ``steps`` calls of ``step()`` under the profiler, after the row was timed (its
+    overhead stays out of the numbers), into ``row["profile"]`` and printed; a failure (e.g. the
+    profiler's memory) only sets ``row["profile_error"]``: the measured row stays. ``trace``: a gzipped
+    Chrome trace named after ``label`` in ``out_dir``; ``per``: what one step is, if not a step."""
+    from benchmarks import common
+
+    path = None
+    if trace:
+        path = Path(out_dir or common.RESULTS_DIR) / f"trace-{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}.json.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = profile_steps(step, steps, device, trace=path)
+    except Exception as err:  # noqa: BLE001
+        row["profile_error"] = common.error_line(err)
+        print(f"# profile of {label} failed: {row['profile_error']}", flush=True)
+        return
+    if per is not None:
+        summary["per"] = per
+    row["profile"] = summary
+    text = format_summary(label if per is None else f"{label}, {per}", summary)
+    print(text if per is None else text.replace("ms/step", "ms/run"), flush=True)
 
 
 def format_summary(label: str, summary: dict) -> str:

@@ -28,7 +28,6 @@ and device_peaks) and a printed table.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 import traceback

@@ -169,6 +169,13 @@ def _foreach_step(params, grads, prev, m, v, n, *, b1, b2, b3, lr, wd, eps, bc1,
     torch._foreach_copy_(prev, grads)
 
 
+def use_fused(name: str, device_type: str, fsdp_mixed_precision: bool) -> bool:
+    """Whether a run's optimizer takes its fused step: on CUDA; fused AdamW not under FSDP2 mixed
+    precision, Adan's Triton step there too (it updates each rank's local shard, plain contiguous fp32
+    tensors: sharded params stay fp32, grads are reduced in fp32; a shard it cannot take runs foreach)."""
+    return device_type == "cuda" and (not fsdp_mixed_precision or name == "adan")
+
+
 def build_optimizer(params, optim_cfg, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW or Adan from an ``OptimConfig`` (lr is the peak; the schedule scales it).
 

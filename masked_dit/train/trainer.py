@@ -33,7 +33,7 @@ from masked_dit.train.dist import World, init_world, shutdown
 from masked_dit.train.ema import EMA
 from masked_dit.train.grid import fixed_noise, grid_labels, save_grid
 from masked_dit.train.metrics import MetricsLog, format_record, peak_flops, training_flops_per_image
-from masked_dit.train.optim import build_optimizer, lr_at
+from masked_dit.train.optim import build_optimizer, lr_at, use_fused
 from masked_dit.train.parallel import parallelize, set_gradient_sync
 from masked_dit.train.signals import Preempted, StopRequest
 
@@ -144,11 +144,8 @@ class Trainer:
             from masked_dit.train.warm_start import load_into_ema
 
             load_into_ema(self.ema, init_ema)
-        # Fused AdamW stays off under FSDP2 mixed precision; Adan's Triton step updates each rank's
-        # local shard, plain contiguous fp32 tensors (sharded params stay fp32, grads are reduced in
-        # fp32), so it runs there too (a shard it cannot take falls back to foreach).
-        fused = w.device.type == "cuda" and (not self.fsdp_mp or cfg.optim.name == "adan")
-        self.optimizer = build_optimizer(self.module.parameters(), cfg.optim, fused=fused)
+        self.optimizer = build_optimizer(self.module.parameters(), cfg.optim,
+                                         fused=use_fused(cfg.optim.name, w.device.type, self.fsdp_mp))
         torch.manual_seed(cfg.run.seed * 100_003 + w.rank)  # per-rank draws (t, noise, masks, dropout)
         self.step = 0
         data_state = metrics_window = None
