@@ -3,8 +3,8 @@
     python benchmarks/roofline_step.py --families dit,mdtv2,maskdit --sizes XL --batch 256 --device-peaks h100
     python benchmarks/roofline_step.py --size toy --families dit --out-dir /tmp/r      # seconds, for tests
 
-Runs real training steps of bench_train_step's non-compiled variants (reference, eager,
-eager_fused; same models, objectives, step) on the CPU under a TorchDispatchMode that records every
+Runs real training steps of bench_train_step's variants (reference, eager, eager_fused, compiled,
+compiled_fused; same models, objectives, step) on the CPU under a TorchDispatchMode that records every
 op below autograd and autocast: its FLOPs (matmul class: torch.utils.flop_counter's formulas;
 attention: our own, below) and its bytes (each input tensor's viewed elements read once, each
 output written once; views and no-op aliases cost 0). The step is set up as the GPU runs it
@@ -13,6 +13,8 @@ bf16 autocast + GradScaler (same byte widths). Our custom ops (torch.ops.masked_
 at the dispatch level: counted once (inputs read once, outputs written once) for eager_fused, as the
 GPU kernels run them; for eager (torch backend) their Python body is traced op by op, as the GPU
 runs the torch reference. Attention custom ops stay one unit always (on the GPU: flash/flex).
+Compiled variants (per-block torch.compile, Inductor on the CPU as a proxy for the GPU's fusion): the
+blocks' non-matmul ops are replaced by the kernels Inductor generated for them (roofline_inductor.py).
 
 Two batch sizes (--count-batches, default 2,3) separate per-image (activation) traffic from constant
 (weights, gradients, optimizer state, EMA) traffic: every op's FLOPs and bytes are fitted as
@@ -32,6 +34,8 @@ import sys
 import time
 import traceback
 from collections import defaultdict
+from contextlib import ExitStack
+from unittest import mock
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `masked_dit` importable
@@ -48,7 +52,8 @@ from benchmarks.bench_train_step import (FAMILIES, FLOPS_MASK_RATIO, SIZES, buil
                                          model_kwargs)
 from benchmarks.reference_style import RECIPES
 
-VARIANTS = ("reference", "eager", "eager_fused")
+VARIANTS = ("reference", "eager", "eager_fused", "compiled", "compiled_fused")
+COMPILED_VARIANTS = ("compiled", "compiled_fused")
 TOP_OPS = 12  # ops listed per row by bytes moved
 
 
@@ -95,7 +100,8 @@ FREE_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_stri
 # Arguments the schema marks mutable that the kernel only reads (fused Adam unscales grads in registers).
 READ_ONLY_ARGS = {"_fused_adam_": {"grads"}, "_fused_adamw_": {"grads"}}
 WRITE_ONLY = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "bernoulli_", "exponential_"}
-CATEGORIES = ("gemm", "attention", "fused_ops", "norm", "elementwise", "index", "optimizer_ema", "memory")
+# inductor: the kernels Inductor generates in compiled blocks (roofline_inductor.py)
+CATEGORIES = ("gemm", "attention", "fused_ops", "inductor", "norm", "elementwise", "index", "optimizer_ema", "memory")
 MATMUL = ("gemm", "attention")
 
 
@@ -187,14 +193,17 @@ def classify(name: str, phase: str | None) -> str:
 
 
 class RooflineMode(TorchDispatchMode):
-    """Records (op, category, FLOPs, bytes read, bytes written, dtype) of every op below autograd/autocast.
+    """Records (op, category, FLOPs, bytes read, bytes written, dtype, in_region) of every op below
+    autograd/autocast.
 
     ``decompose_fused``: trace the Python body of our non-attention custom ops (the torch backend: the GPU
-    runs them as separate aten kernels) instead of counting each as one fused unit."""
+    runs them as separate aten kernels) instead of counting each as one fused unit. ``tagger``: says
+    whether an op runs inside a compiled block (roofline_inductor.RegionTagger); without one, never."""
 
-    def __init__(self, decompose_fused: bool = False):
+    def __init__(self, decompose_fused: bool = False, tagger=None):
         super().__init__()
         self.decompose_fused = decompose_fused
+        self.tagger = tagger
         self.records: list[tuple] = []
         self.phase: str | None = None
         self.autocast_fp32_mismatch = 0  # ops CUDA autocast would run in fp32, seen in bf16 here
@@ -219,7 +228,8 @@ class RooflineMode(TorchDispatchMode):
         if name in CUDA_AUTOCAST_FP32 and dtype in (torch.bfloat16, torch.float16) \
                 and torch.is_autocast_enabled("cpu"):
             self.autocast_fp32_mismatch += 1
-        self.records.append((name, cat, flops, read, written, str(dtype).replace("torch.", "")))
+        inside = self.tagger is not None and self.tagger.inside()
+        self.records.append((name, cat, flops, read, written, str(dtype).replace("torch.", ""), inside))
         return out
 
 
@@ -266,6 +276,24 @@ def fit_ops(traces: dict[int, list[tuple]]) -> tuple[list[dict], int]:
     return ops, unmatched
 
 
+def residual_ops(traces: dict[int, list[tuple]], ops: list[dict]) -> list[dict]:
+    """Per non-matmul category, the line through what the per-op fit misses at the two traced batches
+    (ops of one trace only, e.g. kernels Inductor fuses differently at the two sizes): category totals
+    stay exact. Marked ``exact``: not clamped at 0 like the ops (it may correct one downwards)."""
+    (b1, t1), (b2, t2) = sorted(traces.items())
+    out = []
+    for cat in CATEGORIES:
+        if cat in MATMUL:
+            continue
+        raw = [sum(r[3] + r[4] for r in t if r[1] == cat) for t in (t1, t2)]
+        fit = [sum(o["bytes"][0] + o["bytes"][1] * b for o in ops if o["category"] == cat) for b in (b1, b2)]
+        miss = [r - f for r, f in zip(raw, fit)]
+        if any(abs(m) > 0.5 for m in miss):
+            out.append(dict(name="(fit residual)", category=cat, dtype="", flops=(0.0, 0.0),
+                            bytes=fit_line([b1, b2], miss), exact=True))
+    return out
+
+
 def gemm_tflops(dtype: str, peaks: dict, tf32: bool) -> float:
     if dtype == "float32":
         return peaks["gemm_tflops"] * (TF32_FRACTION if tf32 else FP32_FRACTION)
@@ -278,8 +306,9 @@ def predict(ops: list[dict], batch: int, peaks: dict, tf32: bool) -> dict:
     cats = {c: dict(flops=0.0, bytes=0.0, ms=0.0, bytes_const=0.0, bytes_per_img=0.0, flops_per_img=0.0)
             for c in CATEGORIES}
     for op in ops:
-        flops = max(op["flops"][0] + op["flops"][1] * batch, 0.0)
-        nbytes = max(op["bytes"][0] + op["bytes"][1] * batch, 0.0)
+        floor = float("-inf") if op.get("exact") else 0.0
+        flops = max(op["flops"][0] + op["flops"][1] * batch, floor)
+        nbytes = max(op["bytes"][0] + op["bytes"][1] * batch, floor)
         c = cats[op["category"]]
         c["flops"] += flops
         c["bytes"] += nbytes
@@ -342,9 +371,9 @@ def _phased(mode: RooflineMode, fn):
     return wrapper
 
 
-def trace_step(runner, data: dict) -> tuple[list[tuple], int]:
+def trace_step(runner, data: dict, tagger=None) -> tuple[list[tuple], int]:
     """One training step under the counting mode: (records, ops CUDA autocast would run in fp32)."""
-    mode = RooflineMode(decompose_fused=runner.backend == "torch")
+    mode = RooflineMode(decompose_fused=runner.backend == "torch", tagger=tagger)
     step, update = runner.optimizer.step, runner.ema.update
     runner.optimizer.step, runner.ema.update = _phased(mode, step), _phased(mode, update)
     try:
@@ -355,26 +384,73 @@ def trace_step(runner, data: dict) -> tuple[list[tuple], int]:
     return mode.records, mode.autocast_fp32_mismatch
 
 
+def trace_compiled_step(runner, data: dict) -> tuple[list[tuple], int, dict]:
+    """A compiled step's records (roofline_inductor.py): the eager trace with its non-matmul ops inside the
+    compiled blocks replaced by the kernels Inductor generated for them, times their calls in one step.
+    Also returns the in-block matmul counts of both (a check that the two describe the same step)."""
+    from benchmarks.roofline_inductor import InductorGraphs, RegionTagger
+    from masked_dit.diffusion.objectives import unwrap
+    from masked_dit.ops import dispatch
+    from masked_dit.train.parallel import transformer_blocks
+
+    tagger = RegionTagger(transformer_blocks(unwrap(runner.model)))
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            eager, mismatch = trace_step(runner, data, tagger)
+    finally:
+        tagger.remove()
+    with ExitStack() as stack:
+        graphs = stack.enter_context(InductorGraphs())
+        stack.enter_context(torch._dynamo.config.patch(automatic_dynamic_shapes=False))
+        if runner.backend != "torch":  # the CPU's auto backend is torch, traced inline: keep the GPU's opaque ops
+            stack.enter_context(mock.patch.object(dispatch, "_selects_torch", lambda op, device_type: False))
+        runner.step(data)  # compiles
+        with graphs.counting_calls():
+            runner.step(data)
+        kernels = graphs.records()
+    if not kernels:
+        raise RuntimeError("no Inductor kernels ran in the compiled step (compile backend not inductor?)")
+    in_block_matmuls = dict(eager=sum(r[6] and r[1] in MATMUL for r in eager),
+                            inductor=sum(r[1] in MATMUL for r in kernels), graphs=len(graphs.graphs))
+    records = [r for r in eager if not (r[6] and r[1] not in MATMUL)] + [r for r in kernels if r[1] not in MATMUL]
+    return records, mismatch, in_block_matmuls
+
+
 def count_variant(variant: str, family: str, kwargs: dict, base_state: dict | None, batches, args) -> dict:
     """Traces one step per batch size; returns per-op fits and what was counted."""
     device = torch.device("cpu")
-    runner, info = build_runner(variant, family, kwargs, base_state, device, args)
-    info["precision"] = gpu_like(runner, variant, family)
-    objective = runner.objective
-    if family in FLOPS_MASK_RATIO:  # a fixed ratio: MDTv2 draws one per step (mean 0.4), MaskDiT runs 0.5
-        objective.mask_ratio = FLOPS_MASK_RATIO[family]
-        if hasattr(objective, "mask_ratio_jitter"):
-            objective.mask_ratio_jitter = 0.0
-    init_optimizer_state(runner)
-    traces, mismatch, seconds = {}, 0, 0.0
+    compiled = variant in COMPILED_VARIANTS
+
+    def setup():
+        runner, info = build_runner(variant, family, kwargs, base_state, device, args)
+        info["precision"] = gpu_like(runner, variant, family)
+        objective = runner.objective
+        if family in FLOPS_MASK_RATIO:  # a fixed ratio: MDTv2 draws one per step (mean 0.4), MaskDiT runs 0.5
+            objective.mask_ratio = FLOPS_MASK_RATIO[family]
+            if hasattr(objective, "mask_ratio_jitter"):
+                objective.mask_ratio_jitter = 0.0
+        init_optimizer_state(runner)
+        return runner, info
+
+    runner, info = setup()
+    traces, mismatch, seconds, matmuls = {}, 0, 0.0, {}
     for b in batches:
+        if compiled and b != batches[0]:  # compiled: a fresh runner per batch (static shapes, new graphs)
+            runner = None
+            runner, info = setup()
         torch.manual_seed(args.seed)
         data = make_batch(family, kwargs, b, device)
         t0 = time.perf_counter()
-        traces[b], mism = trace_step(runner, data)
+        if compiled:
+            traces[b], mism, matmuls[b] = trace_compiled_step(runner, data)
+        else:
+            traces[b], mism = trace_step(runner, data)
         seconds += time.perf_counter() - t0
         mismatch = max(mismatch, mism)
+    if compiled:
+        info["in_block_matmuls"] = matmuls[batches[-1]]
     ops, unmatched = fit_ops(traces)
+    ops += residual_ops(traces, ops)
     info.update(count_batches=list(batches), ops_per_step=len(traces[batches[-1]]), unmatched_ops=unmatched,
                 count_seconds=seconds,
                 cpu_autocast_fp32_mismatch_ops=mismatch, tf32=bool(getattr(runner, "tf32", False))
@@ -391,6 +467,8 @@ def top_ops(ops: list[dict], batch: int, n: int = TOP_OPS) -> list[dict]:
     where fusion or a better kernel would pay first."""
     by_name: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
     for op in ops:
+        if op.get("exact"):  # a fit residual, not an op (make_row reports it)
+            continue
         agg = by_name[(op["name"], op["category"])]
         agg[0] += max(op["bytes"][0] + op["bytes"][1] * batch, 0.0)
         agg[1] += op["bytes"][1]
@@ -422,6 +500,11 @@ def make_row(name, family, size, variant, counted: dict, analytic: float, batch:
                peaks=dict(peaks, attn_efficiency=ATTN_EFFICIENCY, attn_bwd_recompute=ATTN_BWD_RECOMPUTE),
                **counted["info"])
     row["top_ops"] = top_ops(counted["ops"], batch)
+    row["fit_residual_gb_per_step"] = {o["category"]: (o["bytes"][0] + o["bytes"][1] * batch) / 1e9
+                                       for o in counted["ops"] if o.get("exact")}
+    # what clamping ops at 0 added (a large value: traces misaligned, op fits crossing zero)
+    row["clamped_gb_per_step"] = sum(max(-(o["bytes"][0] + o["bytes"][1] * batch), 0.0)
+                                     for o in counted["ops"] if not o.get("exact")) / 1e9
     row.update(common.mfu_fields(img_per_s, analytic, {"datasheet_tflops": peaks["datasheet_tflops"],
                                                        "measured_gemm_tflops": peaks["gemm_tflops"]}))
     row["status"] = "ok"
@@ -454,19 +537,19 @@ def run_family(family: str, size: str, args) -> list[dict]:
 
 
 HEADER = (f"{'model':>14} {'variant':>12} {'peaks':>5} {'batch':>5} {'GFLOP/img':>9} {'analytic':>8} {'ratio':>6}"
-          f"  GB/img: {'gemm':>5} {'attn':>5} {'fused':>5} {'aten':>5} {'opt+ema':>7} {'mem':>5}"
+          f"  GB/img: {'gemm':>5} {'attn':>5} {'fused':>5} {'other':>5} {'opt+ema':>7} {'mem':>5}"
           f"  {'ms/step':>8} {'gemm%':>5} {'attn%':>5} {'mem%':>5} {'img/s':>7} {'MFU ds':>6} {'MFU gm':>6}")
 
 
 def _print_row(r: dict) -> None:
     b = r["batch"]
     gb = {c: r["bytes_per_step"][c] / b / 1e9 for c in CATEGORIES}
-    aten = gb["norm"] + gb["elementwise"] + gb["index"]
+    other = gb["norm"] + gb["elementwise"] + gb["index"] + gb["inductor"]
     s = r["floor_share"]
     print(f"{r['model']:>14} {r['variant']:>12} {r['device_peaks']:>5} {b:5d} "
           f"{r['counted_matmul_flops_per_image'] / 1e9:9.1f} {r['flops_per_image'] / 1e9:8.1f} "
           f"{r['counted_over_analytic']:6.3f}          {gb['gemm']:5.2f} {gb['attention']:5.2f} {gb['fused_ops']:5.2f} "
-          f"{aten:5.2f} {gb['optimizer_ema']:7.3f} {gb['memory']:5.2f}  {r['pred_step_ms']:8.1f} "
+          f"{other:5.2f} {gb['optimizer_ema']:7.3f} {gb['memory']:5.2f}  {r['pred_step_ms']:8.1f} "
           f"{100 * s['gemm']:5.1f} {100 * s['attention']:5.1f} {100 * s['memory_bound']:5.1f} "
           f"{r['pred_img_per_s']:7.1f} {100 * r['mfu_datasheet']:5.1f}% {100 * r['mfu_measured_gemm']:5.1f}%",
           flush=True)
@@ -489,6 +572,9 @@ def parse_args(argv=None):
     p.add_argument("--device-peaks", type=common.csv_choices(tuple(DEVICE_PEAKS)), default=["h100"])
     p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,
                    help="force the reference attention (default: each repo's own)")
+    # bench_train_step's compile settings, which build_runner reads. Only the default mode: GEMM templates
+    # with fused epilogues (max-autotune) would blur the line between matmul and the rest.
+    p.set_defaults(compile="block", compile_backend="inductor", compile_mode="default")
     common.add_output_args(p)
     args = p.parse_args(argv)
     if args.batch < 1:

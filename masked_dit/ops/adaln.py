@@ -368,6 +368,8 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6,
     stored in ``out_dtype`` (default x's dtype)."""
     _check_adaln(x, shift, scale)
     _check_out_dtype(out_dtype)
+    if dispatch.inline_reference("adaln_modulate", x.device):
+        return _adaln_modulate_torch(x, shift, scale, float(eps), out_dtype)[0]
     return _adaln_modulate_op(x, shift, scale, float(eps), out_dtype)[0]
 
 
@@ -377,5 +379,7 @@ def gated_residual_adaln(x: Tensor, branch: Tensor, gate: Tensor, shift: Tensor,
     ``out_dtype`` (default r's dtype)."""
     _check_gated(x, branch, gate, shift, scale)
     _check_out_dtype(out_dtype)
-    r, h, _, _ = _gated_residual_adaln_op(x, branch, gate, shift, scale, float(eps), out_dtype)
+    op = _gated_residual_adaln_torch if dispatch.inline_reference("gated_residual_adaln", x.device) \
+        else _gated_residual_adaln_op
+    r, h, _, _ = op(x, branch, gate, shift, scale, float(eps), out_dtype)
     return r, h

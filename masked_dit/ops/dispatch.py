@@ -3,7 +3,8 @@
 Backends: ``torch`` (reference, runs everywhere), ``triton`` (CUDA tensors, or CPU tensors
 under ``TRITON_INTERPRET=1`` for tests), ``cuda`` (the compiled extension ``masked_dit._C``).
 The choice is read when an op is *called* (so it also holds inside ``torch.compile`` graphs,
-where our custom ops are opaque): the innermost :func:`use_backend` context, else the
+where our custom ops are opaque; except the torch backend, which the public op functions trace inline
+there so that Inductor fuses it: :func:`inline_reference`): the innermost :func:`use_backend` context, else the
 environment variable ``MASKED_DIT_BACKEND=auto|torch|triton|cuda``. ``auto`` picks the
 fastest backend available for the tensor's device: cuda > triton > torch on GPU, torch on CPU
 (the Triton interpreter is a test tool, never fast).
@@ -124,6 +125,19 @@ def impl(op: str, device: torch.device) -> Callable:
     """The implementation of ``op`` to run on tensors of ``device``."""
     backend, _ = select(op, device.type)
     return _IMPLS[op][backend]
+
+
+@torch._dynamo.assume_constant_result
+def _selects_torch(op: str, device_type: str) -> bool:
+    return select(op, device_type)[0] == "torch"
+
+
+def inline_reference(op: str, device: torch.device) -> bool:
+    """Whether a public op function should run ``op``'s torch reference inline instead of the custom op:
+    under ``torch.compile`` when the torch backend would run it. An opaque custom op would run the
+    reference's separate kernels inside the graph; inline, Inductor fuses it with its neighbours.
+    Decided when the graph is traced (the backend request of that moment, without a guard)."""
+    return torch.compiler.is_compiling() and _selects_torch(op, device.type)
 
 
 def registered_ops() -> list[str]:

@@ -136,6 +136,21 @@ def test_fit_ops_aligns_traces_and_extrapolates():
     assert cats["gemm"]["flops"] == pytest.approx(2560.0)
 
 
+def test_residual_keeps_category_totals_exact():
+    # 'fused' (a kernel of the batch-2 trace only, split in two at batch 3) is lost or misfitted per op
+    t2 = [("mm", "gemm", 20.0, 100, 0, ""), ("inductor:a+b", "inductor", 0.0, 30, 10, ""),
+          ("inductor:c", "inductor", 0.0, 5, 5, "")]
+    t3 = [("mm", "gemm", 30.0, 150, 0, ""), ("inductor:a", "inductor", 0.0, 25, 10, ""),
+          ("inductor:b", "inductor", 0.0, 20, 10, ""), ("inductor:c", "inductor", 0.0, 5, 5, "")]
+    fitted, _ = R.fit_ops({2: t2, 3: t3})
+    residual = R.residual_ops({2: t2, 3: t3}, fitted)
+    assert [(o["name"], o["category"], o["exact"]) for o in residual] == [("(fit residual)", "inductor", True)]
+    for batch, raw in ((2, 50.0), (3, 75.0), (256, 50.0 + 25.0 * 254)):  # the line through both totals
+        cats = R.predict(fitted + residual, batch, R.DEVICE_PEAKS["h100"], tf32=True)
+        assert cats["inductor"]["bytes"] == pytest.approx(raw)
+    assert R.residual_ops({2: t2, 3: t2}, R.fit_ops({2: t2, 3: t2})[0]) == []  # nothing missed, nothing added
+
+
 #################################################################################
 #                               Whole steps (toy)                               #
 #################################################################################
