@@ -16,7 +16,7 @@ from masked_dit.diffusion.guidance import forward_with_cfg, guided_channel_count
 from masked_dit.models.flops import FlopsMixin
 from masked_dit.models.registry import register_family, register_sizes
 from masked_dit.nn import (FinalLayer, FusedDiTBlock, LabelEmbedder, PatchEmbed, TimestepEmbedder, check_model_inputs,
-                           init_dit_weights, sincos_pos_embed_2d, unpatchify)
+                           init_dit_weights, run_blocks, sincos_pos_embed_2d, unpatchify)
 
 
 #################################################################################
@@ -77,9 +77,7 @@ class DiT(FlopsMixin, nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x [B, C, H, W], t [B] diffusion timesteps, y [B] class labels -> [B, out_channels, H, W]."""
         x, c = self.embed(x, t, y)
-        for block in self.blocks:
-            x = block(x, c)
-        return self.head(x, c)
+        return self.head(run_blocks(self.blocks, x, c), c)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          guide_channels: int | str | None = None) -> torch.Tensor:

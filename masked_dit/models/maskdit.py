@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from masked_dit.models.registry import register_family, register_sizes
-from masked_dit.nn.block import FinalLayer, FusedDiTBlock, init_dit_weights
+from masked_dit.nn.block import FinalLayer, FusedDiTBlock, init_dit_weights, run_blocks
 from masked_dit.nn.embed import (OneHotLabelEmbedder, PatchEmbed, TimestepEmbedder, check_labels, sincos_pos_embed_2d,
                                  unpatchify)
 from masked_dit.nn.masking import KeptTokens, random_masking
@@ -92,16 +92,14 @@ class MaskDiTNet(nn.Module):
             c = c + self.y_embedder(y)
         block_kwargs = kept.block_kwargs() if kept is not None else {}
         h = kept.gather(tokens) if kept is not None else tokens
-        for block in self.blocks:
-            h = block(h, c, **block_kwargs)
+        h = run_blocks(self.blocks, h, c, **block_kwargs)
         if self.use_decoder:
             h = self.decoder_layer(h, c, segment_ids=block_kwargs.get("segment_ids"))
             if kept is not None:
                 fill = self.mask_token if self.mask_token is not None else h.new_zeros(h.shape[-1])
                 h = kept.scatter(h, fill)
             h = h + self.decoder_pos_embed
-            for block in self.decoder_blocks:
-                h = block(h, c)
+            h = run_blocks(self.decoder_blocks, h, c)
             out = self.final_layer(h, c)
         else:
             out = self.final_layer(h, c, segment_ids=block_kwargs.get("segment_ids"))

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from masked_dit.diffusion.guidance import forward_with_cfg, guided_channel_count, power_cosine_scale
 from masked_dit.models.registry import register_family, register_sizes
-from masked_dit.nn.block import FinalLayer, FusedDiTBlock, init_dit_weights
+from masked_dit.nn.block import FinalLayer, FusedDiTBlock, init_dit_weights, run_blocks
 from masked_dit.nn.embed import (LabelEmbedder, PatchEmbed, TimestepEmbedder, check_model_inputs, sincos_pos_embed_2d,
                                  unpatchify)
 from masked_dit.nn.masking import KeptTokens, random_masking, sample_mdt_mask_ratio
@@ -258,12 +258,9 @@ class MDT(_MDTBase):
         encoder_depth = self.depth - self.decode_layer
         block_kwargs = kept.block_kwargs() if kept is not None else {}
         x = kept.gather(tokens) if kept is not None else tokens
-        for block in self.blocks[:encoder_depth]:
-            x = block(x, c, **block_kwargs)
+        x = run_blocks(self.blocks[:encoder_depth], x, c, **block_kwargs)
         x = self.side_interpolate(x, c, kept) if kept is not None else x + self.decoder_pos_embed
-        for block in self.blocks[encoder_depth:]:
-            x = block(x, c)
-        return x
+        return run_blocks(self.blocks[encoder_depth:], x, c)
 
 
 #################################################################################

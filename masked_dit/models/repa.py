@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from masked_dit.models.dit import DiT
 from masked_dit.models.registry import SIZES, register_config, register_family
+from masked_dit.nn import run_blocks
 
 
 def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
@@ -59,12 +60,9 @@ class REPASiT(DiT):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
         """x [B, C, H, W], t [B] in [0, 1], y [B] -> (out [B, in_channels, H, W], zs list of [B, N, z_dim])."""
         x, c = self.embed(x, t, y)
-        zs = []
-        for i, block in enumerate(self.blocks):
-            x = block(x, c)
-            if i + 1 == self.encoder_depth:
-                zs = [proj(x) for proj in self.projectors]
-        out = self.head(x, c)
+        x = run_blocks(self.blocks[:self.encoder_depth], x, c)
+        zs = [proj(x) for proj in self.projectors]  # the stream after block encoder_depth
+        out = self.head(run_blocks(self.blocks[self.encoder_depth:], x, c), c)
         return (out[:, : self.in_channels] if self.learn_sigma else out), zs
 
     def forward_with_cfg(self, *args, **kwargs):

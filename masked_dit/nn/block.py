@@ -106,6 +106,25 @@ def _per_sample(c: torch.Tensor, x: torch.Tensor, packed_index) -> torch.Tensor:
     return c
 
 
+def apply_pending(x: torch.Tensor, pending) -> torch.Tensor:
+    """``x + gate * branch``: the MLP residual a block left pending (``defer=True``), applied plainly
+    (``pending`` None: x as it is). ``branch`` has x's shape; ``gate`` is [B, D] (dense) or [T, D] (packed)."""
+    if pending is None:
+        return x
+    branch, gate = pending
+    return x + (gate.unsqueeze(1) if branch.dim() == 3 else gate) * branch
+
+
+def run_blocks(blocks, x: torch.Tensor, c: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``x`` through ``blocks`` in order, each block's MLP residual fused into the next block's first
+    LN + modulate (``gated_residual_adaln``): per block, one pass over the fp32 residual stream less in
+    the forward and the gradient add, the gate's product and a norm backward merged in the backward."""
+    pending = None
+    for block in blocks:
+        x, pending = block(x, c, pending=pending, defer=True, **kwargs)
+    return apply_pending(x, pending)
+
+
 class FusedDiTBlock(nn.Module):
     """adaLN-Zero DiT block: LN+modulate -> attention -> gated residual fused with the second
     LN+modulate -> MLP -> gated residual.
@@ -113,6 +132,9 @@ class FusedDiTBlock(nn.Module):
     Options: ``cond_size`` (conditioning width, if not ``hidden_size``: MaskDiT's decoder),
     ``skip`` (MDT long skip: ``Linear(2D -> D)`` over ``cat([x, skip])`` before attention),
     ``rel_pos_grid`` (MDT relative-position bias over a grid of that side).
+
+    Chaining (:func:`run_blocks`): ``defer=True`` returns ``(r, (branch, gate))`` without the final
+    ``r + gate * branch``; the next block takes that as ``pending`` and applies it in its first fused op.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, cond_size: int | None = None,
@@ -124,12 +146,15 @@ class FusedDiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or hidden_size, 6 * hidden_size))
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None
 
-    def forward(self, x, c, *, skip=None, positions=None, cu_seqlens=None, max_seqlen=None, segment_ids=None):
-        """x [B, L, D] (or packed [T, D] with cu_seqlens and segment_ids [T]), c [B, C]."""
+    def forward(self, x, c, *, skip=None, positions=None, cu_seqlens=None, max_seqlen=None, segment_ids=None,
+                pending=None, defer=False):
+        """x [B, L, D] (or packed [T, D] with cu_seqlens and segment_ids [T]), c [B, C]; ``pending``/``defer``:
+        the previous block's / this block's MLP residual left for the next fused op (class docstring)."""
         if self.skip_linear is not None:
             if skip is None:
                 raise ValueError("this block has a skip_linear and needs a skip input")
-            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+            x = self.skip_linear(torch.cat([apply_pending(x, pending), skip], dim=-1))
+            pending = None
         mod = self.adaLN_modulation(_per_sample(c, x, cu_seqlens))
         if cu_seqlens is not None:
             # Packed: per-token conditioning, and the fused ops see [T, 1, D].
@@ -139,14 +164,21 @@ class FusedDiTBlock(nn.Module):
             x = x.unsqueeze(1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
         h_dtype = _linear_input_dtype(x)  # h feeds qkv / fc1 only
-        h = ops.adaln_modulate(x, shift_msa, scale_msa, self.eps, out_dtype=h_dtype)
+        if pending is None:
+            h = ops.adaln_modulate(x, shift_msa, scale_msa, self.eps, out_dtype=h_dtype)
+        else:  # the previous block's MLP residual, fused with this block's first LN + modulate
+            branch, gate = pending
+            branch = branch.unsqueeze(1) if cu_seqlens is not None else branch
+            x, h = ops.gated_residual_adaln(x, branch, gate, shift_msa, scale_msa, self.eps, out_dtype=h_dtype)
         if cu_seqlens is not None:
             a = self.attn(h.squeeze(1), positions=positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen).unsqueeze(1)
         else:
             a = self.attn(h, positions=positions)
         x, h = ops.gated_residual_adaln(x, a, gate_msa, shift_mlp, scale_mlp, self.eps, out_dtype=h_dtype)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(h)
-        return x.squeeze(1) if cu_seqlens is not None else x
+        m = self.mlp(h)
+        if cu_seqlens is not None:
+            x, m = x.squeeze(1), m.squeeze(1)
+        return (x, (m, gate_mlp)) if defer else apply_pending(x, (m, gate_mlp))
 
 
 class FinalLayer(nn.Module):
