@@ -17,22 +17,17 @@ The CPU (C++) backend fuses with the same scheduler as the GPU (Triton) one, tho
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 
-from benchmarks.roofline_step import ATTENTION_OPS, GEMM_OPS, classify
+from benchmarks.roofline_step import ATTENTION_OPS, GEMM_OPS, _tensors, classify
 
 
 #################################################################################
 #                          Tagging ops in compiled regions                      #
 #################################################################################
-
-def _tensors(x) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_flatten
-    return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
-
 
 class RegionTagger:
     """Says whether the op running now belongs to one of ``modules`` (forward or backward).
@@ -169,11 +164,10 @@ class InductorGraphs:
     def __exit__(self, *exc):
         self._stack.close()
 
-    @contextmanager
-    def counting_calls(self):
-        """Counts graph calls only inside (a step after the compiling ones)."""
+    def restart_calls(self) -> None:
+        """Forgets the calls so far: :meth:`records` then describes what runs from here (a step after the
+        compiling ones)."""
         self.calls.clear()
-        yield self.calls
 
     def records(self) -> list[tuple]:
         """Every kernel of one counted step, graph by graph, each graph's kernels repeated per call. Within

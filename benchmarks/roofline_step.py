@@ -405,8 +405,8 @@ def trace_compiled_step(runner, data: dict) -> tuple[list[tuple], int, dict]:
         if runner.backend != "torch":  # the CPU's auto backend is torch, traced inline: keep the GPU's opaque ops
             stack.enter_context(mock.patch.object(dispatch, "_selects_torch", lambda op, device_type: False))
         runner.step(data)  # compiles
-        with graphs.counting_calls():
-            runner.step(data)
+        graphs.restart_calls()
+        runner.step(data)
         kernels = graphs.records()
     if not kernels:
         raise RuntimeError("no Inductor kernels ran in the compiled step (compile backend not inductor?)")
@@ -436,7 +436,7 @@ def count_variant(variant: str, family: str, kwargs: dict, base_state: dict | No
     traces, mismatch, seconds, matmuls = {}, 0, 0.0, {}
     for b in batches:
         if compiled and b != batches[0]:  # compiled: a fresh runner per batch (static shapes, new graphs)
-            runner = None
+            runner = None  # freed before the next one is built
             runner, info = setup()
         torch.manual_seed(args.seed)
         data = make_batch(family, kwargs, b, device)
