@@ -8,8 +8,9 @@ compiled_fused; same models, objectives, step) on the CPU under a TorchDispatchM
 op below autograd and autocast: its FLOPs (matmul class: torch.utils.flop_counter's formulas;
 attention: our own, below) and its bytes (each input tensor's viewed elements read once, each
 output written once; views and no-op aliases cost 0). The step is set up as the GPU runs it
-(:func:`gpu_like`): fused AdamW (ours, MaskDiT's recipe) or foreach (the others), fp16 recipes as
-bf16 autocast + GradScaler (same byte widths). Our custom ops (torch.ops.masked_dit.*) are one unit
+(:func:`gpu_like`): fused AdamW (ours, MaskDiT's recipe) or foreach (the others), Adan's fused Triton
+step (ours) or foreach (MDT's), fp16 recipes as bf16 autocast + GradScaler (same byte widths). Adan is
+counted without running it (:func:`adan_records`), so MDTv2-XL/2 fits on a 24 GB machine. Our custom ops (torch.ops.masked_dit.*) are one unit
 at the dispatch level: counted once (inputs read once, outputs written once) for eager_fused, as the
 GPU kernels run them; for eager (torch backend) their Python body is traced op by op, as the GPU
 runs the torch reference. Attention custom ops stay one unit always (on the GPU: flash/flex).
@@ -333,10 +334,12 @@ def predict(ops: list[dict], batch: int, peaks: dict, tf32: bool) -> dict:
 def gpu_like(runner, variant: str, family: str) -> str:
     """Sets the runner up as the GPU runs the variant; returns the precision note. build_runner on the CPU
     uses the for-loop AdamW and fp32 for fp16 recipes: the GPU uses fused AdamW (ours; MaskDiT's recipe) or
-    foreach (the default on CUDA; Adan is foreach), and fp16 autocast + GradScaler (here bf16, same widths)."""
+    foreach (the others), Adan's fused Triton step (ours; the reference: foreach, counted by
+    :func:`adan_records`), and fp16 autocast + GradScaler (here bf16, same widths)."""
     recipe = RECIPES[family]
     fused = variant != "reference" or recipe["fused_optimizer"]
     runner.optimizer = make_optimizer(recipe["optimizer"], runner.params, fused=fused and recipe["optimizer"] == "adamw")
+    runner.gpu_fused_optimizer = fused
     if not fused:
         for group in runner.optimizer.param_groups:
             group["foreach"] = True
@@ -352,13 +355,54 @@ def gpu_like(runner, variant: str, family: str) -> str:
 def init_optimizer_state(runner) -> None:
     """Creates the optimizer state (a first step's lazy zeros) with zero gradients, outside the traces:
     costs one optimizer pass instead of a whole warmup step; zero gradients leave AdamW/Adan's weights as
-    they were (no weight decay)."""
+    they were (no weight decay). Adan: none (its step is counted, not run: :func:`adan_records`)."""
+    if _is_adan(runner.optimizer):
+        return
     for p in runner.params:
         p.grad = torch.zeros_like(p)
     runner.optimizer.step()
     runner.optimizer.zero_grad(set_to_none=True)
     if runner.scaler is not None:
         runner.scaler.scale(torch.zeros(()))  # its scale tensor, created on first use
+
+
+#################################################################################
+#                       Adan: counted, not run                                  #
+#################################################################################
+
+ADAN_PROXY_NUMEL = 4096
+ADAN_FUSED_ACCESSES = (6, 5)  # fp32 reads (p, g, pre_grad, 3 moments), writes (all but g): triton_kernels/adan.py
+
+
+def _is_adan(optimizer) -> bool:
+    from masked_dit.train.optim import Adan
+
+    return isinstance(optimizer, Adan)
+
+
+def adan_records(optimizer, fused: bool) -> list[tuple]:
+    """Adan's step as records, without running it. Its four fp32 buffers per parameter (12 GB at
+    MDTv2-XL/2) need not fit beside the model on the counting machine, and the GPU's fused step is a
+    Triton kernel that dispatch cannot see. Fused: one record per parameter, 11 fp32 accesses per element.
+    Foreach (the reference): ``_foreach_step`` traced once on a small proxy tensor, each op's bytes scaled
+    to the parameters' element count (each of its ops is elementwise, so bytes scale exactly)."""
+    from masked_dit.train.optim import _foreach_step
+
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if fused:
+        reads, writes = ADAN_FUSED_ACCESSES
+        return [("masked_dit.adan_step_ (triton)", "optimizer_ema", 0.0, 4.0 * reads * p.numel(),
+                 4.0 * writes * p.numel(), "float32", False) for p in params]
+    group = optimizer.param_groups[0]
+    (b1, b2, b3), lr, wd = group["betas"], group["lr"], group["weight_decay"]
+    proxy = [[torch.zeros(ADAN_PROXY_NUMEL)] for _ in range(6)]  # p, g, pre_grad and the moments
+    mode = RooflineMode()
+    mode.phase = "optimizer_ema"
+    with mode:
+        _foreach_step(*proxy, b1=b1, b2=b2, b3=b3, lr=lr, wd=wd, eps=group["eps"], bc1=1 - b1, bc2=1 - b2,
+                      bc3=1 - b3, no_prox=group["no_prox"])
+    scale = sum(p.numel() for p in params) / ADAN_PROXY_NUMEL
+    return [(r[0], r[1], r[2] * scale, r[3] * scale, r[4] * scale, r[5], False) for r in mode.records]
 
 
 def _phased(mode: RooflineMode, fn):
@@ -375,6 +419,9 @@ def trace_step(runner, data: dict, tagger=None) -> tuple[list[tuple], int]:
     """One training step under the counting mode: (records, ops CUDA autocast would run in fp32)."""
     mode = RooflineMode(decompose_fused=runner.backend == "torch", tagger=tagger)
     step, update = runner.optimizer.step, runner.ema.update
+    if _is_adan(runner.optimizer):
+        records = adan_records(runner.optimizer, runner.gpu_fused_optimizer)
+        step = lambda *args, **kwargs: mode.records.extend(records)  # noqa: E731
     runner.optimizer.step, runner.ema.update = _phased(mode, step), _phased(mode, update)
     try:
         with mode:
@@ -404,6 +451,8 @@ def trace_compiled_step(runner, data: dict) -> tuple[list[tuple], int, dict]:
         stack.enter_context(torch._dynamo.config.patch(automatic_dynamic_shapes=False))
         if runner.backend != "torch":  # the CPU's auto backend is torch, traced inline: keep the GPU's opaque ops
             stack.enter_context(mock.patch.object(dispatch, "_selects_torch", lambda op, device_type: False))
+        if _is_adan(runner.optimizer):  # counted in the eager trace; running it would allocate its state
+            stack.enter_context(mock.patch.object(runner.optimizer, "step", lambda *args, **kwargs: None))
         runner.step(data)  # compiles
         graphs.restart_calls()
         runner.step(data)
