@@ -10,8 +10,9 @@ Shapes (batch 256, 256 tokens, 128 kept, as in masked DiT training at mask ratio
 
 Ops: gather_tokens / scatter_tokens (mask token [D]) and their packed varlen forms (kept counts
 vary around 128 per sample), adaln_modulate and gated_residual_adaln over all 256 tokens,
-attention over 256 tokens, and attention over the 128 kept tokens with MDT's relative-position
-bias (``positions=ids_keep``).
+attention over 256 tokens, attention over the 128 kept tokens with MDT's relative-position
+bias (``positions=ids_keep``), and linear_gelu (the MLP's fc1 + GELU as sampling runs it: forward only,
+cuBLASLt's epilogue on CUDA; TFLOP/s reported).
 
 Implementations per op, forward and forward+backward:
 
@@ -60,7 +61,7 @@ SIZES = {
     "xl2": dict(B=256, N=256, K=128, D=1152, H=16, grid=16),
 }
 OPS = ("gather_tokens", "scatter_tokens", "gather_tokens_varlen", "scatter_tokens_varlen", "adaln_modulate",
-       "adaln_modulate_to_bf16", "gated_residual_adaln", "attention", "attention_mdt_bias")
+       "adaln_modulate_to_bf16", "gated_residual_adaln", "attention", "attention_mdt_bias", "linear_gelu")
 MODES = ("fwd", "fwd+bwd")
 EPS = 1e-6
 
@@ -220,6 +221,14 @@ def build_cases(size: str, dtype: torch.dtype, device: torch.device, wanted) -> 
             bytes_fwd=4 * io + B * K * 8 + table.numel() * e, bytes_bwd=8 * io + table.numel() * e,
             backends=("attention", True), shape=dict(B=B, L=K, N=N, H=H, Dh=Dh, bias="MDT rel-pos"),
             flops_fwd=4.0 * B * H * K * K * Dh))
+    if "linear_gelu" in wanted:  # the MLP's fc1 + GELU over all tokens, no gradient (sampling)
+        cases.append(Case(
+            "linear_gelu", dict(x=rnd(B, N, D), weight=rnd(4 * D, D) * D ** -0.5, bias=rnd(4 * D)),
+            lambda x, weight, bias: ops.linear_gelu(x, weight, bias),
+            lambda x, weight, bias: F.gelu(F.linear(x, weight, bias), approximate="tanh"),
+            bytes_fwd=(B * N * D + 4 * D * D + 4 * D + 4 * B * N * D) * e, bytes_bwd=0,
+            backends=("forward_only", "cuBLASLt GELU epilogue" if device.type == "cuda" else "the reference"),
+            shape=dict(B=B, L=N, D=D, hidden=4 * D), flops_fwd=2.0 * B * N * D * 4 * D))
     return cases
 
 
@@ -248,6 +257,9 @@ def implementations(case: Case, device: torch.device, dtype: torch.dtype, mode: 
                 continue
             ok, why = dispatch.availability(name, device.type)
             out.append((f"backend:{name}", (lambda n=name: dispatch.use_backend(n)), None if ok else why, False))
+    elif kind == "forward_only":  # one implementation (named by arg), no derivative
+        out.append((f"op ({arg})", contextlib.nullcontext,
+                    None if mode == "fwd" else "no derivative (no-gradient forwards only)", False))
     else:
         for name in attention_mod.BACKENDS:
             reason = None
@@ -258,9 +270,10 @@ def implementations(case: Case, device: torch.device, dtype: torch.dtype, mode: 
             except (RuntimeError, ValueError) as err:
                 reason = str(err)
             out.append((f"backend:{name}", (lambda n=name: attention_mod.use_attention_backend(n)), reason, False))
-    out.append(("reference:eager", contextlib.nullcontext, None, True))
-    out.append(("reference:compile", contextlib.nullcontext,
-                None if compile_ref else "torch.compile of the reference is off (default on CPU; --compile on)", True))
+    no_bwd = "no derivative: benchmarked forward only" if kind == "forward_only" and mode != "fwd" else None
+    out.append(("reference:eager", contextlib.nullcontext, no_bwd, True))
+    out.append(("reference:compile", contextlib.nullcontext, no_bwd or (
+        None if compile_ref else "torch.compile of the reference is off (default on CPU; --compile on)"), True))
     return out
 
 

@@ -86,7 +86,8 @@ FP32_FRACTION = 67.0 / 989.0
 ATTENTION_OPS = ("_scaled_dot_product", "_flash_attention", "_efficient_attention", "masked_dit.attention_math",
                  "flex_attention", "varlen_attn")
 GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "_convolution", "convolution_backward",
-            "cudnn_convolution", "convolution_overrideable", "_slow_conv2d_forward"}
+            "cudnn_convolution", "convolution_overrideable", "_slow_conv2d_forward",
+            "masked_dit.linear_gelu"}  # one cuBLASLt GEMM with its GELU epilogue on the GPU
 # Ops the CPU runs in bf16 under autocast where CUDA's autocast runs fp32 (its fp32 list): reported, since
 # such an op moves half the bytes on the CPU. Our residual stream is fp32 anyway (checked in the tests).
 CUDA_AUTOCAST_FP32 = {"native_layer_norm", "_softmax", "_log_softmax", "logsumexp", "group_norm"}
@@ -214,7 +215,7 @@ class RooflineMode(TorchDispatchMode):
         name = base_name(func)
         opdef = OPDEFS.get(f"{func.namespace}::{func._overloadpacket.__name__}") \
             if func.namespace == "masked_dit" else None
-        if opdef is not None and self.decompose_fused and "attention" not in name:
+        if opdef is not None and self.decompose_fused and "attention" not in name and name not in GEMM_OPS:
             with self:  # re-enter: the body's aten ops are recorded, the custom op itself is not
                 return opdef._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
@@ -222,6 +223,8 @@ class RooflineMode(TorchDispatchMode):
         flops = 0.0
         if cat == "attention":
             flops = attention_flops(name, args)
+        elif name == "masked_dit.linear_gelu":  # x [..., K] @ weight.T -> out [..., N]
+            flops = 2.0 * out.numel() * args[0].shape[-1]
         elif cat == "gemm" and func._overloadpacket in flop_registry:
             flops = float(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
         read, written = op_bytes(func, args, kwargs, out)
@@ -615,10 +618,7 @@ def parse_args(argv=None):
     p.add_argument("--families", type=common.csv_choices(FAMILIES), default=["dit", "mdtv2", "maskdit"])
     p.add_argument("--variants", type=common.csv_choices(VARIANTS), default=list(VARIANTS))
     p.add_argument("--batch", type=int, default=256, help="batch the prediction is for (per GPU)")
-    # Not 1: at batch 1 some reshapes are views that copy at every larger batch.
-    p.add_argument("--count-batches", type=lambda s: sorted({int(x) for x in s.split(",")}), default=[2, 3],
-                   help="the two batches traced on the CPU for the a + b * batch fit")
-    p.add_argument("--device-peaks", type=common.csv_choices(tuple(DEVICE_PEAKS)), default=["h100"])
+    add_count_args(p)
     p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,
                    help="force the reference attention (default: each repo's own)")
     # bench_train_step's compile settings, which build_runner reads. Only the default mode: GEMM templates
@@ -628,9 +628,21 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error("--batch must be >= 1")
+    check_count_args(p, args)
+    return args
+
+
+def add_count_args(p) -> None:
+    """--count-batches and --device-peaks (this script and roofline_sampling.py)."""
+    # Not 1: at batch 1 some reshapes are views that copy at every larger batch.
+    p.add_argument("--count-batches", type=lambda s: sorted({int(x) for x in s.split(",")}), default=[2, 3],
+                   help="the two batches traced on the CPU for the a + b * batch fit")
+    p.add_argument("--device-peaks", type=common.csv_choices(tuple(DEVICE_PEAKS)), default=["h100"])
+
+
+def check_count_args(p, args) -> None:
     if len(args.count_batches) != 2 or args.count_batches[0] < 1:
         p.error("--count-batches needs two distinct batches >= 1")
-    return args
 
 
 def main(argv=None) -> Path:

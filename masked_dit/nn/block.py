@@ -72,7 +72,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2 (timm's Mlp without dropout)."""
+    """fc1 -> GELU(tanh) -> fc2 (timm's Mlp without dropout). Where no gradient is needed (sampling),
+    fc1 and the GELU run as one GEMM (``ops.linear_gelu``: the GELU in cuBLASLt's epilogue on CUDA)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -81,6 +82,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
+        w, b = self.fc1.weight, self.fc1.bias
+        if not torch.is_grad_enabled() or not (x.requires_grad or w.requires_grad or b.requires_grad):
+            return self.fc2(ops.linear_gelu(x, w, b))
         return self.fc2(self.act(self.fc1(x)))
 
 

@@ -21,7 +21,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from masked_dit.ops import adaln_modulate, gated_residual_adaln, use_backend
@@ -68,16 +68,21 @@ def leaf(t):
     return t.detach().requires_grad_()
 
 
-def reference(kind, inputs, eps=EPS):
-    """float64 outputs of the op on float64 copies of ``inputs`` (which need not require grad)."""
+def reference(kind, inputs, eps=EPS, stored_r=None):
+    """float64 outputs of the op on float64 copies of ``inputs`` (which need not require grad).
+    The op normalises the residual it stored, rounded: to ``stored_r`` when given (the backend's own
+    rounding: on an exact tie the Triton interpreter rounds toward zero where torch and CUDA round to
+    even, and at D = 2 with nearly equal elements one ulp of r moves the normalised row by tens of
+    percent), else rounded to nearest even here."""
     d = [t.detach().double().requires_grad_() for t in inputs]
     if kind == "adaln":
         x, shift, scale = d
         return d, (_ref_modulate(x, shift, scale, eps),)
     x, branch, gate, shift, scale = d
     r = x + gate[:, None] * branch
-    r_dtype = adaln_mod._residual_dtype(*inputs[:3])
-    r = r + (r.to(r_dtype).double() - r).detach()  # the op normalises the stored, rounded r
+    rounded = stored_r.detach().double() if stored_r is not None \
+        else r.to(adaln_mod._residual_dtype(*inputs[:3])).double()
+    r = r + (rounded - r).detach()
     return d, (r, _ref_modulate(r, shift, scale, eps))
 
 
@@ -107,11 +112,13 @@ def check_against_reference(kind, backend, B, L, D, dtype, layout, seed=0, magni
         outs = run_op(kind, inputs)
         grad_outs = [torch.randn(o.shape, generator=gen).to(device=device, dtype=o.dtype) for o in outs]
         grads = torch.autograd.grad(outs, inputs, grad_outs)
-    ref_inputs, ref_outs = reference(kind, inputs)
+    # h and the gradients from the r the op stored; r itself against the exact residual rounded here
+    ref_inputs, ref_outs = reference(kind, inputs, stored_r=outs[0] if kind == "gated" else None)
     ref_grads = torch.autograd.grad(ref_outs, ref_inputs, [g.double() for g in grad_outs])
     out_names = ("h",) if kind == "adaln" else ("r", "h")
     in_names = ("x", "shift", "scale") if kind == "adaln" else ("x", "branch", "gate", "shift", "scale")
-    for name, o, ref in zip(out_names, outs, ref_outs):
+    checked = ref_outs if kind == "adaln" else (reference(kind, inputs)[1][0], ref_outs[1])
+    for name, o, ref in zip(out_names, outs, checked):
         assert o.dtype == dtype and o.shape == (B, L, D), name
         assert_close(name, o, ref, dtype)
     floors = _gradient_scales(kind, ref_inputs, ref_outs, grad_outs)
@@ -605,6 +612,7 @@ def test_property_torch_backend(kind, shape, dtype, layout, seed):
 @settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 200)), dtype=st.sampled_from(DTYPES),
        layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1))
+@example(shape=(1, 3, 2), dtype=torch.bfloat16, layout="contiguous", seed=343)  # gated: a tie in rounding r
 def test_property_triton_backend(kind, shape, dtype, layout, seed):
     check_against_reference(kind, "triton", *shape, dtype, layout, seed=seed)
 
