@@ -10,12 +10,13 @@ attention: our own, below) and its bytes (each input tensor's viewed elements re
 output written once; views and no-op aliases cost 0). The step is set up as the GPU runs it
 (:func:`gpu_like`): fused AdamW (ours, MaskDiT's recipe) or foreach (the others), Adan's fused Triton
 step (ours) or foreach (MDT's), fp16 recipes as bf16 autocast + GradScaler (same byte widths). Adan is
-counted without running it (:func:`adan_records`), so MDTv2-XL/2 fits on a 24 GB machine. Our custom ops (torch.ops.masked_dit.*) are one unit
-at the dispatch level: counted once (inputs read once, outputs written once) for eager_fused, as the
-GPU kernels run them; for eager (torch backend) their Python body is traced op by op, as the GPU
-runs the torch reference. Attention custom ops stay one unit always (on the GPU: flash/flex).
-Compiled variants (per-block torch.compile, Inductor on the CPU as a proxy for the GPU's fusion): the
-blocks' non-matmul ops are replaced by the kernels Inductor generated for them (roofline_inductor.py).
+counted without running it (:func:`adan_records`), so MDTv2-XL/2 fits on a 24 GB machine. Our custom
+ops (torch.ops.masked_dit.*) are one unit at the dispatch level: counted once (inputs read once,
+outputs written once) for eager_fused, as the GPU kernels run them; for eager (torch backend) their
+Python body is traced op by op, as the GPU runs the torch reference. Attention custom ops and
+``linear_gelu`` (a GEMM) stay one unit always (on the GPU: flash/flex, cuBLASLt). Compiled variants
+(per-block torch.compile, Inductor on the CPU as a proxy for the GPU's fusion): the blocks' non-matmul
+ops are replaced by the kernels Inductor generated for them (roofline_inductor.py).
 
 Two batch sizes (--count-batches, default 2,3) separate per-image (activation) traffic from constant
 (weights, gradients, optimizer state, EMA) traffic: every op's FLOPs and bytes are fitted as

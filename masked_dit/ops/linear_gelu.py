@@ -40,9 +40,9 @@ def _(x, weight, bias):
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """``gelu(F.linear(x, weight, bias), approximate="tanh")`` without a gradient (one GEMM on CUDA).
     x [..., K], weight [N, K], bias [N] -> [..., N]."""
-    if x.shape[-1] != weight.shape[1] or weight.dim() != 2 or bias.shape != (weight.shape[0],):
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or bias is None or bias.shape != (weight.shape[0],):
         raise ValueError(f"linear_gelu: x [..., {x.shape[-1]}], weight {tuple(weight.shape)} and bias "
-                         f"{tuple(bias.shape)} do not make a Linear")
+                         f"{None if bias is None else tuple(bias.shape)} do not make a Linear with a bias")
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         raise RuntimeError("linear_gelu has no derivative: call it under torch.no_grad() (or use fc1 + GELU)")
     device = x.device.type

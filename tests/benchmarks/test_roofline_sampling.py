@@ -11,7 +11,9 @@ from benchmarks.roofline_step import DEVICE_PEAKS
 
 def test_run_is_fixed_work_once_and_each_further_call_at_its_cost():
     # one elementwise op per traced length: 2 steps move 100 + 10 b bytes, 3 steps 100 + 16 b (+1 call)
-    op = lambda a, b: dict(name="add", category="elementwise", dtype="float32", flops=(0.0, 0.0), bytes=(a, b))  # noqa: E731
+    def op(a, b):
+        return dict(name="add", category="elementwise", dtype="float32", flops=(0.0, 0.0), bytes=(a, b))
+
     counted = dict(model="m", family="dit", fits={2: [op(100.0, 10.0)], 3: [op(100.0, 16.0)]}, nfe={2: 2, 3: 3},
                    published_steps=10, published_nfe=10, forward_flops=1e9, method="ddpm", cfg_scale=1.5)
     row = RS.make_row("dit_ddpm250_cfg", "toy", counted, 4, "h100")

@@ -52,6 +52,10 @@ def test_bad_input_fails_clearly():
     x, w, b = torch.randn(2, 8), torch.randn(16, 8), torch.randn(16)
     with pytest.raises(ValueError, match=r"linear_gelu: x \[\.\.\., 9\]"):
         ops.linear_gelu(torch.randn(2, 9), w, b)
+    with pytest.raises(ValueError, match="linear_gelu: .* weight \\(16,\\)"):
+        ops.linear_gelu(x, torch.randn(16), b)
+    with pytest.raises(ValueError, match="bias None"):
+        ops.linear_gelu(x, w, None)
     with pytest.raises(RuntimeError, match="no derivative"):
         ops.linear_gelu(x.requires_grad_(), w, b)
 
