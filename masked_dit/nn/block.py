@@ -157,7 +157,11 @@ class FusedDiTBlock(nn.Module):
         if self.skip_linear is not None:
             if skip is None:
                 raise ValueError("this block has a skip_linear and needs a skip input")
-            x = self.skip_linear(torch.cat([apply_pending(x, pending), skip], dim=-1))
+            x = apply_pending(x, pending)
+            dtype = _linear_input_dtype(x)
+            if dtype is not None:  # autocast's cast before the concatenation: it then moves half the bytes
+                x, skip = x.to(dtype), skip.to(dtype)
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
             pending = None
         mod = self.adaLN_modulation(_per_sample(c, x, cu_seqlens))
         if cu_seqlens is not None:

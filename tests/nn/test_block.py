@@ -299,3 +299,40 @@ def test_a_skip_block_applies_the_pending_residual_first():
         out = skip_block(r, c, skip=skip, pending=pending)
         ref = skip_block(first(x, c), c, skip=skip)
     assert torch.equal(out, ref)
+
+
+def test_skip_concatenation_runs_in_the_autocast_dtype_with_the_same_results():
+    """Under autocast the skip block casts the stream and the skip before concatenating them (the cat moves
+    bf16, not fp32): outputs and gradients bit-identical to concatenating first and letting the Linear cast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CatDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.cat.default:
+                self.dtypes.append(args[0][0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    block = _random_blocks(1, seed=5, skip=True)[0]
+    x, c, skip = torch.randn(B, N, D), torch.randn(B, D), torch.randn(B, N, D)
+    results = []
+    for cast_first in (True, False):
+        xx, ss = x.clone().requires_grad_(), skip.clone().requires_grad_()
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), CatDtypes() as mode:
+            if cast_first:
+                out = block(xx, c, skip=ss)
+            else:  # the Linear's own cast of an fp32 concatenation, then the rest of the block
+                linear, block.skip_linear = block.skip_linear, None
+                try:
+                    out = block(linear(torch.cat([xx, ss], dim=-1)), c)
+                finally:
+                    block.skip_linear = linear
+        assert mode.dtypes[0] == (torch.bfloat16 if cast_first else torch.float32)
+        out.float().sum().backward()
+        results.append([out, xx.grad, ss.grad] + [p.grad for p in block.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
