@@ -132,6 +132,11 @@ def model_cfg(model: nn.Module) -> dict:
     return {"hidden_size": block.hidden_size, "num_heads": block.attn.num_heads}
 
 
+def model_num_classes(model: nn.Module) -> int:
+    """Class labels the sampler may draw (MaskDiT keeps the net in .model)."""
+    return getattr(getattr(model, "model", model), "num_classes", 1000)
+
+
 def model_input_shape(model: nn.Module) -> tuple[int, int]:
     from masked_dit.diffusion.objectives import unwrap
 
@@ -150,7 +155,7 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
     family, objective_name, sample_kwargs = SAMPLERS[name]
     torch.manual_seed(args.seed)
     model_name, model = build_sampling_model(family, size, device)
-    num_classes = getattr(getattr(model, "model", model), "num_classes", 1000)
+    num_classes = model_num_classes(model)
     objective = getattr(objectives, objective_name)()
     steps = TOY_STEPS if size == "toy" else (args.steps or sample_kwargs["steps"])
     rows = []

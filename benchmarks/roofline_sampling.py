@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `masked_
 import torch
 
 from benchmarks import common
-from benchmarks.bench_sampling import SAMPLERS, build_sampling_model, run_sampler
+from benchmarks.bench_sampling import SAMPLERS, build_sampling_model, model_num_classes, run_sampler
 from benchmarks.roofline_step import (ATTN_EFFICIENCY, CATEGORIES, DEVICE_PEAKS, MATMUL, TOP_OPS, RooflineMode,
                                       add_count_args, check_count_args, fit_ops, predict, top_ops)
 
@@ -63,7 +63,7 @@ def published_nfe(name: str, seed: int) -> int:
 
     family, objective_name, sample_kwargs = SAMPLERS[name]
     _, toy = build_sampling_model(family, "toy", torch.device("cpu"))
-    num_classes = getattr(getattr(toy, "model", toy), "num_classes", 1000)
+    num_classes = model_num_classes(toy)
     return count_calls(toy, lambda: run_sampler(getattr(objectives, objective_name)(), toy, 1, sample_kwargs,
                                                 sample_kwargs["steps"], torch.device("cpu"), "fp32", seed,
                                                 num_classes))
@@ -77,7 +77,7 @@ def count_sampler(name: str, size: str, args) -> dict:
     family, objective_name, sample_kwargs = SAMPLERS[name]
     torch.manual_seed(args.seed)
     model_name, model = build_sampling_model(family, size, torch.device("cpu"))
-    num_classes = getattr(getattr(model, "model", model), "num_classes", 1000)
+    num_classes = model_num_classes(model)
     objective = getattr(objectives, objective_name)()
     fits, nfe = {}, {}
     for steps in LENGTHS:

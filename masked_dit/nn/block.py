@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from masked_dit import ops
+from masked_dit.ops.linear_gelu import linear_input_dtype, needs_grad
 
 
 #################################################################################
@@ -82,25 +83,14 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        w, b = self.fc1.weight, self.fc1.bias
-        if not torch.is_grad_enabled() or not (x.requires_grad or w.requires_grad or b.requires_grad):
-            return self.fc2(ops.linear_gelu(x, w, b))
+        if not needs_grad(x, self.fc1.weight, self.fc1.bias):
+            return self.fc2(ops.linear_gelu(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
 
 #################################################################################
 #                               The fused block                                 #
 #################################################################################
-
-def _linear_input_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast will cast a Linear's input to (None: no autocast, or fp64, which it leaves):
-    the adaLN ops store h in it directly, so the cast's extra pass over an fp32 h disappears."""
-    device = x.device.type
-    # meta (shape-only forwards): autocast has no state for it, and is_autocast_enabled("meta") raises
-    if x.dtype == torch.float64 or device == "meta" or not torch.is_autocast_enabled(device):
-        return None
-    return torch.get_autocast_dtype(device)
-
 
 def _per_sample(c: torch.Tensor, x: torch.Tensor, packed_index) -> torch.Tensor:
     """One conditioning row ``c [1, C]`` for a dense batch ``x [B, L, D]`` -> ``[B, C]``: the official
@@ -158,7 +148,7 @@ class FusedDiTBlock(nn.Module):
             if skip is None:
                 raise ValueError("this block has a skip_linear and needs a skip input")
             x = apply_pending(x, pending)
-            dtype = _linear_input_dtype(x)
+            dtype = linear_input_dtype(x)
             if dtype is not None:  # autocast's cast before the concatenation: it then moves half the bytes
                 x, skip = x.to(dtype), skip.to(dtype)
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
@@ -171,7 +161,7 @@ class FusedDiTBlock(nn.Module):
             mod = mod.index_select(0, segment_ids)
             x = x.unsqueeze(1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        h_dtype = _linear_input_dtype(x)  # h feeds qkv / fc1 only
+        h_dtype = linear_input_dtype(x)  # h feeds qkv / fc1 only
         if pending is None:
             h = ops.adaln_modulate(x, shift_msa, scale_msa, self.eps, out_dtype=h_dtype)
         else:  # the previous block's MLP residual, fused with this block's first LN + modulate
@@ -205,9 +195,9 @@ class FinalLayer(nn.Module):
         if segment_ids is not None:
             mod = mod.index_select(0, segment_ids)
             return self.linear(ops.adaln_modulate(x.unsqueeze(1), *mod.chunk(2, dim=1), self.eps,
-                                                  out_dtype=_linear_input_dtype(x))).squeeze(1)
+                                                  out_dtype=linear_input_dtype(x))).squeeze(1)
         shift, scale = mod.chunk(2, dim=1)
-        return self.linear(ops.adaln_modulate(x, shift, scale, self.eps, out_dtype=_linear_input_dtype(x)))
+        return self.linear(ops.adaln_modulate(x, shift, scale, self.eps, out_dtype=linear_input_dtype(x)))
 
 
 #################################################################################

@@ -20,6 +20,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def linear_input_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast will cast a Linear's input to (None: no autocast, or fp64, which it leaves).
+    The blocks' adaLN ops store h in it directly, so the cast's extra pass over an fp32 h disappears."""
+    device = x.device.type
+    # meta (shape-only forwards): autocast has no state for it, and is_autocast_enabled("meta") raises
+    if x.dtype == torch.float64 or device == "meta" or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd would record an op on ``tensors`` (where :func:`linear_gelu` cannot run)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _reference(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
 
@@ -43,11 +58,10 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or bias is None or bias.shape != (weight.shape[0],):
         raise ValueError(f"linear_gelu: x [..., {x.shape[-1]}], weight {tuple(weight.shape)} and bias "
                          f"{None if bias is None else tuple(bias.shape)} do not make a Linear with a bias")
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+    if needs_grad(x, weight, bias):
         raise RuntimeError("linear_gelu has no derivative: call it under torch.no_grad() (or use fc1 + GELU)")
-    device = x.device.type
-    if device != "meta" and x.dtype != torch.float64 and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
+    dtype = linear_input_dtype(x)
+    if dtype is not None:
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
     if not x.is_cuda and torch.compiler.is_compiling():  # the reference, for Inductor to fuse
         return _reference(x, weight, bias)

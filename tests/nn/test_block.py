@@ -184,7 +184,7 @@ def test_autocast_stores_h_in_the_linear_dtype_with_the_same_results(monkeypatch
              for m in (blk.attn.qkv, blk.mlp.fc1, final.linear)]
     out, grads = run()
     assert seen == [torch.bfloat16] * 3
-    monkeypatch.setattr(block_mod, "_linear_input_dtype", lambda x: None)  # the cast-after path
+    monkeypatch.setattr(block_mod, "linear_input_dtype", lambda x: None)  # the cast-after path
     seen.clear()
     ref, ref_grads = run()
     assert seen == [torch.float32] * 3  # autocast casts inside the Linear
@@ -195,13 +195,13 @@ def test_autocast_stores_h_in_the_linear_dtype_with_the_same_results(monkeypatch
 
 
 def test_linear_input_dtype_follows_autocast():
-    from masked_dit.nn.block import _linear_input_dtype
+    from masked_dit.ops.linear_gelu import linear_input_dtype
 
     x = torch.randn(1, 2, 4)
-    assert _linear_input_dtype(x) is None
+    assert linear_input_dtype(x) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _linear_input_dtype(x) == torch.bfloat16
-        assert _linear_input_dtype(x.double()) is None  # autocast leaves fp64 alone, so must we
+        assert linear_input_dtype(x) == torch.bfloat16
+        assert linear_input_dtype(x.double()) is None  # autocast leaves fp64 alone, so must we
 
 
 def test_shape_only_forward_on_meta():

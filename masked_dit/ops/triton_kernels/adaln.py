@@ -52,7 +52,6 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-
 # -----------------------------------------------------------------------------
 # shared jit helpers
 

@@ -76,7 +76,6 @@ def _adan_kernel(
 # -----------------------------------------------------------------------------
 
 
-
 def adan_step_(p, g, prev, m, v, n, *, lr: float, betas, eps: float, bc1: float, bc2: float, bc3: float,
                weight_decay: float, no_prox: bool) -> None:
     """In place: p, m (exp_avg), v (exp_avg_diff), n (exp_avg_sq), prev (pre_grad <- g).

@@ -132,7 +132,6 @@ def _scatter_backward_kernel(
 # -----------------------------------------------------------------------------
 
 
-
 def _blocks(D: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_D): ~4K elements per program, D split in power-of-two tiles of <= 256."""
     block_d = min(triton.next_power_of_2(D), 256)
