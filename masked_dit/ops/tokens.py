@@ -327,9 +327,19 @@ _scatter_tokens_varlen_backward_op.register_autograd(_scatter_varlen_backward_bw
 # -----------------------------------------------------------------------------
 
 
+def _call(name: str, op, check, *args) -> torch.Tensor:
+    """Runs custom op ``name``; under torch.compile with the torch backend selected, its reference is
+    traced inline instead, so Inductor fuses the indexing with its neighbours (an opaque op would
+    run it as separate kernels). Autograd then differentiates the reference directly."""
+    if dispatch.inline_reference(name, args[0].device):
+        check(*args)
+        return dispatch.impl(name, args[0].device)(*args)
+    return op(*args)
+
+
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     """x [B, N, D], ids_keep [B, K] int64 -> [B, K, D]; out[b, k] = x[b, ids_keep[b, k]]."""
-    return _gather_tokens_op(x, ids_keep)
+    return _call("gather_tokens", _gather_tokens_op, _check_gather, x, ids_keep)
 
 
 def scatter_tokens(x_keep: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -338,18 +348,19 @@ def scatter_tokens(x_keep: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Ten
     Gradients reach x_keep and fill (for a [D] mask token: the sum over all non-kept positions).
     Ids within a sample must be unique.
     """
-    return _scatter_tokens_op(x_keep, ids_keep, fill, num_tokens)
+    return _call("scatter_tokens", _scatter_tokens_op, _check_scatter, x_keep, ids_keep, fill, num_tokens)
 
 
 def gather_tokens_varlen(x: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     """x [B, N, D], ids_keep [T] (positions within each sample), cu_seqlens [B+1] int32 -> [T, D]."""
-    return _gather_tokens_varlen_op(x, ids_keep, cu_seqlens)
+    return _call("gather_tokens_varlen", _gather_tokens_varlen_op, _check_gather_varlen, x, ids_keep, cu_seqlens)
 
 
 def scatter_tokens_varlen(x_keep: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Tensor,
                           fill: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """x_keep [T, D] packed -> [B, N, D] holding fill ([D] or [B, N, D]) except at the kept positions."""
-    return _scatter_tokens_varlen_op(x_keep, ids_keep, cu_seqlens, fill, num_tokens)
+    return _call("scatter_tokens_varlen", _scatter_tokens_varlen_op, _check_scatter_varlen,
+                 x_keep, ids_keep, cu_seqlens, fill, num_tokens)
 
 
 # -----------------------------------------------------------------------------

@@ -383,17 +383,54 @@ def test_compile_inductor_gather_scatter():
         torch.testing.assert_close(c.grad, e.grad)
 
 
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs the Triton interpreter for an opaque CPU backend")
 def test_backend_read_at_call_time_inside_compiled_graph(monkeypatch):
-    """Custom ops are opaque to torch.compile, so the backend choice is made when the graph runs."""
+    """A non-torch backend stays an opaque custom op under compile: its choice is made when the graph runs."""
     calls = []
-    original = dispatch._IMPLS["gather_tokens"]["torch"]
-    monkeypatch.setitem(dispatch._IMPLS["gather_tokens"], "torch", lambda *args: calls.append(1) or original(*args))
+    original = dispatch._IMPLS["gather_tokens"]["triton"]
+    monkeypatch.setitem(dispatch._IMPLS["gather_tokens"], "triton", lambda *args: calls.append(1) or original(*args))
     x, ids = torch.randn(2, 5, 4), torch.tensor([[0, 3], [4, 1]])
     fn = torch.compile(lambda x: gather_tokens(x, ids), fullgraph=True, backend="aot_eager")
     torch._dynamo.reset()
-    with use_backend("torch"):
+    with use_backend("triton"):
         fn(x)
-    assert calls, "the torch backend was not called from the compiled graph"
+        calls.clear()  # tracing may have called it; the compiled graph must call it again
+        torch.testing.assert_close(fn(x), x[torch.arange(2)[:, None], ids], rtol=0, atol=0)
+    assert calls, "the triton backend was not called from the compiled graph"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compiled_torch_backend_is_traced_inline(backend):
+    """Under torch.compile the torch reference is traced inline (Inductor fuses the indexing with its
+    neighbours), other backends stay opaque ops; values and gradients equal the eager ones exactly."""
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    gen = torch.Generator().manual_seed(10)
+    a = _tiny_inputs(gen, torch.float32)
+    N = a["N"]
+    x3 = torch.randn(3, N, a["D"], generator=gen)
+
+    def roundtrip(x, mask_token, x3, fill_dense_v):
+        dense = scatter_tokens(gather_tokens(x, a["ids"]).sin(), a["ids"], mask_token, N)
+        packed = scatter_tokens_varlen(gather_tokens_varlen(x3, a["ids_v"], a["cu"]).cos(), a["ids_v"], a["cu"],
+                                       fill_dense_v, N)
+        return (dense * x).sum() + (packed ** 2).sum()
+
+    inputs = (a["x"], a["fill"], x3, torch.randn(3, N, a["D"], generator=gen))
+    e_in = [t.clone().requires_grad_() for t in inputs]
+    c_in = [t.clone().requires_grad_() for t in inputs]
+    torch._dynamo.reset()
+    with use_backend(backend):
+        roundtrip(*e_in).backward()
+        torch.compile(roundtrip, fullgraph=True, backend=capture)(*c_in).backward()
+    (graph,) = graphs
+    assert ("masked_dit." in graph) == (backend != "torch"), graph
+    for e, c in zip(e_in, c_in):
+        torch.testing.assert_close(c.grad, e.grad, rtol=0, atol=0)
 
 
 # -----------------------------------------------------------------------------
