@@ -108,6 +108,26 @@ class _Skip(Exception):
     pass
 
 
+class CallCounter:
+    """Counts a model's network calls (NFE) from creation until ``remove()`` (or the ``with`` block's end)."""
+
+    def __init__(self, model: nn.Module):
+        self.count = 0
+        self._hook = model.register_forward_pre_hook(self._add)
+
+    def _add(self, *_):
+        self.count += 1
+
+    def remove(self):
+        self._hook.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.remove()
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -167,17 +187,18 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
                "method": sample_kwargs["sampler"], "cfg_scale": sample_kwargs["cfg_scale"]}
         published = sample_kwargs["steps"]
         row["published_steps"] = published
-        calls, hook = [0], None
+        counter = None
         try:
             torch._dynamo.reset()
             skips_before = _cudagraph_skips()
             wrapped = wrap_variant(model, variant, device, args)
             if variant == "eager":  # count network calls (NFE)
-                hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+                counter = CallCounter(model)
             warm = min(WARMUP_STEPS, steps)
             run_sampler(objective, wrapped, batch, sample_kwargs, warm, device, args.precision, args.seed,
                         num_classes)
-            calls[0] = 0
+            if counter is not None:
+                counter.count = 0
             timer = common.Timer(device)
             common.reset_peak_memory(device)
             times = []
@@ -187,8 +208,8 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
                                   args.seed, num_classes)
                 times.append(timer.stop() / 1e3)
             seconds = statistics.median(times)
-            if hook is not None:
-                row["nfe"] = calls[0] // args.repeats
+            if counter is not None:
+                row["nfe"] = counter.count // args.repeats
             if not torch.isfinite(out).all():
                 raise FloatingPointError("the sampler produced non-finite values")
             row.update(status="ok", seconds_per_batch=seconds, img_per_s=batch / seconds,
@@ -213,8 +234,8 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
             if args.verbose:
                 traceback.print_exc()
         finally:
-            if hook is not None:
-                hook.remove()
+            if counter is not None:
+                counter.remove()
         rows.append(row)
         _print_row(row)
     eager = next((r for r in rows if r["variant"] == "eager" and r["status"] == "ok"), None)

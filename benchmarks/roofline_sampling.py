@@ -30,31 +30,19 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `masked_
 import torch
 
 from benchmarks import common
-from benchmarks.bench_sampling import SAMPLERS, build_sampling_model, model_num_classes, run_sampler
+from benchmarks.bench_sampling import SAMPLERS, CallCounter, build_sampling_model, model_num_classes, run_sampler
 from benchmarks.roofline_step import (ATTN_EFFICIENCY, CATEGORIES, DEVICE_PEAKS, MATMUL, TOP_OPS, RooflineMode,
                                       add_count_args, check_count_args, fit_ops, predict, top_ops)
 
 LENGTHS = (2, 3)  # sampler steps traced (ODE/SDE grids need 2 points): the fixed work and one more step
 
 
-def count_calls(model: torch.nn.Module, fn) -> int:
-    """Network calls (NFE) made by ``fn()``."""
-    calls = [0]
-    hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    try:
-        fn()
-    finally:
-        hook.remove()
-    return calls[0]
-
-
 def trace_sampler(objective, model, batch: int, steps: int, sample_kwargs: dict, num_classes: int, seed: int):
     """Records of one sampler run (bf16 autocast, CPU) and its network calls."""
     mode = RooflineMode()
-    with mode:
-        calls = count_calls(model, lambda: run_sampler(objective, model, batch, sample_kwargs, steps,
-                                                       torch.device("cpu"), "bf16", seed, num_classes))
-    return mode.records, calls
+    with mode, CallCounter(model) as calls:
+        run_sampler(objective, model, batch, sample_kwargs, steps, torch.device("cpu"), "bf16", seed, num_classes)
+    return mode.records, calls.count
 
 
 def published_nfe(name: str, seed: int) -> int:
@@ -64,9 +52,10 @@ def published_nfe(name: str, seed: int) -> int:
     family, objective_name, sample_kwargs = SAMPLERS[name]
     _, toy = build_sampling_model(family, "toy", torch.device("cpu"))
     num_classes = model_num_classes(toy)
-    return count_calls(toy, lambda: run_sampler(getattr(objectives, objective_name)(), toy, 1, sample_kwargs,
-                                                sample_kwargs["steps"], torch.device("cpu"), "fp32", seed,
-                                                num_classes))
+    with CallCounter(toy) as calls:
+        run_sampler(getattr(objectives, objective_name)(), toy, 1, sample_kwargs, sample_kwargs["steps"],
+                    torch.device("cpu"), "fp32", seed, num_classes)
+    return calls.count
 
 
 def count_sampler(name: str, size: str, args) -> dict:
