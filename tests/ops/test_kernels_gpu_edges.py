@@ -111,7 +111,11 @@ def test_tokens_empty_tensors(backend):
         out = tok.scatter_tokens_varlen(torch.empty(0, D, device=dev), no_packed, cu, fill, 5)
         _exact(out, fill.expand(2, 5, D).contiguous(), f"{backend} varlen scatter with nothing kept")
         zero_d = torch.randn(2, 5, 0, device=dev)
-        assert tok.gather_tokens(zero_d, torch.zeros(2, 1, dtype=torch.long, device=dev)).shape == (2, 1, 0)
+        one_id = torch.zeros(2, 1, dtype=torch.long, device=dev)
+        assert tok.gather_tokens(zero_d, one_id).shape == (2, 1, 0)
+        for fill_dense in (False, True):
+            keep, gfill = tok._scatter_tokens_backward_op(zero_d, one_id, fill_dense)
+            assert keep.shape == (2, 1, 0) and gfill.shape == ((2, 5, 0) if fill_dense else (0,))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

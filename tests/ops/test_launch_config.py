@@ -26,6 +26,7 @@ def test_tokens_blocks_are_powers_of_two_and_bounded():
         assert block_d <= 256 and block_r * block_d <= 4096, D  # ~4K elements per program
         assert block_d >= min(D, 256), D
         assert triton.cdiv(D, block_d) <= 65535, D  # grid dim 1
+    assert kt._blocks(0) == (4096, 1)  # D = 0: sized before the empty launch is skipped, must not divide by 0
 
 
 def test_adaln_block_holds_the_row_with_sane_warps():

@@ -249,6 +249,24 @@ def test_empty_batch_and_no_kept_tokens(backend):
         assert g.shape == (2, 0, D) and torch.equal(f, torch.full((D,), 10.0))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_feature_dim(backend):
+    """D = 0: every op returns empty rows (Triton's scatter backward divided by a zero block width)."""
+    B, N, K = 2, 5, 3
+    ids = torch.stack([torch.randperm(N)[:K] for _ in range(B)])
+    ids_v, cu = torch.tensor([1, 4, 0, 2]), torch.tensor([0, 2, 4], dtype=torch.int32)
+    with use_backend(backend):
+        for fill_dense in (False, True):
+            g, f = tok._scatter_tokens_backward_op(torch.ones(B, N, 0), ids, fill_dense)
+            assert g.shape == (B, K, 0) and f.shape == ((B, N, 0) if fill_dense else (0,))
+            g, f = tok._scatter_tokens_varlen_backward_op(torch.ones(B, N, 0), ids_v, cu, fill_dense)
+            assert g.shape == (4, 0) and f.shape == ((B, N, 0) if fill_dense else (0,))
+        x_keep = torch.zeros(B, K, 0, requires_grad=True)
+        fill = torch.zeros(0, requires_grad=True)
+        scatter_tokens(x_keep, ids, fill, N).sum().backward()
+        assert x_keep.grad.shape == (B, K, 0) and fill.grad.shape == (0,)
+
+
 # -----------------------------------------------------------------------------
 # gradcheck (float64), opcheck, torch.compile
 # -----------------------------------------------------------------------------

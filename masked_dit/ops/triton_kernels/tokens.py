@@ -134,7 +134,8 @@ def _scatter_backward_kernel(
 
 def _blocks(D: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_D): ~4K elements per program, D split in power-of-two tiles of <= 256."""
-    block_d = min(triton.next_power_of_2(D), 256)
+    # D = 0 launches nothing, but scatter_backward sizes its partials before checking (next_power_of_2(0) is 0)
+    block_d = min(triton.next_power_of_2(max(D, 1)), 256)
     return max(1, 4096 // block_d), block_d
 
 
