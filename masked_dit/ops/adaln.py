@@ -217,6 +217,13 @@ def _other_out_dtype(out_dtype, like: torch.dtype) -> bool:
     return out_dtype is not None and out_dtype != like
 
 
+def _lossy_grad(grad: Tensor, like: torch.dtype) -> bool:
+    # the backward kernels read gradients in the activation dtype: fp32 holds bf16/fp16 exactly, but
+    # fp32 -> bf16 rounds and bf16 -> fp16 can overflow, so such gradients run the Triton kernel (which
+    # reads any dtype) when it can
+    return grad.dtype != like and like != torch.float32 and dispatch.triton_importable()
+
+
 @dispatch.register("adaln_modulate", "cuda")
 def _adaln_modulate_cuda(x, shift, scale, eps, out_dtype=None):
     if _cuda_unsupported(x):
@@ -232,6 +239,8 @@ def _adaln_modulate_cuda(x, shift, scale, eps, out_dtype=None):
 def _adaln_modulate_backward_cuda(dh, x, scale, mean, rstd):
     if _cuda_unsupported(x):
         return _adaln_modulate_backward_torch(dh, x, scale, mean, rstd)
+    if _lossy_grad(dh, x.dtype):
+        return _adaln_modulate_backward_triton(dh, x, scale, mean, rstd)
     (scale_c,) = _cuda_modulation(scale)
     dx, dshift, dscale = torch.ops.masked_dit_C.adaln_modulate_backward(dh.to(x.dtype), x, scale_c, mean, rstd)
     return dx, dshift.to(scale.dtype), dscale.to(scale.dtype)
@@ -254,6 +263,8 @@ def _gated_residual_adaln_cuda(x, branch, gate, shift, scale, eps, out_dtype=Non
 def _gated_residual_adaln_backward_cuda(dr, dh, r, branch, gate, scale, mean, rstd):
     if _cuda_unsupported(r):
         return _gated_residual_adaln_backward_torch(dr, dh, r, branch, gate, scale, mean, rstd)
+    if _lossy_grad(dr, r.dtype) or _lossy_grad(dh, r.dtype):
+        return _gated_residual_adaln_backward_triton(dr, dh, r, branch, gate, scale, mean, rstd)
     gate_c, scale_c = _cuda_modulation(gate, scale)
     dx, dbranch, dgate, dshift, dscale = torch.ops.masked_dit_C.gated_residual_adaln_backward(
         dr.to(r.dtype), dh.to(r.dtype), r, branch.to(r.dtype), gate_c, scale_c, mean, rstd)

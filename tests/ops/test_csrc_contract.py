@@ -6,6 +6,8 @@ mutability, returns), so a binding that drifts from its Python front fails here,
 Also checks the cuda backend's Python wrappers route unsupported inputs (fp64 modulation,
 D > kMaxD) away from the extension, against a CPU stand-in that enforces the bindings' checks.
 """
+import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -163,6 +165,27 @@ def test_cuda_wrappers_route_wide_rows_to_reference(strict_extension_stand_in):
     h, mean, rstd = adaln_mod._adaln_modulate_cuda(x, mod, mod, 1e-6)
     adaln_mod._adaln_modulate_backward_cuda(x, x, mod, mean, rstd)
     assert strict_extension_stand_in == []
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+                    reason="needs the Triton interpreter")
+def test_cuda_backward_wrappers_route_lossy_gradients_to_triton(strict_extension_stand_in):
+    """bf16 activations with fp32 gradients (h or r stored in fp32): the kernels would read the
+    gradients rounded to bf16, so the Triton kernel (any gradient dtype) runs instead; an fp32
+    activation takes any gradient exactly, so it stays on the extension."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 16, generator=gen).bfloat16()
+    mod = torch.randn(2, 16, generator=gen).bfloat16()
+    _, mean, rstd = adaln_mod._adaln_modulate_torch(x, mod, mod, 1e-6)
+    dh = torch.randn(2, 3, 16, generator=gen)
+    got = adaln_mod._adaln_modulate_backward_cuda(dh, x, mod, mean, rstd)
+    torch.testing.assert_close(got, adaln_mod._adaln_modulate_backward_triton(dh, x, mod, mean, rstd), rtol=0, atol=0)
+    got = adaln_mod._gated_residual_adaln_backward_cuda(dh, dh.bfloat16(), x, x, mod, mod, mean, rstd)
+    want = adaln_mod._gated_residual_adaln_backward_triton(dh, dh.bfloat16(), x, x, mod, mod, mean, rstd)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert strict_extension_stand_in == []
+    adaln_mod._adaln_modulate_backward_cuda(dh.bfloat16(), x.float(), mod, mean, rstd)
+    assert strict_extension_stand_in == ["adaln_modulate_backward"]
 
 
 # -----------------------------------------------------------------------------
