@@ -24,11 +24,12 @@
 # its own (tag TAG, default "autotune": its rows do not replace the default mode's).
 #
 # Calls that follow within the machine's warm window (30 s) reuse its build (ignored outputs are kept
-# there); every stage rebuilds only when `masked_dit._C` is missing, and build-test copies the built
-# extension to $OUT: put it back as masked_dit/<its name> here and name that path in `carry`, and a
-# fresh machine skips the build. Without a GPU every stage runs at toy size on the CPU instead (how
-# CI-less machines check this script). Wheels the image lacks (diffusers, for the VAE tests) travel
-# in .whl/ (benchmarks/fetch_wheels.sh fills it): carry ".whl".
+# there); every stage rebuilds only when `masked_dit._C` does not import. Build it here before the
+# session (benchmarks/prebuild_ext.sh) and name masked_dit/_C.cpython-312-*.so in `carry`: a fresh
+# machine then skips the build (build-test also copies a build made there to $OUT). Without a GPU
+# every stage runs at toy size on the CPU instead (how CI-less machines check this script). Wheels
+# the image lacks (diffusers, for the VAE tests) travel in .whl/ (benchmarks/fetch_wheels.sh fills
+# it): carry ".whl".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-build-test}

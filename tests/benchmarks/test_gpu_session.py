@@ -72,3 +72,12 @@ def test_stage_deadline_refuses_to_start_a_run_it_cannot_finish(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "not started (only" in proc.stdout
     assert not list(tmp_path.glob("train_step-*.json"))
+
+
+def test_prebuild_ext_without_python312_says_so_in_one_line():
+    """benchmarks/prebuild_ext.sh (the extension built here for the GPU image) names what it lacks."""
+    script = SCRIPT.parent / "prebuild_ext.sh"
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON312": "/nonexistent/python3.12"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "prebuild_ext: no python3.12 found; set PYTHON312=/path/to/python3.12"
