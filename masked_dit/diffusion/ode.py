@@ -216,14 +216,19 @@ def sample_ode(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, meth
     """SiT ODE sampling: integrate the probability flow of ``model_fn`` from noise x.
 
     Times: ``num_steps`` points from t0 to t1 = ``transport.interval(eval=True)`` (reverse=True runs
-    data -> noise). Returns the final state, or all ``num_steps`` states stacked when
+    data -> noise, from t1 back to t0). Returns the final state, or all ``num_steps`` states stacked when
     ``return_trajectory`` (SiT's ``sample_ode(...)(x, model)``). The model is called as
     ``model_fn(x, t [B], **model_kwargs)``; pass a CFG-wrapped model for guidance. The state is
     carried in float32 at least (a bf16 x comes back as float32).
     """
     model_kwargs = {} if model_kwargs is None else model_kwargs
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    t0, t1 = transport.interval(eval=True, reverse=reverse)
+    # reverse runs the forward interval backwards, so the model only sees times it was trained on.
+    # (interval(reverse=True) mirrors it as 1 - t for SiT's drift at 1 - t; with the drift at t
+    # as here, the mirror would start VP at t = 1, where sigma = 0 and a score/noise model is NaN.)
+    t0, t1 = transport.interval(eval=True)
+    if reverse:
+        t0, t1 = t1, t0
 
     def drift(t: float, y: torch.Tensor) -> torch.Tensor:
         tb = batch_time(t, y)

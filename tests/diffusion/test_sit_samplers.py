@@ -195,3 +195,29 @@ def test_fixed_step_samplers_do_not_sync_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("path,prediction", [("VP", "noise"), ("VP", "score"), ("VP", "velocity"),
+                                             ("Linear", "score"), ("GVP", "velocity")])
+def test_ode_reverse_stays_on_the_forward_interval(path, prediction):
+    """reverse=True integrates data -> noise over the forward interval [t0, t1] backwards. VP's interval
+    [0, 1 - eps] is not symmetric: its mirror [eps, 1] would evaluate a noise/score model at t = 1,
+    where sigma_t = 0 (NaN), and stop short of the noise end."""
+    tr = Transport(path, prediction)
+    t0, t1 = tr.interval(eval=True)
+    seen = []
+
+    def model(x, t):
+        seen.append(float(t[0]))
+        return sit_fixture_model(x, t)
+
+    x = torch.randn(2, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    data = sample_ode(tr, model, x, method="dopri5", atol=1e-10, rtol=1e-10, backend="native")
+    seen.clear()
+    noise = sample_ode(tr, model, data, method="dopri5", atol=1e-10, rtol=1e-10, reverse=True, backend="native")
+    assert rel_err(noise, x) < 1e-6  # (dopri5 may step past the ends, as torchdiffeq: no range check)
+    # Fixed-step: the reversed grid is the forward grid read backwards (float64, written here).
+    seen.clear()
+    sample_ode(tr, model, data, method="euler", num_steps=5, reverse=True)
+    want = [t1 + i / 4 * (t0 - t1) for i in range(4)]
+    assert seen == pytest.approx(want, abs=1e-12)
