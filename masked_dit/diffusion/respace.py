@@ -22,7 +22,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     section_counts:
       * "ddimN": the largest integer stride giving exactly N steps, range(0, T, stride);
       * "a,b,c" or [a, b, c]: split [0, T) into equal sections (the first T % k one longer) and take a,
-        b, c evenly spaced steps (rounded) in each, both ends included;
+        b, c evenly spaced steps (rounded) in each, both ends included (0 skips a section);
       * an int N or "N": one section of N steps.
     """
     if isinstance(section_counts, str):
@@ -49,8 +49,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     start, steps = 0, []
     for i, count in enumerate(section_counts):
         size = size_per + (1 if i < extra else 0)
-        if count < 1 or size < count:
+        if count < 0 or size < count:
             raise ValueError(f"cannot divide a section of {size} steps into {count}")
+        # (count 0 skips the section, as ADM: e.g. "10,0,5")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
         # Accumulate the float stride and round each point, exactly as ADM does (ties to even).
         cur = 0.0
@@ -58,6 +59,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
             steps.append(start + round(cur))
             cur += stride
         start += size
+    if not steps:
+        raise ValueError(f"section_counts {section_counts} keep no timestep")
     return sorted(set(steps))
 
 

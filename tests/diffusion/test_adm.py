@@ -281,3 +281,17 @@ def test_sampling_does_not_sync_on_gpu():
         _sampling_calls(d, dev, g, x0)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_space_timesteps_zero_count_skips_a_section():
+    """ADM accepts a section count of 0 (no step from that section); sections of 1000 split in 3 are
+    334, 333, 333 long. Expected steps written out: 10 over [0, 333], none, 5 over [667, 999]."""
+    first = [round(i * 333 / 9) for i in range(10)]
+    last = [667 + round(i * 332 / 4) for i in range(5)]
+    assert space_timesteps(1000, "10,0,5") == first + last
+    d = create_diffusion("10,0,5")
+    assert d.timestep_map.tolist() == first + last
+    with pytest.raises(ValueError, match="keep no timestep"):
+        space_timesteps(1000, "0,0")
+    with pytest.raises(ValueError, match="cannot divide"):
+        space_timesteps(1000, "10,-1")
