@@ -137,7 +137,9 @@ def _dopri5(f: Drift, x: torch.Tensor, times: Sequence[float], atol: float, rtol
                 y_mid = _combine(y, ks, _DP_MID, dt)
                 interp = _interp_fit(y, y_next, y_mid, ks[0], ks[-1], dt)
                 t_prev, t, y, f0 = t, t_next, y_next, ks[-1]
-            if error_ratio == 0:
+            if not math.isfinite(error_ratio):
+                factor = 0.2  # a NaN/inf trial step: reject and shrink (max/min would let NaN grow dt)
+            elif error_ratio == 0:
                 factor = 10.0
             else:
                 shrink = 1.0 if error_ratio < 1 else 0.2

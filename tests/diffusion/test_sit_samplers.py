@@ -221,3 +221,25 @@ def test_ode_reverse_stays_on_the_forward_interval(path, prediction):
     sample_ode(tr, model, data, method="euler", num_steps=5, reverse=True)
     want = [t1 + i / 4 * (t0 - t1) for i in range(4)]
     assert seen == pytest.approx(want, abs=1e-12)
+
+
+def test_native_dopri5_rejects_non_finite_trial_steps():
+    """dopri5 steps past the last output time (outputs come from the interpolant). A drift that is NaN
+    there (VP's sigma_t is NaN for t > 1) must make the step be rejected and shrunk, not grown: the
+    solver then lands on y(1) = y0 exp(-1) instead of looping until max_num_steps."""
+    calls = []
+
+    def f(t, y):
+        calls.append(t)
+        return -y if t <= 1.0 else torch.full_like(y, float("nan"))
+
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    out = integrate_ode(f, y0, [0.0, 0.5, 1.0], "dopri5", atol=1e-10, rtol=1e-10, backend="native")
+    assert (out[-1] - y0 * math.exp(-1.0)).abs().max() < 1e-8
+    assert len(calls) < 2000
+    # A VP noise model under default tolerances finishes (it overshoots t = 1 near the end).
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    tr = Transport("VP", "noise")
+    got = sample_ode(tr, sit_fixture_model, x, method="dopri5", num_steps=9, atol=1e-9, rtol=1e-9, backend="native")
+    ref = sample_ode(tr, sit_fixture_model, x, method="midpoint", num_steps=4000)
+    assert rel_err(got, ref) < 1e-5
