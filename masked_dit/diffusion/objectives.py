@@ -7,7 +7,7 @@ process (used for the training grid and ``masked-dit sample``).
 
     objective       family      process and loss
     adm             DiT         ADM eps-MSE + VLB (learned sigma)
-    mdtv2           MDTv2       ADM, two passes per step (full + masked, same t and noise), MSE x min(snr,5)/snr
+    mdtv2           MDTv2       ADM, two passes per step (full + masked, same t, own noise), MSE x min(snr,5)/snr
     transport       SiT         interpolant (Linear/GVP/VP), velocity/noise/score MSE
     edm_maskdit     MaskDiT     EDM loss on kept patches + mae_loss_coef x MAE loss on removed patches
     repa            REPA-SiT    REPA-time velocity MSE + proj_coeff x (-cos(projector, encoder feature))
@@ -112,7 +112,8 @@ class ADMObjective:
 
 
 class MDTv2Objective(ADMObjective):
-    """MDTv2: per step a full pass and a masked pass with the same t and noise; both ADM losses
+    """MDTv2: per step a full pass and a masked pass with the same t, each with its own noise (MDT's
+    train_util calls training_losses twice without noise, so each draws one); both ADM losses
     (MSE weighted by min(snr, gamma)/snr, plus the VLB) are summed.
 
     The masked pass keeps ``int(N (1 - r))`` tokens per sample with one ratio per step,
@@ -135,6 +136,7 @@ class MDTv2Objective(ADMObjective):
     def __call__(self, model, batch: dict, *, t=None, noise=None, ids_keep=None) -> dict:
         x, y = batch["x"], batch["y"]
         m = unwrap(model)
+        given_noise = noise  # a given noise (a reference replay) is used by both passes
         t, noise = self._draw(x, t, noise)
         weight = min_snr_weight(self.diffusion.snr(t, torch.float32), self.min_snr_gamma, "eps")
         full = self.diffusion.training_losses(model, x, t, noise=noise, model_kwargs={"y": y}, weighting=weight)
@@ -147,7 +149,8 @@ class MDTv2Objective(ADMObjective):
             ratio = sample_mdt_mask_ratio(self.mask_ratio, spread=self.mask_ratio_jitter, device=x.device) \
                 if self.mask_ratio_jitter else self.mask_ratio
             ids_keep, ids_restore, _ = random_masking(x.shape[0], m.num_patches, ratio, device=x.device)
-        masked = self.diffusion.training_losses(model, x, t, noise=noise, weighting=weight,
+        noise_masked = torch.randn_like(x) if given_noise is None else given_noise
+        masked = self.diffusion.training_losses(model, x, t, noise=noise_masked, weighting=weight,
                                                 model_kwargs={"y": y, "ids_keep": ids_keep, "ids_restore": ids_restore})
         out = {"loss": full["loss"].mean() + masked["loss"].mean(),
                "loss_full": full["loss"].mean(), "loss_masked": masked["loss"].mean(),

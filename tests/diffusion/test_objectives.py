@@ -49,8 +49,9 @@ def test_mdtv2_objective_two_passes_with_min_snr(fixtures_dir):
     torch.testing.assert_close(out["mse"], 2 * f["mse"].mean(), rtol=1e-6, atol=1e-9)
 
 
-def test_mdtv2_passes_share_t_and_noise():
-    """Both passes see the same x_t: the model records its inputs."""
+def test_mdtv2_passes_share_t_but_draw_their_own_noise():
+    """As MDT's train_util (training_losses called twice with noise=None): same t, independent noise.
+    Each pass's x_t is q_sample(x, t, eps) with an eps of its own."""
     seen = []
 
     class Recorder(AnalyticADM):
@@ -59,10 +60,15 @@ def test_mdtv2_passes_share_t_and_noise():
             return super().forward(x, t, y)
 
     torch.manual_seed(0)
-    MDTv2Objective()(Recorder(), {"x": torch.randn(2, 4, 4, 4), "y": torch.zeros(2, dtype=torch.long)})
-    # one model call per pass: full (no mask) then masked, on the same x_t and t
+    x = torch.randn(2, 4, 4, 4)
+    obj = MDTv2Objective()
+    obj(Recorder(), {"x": x, "y": torch.zeros(2, dtype=torch.long)})
+    # one model call per pass: full (no mask) then masked, on the same t and different x_t
     (x_full, t_full, keep_full), (x_mask, t_mask, keep_mask) = seen
-    assert torch.equal(x_full, x_mask) and torch.equal(t_full, t_mask)
+    assert torch.equal(t_full, t_mask) and not torch.allclose(x_full, x_mask)
+    ab = obj.diffusion.alphas_cumprod[t_full].view(-1, 1, 1, 1).float()
+    eps_full, eps_mask = ((xt - ab.sqrt() * x) / (1 - ab).sqrt() for xt in (x_full, x_mask))
+    assert not torch.allclose(eps_full, eps_mask, atol=1e-3)
     assert keep_full is None and keep_mask.shape[0] == 2
     assert keep_mask.shape[1] in (2, 3)  # int(4 (1 - r)) with r = 0.3 + 0.2 U(0, 1)
 
