@@ -225,9 +225,10 @@ def sample_ode(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, meth
     """
     model_kwargs = {} if model_kwargs is None else model_kwargs
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    # reverse runs the forward interval backwards, so the model only sees times it was trained on.
-    # (interval(reverse=True) mirrors it as 1 - t for SiT's drift at 1 - t; with the drift at t
-    # as here, the mirror would start VP at t = 1, where sigma = 0 and a score/noise model is NaN.)
+    # reverse runs the forward interval backwards, so it inverts forward sampling. SiT integrates
+    # over the mirror interval(reverse=True) = (1 - t0, 1 - t1) instead: the same for Linear/GVP, but
+    # VP's [0, 1 - eps] becomes [1, eps]: a VP score/noise model is NaN at t = 1 (sigma_t = 0) and
+    # the map stops at t = eps. (A deliberate deviation from SiT for VP only.)
     t0, t1 = transport.interval(eval=True)
     if reverse:
         t0, t1 = t1, t0
