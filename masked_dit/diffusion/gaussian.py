@@ -22,6 +22,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from masked_dit import rng
+
 ModelFn = Callable[..., torch.Tensor]
 
 
@@ -149,10 +151,7 @@ def _randn(shape, like: torch.Tensor | None = None, *, generator: torch.Generato
            device=None, dtype=None) -> torch.Tensor:
     """Standard normal draw, from `generator` (on its own device, then moved) or the global RNG."""
     device = like.device if device is None else torch.device(device)
-    dtype = like.dtype if dtype is None else dtype
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+    return rng.randn(shape, device=device, dtype=like.dtype if dtype is None else dtype, generator=generator)
 
 
 def _step_noise(step_noise, i: int, x: torch.Tensor) -> torch.Tensor | None:
@@ -256,10 +255,7 @@ class GaussianDiffusion:
 
     def sample_timesteps(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Uniform integer timesteps in [0, num_timesteps)."""
-        if generator is None:
-            return torch.randint(0, self.num_timesteps, (batch_size,), device=device)
-        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=generator.device)
-        return t.to(device) if device is not None else t
+        return rng.randint(self.num_timesteps, (batch_size,), device=device, generator=generator)
 
     # ------------------------------------------------------- forward process
     def q_mean_variance(self, x_start, t):

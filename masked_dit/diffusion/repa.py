@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from masked_dit import rng
+
 from .guidance import cfg_combine, in_guidance_interval
 from .ode import progress_bar
 from .sde import draw_noise
@@ -92,9 +94,9 @@ def sample_repa_time(batch: int, device, dtype, weighting: str = "uniform", path
                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Training times [B, 1, 1, 1]: uniform, or EDM's log-normal sigma mapped onto the path."""
     if weighting == "uniform":
-        return torch.rand((batch, 1, 1, 1), generator=generator, device=device, dtype=dtype)
+        return rng.rand((batch, 1, 1, 1), generator=generator, device=device, dtype=dtype)
     if weighting == "lognormal":
-        sigma = torch.randn((batch, 1, 1, 1), generator=generator, device=device, dtype=dtype).exp()
+        sigma = rng.randn((batch, 1, 1, 1), generator=generator, device=device, dtype=dtype).exp()
         if path_type == "linear":
             return sigma / (1 + sigma)
         if path_type == "cosine":
@@ -124,7 +126,7 @@ def repa_training_losses(model_fn: ModelFn, x: torch.Tensor, zs: Sequence[torch.
         raise ValueError(f"t must hold one time per sample ({B}), got shape {list(t.shape)}")
     t = expand_t_like_x(t.reshape(B), x).to(t_dtype)
     if noise is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = rng.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if noise.shape != x.shape:
         raise ValueError(f"noise must have the data's shape {list(x.shape)}, got {list(noise.shape)}")
     alpha_t, sigma_t, d_alpha_t, d_sigma_t = repa_interpolant(t, path_type)

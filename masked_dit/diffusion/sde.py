@@ -21,6 +21,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from masked_dit import rng
+
 from .ode import batch_time, progress_bar, time_grid
 from .transport import DIFFUSION_FORMS, ModelFn, Transport
 
@@ -36,7 +38,7 @@ def draw_noise(noise: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]], i: 
         if w.shape != like.shape:
             raise ValueError(f"noise[{i}] has shape {list(w.shape)}, expected {list(like.shape)}")
         return w.to(device=like.device, dtype=like.dtype)
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    return rng.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 def sample_sde(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, method: str = "Euler",

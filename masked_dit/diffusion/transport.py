@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from masked_dit import rng
+
 ModelFn = Callable[..., torch.Tensor]
 
 PATHS = ("Linear", "GVP", "VP")
@@ -269,10 +271,10 @@ class Transport:
     # --- training -----------------------------------------------------------------------
     def sample_time_and_noise(self, x1: torch.Tensor, generator: Optional[torch.Generator] = None):
         """(t [B] uniform on the training interval, x0 ~ N(0, I) like x1); noise drawn first, as SiT."""
-        x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
+        x0 = rng.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
         t0, t1 = self.interval()
         t_dtype = torch.promote_types(x1.dtype, torch.float32)  # never draw times in bf16/fp16
-        t = torch.rand((x1.shape[0],), generator=generator, device=x1.device, dtype=t_dtype) * (t1 - t0) + t0
+        t = rng.rand((x1.shape[0],), generator=generator, device=x1.device, dtype=t_dtype) * (t1 - t0) + t0
         return t, x0
 
     def training_losses(self, model_fn: ModelFn, x1: torch.Tensor, t: Optional[torch.Tensor] = None,

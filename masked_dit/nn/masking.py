@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from masked_dit import ops
+from masked_dit import ops, rng
 
 
 class PackedMask(NamedTuple):
@@ -41,7 +41,7 @@ def _draw_noise(batch_size, num_tokens, generator, noise, device) -> torch.Tenso
     if noise is None:
         if device is None:
             device = generator.device if generator is not None else "cpu"
-        return torch.rand(batch_size, num_tokens, generator=generator, device=device)
+        return rng.rand((batch_size, num_tokens), generator=generator, device=device)
     _check_noise(noise, batch_size, num_tokens)
     return noise
 
@@ -93,7 +93,7 @@ def sample_mdt_mask_ratio(mask_ratio: float = 0.3, generator: torch.Generator | 
     if ratio_noise is None:
         if device is None:
             device = generator.device if generator is not None else "cpu"
-        ratio_noise = torch.rand(1, generator=generator, device=device)
+        ratio_noise = rng.rand((1,), generator=generator, device=device)
     elif ratio_noise.numel() != 1:
         raise ValueError(f"ratio_noise must hold one value, got shape {list(ratio_noise.shape)}")
     return ratio_noise.reshape(1).to(torch.float32) * spread + mask_ratio
