@@ -555,6 +555,27 @@ def test_gpu_varlen(backend):
             assert_fill_sum(fill.grad, grad_fill, f"grad fill {what}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_gpu_fill_gradient_over_many_partial_sums(backend):
+    """The [D] mask-token gradient at training sizes: B*N rows reduce through hundreds of partial sums
+    (the CUDA kernel's second stage: 16 slices per column, a remainder slice, D not a multiple of 32)."""
+    _require(backend)
+    gen = torch.Generator().manual_seed(12)
+    for B, N, D, dtype in ((64, 1024, 1152, torch.bfloat16), (33, 257, 72, torch.float32), (16, 256, 1000, torch.float16)):
+        K = N // 2
+        ids = random_ids(B, N, K, gen, "cuda")
+        x_keep = randn((B, K, D), dtype, "contiguous", gen, "cuda").requires_grad_()
+        fill = vector(D, dtype, "contiguous", gen, "cuda").requires_grad_()
+        g = randn((B, N, D), dtype, "contiguous", gen, "cuda")
+        with use_backend(backend):
+            scatter_tokens(x_keep, ids, fill, N).backward(g)
+        grad_keep, grad_fill = ref_scatter_grads(g, ids, False)
+        what = f"{backend} B={B} N={N} D={D} {dtype}"
+        assert_exact(x_keep.grad, grad_keep, f"grad x_keep {what}")
+        assert_fill_sum(fill.grad, grad_fill, f"grad fill {what}")
+
+
 # -----------------------------------------------------------------------------
 # Triton kernels compile for a real GPU (sm_90 PTX + cubin) even here without one
 # -----------------------------------------------------------------------------
