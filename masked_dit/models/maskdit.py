@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from masked_dit.models.registry import register_family, register_sizes
+from masked_dit.models.registry import register_config, register_family, register_sizes
 from masked_dit.nn.block import FinalLayer, FusedDiTBlock, init_dit_weights, run_blocks
 from masked_dit.nn.embed import (OneHotLabelEmbedder, PatchEmbed, TimestepEmbedder, check_labels, sincos_pos_embed_2d,
                                  unpatchify)
@@ -232,4 +232,8 @@ class MaskDiT(nn.Module):
 #                                   Configs                                     #
 #################################################################################
 
-register_sizes("MaskDiT", "maskdit", patch_sizes=(2,))
+# Anima-Lab/MaskDiT's ``--model_type`` choices are its ``DiT_models`` table: S/B/L/XL and H (depth 32,
+# width 1280, 16 heads; MaskDiT only) at patch 2, 4 and 8, so every one of them has a name here.
+register_sizes("MaskDiT", "maskdit", patch_sizes=(2, 4, 8))
+for _p in (2, 4, 8):
+    register_config(f"MaskDiT-H/{_p}", "maskdit", depth=32, hidden_size=1280, num_heads=16, patch_size=_p)

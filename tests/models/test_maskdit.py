@@ -228,3 +228,40 @@ def test_cuda_fixture_and_packed_bf16(fixtures_dir):
             ids_b = ids[pm.cu_seqlens[b]:pm.cu_seqlens[b + 1]][None]
             ref = model(dev["x"][b:b + 1], dev["sigma"][b:b + 1], dev["class_labels"][b:b + 1], ids_keep=ids_b)
             assert rel_err(out[b:b + 1].float(), ref.float()) <= 2e-2
+
+
+#################################################################################
+#                          Every official model_type                           #
+#################################################################################
+
+# Anima-Lab/MaskDiT models/maskdit.py DiT_models (the --model_type choices): depth, width, heads.
+OFFICIAL_MODEL_TYPES = {"H": (32, 1280, 16), "XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12),
+                        "S": (12, 384, 6)}
+
+
+def _official_param_count(depth, D, heads, p, N, num_classes=1000, d=512, dec_depth=8, C=4):
+    """Parameters of EDMPrecond(DiT, use_decoder=True, mae_loss_coef > 0) counted layer by layer."""
+    def block(w, cond):  # qkv, proj, fc1, fc2 (+ biases), adaLN Linear(cond -> 6w)
+        return 3 * w * w + 3 * w + w * w + w + 4 * w * w + 4 * w + 4 * w * w + w + 6 * w * cond + 6 * w
+    embed = C * p * p * D + D + 256 * D + D + D * D + D + num_classes * D + N * D
+    decoder_layer = 2 * D * D + 2 * D + D * d + d
+    head = 2 * d * D + 2 * d + d * p * p * C + p * p * C
+    return embed + depth * block(D, D) + decoder_layer + N * d + d + dec_depth * block(d, D) + head
+
+
+@pytest.mark.parametrize("size", sorted(OFFICIAL_MODEL_TYPES))
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_every_official_model_type_is_registered(size, patch):
+    """`--model_type DiT-H/4` (any of the official table) has a MaskDiT name with that shape; it was
+    registered at patch 2 and without H only, so load_official/build_model refused the others."""
+    depth, hidden, heads = OFFICIAL_MODEL_TYPES[size]
+    name = f"MaskDiT-{size}/{patch}"
+    assert MODEL_CONFIGS[name][0] == "maskdit"
+    for res in (32, 64):  # 256 and 512 px latents
+        with torch.device("meta"):
+            model = build_model(name, input_size=res)
+        net = model.model
+        assert len(net.blocks) == depth and net.pos_embed.shape == (1, (res // patch) ** 2, hidden)
+        assert net.blocks[0].attn.num_heads == heads and net.x_embedder.patch_size == patch
+        n = sum(p.numel() for p in model.parameters())
+        assert n == _official_param_count(depth, hidden, heads, patch, (res // patch) ** 2)
