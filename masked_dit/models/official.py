@@ -5,6 +5,8 @@ Formats handled (whichever the file is):
   * training dicts ``{'ema', 'model', 'opt', 'args', ...}`` (MaskDiT, REPA, some MDT): ``'ema'``
     is preferred, as the official sampling scripts do, then ``'model'``, then ``'state_dict'``,
   * ``.safetensors`` files,
+  * REPA's legacy layout (``decoder_blocks.i`` after ``encoder_depth`` blocks), renumbered as its
+    ``generate.py --legacy`` does,
   * key prefixes from wrappers (``module.`` from DDP, ``_orig_mod.`` from torch.compile, MaskDiT's
     ``model.`` from its EDM wrapper) are matched against the target model's own keys.
 """
@@ -120,6 +122,21 @@ def _match_prefixes(state: dict[str, torch.Tensor], target_keys: set[str]) -> di
     return best
 
 
+def _repa_legacy_blocks(state: dict[str, torch.Tensor], encoder_depth: int) -> dict[str, torch.Tensor]:
+    """REPA's legacy checkpoints split the stack into ``blocks`` (the first ``encoder_depth``) and
+    ``decoder_blocks``; REPA's own ``generate.py --legacy`` (utils.load_legacy_checkpoints) renumbers
+    ``decoder_blocks.i`` as ``blocks.(i + encoder_depth)``. The same here, so such files load too."""
+    if not any(k.startswith("decoder_blocks.") for k in state):
+        return state
+    out = {}
+    for k, v in state.items():
+        if k.startswith("decoder_blocks."):
+            _, idx, rest = k.split(".", 2)
+            k = f"blocks.{int(idx) + encoder_depth}.{rest}"
+        out[k] = v
+    return out
+
+
 def _fmt(keys, limit: int = 8) -> str:
     keys = sorted(keys)
     more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
@@ -168,6 +185,8 @@ def load_official(path: str | os.PathLike, name: str, *, weights_only: bool = Tr
     with torch.device("meta"):
         shell = build_model(name, **overrides)
     state = _match_prefixes(state, set(shell.state_dict().keys()))
+    if getattr(shell, "family", None) == "repa_sit":
+        state = _repa_legacy_blocks(state, shell.encoder_depth)
     shell.name = name
     check_state_dict(shell, state, what=f"checkpoint {os.fspath(path)}")
     model = build_model(name, **overrides)

@@ -149,3 +149,29 @@ def test_load_official_errors(fixtures_dir, tmp_path):
     torch.save({"step": 3, "opt": {"lr": 1.0}}, path)
     with pytest.raises(ValueError, match="no weights found"):
         load_official(path, "DiT-S/2")
+
+
+def test_repa_legacy_checkpoint_layout(fixtures_dir, tmp_path):
+    """REPA's legacy layout (`blocks` up to encoder_depth, then `decoder_blocks.i`), which REPA's
+    generate.py --legacy renumbers as blocks.(i + encoder_depth): it loads and reproduces the fixture."""
+    config, state, inputs, outputs = load_model_fixture(fixtures_dir, "repa_sit")
+    enc = config["encoder_depth"]
+    legacy = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if parts[0] == "blocks" and int(parts[1]) >= enc:
+            k = ".".join(["decoder_blocks", str(int(parts[1]) - enc)] + parts[2:])
+        legacy[k] = v
+    assert any(k.startswith("decoder_blocks.") for k in legacy)
+    path = tmp_path / "repa_legacy.pt"
+    torch.save({"ema": legacy, "args": argparse.Namespace(encoder_depth=enc)}, path)
+    model = load_official(path, "REPA-SiT-S/2", **_tiny(config))
+    with torch.no_grad():
+        out, zs = model(inputs["x"], inputs["t"], inputs["y"])
+    assert rel_err(out, outputs["forward"]) <= 1e-5 and rel_err(zs[0], outputs["zs.0"]) <= 1e-5
+    # another family keeps its own decoder_blocks (MaskDiT's are real keys): untouched
+    config_m, state_m, _, _ = load_model_fixture(fixtures_dir, "maskdit")
+    torch.save({"ema": state_m}, path)
+    model = load_official(path, "MaskDiT-XL/2", **_tiny(config_m))
+    assert torch.equal(model.state_dict()["model.decoder_blocks.1.mlp.fc2.weight"],
+                       state_m["model.decoder_blocks.1.mlp.fc2.weight"])
