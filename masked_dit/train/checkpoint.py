@@ -8,7 +8,8 @@ A checkpoint is a folder ``<run>/checkpoints/step_XXXXXXXX/``:
 
 Everything is written to ``step_XXXXXXXX.tmp`` first and renamed by rank 0 after all ranks are
 done, so a crash mid-save leaves only a ``.tmp`` folder that resume ignores (and the next save
-removes). ``keep_last`` complete checkpoints are kept. A checkpoint is deleted by removing its
+removes). ``keep_last`` complete checkpoints are kept; complete ones newer than the step just saved
+(an abandoned trajectory) are renamed ``step_XXXXXXXX.superseded``, so the new one is the latest. A checkpoint is deleted by removing its
 ``meta.json`` first, so a crash mid-delete leaves an incomplete folder, never a "complete" one with
 missing shards. ``resume='latest'`` takes the newest checkpoint whose files are all there and whole
 (``verify_checkpoint``), and a checkpoint of another model is refused with the mismatching keys.
@@ -176,6 +177,17 @@ def save_checkpoint(ckpt_root, step: int, model, optimizer, ema, world, extra: d
                 shutil.rmtree(aside)
             os.replace(final, aside)
         os.replace(tmp, final)
+        # Checkpoints past this step belong to a trajectory this run has left (resumed from an older
+        # checkpoint, or past a damaged newest one): left complete, they would stay "latest" (a
+        # --resume latest would jump back onto the abandoned run) and keep_last would prune the
+        # checkpoint just written. Renamed out of the checkpoint namespace, kept for the user.
+        for newer in [p for p in list_checkpoints(root) if int(CKPT_RE.match(p.name).group(1)) > step]:
+            aside, n = root / f"{newer.name}.superseded", 1
+            while aside.exists():
+                aside, n = root / f"{newer.name}.superseded{n}", n + 1
+            os.replace(newer, aside)
+            warnings.warn(f"{newer.name} is newer than step {step} this run just saved: moved to {aside.name} "
+                          f"(no longer resumed by --resume latest)", stacklevel=2)
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             remove_checkpoint(old)
         for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:

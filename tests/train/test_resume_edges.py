@@ -1,0 +1,29 @@
+"""Resume edge cases: checkpoints of an abandoned trajectory, resumes with another world size."""
+import pytest
+import torch
+
+from masked_dit.train import Trainer
+from masked_dit.train import checkpoint as ckpt
+from tests.train.tiny import tiny_config
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_resume_from_an_older_checkpoint_makes_its_saves_the_latest(tmp_path, keep_last):
+    """Resumed from an older checkpoint (backing off a divergence), the run's own saves must be what
+    --resume latest continues, and retention must never delete the checkpoint it just wrote. Before the
+    fix the abandoned run's newer step_6 stayed 'latest' and, with keep_last=1, step_5 was deleted at once."""
+    over = {"train.steps": 8, "train.ckpt_every": 2, "train.keep_last": 3}
+    Trainer(tiny_config("digits-dit", tmp_path, **over)).fit(stop_at=6)
+    root = tmp_path / "digits-dit" / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000002", "step_00000004", "step_00000006"]
+    branch = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "train.ckpt_every": 1, "train.keep_last": keep_last,
+                                                            "run.resume": str(root / "step_00000004")}))
+    assert branch.step == 4
+    branch.fit(stop_at=5)  # saves step 5, then is killed
+    names = [p.name for p in ckpt.list_checkpoints(root)]
+    assert names[-1] == "step_00000005" and len(names) == keep_last, names
+    assert ckpt.resolve_resume("latest", root).name == "step_00000005"
+    resumed = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
+    assert resumed.step == 5
+    for (n, p), q in zip(branch.module.named_parameters(), resumed.module.parameters()):
+        assert torch.equal(p, q), n
