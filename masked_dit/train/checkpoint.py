@@ -237,6 +237,7 @@ def load_checkpoint(path, model, optimizer, ema, world, model_name: str | None =
         # global (every rank holds the same) and BatchStream converts it to the new batch geometry.
         extra = torch.load(path / "rank_00000.pt", map_location="cpu", weights_only=False)
         extra.pop("rng", None)
+        extra["rng_restored"] = False  # the caller reseeds (the run's seed, rank and step)
     extra["step"] = meta["step"]
     return extra
 

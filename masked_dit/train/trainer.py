@@ -156,6 +156,11 @@ class Trainer:
         self.stop_signum = None  # a stop signal every rank has agreed on (see _agree)
         if resume is not None:
             extra = ckpt.load_checkpoint(resume, self.module, self.optimizer, self.ema, w, model_name=self.model_name)
+            if extra.pop("rng_restored", True) is False:
+                # Another world size: this rank's saved stream cannot be reused. Still seeded with the
+                # step: reseeding as at step 0 would replay the first steps' noise, timesteps, masks and
+                # label dropout on every rank (rank r of the new world draws what rank r drew at step 0).
+                torch.manual_seed((cfg.run.seed * 100_003 + w.rank) * 1_000_003 + extra["step"])
             self.resumed_step = extra["step"]
             self.nonfinite_total = extra.get("nonfinite_steps", 0)
             self.sample_owed = bool(extra.get("sample_owed", False))

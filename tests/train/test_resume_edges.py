@@ -27,3 +27,24 @@ def test_resume_from_an_older_checkpoint_makes_its_saves_the_latest(tmp_path, ke
     assert resumed.step == 5
     for (n, p), q in zip(branch.module.named_parameters(), resumed.module.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_resume_with_another_world_size_does_not_replay_the_first_steps_draws(tmp_path):
+    """A checkpoint of another world size cannot give this rank its RNG stream back. The stream used to
+    restart from the step-0 seed, so the resumed steps drew the very noise, timesteps and label dropout of
+    steps 1, 2, ...; now it is seeded with the step too (and still deterministic)."""
+    import json
+
+    over = {"train.steps": 4, "train.ckpt_every": 2}
+    Trainer(tiny_config("digits-dit", tmp_path / "a", **over)).fit(stop_at=2)
+    meta_path = tmp_path / "a" / "digits-dit" / "checkpoints" / "step_00000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "world_size": 2}))  # as if written by 2 ranks
+    Trainer(tiny_config("digits-dit", tmp_path / "b", **over))
+    at_step_0 = torch.get_rng_state()
+    resumed = Trainer(tiny_config("digits-dit", tmp_path / "a", **{**over, "run.resume": "latest"}))
+    assert resumed.step == 2
+    after_resume = torch.get_rng_state()
+    assert not torch.equal(after_resume, at_step_0)
+    Trainer(tiny_config("digits-dit", tmp_path / "a", **{**over, "run.resume": "latest"}))
+    assert torch.equal(torch.get_rng_state(), after_resume)  # reproducible
