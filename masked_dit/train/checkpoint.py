@@ -171,23 +171,24 @@ def save_checkpoint(ckpt_root, step: int, model, optimizer, ema, world, extra: d
         meta = {"step": step, "world_size": world.size, **({"model": model_name} if model_name else {}),
                 "optimizer": type(optimizer).__name__}
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+        # Checkpoints past this step belong to a trajectory this run has left (resumed from an older
+        # checkpoint, or past a damaged newest one): left complete, they would stay "latest" (a
+        # --resume latest would jump back onto the abandoned run) and keep_last would prune the
+        # checkpoint just written. Renamed out of the checkpoint namespace (kept for the user) before
+        # the new one is put in place: a kill in between falls back to an older step of this run.
+        for newer in [p for p in list_checkpoints(root) if int(CKPT_RE.match(p.name).group(1)) > step]:
+            aside, n = root / f"{newer.name}.superseded", 1
+            while aside.exists():
+                aside, n = root / f"{newer.name}.superseded{n}", n + 1
+            os.replace(newer, aside)
+            warnings.warn(f"{newer.name} is newer than step {step} this run is saving: moved to {aside.name} "
+                          f"(no longer resumed by --resume latest)", stacklevel=2)
         if final.exists():  # re-saving a step: move the old one aside (renames are atomic), then drop it
             aside = root / f"step_{step:08d}.old"
             if aside.exists():
                 shutil.rmtree(aside)
             os.replace(final, aside)
         os.replace(tmp, final)
-        # Checkpoints past this step belong to a trajectory this run has left (resumed from an older
-        # checkpoint, or past a damaged newest one): left complete, they would stay "latest" (a
-        # --resume latest would jump back onto the abandoned run) and keep_last would prune the
-        # checkpoint just written. Renamed out of the checkpoint namespace, kept for the user.
-        for newer in [p for p in list_checkpoints(root) if int(CKPT_RE.match(p.name).group(1)) > step]:
-            aside, n = root / f"{newer.name}.superseded", 1
-            while aside.exists():
-                aside, n = root / f"{newer.name}.superseded{n}", n + 1
-            os.replace(newer, aside)
-            warnings.warn(f"{newer.name} is newer than step {step} this run just saved: moved to {aside.name} "
-                          f"(no longer resumed by --resume latest)", stacklevel=2)
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             remove_checkpoint(old)
         for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
