@@ -11,8 +11,9 @@ done, so a crash mid-save leaves only a ``.tmp`` folder that resume ignores (and
 removes). ``keep_last`` complete checkpoints are kept; complete ones newer than the step just saved
 (an abandoned trajectory) are renamed ``step_XXXXXXXX.superseded``, so the new one is the latest. A checkpoint is deleted by removing its
 ``meta.json`` first, so a crash mid-delete leaves an incomplete folder, never a "complete" one with
-missing shards. ``resume='latest'`` takes the newest checkpoint whose files are all there and whole
-(``verify_checkpoint``), and a checkpoint of another model is refused with the mismatching keys.
+missing shards. The rank files, meta.json and the renames are fsynced (DCP syncs its shards), so a
+node crash cannot keep a checkpoint's name without its bytes. ``resume='latest'`` takes the newest
+checkpoint whose files are all there and whole (``verify_checkpoint``: shard sizes, readable rank files), and a checkpoint of another model is refused with the mismatching keys.
 
 The export (``<run>/export/``: ``ema.safetensors`` + ``config.json``) holds the unsharded EMA weights
 under the official key names; ``masked_dit.models.load_official(path, name, **kwargs)`` loads it
@@ -84,9 +85,18 @@ def verify_checkpoint(path, world_size: int | None = None) -> None:
     meta = json.loads((path / "meta.json").read_text())
     if world_size is None or meta.get("world_size") == world_size:
         ranks = range(meta.get("world_size", 1)) if world_size is None else range(world_size)
-        for rank in ranks:
-            if not (path / f"rank_{rank:05d}.pt").is_file():
-                raise ValueError(f"checkpoint {path} is damaged: rank_{rank:05d}.pt is missing")
+    else:  # another world size reads rank 0's file (the data position) only
+        ranks = range(1)
+    for rank in ranks:
+        file = path / f"rank_{rank:05d}.pt"
+        if not file.is_file():
+            raise ValueError(f"checkpoint {path} is damaged: {file.name} is missing")
+        # Small files (RNG, data position) that DCP's size table does not cover: an empty or torn one
+        # (a node crash before it reached the disk) must make the checkpoint skipped, not a crash at load.
+        try:
+            torch.load(file, map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - a torn pickle / zip raises many types
+            raise ValueError(f"checkpoint {path} is damaged: {file.name} is unreadable") from None
 
 
 def resolve_resume(resume: str | None, ckpt_root, world_size: int | None = None) -> Path | None:
@@ -166,11 +176,14 @@ def save_checkpoint(ckpt_root, step: int, model, optimizer, ema, world, extra: d
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
         dcp.save(_app_state(model, optimizer, ema), checkpoint_id=str(tmp))
     torch.save({"rng": rng_state(), **extra}, tmp / f"rank_{world.rank:05d}.pt")
+    _fsync(tmp / f"rank_{world.rank:05d}.pt")  # DCP syncs its own files; ours too, before meta.json exists
     _barrier(world)
     if world.is_main:
         meta = {"step": step, "world_size": world.size, **({"model": model_name} if model_name else {}),
                 "optimizer": type(optimizer).__name__}
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+        _fsync(tmp / "meta.json")
+        _fsync(tmp)
         # Checkpoints past this step belong to a trajectory this run has left (resumed from an older
         # checkpoint, or past a damaged newest one): left complete, they would stay "latest" (a
         # --resume latest would jump back onto the abandoned run) and keep_last would prune the
@@ -189,6 +202,7 @@ def save_checkpoint(ckpt_root, step: int, model, optimizer, ema, world, extra: d
                 shutil.rmtree(aside)
             os.replace(final, aside)
         os.replace(tmp, final)
+        _fsync(root)  # the renames: durable before older checkpoints are pruned
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             remove_checkpoint(old)
         for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
@@ -241,6 +255,19 @@ def load_checkpoint(path, model, optimizer, ema, world, model_name: str | None =
         extra["rng_restored"] = False  # the caller reseeds (the run's seed, rank and step)
     extra["step"] = meta["step"]
     return extra
+
+
+def _fsync(path) -> None:
+    """Flushes a file's bytes (or a folder's entries: renames) to the disk. A killed process loses
+    nothing the kernel has; a crashed node loses what was not synced, and a checkpoint renamed into
+    place must not outlive its contents."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot sync a folder: their renames are as durable as they get
+        pass
+    finally:
+        os.close(fd)
 
 
 def _barrier(world) -> None:

@@ -67,3 +67,36 @@ def test_resume_is_bit_exact_with_adan_warmup_accumulation_and_flips(tmp_path):
     for n in full.ema.shadow:
         assert torch.equal(full.ema.shadow[n], resumed.ema.shadow[n]), n
     assert full.stream.state_dict() == resumed.stream.state_dict()
+
+
+@pytest.mark.parametrize("damage", ["empty", "torn"])
+def test_latest_skips_a_checkpoint_whose_rank_file_is_unreadable(tmp_path, damage):
+    """A node crash right after a save can leave a renamed checkpoint whose small rank file (RNG, data
+    position) never reached the disk: empty or torn. It was 'latest' anyway (only its presence was
+    checked) and every --resume latest then died in torch.load; now it is skipped like a torn shard."""
+    over = {"train.steps": 6, "train.ckpt_every": 2}
+    Trainer(tiny_config("digits-dit", tmp_path, **over)).fit(stop_at=4)
+    root = tmp_path / "digits-dit" / "checkpoints"
+    rank_file = root / "step_00000004" / "rank_00000.pt"
+    rank_file.write_bytes(b"" if damage == "empty" else rank_file.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="step_00000004 is damaged: rank_00000.pt is unreadable"):
+        assert ckpt.resolve_resume("latest", root, world_size=1) == root / "step_00000002"
+    with pytest.warns(UserWarning, match="is damaged"):
+        resumed = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
+    assert resumed.step == 2
+
+
+def test_save_syncs_the_small_files_and_the_rename(tmp_path, monkeypatch):
+    """DCP fsyncs its shards; the rank files, meta.json and the folder renames must reach the disk
+    before the checkpoint counts as complete, or a node crash can keep the name without the bytes."""
+    import os
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])
+    Trainer(tiny_config("digits-dit", tmp_path, **{"train.steps": 2, "train.ckpt_every": 1})).fit(stop_at=1)
+    root = tmp_path / "digits-dit" / "checkpoints"
+    names = {os.path.basename(p) for p in synced}
+    assert {"rank_00000.pt", "meta.json"} <= names, names
+    assert str(root) in synced  # the folder holding the renamed checkpoint
