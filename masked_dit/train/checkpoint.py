@@ -6,14 +6,16 @@ A checkpoint is a folder ``<run>/checkpoints/step_XXXXXXXX/``:
     rank_00000.pt             this rank's RNG states and data position
     meta.json                 step, world size; written last: its presence marks the checkpoint complete
 
-Everything is written to ``step_XXXXXXXX.tmp`` first and renamed by rank 0 after all ranks are
-done, so a crash mid-save leaves only a ``.tmp`` folder that resume ignores (and the next save
-removes). ``keep_last`` complete checkpoints are kept; complete ones newer than the step just saved
-(an abandoned trajectory) are renamed ``step_XXXXXXXX.superseded``, so the new one is the latest. A checkpoint is deleted by removing its
-``meta.json`` first, so a crash mid-delete leaves an incomplete folder, never a "complete" one with
-missing shards. The rank files, meta.json and the renames are fsynced (DCP syncs its shards), so a
-node crash cannot keep a checkpoint's name without its bytes. ``resume='latest'`` takes the newest
-checkpoint whose files are all there and whole (``verify_checkpoint``: shard sizes, readable rank files), and a checkpoint of another model is refused with the mismatching keys.
+Everything is written to ``step_XXXXXXXX.tmp`` first and renamed by rank 0 after all ranks are done,
+so a crash mid-save leaves only a ``.tmp`` folder that resume ignores (and the next save removes).
+``keep_last`` complete checkpoints are kept; complete ones newer than the step just saved (an
+abandoned trajectory) are renamed ``step_XXXXXXXX.superseded``, so the new one is the latest. A
+checkpoint is deleted by removing its ``meta.json`` first, so a crash mid-delete leaves an
+incomplete folder, never a "complete" one with missing shards. The rank files, meta.json and the
+renames are fsynced (DCP syncs its shards), so a node crash cannot keep a checkpoint's name without
+its bytes. ``resume='latest'`` takes the newest checkpoint whose files are all there and whole
+(``verify_checkpoint``: shard sizes, readable rank files), and a checkpoint of another model is
+refused with the mismatching keys.
 
 The export (``<run>/export/``: ``ema.safetensors`` + ``config.json``) holds the unsharded EMA weights
 under the official key names; ``masked_dit.models.load_official(path, name, **kwargs)`` loads it
