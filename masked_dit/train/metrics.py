@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 datasheet peaks (FLOP/s) by a substring of the device name. MFU is reported against
-# these unless --train.peak_tflops overrides them.
-PEAK_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0,
+# Dense bf16 datasheet peaks (TFLOP/s) by a substring of the device name, first match wins: the PCIe /
+# NVL boards (lower clocks and power) come before their SXM family name, which would match them too.
+# MFU is reported against these unless --train.peak_tflops overrides them.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H800 PCIe": 756.0, "H200 NVL": 835.0,
+                    "A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0,
                     "B200": 2250.0}
 
 

@@ -55,3 +55,17 @@ def test_truncate_after_keeps_one_record_per_step(tmp_path):
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
     log.truncate_after(0)
     assert path.read_text() == ""
+
+
+def test_peak_by_device_name_tells_pcie_and_nvl_boards_from_sxm(monkeypatch):
+    """'NVIDIA H100 PCIe' used to match the 'H100' entry (989, the SXM part) and report an MFU 24% low
+    against its 756 TFLOP/s datasheet peak."""
+    cuda = torch.device("cuda", 0)
+    expected = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+                "NVIDIA H200": 989.0, "NVIDIA H200 NVL": 835.0, "NVIDIA H800 PCIe": 756.0,
+                "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA GeForce RTX 3090": None}
+    for name, tflops in expected.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        got = metrics.peak_flops(cuda)
+        assert got == (None if tflops is None else tflops * 1e12), name
+    assert metrics.peak_flops(cuda, override_tflops=500) == 500e12
