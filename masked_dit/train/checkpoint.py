@@ -134,16 +134,17 @@ def remove_checkpoint(path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def check_fits(path, model, name: str | None = None) -> None:
+def check_fits(path, model, name: str | None = None, ignore=()) -> None:
     """Raises ValueError (missing / unexpected keys, shape mismatches) if the checkpoint at ``path``
-    holds weights of another model than ``model``; reads only the DCP metadata."""
+    holds weights of another model than ``model``; reads only the DCP metadata. Saved keys named in
+    ``ignore`` may be there (weights the model does not build, see ``warm_start``)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     from masked_dit.models.official import check_state_dict
 
     metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     saved = {k[len("model."):]: torch.empty(v.size, device="meta") for k, v in metadata.items()
-             if k.startswith("model.") and hasattr(v, "size")}
+             if k.startswith("model.") and hasattr(v, "size") and k[len("model."):] not in ignore}
     own = {}
     for k, v in model.state_dict().items():
         for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module."):

@@ -51,12 +51,27 @@ def initial_weights(spec: str, model: nn.Module, model_name: Optional[str] = Non
     return _from_file(path, model)
 
 
+def unused_source_keys(model: nn.Module) -> set[str]:
+    """Weights a source run may hold that ``model`` does not build because its config does not use
+    them: MaskDiT's ``mask_token`` exists only with an MAE loss (``mae_loss_coef > 0``), and the
+    unmasking fine-tune (``-unmask`` preset: no MAE loss) starts from the masked run, which has one.
+    The unmasked model never places mask tokens, so dropping it loses nothing."""
+    keys = set()
+    for name, module in model.named_modules():
+        if getattr(module, "use_decoder", False) and getattr(module, "mask_token", ...) is None:
+            keys.add(f"{name}.mask_token" if name else "mask_token")
+    return keys
+
+
 def _from_file(path: Path, model: nn.Module) -> tuple[dict, dict]:
     obj = read_checkpoint(path)
     weights = pick_weights(obj, path, prefer=("model", "state_dict", "module", "ema"))
     ema = pick_weights(obj, path, prefer=("ema", "model", "state_dict", "module"))
     keys = set(model.state_dict())
     weights, ema = _match_prefixes(weights, keys), _match_prefixes(ema, keys)
+    unused = unused_source_keys(model)
+    weights = {k: v for k, v in weights.items() if k not in unused}
+    ema = {k: v for k, v in ema.items() if k not in unused}
     check_state_dict(model, weights, what=f"--run.init_from {path}")
     check_state_dict(model, ema, what=f"--run.init_from {path} (EMA)")
     return weights, ema
@@ -72,7 +87,7 @@ def _from_checkpoint_folder(path: Path, model: nn.Module, model_name: Optional[s
     saved_name = json.loads((path / "meta.json").read_text()).get("model")
     if model_name and saved_name and saved_name != model_name:
         raise ValueError(f"--run.init_from {path}: holds a {saved_name} model, not {model_name}")
-    ckpt.check_fits(path, model, model_name)
+    ckpt.check_fits(path, model, model_name, ignore=unused_source_keys(model))  # DCP reads only the template's keys
     # Plain CPU tensors as the template: DCP reads only these two entries (not the optimizer) and
     # reshards whatever layout the checkpoint was saved with into full tensors.
     params = dict(model.named_parameters())
