@@ -22,6 +22,14 @@ def build_dataset(data_cfg, model_cfg=None):
             raise ValueError("--data.source=latents needs --data.path=<folder made by masked-dit extract-latents>")
         ds = LatentDataset(data_cfg.path)
         shape = (ds.latent_shape[0], ds.latent_shape[-1])
+        if data_cfg.random_flip and not ds.has_flip:
+            # A latent cannot be mirrored after the VAE: without the flipped moments the flip keys
+            # select nothing, and a run believed augmented would silently train without it.
+            import warnings
+
+            warnings.warn(f"--data.random_flip=true but the latents in {data_cfg.path} were extracted without "
+                          "--flip: no flipped copies, training without flips (re-extract with --flip, or pass "
+                          "--data.random_flip=false)", stacklevel=2)
         if getattr(data_cfg, "features", None):
             from masked_dit.data.encoders import LatentsWithFeatures
 

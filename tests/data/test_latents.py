@@ -99,3 +99,24 @@ def test_train_on_latents(tiny_vae_dir, images_dir, tmp_path):
                                                  "run.name": "bad"})
     with pytest.raises(ValueError, match="data gives 4x8x8 inputs but the model expects"):
         train(bad)
+
+
+def test_random_flip_on_latents_without_flipped_moments_warns(tiny_vae_dir, images_dir, tmp_path):
+    """--data.random_flip is on by default (ImageNet presets) but latents extracted without --flip hold no
+    mirrored moments: the flip keys were silently ignored and a whole run trained without its augmentation."""
+    from masked_dit.configs import get_preset
+    from masked_dit.data import build_dataset
+
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    extract_latents(ImageFolderDataset(str(images_dir), 16), tmp_path / "lat", vae, shard_size=4, batch_size=2,
+                    flip=False, progress=False)
+    data = get_preset("imagenet256-dit-xl2").data
+    data.source, data.path = "latents", str(tmp_path / "lat")
+    assert data.random_flip
+    with pytest.warns(UserWarning, match="extracted without --flip"):
+        build_dataset(data)
+    data.random_flip = False
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_dataset(data)
