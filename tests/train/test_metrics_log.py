@@ -69,3 +69,21 @@ def test_peak_by_device_name_tells_pcie_and_nvl_boards_from_sxm(monkeypatch):
         got = metrics.peak_flops(cuda)
         assert got == (None if tflops is None else tflops * 1e12), name
     assert metrics.peak_flops(cuda, override_tflops=500) == 500e12
+
+
+def test_mdtv2_flops_count_both_passes_at_mask_ratio_zero():
+    """MDTv2's objective always runs a full and a masked pass; at mask_ratio = jitter = 0 the masked pass
+    keeps every token but still runs. Its FLOPs used to be dropped there (MFU halved): the count must
+    stay continuous as the ratio goes to 0."""
+    from masked_dit.configs import apply_overrides, get_preset
+    from masked_dit.train.build import build_model_from_config
+
+    def flops(ratio):
+        cfg = apply_overrides(get_preset("imagenet256-mdtv2-xl2"),
+                              {"objective.mask_ratio": ratio, "objective.mask_ratio_jitter": 0.0})
+        with torch.device("meta"):
+            model = build_model_from_config(cfg)
+        return metrics.training_flops_per_image(model, cfg.objective)
+
+    at_zero, near_zero = flops(0.0), flops(1 / 256)  # 1/256 of 256 tokens: 255 kept
+    assert abs(at_zero - near_zero) / near_zero < 0.01, (at_zero, near_zero)
