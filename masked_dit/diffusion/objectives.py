@@ -37,6 +37,9 @@ FAMILIES = {
     "edm_maskdit": ("maskdit",),
     "repa": ("repa_sit",),
 }
+# Samplers each objective's ``sample`` accepts (besides "auto").
+SAMPLERS = {"adm": ("ddpm", "ddim"), "mdtv2": ("ddpm", "ddim"), "transport": ("ode", "euler", "heun", "sde"),
+            "edm_maskdit": ("heun",), "repa": ("euler", "ode", "heun", "sde")}
 # The objective a family trains with when none is named.
 DEFAULT_OBJECTIVE = {"dit": "adm", "mdtv2": "mdtv2", "mdtv1": "mdtv2", "sit": "transport", "maskdit": "edm_maskdit",
                      "repa_sit": "repa"}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES
+from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS
 
 
 def model_kwargs(cfg) -> tuple[str, dict]:
@@ -42,6 +42,14 @@ def model_kwargs(cfg) -> tuple[str, dict]:
             kw["z_dims"] = cached_feature_dims(cfg.data, mc.input_size // patch)
     kw.update(mc.extra)
     return mc.name, kw
+
+
+def check_sampler(cfg) -> None:
+    """Before training: a sampler the objective lacks would otherwise stop the run at its first grid."""
+    sampler, kind = cfg.sample.sampler, cfg.objective.kind
+    if sampler != "auto" and sampler not in SAMPLERS[kind]:
+        raise ValueError(f"--sample.sampler={sampler} does not apply to --objective.kind={kind}; choose one of: "
+                         f"auto, {', '.join(SAMPLERS[kind])}")
 
 
 def encoder_z_dims(specs: str) -> list[int]:

@@ -28,7 +28,7 @@ from masked_dit.configs import Config, validate
 from masked_dit.data import BatchStream, build_dataset, sample_posterior
 from masked_dit.diffusion.objectives import build_objective, unwrap
 from masked_dit.train import checkpoint as ckpt
-from masked_dit.train.build import build_model_from_config, model_kwargs
+from masked_dit.train.build import build_model_from_config, check_sampler, model_kwargs
 from masked_dit.train.dist import World, init_world, shutdown
 from masked_dit.train.ema import EMA
 from masked_dit.train.grid import fixed_noise, grid_labels, save_grid
@@ -122,6 +122,7 @@ class Trainer:
         # Same initial weights on every rank (seeded identically), then per-rank streams.
         torch.manual_seed(cfg.run.seed)
         self.model_name, self.model_kwargs = model_kwargs(cfg)
+        check_sampler(cfg)
         module = build_model_from_config(cfg).to(w.device)
         resume = ckpt.resolve_resume(resume_arg, self.ckpt_dir, w.size)
         init_ema = None

@@ -173,6 +173,10 @@ CASES = [
                                                            "--sample.guidance_high=0.2"),
      "masked-dit train: error: --sample.guidance_low=0.8 must be <= --sample.guidance_high=0.2 (guidance applies "
      "for t in [low, high])"),
+    # was found only at the first sample grid, after the training steps (at the end with the digits presets)
+    ("cli-sampler-of-other-objective", lambda w, m: _train(w, "--sample.sampler=heun"),
+     "masked-dit train: error: --sample.sampler=heun does not apply to --objective.kind=adm; choose one of: auto, "
+     "ddpm, ddim"),
     ("cli-config-and-preset", lambda w, m: ["train", "--config", str(_json(w, "c.json", "{}")), "--preset",
                                             "digits-sit"],
      "masked-dit train: error: --config {work}/c.json and --preset digits-sit exclude each other; a config file "
