@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -128,6 +129,14 @@ def _sample(args, _overrides) -> int:
     if args.batch_size < 1 or args.num < 1:
         raise ValueError(f"--batch-size ({args.batch_size}) and --num-samples ({args.num}) must be >= 1")
     _check_positive(args, "steps", "per_class")
+    for name in ("cfg_scale", "scale_pow", "guidance_low", "guidance_high"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number (got {value})")
+    if args.scale_pow is not None and args.scale_pow < 0:
+        raise ValueError(f"--scale-pow must be >= 0 (0: constant guidance scale; got {args.scale_pow})")
+    if args.guidance_low is not None and args.guidance_high is not None and args.guidance_low > args.guidance_high:
+        raise ValueError(f"--guidance-low {args.guidance_low} must be <= --guidance-high {args.guidance_high}")
     if args.classes == []:
         raise ValueError("--classes needs at least one class label (or leave it out)")
     if out.exists() and out.is_dir():

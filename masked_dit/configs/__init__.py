@@ -240,8 +240,9 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.optim, key)
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"--optim.{key} must be a finite number >= 0 (got {value})")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"--data.num_workers must be >= 0 (got {cfg.data.num_workers})")
+    for section, key in (("data", "num_workers"), ("optim", "warmup_steps"), ("sample", "eval_num")):
+        if getattr(getattr(cfg, section), key) < 0:
+            raise ConfigError(f"--{section}.{key} must be >= 0 (got {getattr(getattr(cfg, section), key)})")
     if not (math.isfinite(cfg.data.latent_scale) and cfg.data.latent_scale > 0):
         raise ConfigError(f"--data.latent_scale must be a finite number > 0 (got {cfg.data.latent_scale})")
     _validate_sample(cfg)
@@ -292,6 +293,11 @@ def _validate_sample(cfg: Config) -> None:
         if bad:
             raise ConfigError(f"--sample.grid_classes {bad} are outside [0, {cfg.model.num_classes - 1}] "
                               f"(--model.num_classes={cfg.model.num_classes})")
+    for key in ("cfg_scale", "scale_pow", "guidance_low", "guidance_high"):
+        if not math.isfinite(getattr(sc, key)):
+            raise ConfigError(f"--sample.{key} must be a finite number (got {getattr(sc, key)})")
+    if sc.scale_pow < 0:
+        raise ConfigError(f"--sample.scale_pow must be >= 0 (0: constant guidance scale; got {sc.scale_pow})")
     if not sc.guidance_low <= sc.guidance_high:
         raise ConfigError(f"--sample.guidance_low={sc.guidance_low} must be <= --sample.guidance_high="
                           f"{sc.guidance_high} (guidance applies for t in [low, high])")

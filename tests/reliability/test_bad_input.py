@@ -173,6 +173,15 @@ CASES = [
                                                            "--sample.guidance_high=0.2"),
      "masked-dit train: error: --sample.guidance_low=0.8 must be <= --sample.guidance_high=0.2 (guidance applies "
      "for t in [low, high])"),
+    # were accepted: a negative warmup or eval_num silently meant none, a NaN scale wrote NaN metrics
+    ("cli-warmup-negative", lambda w, m: _train(w, "--optim.warmup_steps=-3"),
+     "masked-dit train: error: --optim.warmup_steps must be >= 0 (got -3)"),
+    ("cli-eval-num-negative", lambda w, m: _train(w, "--sample.eval_num=-1"),
+     "masked-dit train: error: --sample.eval_num must be >= 0 (got -1)"),
+    ("cli-cfg-scale-nan", lambda w, m: _train(w, "--sample.cfg_scale=nan"),
+     "masked-dit train: error: --sample.cfg_scale must be a finite number (got nan)"),
+    ("cli-scale-pow-negative", lambda w, m: _train(w, "--sample.scale_pow=-1"),
+     "masked-dit train: error: --sample.scale_pow must be >= 0 (0: constant guidance scale; got -1.0)"),
     # was found only at the first sample grid, after the training steps (at the end with the digits presets)
     ("cli-sampler-of-other-objective", lambda w, m: _train(w, "--sample.sampler=heun"),
      "masked-dit train: error: --sample.sampler=heun does not apply to --objective.kind=adm; choose one of: auto, "
@@ -320,6 +329,13 @@ CASES = [
                                          "--vae", str(w / "novae")],
      "masked-dit sample: error: --vae {work}/novae: no such folder (a save_pretrained AutoencoderKL folder "
      "or a hub id)"),
+    ("sample-cfg-scale-nan", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
+                                           "--cfg-scale", "nan"],
+     "masked-dit sample: error: --cfg-scale must be a finite number (got nan)"),
+    ("sample-guidance-interval-reversed", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out",
+                                                        str(w / "g.png"), "--guidance-low", "0.9",
+                                                        "--guidance-high", "0.1"],
+     "masked-dit sample: error: --guidance-low 0.9 must be <= --guidance-high 0.1"),
     # --- extract-latents ----------------------------------------------------------------------------------
     ("extract-batch-size-zero", lambda w, m: ["extract-latents", str(m / "images"), str(w / "lat"),
                                               "--batch-size", "0"],
