@@ -245,6 +245,8 @@ def _extract(args, _overrides) -> int:
     from masked_dit.data.latents import load_vae
 
     _check_positive(args, "image_size", "batch_size", "shard_size")
+    if args.shard_size % args.batch_size:  # checked before the VAE loads, in the options' names
+        raise ValueError(f"--shard-size {args.shard_size} must be a multiple of --batch-size {args.batch_size}")
     _check_out_dir(args.out)
     device = _device(args.device)
     dataset = ImageFolderDataset(args.images, args.image_size, args.on_bad_image)

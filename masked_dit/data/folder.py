@@ -57,6 +57,8 @@ def load_image(path: str, image_size: int, min_size: int | None = None) -> np.nd
 
 def list_images(root: str) -> tuple[list[str], list[int], list[str]]:
     """Files and labels under ``root``: class subfolders if any hold images, else ADM naming."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise NotADirectoryError(f"image folder {root!r} is a file; name the folder that holds the images")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist")
     subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))

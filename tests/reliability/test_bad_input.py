@@ -340,6 +340,15 @@ CASES = [
     ("extract-batch-size-zero", lambda w, m: ["extract-latents", str(m / "images"), str(w / "lat"),
                                               "--batch-size", "0"],
      "masked-dit extract-latents: error: --batch-size must be >= 1 (got 0)"),
+    # was "shard_size (4) must be a multiple of batch_size (32)", after loading the VAE
+    ("extract-shard-not-multiple-of-batch", lambda w, m: ["extract-latents", str(m / "images"), str(w / "lat"),
+                                                          "--shard-size", "4", "--batch-size", "32"],
+     "masked-dit extract-latents: error: --shard-size 4 must be a multiple of --batch-size 32"),
+    # was "image folder ... does not exist" for a file that exists
+    ("extract-images-is-file", lambda w, m: ["extract-latents", str(m / "images/a/0.png"), str(w / "lat"),
+                                             "--device", "cpu"],
+     "masked-dit extract-latents: error: image folder '{m}/images/a/0.png' is a file; name the folder that holds "
+     "the images"),
     ("extract-out-is-file", lambda w, m: ["extract-latents", str(m / "images"), str(_json(w, "f.txt", "x"))],
      "masked-dit extract-latents: error: output folder {work}/f.txt is a file"),
     ("extract-bad-device", lambda w, m: ["extract-latents", str(m / "images"), str(w / "lat"), "--device", "gpu"],
