@@ -62,6 +62,9 @@ def _load_for_sampling(args):
     src = Path(args.source)
     if not src.exists():
         raise FileNotFoundError(f"checkpoint not found: {src}")
+    if src.is_dir() and (args.model or args.model_kwargs):  # were silently ignored
+        raise ValueError(f"--model / --model-kwargs describe an official checkpoint file; the folder {src} brings "
+                         f"its own model config: leave them out")
     if src.is_dir():
         export = src / "export" if (src / "export" / "config.json").exists() else src
         info = json.loads((export / "config.json").read_text()) if (export / "config.json").exists() else {}

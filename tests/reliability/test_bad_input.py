@@ -329,6 +329,10 @@ CASES = [
                                          "--vae", str(w / "novae")],
      "masked-dit sample: error: --vae {work}/novae: no such folder (a save_pretrained AutoencoderKL folder "
      "or a hub id)"),
+    ("sample-model-with-run-folder", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
+                                                   "--model", "DiT-B/2"],
+     "masked-dit sample: error: --model / --model-kwargs describe an official checkpoint file; the folder "
+     "{m}/runs/digits-dit brings its own model config: leave them out"),
     ("sample-cfg-scale-nan", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
                                            "--cfg-scale", "nan"],
      "masked-dit sample: error: --cfg-scale must be a finite number (got nan)"),
