@@ -181,6 +181,8 @@ class Config:
     def load(cls, path) -> "Config":
         """Reads a config.json; errors name the file."""
         path = Path(path)
+        if path.is_dir():  # was "does not exist"
+            raise ConfigError(f"config file {path} is a folder; name the JSON file (e.g. {path / 'config.json'})")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

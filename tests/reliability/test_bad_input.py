@@ -193,6 +193,9 @@ CASES = [
     # --- config files -------------------------------------------------------------------------------------
     ("config-missing", lambda w, m: ["train", "--config", str(w / "nope.json")],
      "masked-dit train: error: config file {work}/nope.json does not exist"),
+    ("config-is-folder", lambda w, m: ["train", "--config", str(m / "runs/digits-dit")],
+     "masked-dit train: error: config file {m}/runs/digits-dit is a folder; name the JSON file (e.g. "
+     "{m}/runs/digits-dit/config.json)"),
     ("config-not-json", lambda w, m: ["train", "--config", str(_json(w, "c.json", "{not json"))],
      "masked-dit train: error: config file {work}/c.json is not valid JSON: Expecting property name enclosed in "
      "double quotes: line 1 column 2 (char 1)"),
