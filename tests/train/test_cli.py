@@ -33,7 +33,10 @@ def test_default_train_then_sample(tmp_path, capsys):
     assert rc == 0 and (tmp_path / "g.png").exists()
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    # the default run folder is ./runs/<name>: after the README's `masked-dit train` in the repo root it holds
+    # checkpoints, and the run-folder error came before the data error checked here
+    monkeypatch.chdir(tmp_path)
     assert main(["train", "--optim.name=sgd"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "masked-dit train: error: --optim.name='sgd' is not valid; choose one of: adamw, adan"
