@@ -37,9 +37,6 @@ FAMILIES = {
     "edm_maskdit": ("maskdit",),
     "repa": ("repa_sit",),
 }
-# Samplers each objective's ``sample`` accepts (besides "auto").
-SAMPLERS = {"adm": ("ddpm", "ddim"), "mdtv2": ("ddpm", "ddim"), "transport": ("ode", "euler", "heun", "sde"),
-            "edm_maskdit": ("heun",), "repa": ("euler", "ode", "heun", "sde")}
 # The objective a family trains with when none is named.
 DEFAULT_OBJECTIVE = {"dit": "adm", "mdtv2": "mdtv2", "mdtv1": "mdtv2", "sit": "transport", "maskdit": "edm_maskdit",
                      "repa_sit": "repa"}
@@ -74,6 +71,7 @@ class ADMObjective:
     """DiT's objective: ADM diffusion (linear betas, eps + learned-range sigma), MSE + VLB."""
 
     kind = "adm"
+    samplers = ("ddpm", "ddim")  # what ``sample`` accepts besides "auto"
 
     def __init__(self, diffusion_steps: int = 1000, noise_schedule: str = "linear", learn_sigma: bool = True,
                  clip_denoised: bool = False):
@@ -104,8 +102,7 @@ class ADMObjective:
     def sample(self, model, noise: torch.Tensor, y: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250,
                cfg_scale: float = 1.0, scale_pow: float | None = None, progress: bool = False,
                generator: torch.Generator | None = None, **_) -> torch.Tensor:
-        if sampler not in ("auto", "ddpm", "ddim"):
-            raise ValueError(f"sampler {sampler!r} does not apply to ADM diffusion; valid: ddpm, ddim")
+        _check_sampler(self, sampler, "ADM diffusion")
         respaced = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), self.noise_schedule,
                                     learn_sigma=self.learn_sigma, diffusion_steps=self.diffusion_steps)
         fn = self._guided(model, cfg_scale, scale_pow)
@@ -182,6 +179,7 @@ class TransportObjective:
     """SiT's interpolant loss (t = 0 noise, t = 1 data)."""
 
     kind = "transport"
+    samplers = ("ode", "euler", "heun", "sde")
 
     def __init__(self, path_type: str = "Linear", prediction: str = "velocity", loss_weight: Optional[str] = None):
         from masked_dit.diffusion.transport import Transport
@@ -198,6 +196,7 @@ class TransportObjective:
         from masked_dit.diffusion.ode import sample_ode
         from masked_dit.diffusion.sde import sample_sde
 
+        _check_sampler(self, sampler, "SiT")
         m = unwrap(model)
         fn = model if cfg_scale == 1.0 else ClassifierFreeGuidance(model, cfg_scale, null_label=m.num_classes,
                                                                      guided_channels=_guided_channels(m))
@@ -206,9 +205,7 @@ class TransportObjective:
             return sample_ode(self.transport, fn, noise, method="dopri5", num_steps=steps, **kw)
         if sampler in ("euler", "heun"):
             return sample_ode(self.transport, fn, noise, method=sampler, num_steps=steps, **kw)
-        if sampler == "sde":
-            return sample_sde(self.transport, fn, noise, num_steps=steps, generator=generator, **kw)
-        raise ValueError(f"sampler {sampler!r} does not apply to SiT; valid: ode, euler, heun, sde")
+        return sample_sde(self.transport, fn, noise, num_steps=steps, generator=generator, **kw)
 
 
 #################################################################################
@@ -226,6 +223,7 @@ class EDMMaskDiTObjective:
     unmasking fine-tune). Labels are one-hot, zeroed with the model's ``class_dropout_prob``."""
 
     kind = "edm_maskdit"
+    samplers = ("heun",)
 
     def __init__(self, mask_ratio: float = 0.5, mae_loss_coef: float = 0.1, P_mean: float = -1.2, P_std: float = 1.2,
                  sigma_data: float = 0.5):
@@ -259,8 +257,7 @@ class EDMMaskDiTObjective:
     @torch.no_grad()
     def sample(self, model, noise, y, *, sampler: str = "heun", steps: int = 40, cfg_scale: float = 1.0,
                progress: bool = False, generator: torch.Generator | None = None, **_) -> torch.Tensor:
-        if sampler not in ("auto", "heun"):
-            raise ValueError(f"sampler {sampler!r} does not apply to EDM; valid: heun")
+        _check_sampler(self, sampler, "EDM")
         m = unwrap(model)
         labels = _one_hot_labels(m, y, noise.dtype)
         if labels is None and cfg_scale != 1.0:
@@ -288,6 +285,7 @@ class REPAObjective:
     """
 
     kind = "repa"
+    samplers = ("euler", "ode", "heun", "sde")
 
     def __init__(self, proj_coeff: float = 0.5, path_type: str = "linear", weighting: str = "uniform",
                  encoder: Optional[Callable] = None):
@@ -320,15 +318,14 @@ class REPAObjective:
                generator: torch.Generator | None = None, **_) -> torch.Tensor:
         from masked_dit.diffusion.repa import repa_euler_maruyama_sampler, repa_euler_sampler
 
+        _check_sampler(self, sampler, "REPA")
         m = unwrap(model)
         kw = dict(num_steps=steps, cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
                   null_label=m.num_classes, progress=progress)
-        if sampler in ("auto", "euler", "ode", "heun"):
-            out = repa_euler_sampler(model, noise, y, heun=sampler == "heun", **kw)
-        elif sampler == "sde":
+        if sampler == "sde":
             out = repa_euler_maruyama_sampler(model, noise, y, path_type=self.path_type, generator=generator, **kw)
         else:
-            raise ValueError(f"sampler {sampler!r} does not apply to REPA; valid: euler, heun, sde")
+            out = repa_euler_sampler(model, noise, y, heun=sampler == "heun", **kw)
         return out.to(noise.dtype)
 
 
@@ -355,6 +352,16 @@ def pixel_encoder(specs: str, model, image_size: int, precision: str = "fp32") -
 
     encode.features = features  # the loaded EncoderFeatures (z_dims, encoders)
     return encode
+
+
+def _check_sampler(objective, sampler: str, what: str) -> None:
+    if sampler != "auto" and sampler not in objective.samplers:
+        raise ValueError(f"sampler {sampler!r} does not apply to {what}; valid: {', '.join(objective.samplers)}")
+
+
+# Samplers each objective's ``sample`` accepts besides "auto", by objective kind.
+SAMPLERS = {c.kind: c.samplers for c in (ADMObjective, MDTv2Objective, TransportObjective, EDMMaskDiTObjective,
+                                         REPAObjective)}
 
 
 def build_objective(cfg, model=None, pixel_space: bool = False, *, image_size: Optional[int] = None,

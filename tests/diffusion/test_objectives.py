@@ -149,3 +149,14 @@ def test_build_objective_checks_family():
         build_objective(get_preset("digits-maskdit").objective, model)
     assert isinstance(build_objective(get_preset("digits-dit").objective, model), ADMObjective)
     assert json.dumps(create_diffusion("").num_timesteps) == "1000"
+
+
+@pytest.mark.parametrize("cls", [ADMObjective, MDTv2Objective, TransportObjective, EDMMaskDiTObjective, REPAObjective])
+def test_sample_refuses_a_sampler_of_another_objective_with_its_own_list(cls):
+    """``sample`` and the trainer's up-front check (``SAMPLERS``) read the same per-class list."""
+    from masked_dit.diffusion.objectives import FAMILIES, SAMPLERS
+
+    assert set(SAMPLERS) == set(FAMILIES) and SAMPLERS[cls.kind] == cls.samplers
+    objective = cls.__new__(cls)  # the check comes before anything the constructor sets up
+    with pytest.raises(ValueError, match=r"^sampler 'bogus' does not apply to .*; valid: " + ", ".join(cls.samplers)):
+        objective.sample(nn.Identity(), torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), sampler="bogus")
