@@ -18,7 +18,7 @@ from masked_dit.train.signals import Preempted, StopRequest
 from masked_dit.train.trainer import Trainer
 from tests.reliability.common import FAULTY, REPO, child_env, cli_args, load_latest, records, run_cli
 from tests.reliability.common import tiny_config as cli_tiny_config
-from tests.train.tiny import tiny_config
+from tests.train.tiny import assert_same_weights_and_ema, tiny_config
 
 
 def _signal_before_step(trainer, step: int, signum: int):
@@ -65,10 +65,7 @@ def test_signal_mid_run_checkpoints_the_step_and_resume_matches_one_run(tmp_path
     resumed.fit()
     losses = [[(r["step"], r["loss"], r["mse"]) for r in records(run)] for run in (tmp_path / "a" / "digits-mdtv2", run_b)]
     assert losses[0] == losses[1] and [s for s, _, _ in losses[0]] == [4, 6]  # step 4 averages steps 1-4 in both
-    for (n, p), q in zip(full.module.named_parameters(), resumed.module.parameters()):
-        assert torch.equal(p, q), n
-    for n in full.ema.shadow:
-        assert torch.equal(full.ema.shadow[n], resumed.ema.shadow[n]), n
+    assert_same_weights_and_ema(full, resumed)
 
 
 def test_signal_on_a_checkpoint_step_saves_once_and_last_step_finishes(tmp_path):

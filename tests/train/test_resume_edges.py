@@ -4,7 +4,7 @@ import torch
 
 from masked_dit.train import Trainer
 from masked_dit.train import checkpoint as ckpt
-from tests.train.tiny import tiny_config
+from tests.train.tiny import assert_same_weights_and_ema, tiny_config
 
 
 @pytest.mark.parametrize("keep_last", [1, 2])
@@ -62,10 +62,7 @@ def test_resume_is_bit_exact_with_adan_warmup_accumulation_and_flips(tmp_path):
     resumed = Trainer(tiny_config("digits-dit", tmp_path / "b", **{**over, "run.resume": "latest"}))
     assert resumed.step == 2
     resumed.fit()
-    for (n, p), q in zip(full.module.named_parameters(), resumed.module.parameters()):
-        assert torch.equal(p, q), n
-    for n in full.ema.shadow:
-        assert torch.equal(full.ema.shadow[n], resumed.ema.shadow[n]), n
+    assert_same_weights_and_ema(full, resumed)
     assert full.stream.state_dict() == resumed.stream.state_dict()
 
 

@@ -6,7 +6,7 @@ import torch
 
 from masked_dit.train import Trainer, train
 from masked_dit.train import checkpoint as ckpt
-from tests.train.tiny import PRESETS, tiny_config
+from tests.train.tiny import PRESETS, assert_same_weights_and_ema, tiny_config
 
 
 def _losses(run_dir):
@@ -52,10 +52,7 @@ def test_resume_is_bit_exact(tmp_path):
     a = [(r["step"], r["loss"]) for r in _losses(tmp_path / "a" / "digits-mdtv2") if "loss" in r]
     b = [(r["step"], r["loss"]) for r in _losses(tmp_path / "b" / "digits-mdtv2") if "loss" in r]
     assert a == b  # one record per step: the killed run's step-3 record was dropped on resume
-    for (n, p), q in zip(full.module.named_parameters(), resumed.module.parameters()):
-        assert torch.equal(p, q), n
-    for n in full.ema.shadow:
-        assert torch.equal(full.ema.shadow[n], resumed.ema.shadow[n]), n
+    assert_same_weights_and_ema(full, resumed)
 
 
 def test_resume_is_bit_exact_with_sample_grids_at_checkpoints(tmp_path):
@@ -72,8 +69,7 @@ def test_resume_is_bit_exact_with_sample_grids_at_checkpoints(tmp_path):
     a = [(r["step"], r["loss"]) for r in _losses(tmp_path / "a" / "digits-dit") if "loss" in r]
     b = [(r["step"], r["loss"]) for r in _losses(tmp_path / "b" / "digits-dit") if "loss" in r]
     assert a == b
-    for (n, p), q in zip(full.module.named_parameters(), resumed.module.parameters()):
-        assert torch.equal(p, q), n
+    assert_same_weights_and_ema(full, resumed)
 
 
 def test_log_window_across_a_resume_and_a_rerun_finished_run_keep_one_run_s_records(tmp_path):

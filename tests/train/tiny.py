@@ -19,6 +19,16 @@ def tiny_config(preset: str, out_dir, **overrides):
     return apply_overrides(get_preset(preset), o)
 
 
+def assert_same_weights_and_ema(full, resumed):
+    """Bit-identical parameters and EMA shadows of two trainers (an uninterrupted and a resumed run)."""
+    import torch
+
+    for (n, p), q in zip(full.module.named_parameters(), resumed.module.parameters()):
+        assert torch.equal(p, q), n
+    for n in full.ema.shadow:
+        assert torch.equal(full.ema.shadow[n], resumed.ema.shadow[n]), n
+
+
 def cpu_fsdp_skip():
     """A skipif mark for tests that run FSDP2 on CPU ranks (torch 2.6's FSDP2 cannot)."""
     import pytest
