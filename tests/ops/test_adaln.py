@@ -12,6 +12,13 @@ rstd`` for dx, not by the result:
   float16  2e-3   (output rounding 2^-11 relative, a few ulps of headroom)
   bfloat16 1.6e-2 (output rounding 2^-8 relative, 4 ulps)
   float64  1e-10  (the fp64 paths compute in fp64)
+The absolute term is at least the rounding error of centring in the compute precision (fp32
+statistics; fp64 for fp64): x - mean keeps about ``eps * kappa`` relative, kappa = max|x| * rstd of
+the row, so the allowance is ``c = 4 * eps * kappa`` (measured need: 0.7 for h, 0.2 for the gradients)
+times max|1 + scale| per row of h, and times the error floor above for each gradient (its largest
+kappa). Ordinary rows have kappa 2-10, where c stays below the dtype term and nothing changes; only
+rows whose elements nearly agree (std << |x|, e.g. D = 2) get more, because any implementation loses
+there the digits that the subtraction cancels.
 The reference rounds the residual r to its dtype before normalising it (straight-through for
 gradients), which is the op's contract: h == adaln_modulate(r) for the r it returns.
 """
@@ -96,11 +103,27 @@ def run_op(kind, inputs, eps=EPS):
     return (adaln_modulate(*inputs, eps=eps),) if kind == "adaln" else gated_residual_adaln(*inputs, eps=eps)
 
 
-def assert_close(name, actual, expected, dtype, natural_scale=0.0):
+def assert_close(name, actual, expected, dtype, natural_scale=0.0, conditioning=None):
+    """``conditioning``: the least absolute allowance per element (broadcast), see the module docstring."""
     tol = TOL[dtype]
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
     atol = tol * max(expected.abs().max().item(), natural_scale, 1e-12)
+    if conditioning is not None:
+        err = (actual.double() - expected.detach()).abs()
+        excess = err - (tol * expected.detach().abs() + torch.clamp(conditioning, min=atol))
+        assert (excess <= 0).all(), f"{name}: off by {err.max().item():.3g} (allowed {tol:g} rel, {atol:.3g} abs " \
+                                    f"+ conditioning), worst excess {excess.max().item():.3g}"
+        return
     torch.testing.assert_close(actual.double(), expected.detach(), rtol=tol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _centring_error(norm_in, dtype):
+    """Per-row relative allowance for the rounding of x - mean in the compute precision (module docstring)."""
+    eps = 2.0 ** -52 if dtype == torch.float64 else 2.0 ** -23
+    if norm_in.numel() == 0:
+        return torch.zeros(norm_in.shape[:-1] + (1,), dtype=torch.float64)
+    kappa = norm_in.abs().amax(-1, keepdim=True) * torch.rsqrt(norm_in.var(-1, unbiased=False, keepdim=True) + EPS)
+    return 4 * eps * kappa
 
 
 def check_against_reference(kind, backend, B, L, D, dtype, layout, seed=0, magnitude=2.0, device="cpu"):
@@ -118,13 +141,18 @@ def check_against_reference(kind, backend, B, L, D, dtype, layout, seed=0, magni
     out_names = ("h",) if kind == "adaln" else ("r", "h")
     in_names = ("x", "shift", "scale") if kind == "adaln" else ("x", "branch", "gate", "shift", "scale")
     checked = ref_outs if kind == "adaln" else (reference(kind, inputs)[1][0], ref_outs[1])
+    centring = _centring_error((ref_inputs[0] if kind == "adaln" else outs[0].double()).detach(), dtype)
+    mod = (1 + ref_inputs[-1].detach()).abs().amax(-1)[:, None, None] if D else 0.0
+    conditioning = {"h": centring * mod}
     for name, o, ref in zip(out_names, outs, checked):
         assert o.dtype == dtype and o.shape == (B, L, D), name
-        assert_close(name, o, ref, dtype)
+        assert_close(name, o, ref, dtype, conditioning=conditioning.get(name))
     floors = _gradient_scales(kind, ref_inputs, ref_outs, grad_outs)
+    worst = centring.max().item() if centring.numel() else 0.0
     for name, g, inp, ref in zip(in_names, grads, inputs, ref_grads):
         assert g.dtype == inp.dtype and g.shape == inp.shape, f"d{name}"
-        assert_close(f"d{name}", g, ref, dtype, floors[name])
+        floor = max(ref.detach().abs().max().item() if ref.numel() else 0.0, floors[name])
+        assert_close(f"d{name}", g, ref, dtype, floors[name], conditioning=torch.tensor(worst * floor))
 
 
 def _gradient_scales(kind, ref_inputs, ref_outs, grad_outs):
@@ -603,6 +631,7 @@ _shapes = st.tuples(st.integers(1, 3), st.integers(1, 12), st.integers(1, 300))
 @pytest.mark.parametrize("kind", ["adaln", "gated"])
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=_shapes, dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1))
+@example(shape=(2, 4, 2), dtype=torch.float32, layout="strided_d", seed=1)  # a row with x0 ~ x1: centring
 def test_property_torch_backend(kind, shape, dtype, layout, seed):
     check_against_reference(kind, "torch", *shape, dtype, layout, seed=seed)
 
