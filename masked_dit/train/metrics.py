@@ -101,7 +101,9 @@ class MetricsLog:
             if self.peak:
                 record["mfu"] = tflops * 1e12 / self.peak
         if torch.cuda.is_available() and world.device.type == "cuda":
+            # this window's peak (reset below), so a spike (a sample grid, a checkpoint) shows where it happened
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(world.device) / 2 ** 30
+            torch.cuda.reset_peak_memory_stats(world.device)
         if world.is_main:
             self.write(record)
         self.sums, self.count = {}, 0

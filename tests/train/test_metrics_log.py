@@ -87,3 +87,19 @@ def test_mdtv2_flops_count_both_passes_at_mask_ratio_zero():
 
     at_zero, near_zero = flops(0.0), flops(1 / 256)  # 1/256 of 256 tokens: 255 kept
     assert abs(at_zero - near_zero) / near_zero < 0.01, (at_zero, near_zero)
+
+
+def test_peak_memory_is_per_log_window(tmp_path, monkeypatch):
+    """Each record's peak_mem_gib is that window's peak (the counter is reset after each record)."""
+    peaks = iter([3 * 2 ** 30, 1 * 2 ** 30])
+    resets = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: next(peaks))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
+    world = World(rank=0, local_rank=0, size=1, device=torch.device("cuda", 0))
+    log = metrics.MetricsLog(tmp_path / "metrics.jsonl", flops_per_image=None, peak=None)
+    records = []
+    for step in (1, 2):
+        log.add({"loss": 1.0}, images=2)
+        records.append(log.flush(step, world, {}))
+    assert [r["peak_mem_gib"] for r in records] == [3.0, 1.0] and len(resets) == 2
