@@ -4,7 +4,7 @@ import torch
 
 from masked_dit.train import Trainer
 from masked_dit.train import checkpoint as ckpt
-from tests.train.tiny import assert_same_weights_and_ema, tiny_config
+from tests.train.tiny import assert_same_weights_and_ema, full_and_resumed, tiny_config
 
 
 @pytest.mark.parametrize("keep_last", [1, 2])
@@ -56,12 +56,8 @@ def test_resume_is_bit_exact_with_adan_warmup_accumulation_and_flips(tmp_path):
     over = {"train.steps": 5, "train.ckpt_every": 2, "train.global_batch": 8, "train.micro_batch": 2,
             "optim.name": "adan", "optim.betas": [0.98, 0.92, 0.99], "optim.warmup_steps": 4,
             "optim.grad_clip": 0.5, "optim.ema_decay": 0.5, "data.random_flip": True}
-    full = Trainer(tiny_config("digits-dit", tmp_path / "a", **over))
-    full.fit()
-    Trainer(tiny_config("digits-dit", tmp_path / "b", **over)).fit(stop_at=3)
-    resumed = Trainer(tiny_config("digits-dit", tmp_path / "b", **{**over, "run.resume": "latest"}))
-    assert resumed.step == 2
-    resumed.fit()
+    full, resumed = full_and_resumed("digits-dit", tmp_path, over)
+    assert resumed.resume_step == 2
     assert_same_weights_and_ema(full, resumed)
     assert full.stream.state_dict() == resumed.stream.state_dict()
 

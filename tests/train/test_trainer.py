@@ -6,7 +6,7 @@ import torch
 
 from masked_dit.train import Trainer, train
 from masked_dit.train import checkpoint as ckpt
-from tests.train.tiny import PRESETS, assert_same_weights_and_ema, tiny_config
+from tests.train.tiny import PRESETS, assert_same_weights_and_ema, full_and_resumed, tiny_config
 
 
 def _losses(run_dir):
@@ -60,12 +60,8 @@ def test_resume_is_bit_exact_with_sample_grids_at_checkpoints(tmp_path):
     training RNG: they did (random init of the EMA copy), so the resumed run drew other noise."""
     over = {"train.steps": 4, "train.ckpt_every": 2, "train.sample_every": 2, "train.global_batch": 8,
             "sample.eval_num": 4}  # the digits metric too (it builds a classifier)
-    full = Trainer(tiny_config("digits-dit", tmp_path / "a", **over))
-    full.fit()
-    Trainer(tiny_config("digits-dit", tmp_path / "b", **over)).fit(stop_at=3)
-    resumed = Trainer(tiny_config("digits-dit", tmp_path / "b", **{**over, "run.resume": "latest"}))
-    assert resumed.step == 2
-    resumed.fit()
+    full, resumed = full_and_resumed("digits-dit", tmp_path, over)
+    assert resumed.resume_step == 2
     a = [(r["step"], r["loss"]) for r in _losses(tmp_path / "a" / "digits-dit") if "loss" in r]
     b = [(r["step"], r["loss"]) for r in _losses(tmp_path / "b" / "digits-dit") if "loss" in r]
     assert a == b

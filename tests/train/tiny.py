@@ -19,6 +19,21 @@ def tiny_config(preset: str, out_dir, **overrides):
     return apply_overrides(get_preset(preset), o)
 
 
+def full_and_resumed(preset: str, tmp_path, over: dict, stop_at: int = 3):
+    """An uninterrupted run in tmp_path/a, and one in tmp_path/b killed at ``stop_at`` and resumed from
+    its latest checkpoint to the end: (full, resumed) trainers."""
+    from masked_dit.train import Trainer
+
+    full = Trainer(tiny_config(preset, tmp_path / "a", **over))
+    full.fit()
+    Trainer(tiny_config(preset, tmp_path / "b", **over)).fit(stop_at=stop_at)
+    resumed = Trainer(tiny_config(preset, tmp_path / "b", **{**over, "run.resume": "latest"}))
+    resume_step = resumed.step
+    resumed.fit()
+    resumed.resume_step = resume_step
+    return full, resumed
+
+
 def assert_same_weights_and_ema(full, resumed):
     """Bit-identical parameters and EMA shadows of two trainers (an uninterrupted and a resumed run)."""
     import torch
