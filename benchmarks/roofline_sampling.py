@@ -32,7 +32,8 @@ import torch
 from benchmarks import common
 from benchmarks.bench_sampling import SAMPLERS, CallCounter, build_sampling_model, model_num_classes, run_sampler
 from benchmarks.roofline_step import (ATTN_EFFICIENCY, CATEGORIES, DEVICE_PEAKS, MATMUL, TOP_OPS, RooflineMode,
-                                      add_count_args, check_count_args, fit_ops, predict, top_ops)
+                                      add_count_args, check_count_args, fit_ops, predict, start_count, top_ops,
+                                      write_count)
 
 LENGTHS = (2, 3)  # sampler steps traced (ODE/SDE grids need 2 points): the fixed work and one more step
 
@@ -167,10 +168,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    env = common.environment(torch.device("cpu"))
-    print(f"# counted on {env['device']}  torch {env['torch']}  commit {env['commit']}; floor of a whole run "
-          f"at the published steps, attention at {ATTN_EFFICIENCY:.0%} of the GEMM ceiling", flush=True)
-    print(HEADER, flush=True)
+    env = start_count("floor of a whole run at the published steps", HEADER)
     size = "toy" if args.size == "toy" else args.model_size
     rows = []
     for name in args.samplers:
@@ -185,16 +183,10 @@ def main(argv=None) -> Path:
             _print_row(rows[-1])
             if args.verbose:
                 traceback.print_exc()
-    payload = {"kind": "roofline_sampling", **env,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")},
-               "device_peaks": {k: DEVICE_PEAKS[k] for k in args.device_peaks},
-               "model": "floor of a run = t(2 steps) + (NFE - NFE(2)) x (t(3) - t(2)) / (NFE(3) - NFE(2)); t = sum of "
-                        "max(FLOPs / ceiling, bytes / copy bandwidth) over matmul ops + non-matmul bytes / bandwidth",
-               "results": rows}
-    path = common.write_results(payload, args.out_dir, "roofline_sampling",
-                                key_fields=("sampler", "model", "batch", "device_peaks"), tag=args.tag)
-    print(f"# wrote {path}", flush=True)
-    return path
+    return write_count("roofline_sampling", env, args,
+                       "floor of a run = t(2 steps) + (NFE - NFE(2)) x (t(3) - t(2)) / (NFE(3) - NFE(2)); t = sum of "
+                       "max(FLOPs / ceiling, bytes / copy bandwidth) over matmul ops + non-matmul bytes / bandwidth",
+                       rows, ("sampler", "model", "batch", "device_peaks"))
 
 
 if __name__ == "__main__":

@@ -646,26 +646,36 @@ def check_count_args(p, args) -> None:
         p.error("--count-batches needs two distinct batches >= 1")
 
 
+def start_count(what: str, header: str) -> dict:
+    """The environment of a counting run (this script and roofline_sampling.py), announced with its table header."""
+    env = common.environment(torch.device("cpu"))
+    print(f"# counted on {env['device']}  torch {env['torch']}  commit {env['commit']}; {what}, attention at "
+          f"{ATTN_EFFICIENCY:.0%} of the GEMM ceiling", flush=True)
+    print(header, flush=True)
+    return env
+
+
+def write_count(kind: str, env: dict, args, model: str, rows: list, key_fields: tuple) -> Path:
+    """The JSON of a counting run: settings, the peaks used, how the floor is modelled, the rows."""
+    payload = {"kind": kind, **env, "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")},
+               "device_peaks": {k: DEVICE_PEAKS[k] for k in args.device_peaks}, "model": model, "results": rows}
+    path = common.write_results(payload, args.out_dir, kind, key_fields=key_fields, tag=args.tag)
+    print(f"# wrote {path}", flush=True)
+    return path
+
+
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    env = common.environment(torch.device("cpu"))
-    print(f"# counted on {env['device']}  torch {env['torch']}  commit {env['commit']}; predicted at batch "
-          f"{args.batch}, attention at {ATTN_EFFICIENCY:.0%} of the GEMM ceiling", flush=True)
-    print(HEADER, flush=True)
+    env = start_count(f"predicted at batch {args.batch}", HEADER)
     rows = []
     sizes = ["toy"] if args.size == "toy" else args.sizes
     for size in sizes:
         for family in args.families:
             rows.extend(run_family(family, size, args))
-    payload = {"kind": "roofline", **env, "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")},
-               "device_peaks": {k: DEVICE_PEAKS[k] for k in args.device_peaks},
-               "model": "floor = sum of max(FLOPs / ceiling, bytes / copy bandwidth) over matmul ops + non-matmul "
-                        "bytes / copy bandwidth; bytes fitted a + b * batch from CPU traces",
-               "results": rows}
-    path = common.write_results(payload, args.out_dir, "roofline", key_fields=("model", "variant", "device_peaks"),
-                                tag=args.tag)
-    print(f"# wrote {path}", flush=True)
-    return path
+    return write_count("roofline", env, args,
+                       "floor = sum of max(FLOPs / ceiling, bytes / copy bandwidth) over matmul ops + non-matmul "
+                       "bytes / copy bandwidth; bytes fitted a + b * batch from CPU traces",
+                       rows, ("model", "variant", "device_peaks"))
 
 
 if __name__ == "__main__":
