@@ -109,7 +109,7 @@ def _inner(model: nn.Module) -> nn.Module:
     return model if hasattr(model, "x_embedder") else getattr(model, "model", model)
 
 
-def _dit_like(model, keep) -> FlopCount:
+def _dit_like(model, keep, masked=None) -> FlopCount:
     m = _inner(model)
     n, stem = _stem_macs(m)
     k = keep(n)
@@ -125,7 +125,7 @@ def _dit_like(model, keep) -> FlopCount:
     return FlopCount(sum(parts.values()), parts)
 
 
-def _mdt(model, keep) -> FlopCount:
+def _mdt(model, keep, masked=None) -> FlopCount:
     """MDT: encoder blocks on the kept tokens, the side-interpolater (masked passes only) and the
     decoder blocks on all tokens. v2 splits its encoder into ``en_inblocks``/``en_outblocks``
     (long skips) and its decoder ``de_blocks``; v1 runs ``blocks[:depth - decode_layer]`` as the
@@ -140,7 +140,7 @@ def _mdt(model, keep) -> FlopCount:
         split = len(m.blocks) - m.decode_layer
         encoder, decoder = list(m.blocks[:split]), list(m.blocks[split:])
     parts = {"embed": stem, "encoder": _blocks_macs(encoder, k), "decoder": _blocks_macs(decoder, n)}
-    if k < n:  # the side-interpolater runs on masked forwards only
+    if (k < n) if masked is None else masked:  # the side-interpolater runs on masked forwards only
         parts["side"] = _blocks_macs(getattr(m, "sideblocks", None), n)
     parts["final"] = _final_macs(m.final_layer, n)
     return FlopCount(sum(parts.values()), parts)
@@ -154,10 +154,13 @@ _COMPOSE = {"dit": _dit_like, "sit": _dit_like, "repa_sit": _dit_like, "maskdit"
 #                                   Public API                                  #
 #################################################################################
 
-def forward_flops(model: nn.Module | str, mask_ratio: float = 0.0, *, tokens_kept: int | None = None) -> FlopCount:
+def forward_flops(model: nn.Module | str, mask_ratio: float = 0.0, *, tokens_kept: int | None = None,
+                  masked: bool | None = None) -> FlopCount:
     """MACs/FLOPs of one forward of one image, masked at ``mask_ratio`` (or keeping exactly
     ``tokens_kept`` tokens, e.g. the mean of a variable-length batch). ``model`` is a module or a
-    registered name (built on the ``meta`` device: no memory, no time)."""
+    registered name (built on the ``meta`` device: no memory, no time). ``masked``: whether this is a
+    masked training forward (MDT then runs its side-interpolater, even when it keeps every token);
+    default: whenever tokens are dropped."""
     if isinstance(model, str):
         model = meta_model(model)
     family = getattr(model, "family", None)
@@ -171,7 +174,7 @@ def forward_flops(model: nn.Module | str, mask_ratio: float = 0.0, *, tokens_kep
             raise ValueError(f"tokens_kept must be in [1, {num_patches}], got {tokens_kept}")
         return int(tokens_kept)
 
-    return _COMPOSE[family](model, keep)
+    return _COMPOSE[family](model, keep, masked)
 
 
 def flops_per_image(model: nn.Module | str, mask_ratio: float = 0.0, training: bool = True) -> float:
@@ -197,8 +200,9 @@ class FlopsMixin:
     def flops_per_image(self, mask_ratio: float = 0.0, training: bool = True) -> float:
         return flops_per_image(self, mask_ratio, training)
 
-    def forward_flops(self, mask_ratio: float = 0.0, *, tokens_kept: int | None = None) -> FlopCount:
-        return forward_flops(self, mask_ratio, tokens_kept=tokens_kept)
+    def forward_flops(self, mask_ratio: float = 0.0, *, tokens_kept: int | None = None,
+                      masked: bool | None = None) -> FlopCount:
+        return forward_flops(self, mask_ratio, tokens_kept=tokens_kept, masked=masked)
 
 
 def meta_model(name: str, **overrides) -> nn.Module:

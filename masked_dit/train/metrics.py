@@ -31,7 +31,7 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
 def training_flops_per_image(model, objective_cfg) -> float | None:
     """Model FLOPs of one training image (forward + backward), from masked_dit.models.flops."""
     try:
-        from masked_dit.models.flops import flops_per_image
+        from masked_dit.models.flops import flops_per_image, forward_flops
     except ImportError:
         return None
     ratio = 0.0
@@ -40,16 +40,11 @@ def training_flops_per_image(model, objective_cfg) -> float | None:
     elif objective_cfg.kind == "edm_maskdit":
         ratio = objective_cfg.mask_ratio
     try:
-        flops = float(flops_per_image(model, mask_ratio=ratio, training=True))
-        if objective_cfg.kind == "mdtv2" and ratio == 0:
-            # MDTv2's objective runs its masked pass at ratio 0 too (every token kept, side-interpolater
-            # included); flops_per_image adds that second pass only for a ratio > 0.
-            from masked_dit.models.flops import _inner, block_macs, forward_flops
-
-            m = _inner(model)
-            side = sum(block_macs(b, m.x_embedder.num_patches) for b in getattr(m, "sideblocks", None) or ())
-            flops += 3.0 * (forward_flops(model, 0.0).flops + 2.0 * side)
-        return flops
+        if objective_cfg.kind == "mdtv2":
+            # the objective's two passes, the masked one even at ratio 0 (every token kept, side-interpolater
+            # included: flops_per_image would count a ratio-0 step as one pass)
+            return 3.0 * float(forward_flops(model, ratio, masked=True).flops + forward_flops(model).flops)
+        return float(flops_per_image(model, mask_ratio=ratio, training=True))
     except (ValueError, AttributeError, TypeError):
         return None
 

@@ -50,6 +50,9 @@ def test_masked_counts():
     with pytest.raises(ValueError, match="tokens_kept"):
         forward_flops(mdt, tokens_kept=0)
     assert forward_flops(mdt, 0.3).parts["side"] > 0 and "side" not in forward_flops(mdt).parts
+    # a masked training pass that keeps every token (ratio 0) still runs the side-interpolater
+    assert forward_flops(mdt, masked=True).parts["side"] == forward_flops(mdt, 0.3).parts["side"]
+    assert "side" not in forward_flops(mdt, 0.3, masked=False).parts
 
 
 def test_repa_projectors_counted():
