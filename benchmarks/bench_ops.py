@@ -248,6 +248,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int, iters: int) -> float:
 def implementations(case: Case, device: torch.device, dtype: torch.dtype, mode: str, compile_ref: bool):
     """(impl name, context manager factory or None, skip reason or None, use_reference)."""
     kind, arg = case.backends
+    no_bwd = "no derivative: benchmarked forward only" if kind == "forward_only" and mode != "fwd" else None
     out = []
     if kind == "dispatch":
         registered = dispatch._IMPLS.get(arg, {})
@@ -258,8 +259,7 @@ def implementations(case: Case, device: torch.device, dtype: torch.dtype, mode: 
             ok, why = dispatch.availability(name, device.type)
             out.append((f"backend:{name}", (lambda n=name: dispatch.use_backend(n)), None if ok else why, False))
     elif kind == "forward_only":  # one implementation (named by arg), no derivative
-        out.append((f"op ({arg})", contextlib.nullcontext,
-                    None if mode == "fwd" else "no derivative (no-gradient forwards only)", False))
+        out.append((f"op ({arg})", contextlib.nullcontext, no_bwd, False))
     else:
         for name in attention_mod.BACKENDS:
             reason = None
@@ -270,7 +270,6 @@ def implementations(case: Case, device: torch.device, dtype: torch.dtype, mode: 
             except (RuntimeError, ValueError) as err:
                 reason = str(err)
             out.append((f"backend:{name}", (lambda n=name: attention_mod.use_attention_backend(n)), reason, False))
-    no_bwd = "no derivative: benchmarked forward only" if kind == "forward_only" and mode != "fwd" else None
     out.append(("reference:eager", contextlib.nullcontext, no_bwd, True))
     out.append(("reference:compile", contextlib.nullcontext, no_bwd or (
         None if compile_ref else "torch.compile of the reference is off (default on CPU; --compile on)"), True))
