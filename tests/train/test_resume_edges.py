@@ -25,8 +25,7 @@ def test_resume_from_an_older_checkpoint_makes_its_saves_the_latest(tmp_path, ke
     assert ckpt.resolve_resume("latest", root).name == "step_00000005"
     resumed = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
     assert resumed.step == 5
-    for (n, p), q in zip(branch.module.named_parameters(), resumed.module.parameters()):
-        assert torch.equal(p, q), n
+    assert_same_weights_and_ema(branch, resumed)
 
 
 def test_resume_with_another_world_size_does_not_replay_the_first_steps_draws(tmp_path):
