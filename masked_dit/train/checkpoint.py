@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
+_SET_ASIDE_RE = re.compile(r"^step_(\d{8})\.old$")  # a step being re-saved, between its two renames
 
 
 #################################################################################
@@ -58,12 +59,26 @@ def set_rng_state(state: dict) -> None:
 #################################################################################
 
 def list_checkpoints(ckpt_root) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first. A ``step_X.old`` (the previous save of a step being
+    re-saved) stands in for ``step_X`` when a kill came between the save's two renames: with
+    ``keep_last=1`` it is the run's only complete checkpoint then."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / "meta.json").exists()]
-    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+    found = {}
+    for p in root.iterdir():
+        match = CKPT_RE.match(p.name) or _SET_ASIDE_RE.match(p.name)
+        if match and (p / "meta.json").exists():
+            step = int(match.group(1))
+            if step not in found or CKPT_RE.match(p.name):
+                found[step] = p
+    return [found[step] for step in sorted(found)]
+
+
+def checkpoint_step(path) -> int:
+    """The step a checkpoint folder's name says (``step_XXXXXXXX``, or its ``.old`` stand-in)."""
+    name = Path(path).name
+    return int((CKPT_RE.match(name) or _SET_ASIDE_RE.match(name)).group(1))
 
 
 def verify_checkpoint(path, world_size: int | None = None) -> None:
@@ -192,18 +207,18 @@ def save_checkpoint(ckpt_root, step: int, model, optimizer, ema, world, extra: d
         # --resume latest would jump back onto the abandoned run) and keep_last would prune the
         # checkpoint just written. Renamed out of the checkpoint namespace (kept for the user) before
         # the new one is put in place: a kill in between falls back to an older step of this run.
-        for newer in [p for p in list_checkpoints(root) if int(CKPT_RE.match(p.name).group(1)) > step]:
-            aside, n = root / f"{newer.name}.superseded", 1
+        for newer in [p for p in list_checkpoints(root) if checkpoint_step(p) > step]:
+            aside, n = root / f"step_{checkpoint_step(newer):08d}.superseded", 1
             while aside.exists():
-                aside, n = root / f"{newer.name}.superseded{n}", n + 1
+                aside, n = root / f"step_{checkpoint_step(newer):08d}.superseded{n}", n + 1
             os.replace(newer, aside)
             warnings.warn(f"{newer.name} is newer than step {step} this run is saving: moved to {aside.name} "
                           f"(no longer resumed by --resume latest)", stacklevel=2)
+        aside = root / f"step_{step:08d}.old"
         if final.exists():  # re-saving a step: move the old one aside (renames are atomic), then drop it
-            aside = root / f"step_{step:08d}.old"
             if aside.exists():
                 shutil.rmtree(aside)
-            os.replace(final, aside)
+            os.replace(final, aside)  # a kill before the next rename: list_checkpoints takes the .old
         os.replace(tmp, final)
         _fsync(root)  # the renames: durable before older checkpoints are pruned
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:

@@ -94,6 +94,37 @@ def test_save_syncs_the_small_files_and_the_rename(tmp_path, monkeypatch):
     assert str(root) in synced  # the folder holding the renamed checkpoint
 
 
+def test_a_kill_while_re_saving_a_step_keeps_it_resumable_with_keep_last_1(tmp_path, monkeypatch):
+    """Re-saving a step that is already on disk (a resumed run's stop signal, the last step saved
+    twice) moves the old copy to step_X.old, then the new one into place. With keep_last=1 a kill
+    between the two renames left no complete checkpoint: --resume latest started the run over."""
+    import os
+
+    over = {"train.steps": 8, "train.ckpt_every": 2, "train.keep_last": 1}
+    Trainer(tiny_config("digits-dit", tmp_path, **over)).fit(stop_at=4)
+    root = tmp_path / "digits-dit" / "checkpoints"
+    again = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
+    assert again.step == 4
+    real_replace = os.replace
+
+    def killed_at_the_second_rename(src, dst):
+        if str(src).endswith(".tmp"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        again.save()
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (root / "step_00000004").exists() and (root / "step_00000004.old" / "meta.json").exists()
+    assert ckpt.resolve_resume("latest", root, world_size=1) == root / "step_00000004.old"
+    resumed = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
+    assert resumed.step == 4
+    assert_same_weights_and_ema(again, resumed)
+    resumed.fit(stop_at=6)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000006"]  # the .old and .tmp are cleared
+
+
 @pytest.mark.parametrize("where", ["run", "export"])
 def test_maskdit_unmasking_fine_tune_starts_from_the_masked_run(tmp_path, where):
     """README's MaskDiT recipe: imagenet256-maskdit-xl2 (MAE loss: the model has a mask_token) then the
