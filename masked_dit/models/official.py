@@ -163,18 +163,79 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], what: str
 
 
 #################################################################################
+#                      Arguments the checkpoint's shapes fix                    #
+#################################################################################
+
+def _count(state: dict, prefix: str) -> int:
+    """Entries of the ModuleList whose keys start with ``prefix`` (``'de_blocks.'``)."""
+    idx = {k[len(prefix):].split(".", 1)[0] for k in state if k.startswith(prefix)}
+    return 1 + max((int(i) for i in idx if i.isdigit()), default=-1)
+
+
+def _saved_arg(args, key: str):
+    """A training argument saved in the checkpoint (an argparse Namespace or a dict), or None."""
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    return args.get(key) if isinstance(args, dict) else None
+
+
+def infer_kwargs(state: dict[str, torch.Tensor], family: str, config: dict, args=None) -> dict:
+    """Constructor arguments that the weights (keys already matched to ours) or the checkpoint's
+    saved ``args`` determine and the registered name does not: input channels, learn_sigma, the
+    number of classes, REPA's projector widths and encoder depth, MDTv2's decoder depth, MaskDiT's
+    decoder. A checkpoint trained with any of them changed then loads by its name alone."""
+    pre = "model." if family == "maskdit" else ""
+    get = lambda key: state.get(pre + key)  # noqa: E731
+    out, patch = {}, config.get("patch_size", 2)
+    if (w := get("x_embedder.proj.weight")) is not None and w.dim() == 4:
+        out["in_channels"] = w.shape[1]
+        if (f := get("final_layer.linear.weight")) is not None and f.shape[0] in (patch * patch * w.shape[1] * k
+                                                                                   for k in (1, 2)):
+            out["learn_sigma"] = f.shape[0] == 2 * patch * patch * w.shape[1]
+    if family == "maskdit":
+        table = get("y_embedder.embedding_table.weight")  # a Linear over one-hot labels: [D, num_classes]
+        out["num_classes"] = 0 if table is None else table.shape[1]
+        out["use_decoder"] = get("decoder_pos_embed") is not None
+        if out["use_decoder"]:
+            out["decoder_hidden_size"] = get("decoder_pos_embed").shape[-1]
+            out["decoder_depth"] = _count(state, pre + "decoder_blocks.")
+            if get("mask_token") is None:  # trained (or fine-tuned) without the MAE branch
+                out["mae_loss_coef"] = 0.0
+    elif (table := get("y_embedder.embedding_table.weight")) is not None:
+        classes, dropout = config.get("num_classes", 1000), config.get("class_dropout_prob", 0.1)
+        rows = table.shape[0]
+        if rows == classes and dropout > 0:  # no null row: trained without label dropout
+            out["class_dropout_prob"] = 0.0
+        elif rows != classes + (dropout > 0):
+            out["num_classes"] = rows - (dropout > 0)
+    if family == "repa_sit" and _count(state, "projectors."):
+        out["projector_dim"] = state["projectors.0.0.weight"].shape[0]
+        out["z_dims"] = [state[f"projectors.{i}.4.weight"].shape[0] for i in range(_count(state, "projectors."))]
+        if any(k.startswith("decoder_blocks.") for k in state):  # legacy layout: the encoder is `blocks`
+            out["encoder_depth"] = _count(state, "blocks.")
+        elif isinstance(depth := _saved_arg(args, "encoder_depth"), int):  # REPA's train.py saves its args
+            out["encoder_depth"] = depth
+    if family == "mdtv2" and _count(state, "de_blocks."):
+        out["decode_layer"] = _count(state, "de_blocks.")
+    return out
+
+
+#################################################################################
 #                                 Public API                                    #
 #################################################################################
 
 def load_official(path: str | os.PathLike, name: str, *, weights_only: bool = True, **overrides) -> nn.Module:
     """Builds the registered model ``name`` (``'DiT-XL/2'``, ``'SiT-XL/2'``, ``'REPA-SiT-XL/2'``,
     ``'MDTv2-XL/2'``, ...), loads the official checkpoint at ``path`` strictly and returns it in
-    eval mode on the CPU. ``overrides`` go to the constructor; ``input_size`` is read from the
-    checkpoint's ``pos_embed`` when not given (so 512px DiT checkpoints need nothing extra)."""
+    eval mode on the CPU. ``overrides`` go to the constructor. What the checkpoint itself fixes
+    (``input_size`` from ``pos_embed``, and :func:`infer_kwargs`) is read from it when not given, so
+    512px DiT, a 10-class SiT or a REPA run with a DINOv2-L target need nothing extra."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODEL_CONFIGS))}")
-    state = load_official_state_dict(path, weights_only=weights_only)
+    raw = read_checkpoint(path, weights_only)
+    state = pick_weights(raw, path)
     family, config = MODEL_CONFIGS[name]
+    given = dict(overrides)
     if "input_size" not in overrides:
         pos = next((v for k, v in state.items() if k.split(".")[-1] == "pos_embed" and v.dim() == 3), None)
         patch = overrides.get("patch_size", config.get("patch_size"))
@@ -182,11 +243,14 @@ def load_official(path: str | os.PathLike, name: str, *, weights_only: bool = Tr
             side = int(round(pos.shape[1] ** 0.5))
             if side * side == pos.shape[1]:
                 overrides["input_size"] = side * patch
+    with torch.device("meta"):  # the registered configuration: its keys place the wrapper prefixes
+        state = _match_prefixes(state, set(build_model(name).state_dict().keys()))
+    inferred = infer_kwargs(state, family, {**config, **given}, raw.get("args"))
+    overrides.update({k: v for k, v in inferred.items() if k not in given})
+    if family == "repa_sit":
+        state = _repa_legacy_blocks(state, overrides.get("encoder_depth", config.get("encoder_depth", 8)))
     with torch.device("meta"):
         shell = build_model(name, **overrides)
-    state = _match_prefixes(state, set(shell.state_dict().keys()))
-    if getattr(shell, "family", None) == "repa_sit":
-        state = _repa_legacy_blocks(state, shell.encoder_depth)
     shell.name = name
     check_state_dict(shell, state, what=f"checkpoint {os.fspath(path)}")
     model = build_model(name, **overrides)

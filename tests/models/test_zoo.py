@@ -175,3 +175,37 @@ def test_repa_legacy_checkpoint_layout(fixtures_dir, tmp_path):
     model = load_official(path, "MaskDiT-XL/2", **_tiny(config_m))
     assert torch.equal(model.state_dict()["model.decoder_blocks.1.mlp.fc2.weight"],
                        state_m["model.decoder_blocks.1.mlp.fc2.weight"])
+
+
+@pytest.mark.parametrize("name,trained", [
+    ("DiT-S/2", dict(in_channels=3, learn_sigma=False, num_classes=10)),
+    ("SiT-S/4", dict(class_dropout_prob=0.0)),
+    ("REPA-SiT-S/2", dict(z_dims=[32, 48], projector_dim=64, encoder_depth=1)),
+    ("MDTv2-S/2", dict(decode_layer=2, num_classes=7, learn_sigma=False)),
+    ("MaskDiT-S/2", dict(num_classes=0, decoder_hidden_size=64, decoder_depth=1, decoder_num_heads=2,
+                         mae_loss_coef=0.0)),
+    ("MaskDiT-S/2", dict(in_channels=3, use_decoder=False)),
+])
+def test_load_official_reads_what_the_weights_fix(tmp_path, name, trained):
+    """A checkpoint trained with other channels, classes, sigma output, REPA projectors or decoder depths
+    than its name's defaults loads by name and size alone: those arguments are read off its shapes."""
+    import argparse
+
+    size = dict(hidden_size=64, depth=4, num_heads=2)
+    torch.manual_seed(0)
+    src = build_model(name, input_size=16, **size, **trained)
+    path = tmp_path / "ckpt.pt"
+    # REPA's train.py saves its args: the encoder depth (which no shape shows) is read from them
+    args = argparse.Namespace(encoder_depth=trained.get("encoder_depth", 8))
+    torch.save({"ema": src.state_dict(), "args": args}, path)
+    model = load_official(path, name, **size)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
+    x = torch.randn(2, trained.get("in_channels", 4), 16, 16)
+    y = torch.tensor([1, 0]) if trained.get("num_classes", 1) else None
+    with torch.no_grad():  # same outputs (REPA: its projections too, which the encoder depth places)
+        a, b = src.eval()(x, torch.tensor([10.0, 500.0]), y), model(x, torch.tensor([10.0, 500.0]), y)
+    flat = lambda o: [o] if torch.is_tensor(o) else [t for part in o for t in flat(part)]  # noqa: E731
+    assert len(flat(a)) == len(flat(b)) and all(torch.equal(p, q) for p, q in zip(flat(a), flat(b)))
+    # what the caller passes wins over what is read (and a mismatch is reported, not loaded)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_official(path, name, **size, in_channels=5)
