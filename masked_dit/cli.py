@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -121,7 +120,8 @@ def _load_checkpoint_ema(src: Path):
 def _sample(args, _overrides) -> int:
     import torch
 
-    from masked_dit.diffusion.objectives import build_objective
+    from masked_dit.configs import GUIDANCE_KEYS, check_guidance
+    from masked_dit.diffusion.objectives import ADMObjective, adm_respacing, build_objective
     from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels
     from masked_dit.train.dist import init_world, shutdown
     from masked_dit.train.grid import grid_labels, save_grid
@@ -132,14 +132,8 @@ def _sample(args, _overrides) -> int:
     if args.batch_size < 1 or args.num < 1:
         raise ValueError(f"--batch-size ({args.batch_size}) and --num-samples ({args.num}) must be >= 1")
     _check_positive(args, "steps", "per_class")
-    for name in ("cfg_scale", "scale_pow", "guidance_low", "guidance_high"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number (got {value})")
-    if args.scale_pow is not None and args.scale_pow < 0:
-        raise ValueError(f"--scale-pow must be >= 0 (0: constant guidance scale; got {args.scale_pow})")
-    if args.guidance_low is not None and args.guidance_high is not None and args.guidance_low > args.guidance_high:
-        raise ValueError(f"--guidance-low {args.guidance_low} must be <= --guidance-high {args.guidance_high}")
+    flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
+    check_guidance({k: getattr(args, k) for k in GUIDANCE_KEYS}, flag)  # before the model loads
     if args.classes == []:
         raise ValueError("--classes needs at least one class label (or leave it out)")
     if out.exists() and out.is_dir():
@@ -162,6 +156,12 @@ def _sample(args, _overrides) -> int:
                   scale_pow=sc.scale_pow if args.scale_pow is None else args.scale_pow,
                   guidance_low=sc.guidance_low if args.guidance_low is None else args.guidance_low,
                   guidance_high=sc.guidance_high if args.guidance_high is None else args.guidance_high)
+        check_guidance({k: kw[k] for k in GUIDANCE_KEYS}, flag)  # one given, one from the run's config
+        if isinstance(objective, ADMObjective):  # before the first batch: name the option, not the respacing
+            try:
+                adm_respacing(kw["sampler"], kw["steps"], objective.diffusion_steps)
+            except ValueError as exc:
+                raise ValueError(f"--steps {kw['steps']}: {exc}") from None
         if kw["cfg_scale"] != 1 and not _has_null_class(model):
             raise ValueError(f"--cfg-scale {kw['cfg_scale']} needs a null class, which this model lacks (trained "
                              f"with class_dropout_prob=0): sample with --cfg-scale 1")

@@ -282,6 +282,27 @@ def _validate_model(cfg: Config) -> None:
         raise ConfigError(f"--model.class_dropout_prob must be in [0, 1] (got {mc.class_dropout_prob})")
 
 
+GUIDANCE_KEYS = ("cfg_scale", "scale_pow", "guidance_low", "guidance_high")
+
+
+def check_guidance(values: dict, flag) -> None:
+    """Raises ConfigError unless the guidance settings in ``values`` (``GUIDANCE_KEYS``; None: not
+    given) make sense; ``flag(key)`` spells the option as the caller's command line does. Shared by
+    the training config and ``masked-dit sample``'s overrides."""
+    for key, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{flag(key)} must be a finite number (got {value})")
+    if values.get("cfg_scale") is not None and values["cfg_scale"] < 0:
+        raise ConfigError(f"{flag('cfg_scale')} must be >= 0 (1: no guidance, 0: unconditional; got "
+                          f"{values['cfg_scale']})")
+    if values.get("scale_pow") is not None and values["scale_pow"] < 0:
+        raise ConfigError(f"{flag('scale_pow')} must be >= 0 (0: constant guidance scale; got {values['scale_pow']})")
+    low, high = values.get("guidance_low"), values.get("guidance_high")
+    if low is not None and high is not None and not low <= high:
+        raise ConfigError(f"{flag('guidance_low')}={low} must be <= {flag('guidance_high')}={high} (guidance "
+                          f"applies for t in [low, high])")
+
+
 def _validate_sample(cfg: Config) -> None:
     sc = cfg.sample
     if sc.num_per_class <= 0:
@@ -295,14 +316,7 @@ def _validate_sample(cfg: Config) -> None:
         if bad:
             raise ConfigError(f"--sample.grid_classes {bad} are outside [0, {cfg.model.num_classes - 1}] "
                               f"(--model.num_classes={cfg.model.num_classes})")
-    for key in ("cfg_scale", "scale_pow", "guidance_low", "guidance_high"):
-        if not math.isfinite(getattr(sc, key)):
-            raise ConfigError(f"--sample.{key} must be a finite number (got {getattr(sc, key)})")
-    if sc.scale_pow < 0:
-        raise ConfigError(f"--sample.scale_pow must be >= 0 (0: constant guidance scale; got {sc.scale_pow})")
-    if not sc.guidance_low <= sc.guidance_high:
-        raise ConfigError(f"--sample.guidance_low={sc.guidance_low} must be <= --sample.guidance_high="
-                          f"{sc.guidance_high} (guidance applies for t in [low, high])")
+    check_guidance({k: getattr(sc, k) for k in GUIDANCE_KEYS}, lambda key: f"--sample.{key}")
     # Without label dropout the model has no null-class row for the unconditional half of CFG
     # (MaskDiT's null label is the zero one-hot vector, which needs no row).
     if (sc.cfg_scale != 1 and cfg.model.class_dropout_prob == 0 and cfg.objective.kind != "edm_maskdit"

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from masked_dit.diffusion.edm import edm_loss, heun_sampler, patchify
 from masked_dit.diffusion.gaussian import min_snr_weight
 from masked_dit.diffusion.guidance import ClassifierFreeGuidance, guided_channel_count, power_cosine_scale
-from masked_dit.diffusion.respace import create_diffusion
+from masked_dit.diffusion.respace import create_diffusion, space_timesteps
 from masked_dit.nn.masking import random_masking, sample_mdt_mask_ratio
 
 # Which model families each objective trains.
@@ -103,7 +103,7 @@ class ADMObjective:
                cfg_scale: float = 1.0, scale_pow: float | None = None, progress: bool = False,
                generator: torch.Generator | None = None, **_) -> torch.Tensor:
         _check_sampler(self, sampler, "ADM diffusion")
-        respaced = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), self.noise_schedule,
+        respaced = create_diffusion(adm_respacing(sampler, steps, self.diffusion_steps), self.noise_schedule,
                                     learn_sigma=self.learn_sigma, diffusion_steps=self.diffusion_steps)
         fn = self._guided(model, cfg_scale, scale_pow)
         loop = respaced.ddim_sample_loop if sampler == "ddim" else respaced.p_sample_loop
@@ -352,6 +352,19 @@ def pixel_encoder(specs: str, model, image_size: int, precision: str = "fp32") -
 
     encode.features = features  # the loaded EncoderFeatures (z_dims, encoders)
     return encode
+
+
+def adm_respacing(sampler: str, steps: int, diffusion_steps: int) -> str:
+    """The ``timestep_respacing`` ADM sampling uses: DDIM keeps every k-th of the ``diffusion_steps``
+    ("ddimN", as ADM), DDPM N evenly spaced ones (as DiT's sample.py). ValueError (one line) when
+    ``steps`` cannot be made that way, so callers can check a setting before a run reaches its samples."""
+    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+    try:
+        space_timesteps(diffusion_steps, respacing)
+    except ValueError as exc:
+        raise ValueError(f"{steps} {'DDIM' if sampler == 'ddim' else 'DDPM'} steps cannot be taken from "
+                         f"{diffusion_steps} diffusion steps ({exc})") from None
+    return respacing
 
 
 def _check_sampler(objective, sampler: str, what: str) -> None:

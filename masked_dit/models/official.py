@@ -208,14 +208,15 @@ def infer_kwargs(state: dict[str, torch.Tensor], family: str, config: dict, args
             out["class_dropout_prob"] = 0.0
         elif rows != classes + (dropout > 0):
             out["num_classes"] = rows - (dropout > 0)
-    if family == "repa_sit" and _count(state, "projectors."):
+    heads = [state.get(f"projectors.{i}.4.weight") for i in range(_count(state, "projectors."))]
+    if family == "repa_sit" and heads and all(h is not None for h in heads) and "projectors.0.0.weight" in state:
         out["projector_dim"] = state["projectors.0.0.weight"].shape[0]
-        out["z_dims"] = [state[f"projectors.{i}.4.weight"].shape[0] for i in range(_count(state, "projectors."))]
+        out["z_dims"] = [h.shape[0] for h in heads]
         if any(k.startswith("decoder_blocks.") for k in state):  # legacy layout: the encoder is `blocks`
             out["encoder_depth"] = _count(state, "blocks.")
         elif isinstance(depth := _saved_arg(args, "encoder_depth"), int):  # REPA's train.py saves its args
             out["encoder_depth"] = depth
-    if family == "mdtv2" and _count(state, "de_blocks."):
+    if family == "mdtv2" and _count(state, "en_inblocks."):
         out["decode_layer"] = _count(state, "de_blocks.")
     return out
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS
+from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS, adm_respacing
 
 
 def model_kwargs(cfg) -> tuple[str, dict]:
@@ -45,11 +45,17 @@ def model_kwargs(cfg) -> tuple[str, dict]:
 
 
 def check_sampler(cfg) -> None:
-    """Before training: a sampler the objective lacks would otherwise stop the run at its first grid."""
+    """Before training: a sampler the objective lacks (or a step count its respacing cannot make) would
+    otherwise stop the run at its first grid."""
     sampler, kind = cfg.sample.sampler, cfg.objective.kind
     if sampler != "auto" and sampler not in SAMPLERS[kind]:
         raise ValueError(f"--sample.sampler={sampler} does not apply to --objective.kind={kind}; choose one of: "
                          f"auto, {', '.join(SAMPLERS[kind])}")
+    if kind in ("adm", "mdtv2"):  # ADM's respaced samplers
+        try:
+            adm_respacing(sampler, cfg.sample.steps, cfg.objective.diffusion_steps)
+        except ValueError as exc:
+            raise ValueError(f"--sample.steps={cfg.sample.steps}: {exc}") from None
 
 
 def encoder_z_dims(specs: str) -> list[int]:

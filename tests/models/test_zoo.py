@@ -182,6 +182,7 @@ def test_repa_legacy_checkpoint_layout(fixtures_dir, tmp_path):
     ("SiT-S/4", dict(class_dropout_prob=0.0)),
     ("REPA-SiT-S/2", dict(z_dims=[32, 48], projector_dim=64, encoder_depth=1)),
     ("MDTv2-S/2", dict(decode_layer=2, num_classes=7, learn_sigma=False)),
+    ("MDTv2-S/2", dict(decode_layer=0)),
     ("MaskDiT-S/2", dict(num_classes=0, decoder_hidden_size=64, decoder_depth=1, decoder_num_heads=2,
                          mae_loss_coef=0.0)),
     ("MaskDiT-S/2", dict(in_channels=3, use_decoder=False)),

@@ -180,6 +180,12 @@ CASES = [
      "masked-dit train: error: --sample.eval_num must be >= 0 (got -1)"),
     ("cli-cfg-scale-nan", lambda w, m: _train(w, "--sample.cfg_scale=nan"),
      "masked-dit train: error: --sample.cfg_scale must be a finite number (got nan)"),
+    # was found at the first grid, after the training steps: DDIM's integer stride cannot make 999 of 1000
+    ("cli-ddim-steps-unmakeable", lambda w, m: _train(w, "--sample.sampler=ddim", "--sample.steps=999"),
+     "masked-dit train: error: --sample.steps=999: 999 DDIM steps cannot be taken from 1000 diffusion steps (cannot "
+     "create exactly 999 steps with an integer stride from 1000)"),
+    ("cli-cfg-scale-negative", lambda w, m: _train(w, "--sample.cfg_scale=-2"),
+     "masked-dit train: error: --sample.cfg_scale must be >= 0 (1: no guidance, 0: unconditional; got -2.0)"),
     ("cli-scale-pow-negative", lambda w, m: _train(w, "--sample.scale_pow=-1"),
      "masked-dit train: error: --sample.scale_pow must be >= 0 (0: constant guidance scale; got -1.0)"),
     # was found only at the first sample grid, after the training steps (at the end with the digits presets)
@@ -342,7 +348,20 @@ CASES = [
     ("sample-guidance-interval-reversed", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out",
                                                         str(w / "g.png"), "--guidance-low", "0.9",
                                                         "--guidance-high", "0.1"],
-     "masked-dit sample: error: --guidance-low 0.9 must be <= --guidance-high 0.1"),
+     "masked-dit sample: error: --guidance-low=0.9 must be <= --guidance-high=0.1 (guidance applies for t in "
+     "[low, high])"),
+    # were accepted: a negative scale extrapolates away from the class (a typo for 1.5, not a setting)
+    ("sample-cfg-scale-negative", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
+                                                "--cfg-scale", "-1.5"],
+     "masked-dit sample: error: --cfg-scale must be >= 0 (1: no guidance, 0: unconditional; got -1.5)"),
+    ("sample-ddpm-steps-beyond-the-diffusion", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out",
+                                                              str(w / "g.png"), "--steps", "1001"],
+     "masked-dit sample: error: --steps 1001: 1001 DDPM steps cannot be taken from 1000 diffusion steps (cannot "
+     "divide a section of 1000 steps into 1001)"),
+    ("sample-guidance-high-below-the-runs-low", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out",
+                                                              str(w / "g.png"), "--guidance-high", "-0.5"],
+     "masked-dit sample: error: --guidance-low=0.0 must be <= --guidance-high=-0.5 (guidance applies for t in "
+     "[low, high])"),
     # --- extract-latents ----------------------------------------------------------------------------------
     ("extract-batch-size-zero", lambda w, m: ["extract-latents", str(m / "images"), str(w / "lat"),
                                               "--batch-size", "0"],
