@@ -55,25 +55,38 @@ def load_image(path: str, image_size: int, min_size: int | None = None) -> np.nd
     return center_crop_arr(im, image_size)
 
 
+def _is_image(name: str) -> bool:
+    # Hidden names are never the dataset's: '._x.JPEG' are macOS AppleDouble metadata files (not
+    # images), '.ipynb_checkpoints' / '.thumbnails' folders are tools' caches, not classes.
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _class_files(folder: str) -> list[str]:
+    """Images anywhere under ``folder`` in sorted order (symlinked folders followed, as torchvision)."""
+    found = []
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # pruned while walking
+        found.append((dirpath, sorted(n for n in names if _is_image(n))))
+    return [os.path.join(dirpath, n) for dirpath, names in sorted(found) for n in names]
+
+
 def list_images(root: str) -> tuple[list[str], list[int], list[str]]:
     """Files and labels under ``root``: class subfolders if any hold images, else ADM naming."""
     if os.path.exists(root) and not os.path.isdir(root):
         raise NotADirectoryError(f"image folder {root!r} is a file; name the folder that holds the images")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist")
-    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    files, classes = [], []
-    if subdirs:
+    subdirs = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    per_class = [_class_files(os.path.join(root, d)) for d in subdirs]
+    files, labels, classes = [], [], []
+    if any(per_class):
+        # Class index = position among the sorted folder names (an empty folder keeps its index).
         classes = subdirs
-        labels = []
-        for ci, d in enumerate(subdirs):
-            for dirpath, _, names in sorted(os.walk(os.path.join(root, d))):
-                for n in sorted(names):
-                    if n.lower().endswith(IMAGE_EXTENSIONS):
-                        files.append(os.path.join(dirpath, n))
-                        labels.append(ci)
-    else:
-        names = sorted(n for n in os.listdir(root) if n.lower().endswith(IMAGE_EXTENSIONS))
+        for ci, names in enumerate(per_class):
+            files += names
+            labels += [ci] * len(names)
+    else:  # no subfolder holds images (an empty or tool's folder beside ADM-named files)
+        names = sorted(n for n in os.listdir(root) if _is_image(n) and os.path.isfile(os.path.join(root, n)))
         files = [os.path.join(root, n) for n in names]
         class_of = [n.split("_")[0] for n in names]  # ADM: the class is the name up to the first '_'
         classes = sorted(set(class_of))

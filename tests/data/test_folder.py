@@ -68,3 +68,46 @@ def test_missing_or_empty_folder(tmp_path):
         ImageFolderDataset(str(tmp_path), 16)
     with pytest.raises(ValueError, match="on_bad_image must be"):
         ImageFolderDataset(str(tmp_path), 16, on_bad_image="ignore")
+
+
+def test_adm_flat_naming_beside_a_folder_without_images(tmp_path):
+    """An empty (or a tool's hidden) subfolder beside ADM-named files switched the listing to class
+    subfolders: 'no images found', or the tool's cache taken for the only class."""
+    for name in ("n02_001.png", "n01_002.png"):
+        _img(tmp_path / name, 32, 32)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    _img(tmp_path / ".ipynb_checkpoints" / "n03_009.png", 32, 32)
+    ds = ImageFolderDataset(str(tmp_path), 16)
+    assert ds.classes == ["n01", "n02"] and ds.labels == [0, 1]
+    assert [p.rsplit("/", 1)[-1] for p in ds.files] == ["n01_002.png", "n02_001.png"]
+
+
+def test_hidden_files_and_folders_are_not_images_or_classes(tmp_path):
+    """macOS copies leave '._x.png' AppleDouble files (not images: BadImageError stopped the run) and
+    tools leave hidden folders, which became class 0 and shifted every label."""
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        _img(tmp_path / cls / "0.png", 32, 32)
+        (tmp_path / cls / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / ".thumbnails").mkdir()
+    _img(tmp_path / ".thumbnails" / "0.png", 32, 32)
+    (tmp_path / "dog" / ".cache").mkdir()
+    _img(tmp_path / "dog" / ".cache" / "1.png", 32, 32)
+    ds = ImageFolderDataset(str(tmp_path), 16)
+    assert ds.classes == ["cat", "dog"] and ds.labels == [0, 1] and len(ds) == 2
+    assert int(ds[1]["y"]) == 1
+
+
+def test_class_folder_order_and_empty_class_keep_their_index(tmp_path):
+    """Labels are positions among the sorted folder names (torchvision's ImageFolder), nested
+    folders included; an empty class folder keeps its index so later classes do not shift."""
+    for cls in ("b", "a", "c"):
+        (tmp_path / cls).mkdir()
+    _img(tmp_path / "c" / "0.png", 32, 32)
+    (tmp_path / "a" / "sub").mkdir()
+    _img(tmp_path / "a" / "sub" / "1.png", 32, 32)
+    _img(tmp_path / "a" / "2.png", 32, 32)
+    ds = ImageFolderDataset(str(tmp_path), 16)
+    assert ds.classes == ["a", "b", "c"] and ds.labels == [0, 0, 2]
+    assert [p[len(str(tmp_path)) + 1:] for p in ds.files] == ["a/2.png", "a/sub/1.png", "c/0.png"]
