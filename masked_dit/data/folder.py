@@ -39,6 +39,17 @@ def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
     return arr[top: top + image_size, left: left + image_size]
 
 
+def to_rgb(pil_image):
+    """RGB as torchvision's loader (``convert('RGB')``), but 16-bit grayscale keeps its high byte:
+    PIL's convert clips 'I;16' values to 255, so a 16-bit PNG/TIFF came out nearly all white."""
+    from PIL import Image
+
+    if pil_image.mode.startswith("I;16"):
+        arr = np.asarray(pil_image).astype(np.uint16)  # native order whatever the file's ('I;16B')
+        pil_image = Image.fromarray((arr >> 8).astype(np.uint8), mode="L")
+    return pil_image.convert("RGB")
+
+
 def load_image(path: str, image_size: int, min_size: int | None = None) -> np.ndarray:
     """Reads ``path`` as RGB and center-crops it; raises BadImageError naming the file."""
     from PIL import Image
@@ -46,7 +57,7 @@ def load_image(path: str, image_size: int, min_size: int | None = None) -> np.nd
     try:
         with Image.open(path) as im:
             im.load()
-            im = im.convert("RGB")
+            im = to_rgb(im)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
         raise BadImageError(f"unreadable image {path}: {type(exc).__name__}: {exc}") from None
     need = image_size if min_size is None else min_size

@@ -111,3 +111,40 @@ def test_class_folder_order_and_empty_class_keep_their_index(tmp_path):
     ds = ImageFolderDataset(str(tmp_path), 16)
     assert ds.classes == ["a", "b", "c"] and ds.labels == [0, 0, 2]
     assert [p[len(str(tmp_path)) + 1:] for p in ds.files] == ["a/2.png", "a/sub/1.png", "c/0.png"]
+
+
+def _adm_reference(rgb: Image.Image, size: int) -> np.ndarray:
+    """ADM's center_crop_arr written out: BOX halvings, bicubic to the short side, center crop."""
+    while min(rgb.size) >= 2 * size:
+        rgb = rgb.resize((rgb.size[0] // 2, rgb.size[1] // 2), resample=Image.BOX)
+    s = size / min(rgb.size)
+    arr = np.array(rgb.resize((round(rgb.size[0] * s), round(rgb.size[1] * s)), resample=Image.BICUBIC))
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top: top + size, left: left + size]
+
+
+def test_16bit_grayscale_keeps_its_range(tmp_path):
+    """PIL's convert('RGB') clips 16-bit grayscale ('I;16') values to 255: a 16-bit PNG loaded as an
+    almost white image. It reads as the 8-bit image of its high byte (as a 16-bit RGB PNG does)."""
+    (tmp_path / "a").mkdir()
+    gray16 = (np.random.RandomState(1).rand(45, 37) * 65535).astype(np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "a" / "0.png")
+    assert Image.open(tmp_path / "a" / "0.png").mode.startswith("I;16")
+    x = ImageFolderDataset(str(tmp_path), 16)[0]["x"]
+    ref = _adm_reference(Image.fromarray((gray16 >> 8).astype(np.uint8)).convert("RGB"), 16)
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), ref / 127.5 - 1, atol=1e-6)
+    assert float(x.mean()) < 0.5  # not the clipped, nearly white image
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK"])
+def test_other_modes_read_as_rgb_then_crop(tmp_path, mode):
+    """Grayscale, alpha, palette and CMYK files: converted to RGB as torchvision's loader, then
+    ADM-cropped (odd, non-square sizes)."""
+    (tmp_path / "a").mkdir()
+    rgb = Image.fromarray(np.random.RandomState(2).randint(0, 255, (51, 70, 3), dtype=np.uint8))
+    im = rgb.convert(mode)
+    im.save(tmp_path / "a" / ("0.jpg" if mode == "CMYK" else "0.png"))
+    with Image.open(tmp_path / "a" / ("0.jpg" if mode == "CMYK" else "0.png")) as f:
+        ref = _adm_reference(f.convert("RGB"), 16)
+    x = ImageFolderDataset(str(tmp_path), 16)[0]["x"]
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), ref / 127.5 - 1, atol=1e-6)
