@@ -30,6 +30,7 @@ def build_dataset(data_cfg, model_cfg=None):
             warnings.warn(f"--data.random_flip=true but the latents in {data_cfg.path} were extracted without "
                           "--flip: no flipped copies, training without flips (re-extract with --flip, or pass "
                           "--data.random_flip=false)", stacklevel=2)
+        warn_latent_scale(ds.manifest, data_cfg)
         if getattr(data_cfg, "features", None):
             from masked_dit.data.encoders import LatentsWithFeatures
 
@@ -55,6 +56,18 @@ def build_dataset(data_cfg, model_cfg=None):
     return ds
 
 
+def warn_latent_scale(manifest: dict, data_cfg) -> None:
+    """Warns when --data.latent_scale is not the scaling_factor of the VAE that made the latents: the
+    model would silently learn latents off unit variance (SDXL's VAE at SD's 0.18215: 1.4x too wide)."""
+    import math
+    import warnings
+
+    factor = manifest.get("scaling_factor")
+    if factor is not None and not math.isclose(factor, data_cfg.latent_scale, rel_tol=1e-4):
+        warnings.warn(f"latents {data_cfg.path} were extracted with a VAE whose scaling_factor is {factor} but "
+                      f"--data.latent_scale={data_cfg.latent_scale}: pass --data.latent_scale={factor}", stacklevel=3)
+
+
 def feature_dirs(data_cfg) -> list:
     """The cached encoder-feature folders ``--data.features`` names: ``<path>/features/<name>``."""
     from pathlib import Path
@@ -77,4 +90,4 @@ def feature_dirs(data_cfg) -> list:
 
 __all__ = ["DigitsDataset", "load_digits_tensor", "ImageFolderDataset", "BadImageError", "center_crop_arr",
            "LatentDataset", "extract_latents", "sample_posterior", "BatchStream", "ResumableBatchSampler",
-           "build_dataset", "feature_dirs"]
+           "build_dataset", "feature_dirs", "warn_latent_scale"]

@@ -2,7 +2,8 @@
 
 Layout of an extracted folder::
 
-    manifest.json            vae, image size, latent shape, classes, flip, shards (only complete ones)
+    manifest.json            vae (and its scaling_factor), image size, latent shape, classes, flip,
+                             shards (only complete ones)
     shard_00000.mean.npy     [n, C, h, w] posterior means            (float16 or float32)
     shard_00000.std.npy      [n, C, h, w] posterior standard deviations
     shard_00000.labels.npy   [n] int64
@@ -73,6 +74,10 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
     header = {"vae": vae_name, "num_images": n, "image_size": image_size, "flip": flip, "dtype": dtype,
               "shard_size": shard_size, "classes": list(getattr(dataset, "classes", [])),
               "num_classes": int(getattr(dataset, "num_classes", 0))}
+    # The VAE's own latent scale, recorded (not compared on resume: older folders lack it) so training
+    # can tell when --data.latent_scale is not this VAE's (SDXL's 0.13025 where SD's is 0.18215).
+    factor = getattr(getattr(vae, "config", None), "scaling_factor", None)
+    scaling = {"scaling_factor": float(factor)} if isinstance(factor, (int, float)) else {}
     manifest_path = out / MANIFEST
     shards = []
     if manifest_path.exists():
@@ -123,12 +128,12 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
             files[key] = fname
         shards.append({"index": si, "start": start, "count": stop - start, "files": files, "latent_shape": latent_shape})
         shards.sort(key=lambda s: s["index"])
-        write_json_atomic(manifest_path, {**header, "latent_shape": latent_shape, "shards": shards})
+        write_json_atomic(manifest_path, {**header, **scaling, "latent_shape": latent_shape, "shards": shards})
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    manifest = {**header, "latent_shape": latent_shape, "shards": shards, "complete": True}
+    manifest = {**header, **scaling, "latent_shape": latent_shape, "shards": shards, "complete": True}
     write_json_atomic(manifest_path, manifest)
     return manifest
 

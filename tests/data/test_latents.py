@@ -120,3 +120,27 @@ def test_random_flip_on_latents_without_flipped_moments_warns(tiny_vae_dir, imag
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_dataset(data)
+
+
+def test_latent_scale_other_than_the_vaes_warns(tiny_vae_dir, images_dir, tmp_path):
+    """The manifest records the VAE's scaling_factor; training latents of SDXL's VAE (0.13025) at the
+    default --data.latent_scale (SD's 0.18215) would silently learn off-unit-variance latents."""
+    import warnings
+
+    from masked_dit.configs import get_preset
+    from masked_dit.data import build_dataset
+
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_vae_dir, scaling_factor=0.13025).eval()
+    manifest = extract_latents(ImageFolderDataset(str(images_dir), 16), tmp_path / "lat", vae, shard_size=2,
+                               batch_size=2, progress=False)
+    assert manifest["scaling_factor"] == 0.13025
+    assert json.loads((tmp_path / "lat" / "manifest.json").read_text())["scaling_factor"] == 0.13025
+    data = get_preset("imagenet256-dit-xl2").data
+    data.source, data.path, data.random_flip = "latents", str(tmp_path / "lat"), False
+    assert data.latent_scale == 0.18215
+    with pytest.warns(UserWarning, match="scaling_factor is 0.13025 but --data.latent_scale=0.18215"):
+        build_dataset(data)
+    data.latent_scale = 0.13025
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_dataset(data)
