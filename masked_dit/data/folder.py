@@ -126,6 +126,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def digest(self) -> str:
+        """sha1 of the image list (paths relative to the root, in order, with labels): extract-latents
+        records it so a resume, and extract-features (rows matched by index), can tell other images."""
+        import hashlib
+
+        h = hashlib.sha1()
+        for file, label in zip(self.files, self.labels):
+            h.update(f"{os.path.relpath(file, self.root).replace(os.sep, '/')}\t{label}\n".encode())
+        return h.hexdigest()
+
     def read(self, index: int) -> np.ndarray:
         return load_image(self.files[index], self.image_size)
 

@@ -3,7 +3,7 @@
 Layout of an extracted folder::
 
     manifest.json            vae (and its scaling_factor), image size, latent shape, classes, flip,
-                             shards (only complete ones)
+                             images_sha1 (which files, in order), shards (only complete ones)
     shard_00000.mean.npy     [n, C, h, w] posterior means            (float16 or float32)
     shard_00000.std.npy      [n, C, h, w] posterior standard deviations
     shard_00000.labels.npy   [n] int64
@@ -77,7 +77,11 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
     # The VAE's own latent scale, recorded (not compared on resume: older folders lack it) so training
     # can tell when --data.latent_scale is not this VAE's (SDXL's 0.13025 where SD's is 0.18215).
     factor = getattr(getattr(vae, "config", None), "scaling_factor", None)
-    scaling = {"scaling_factor": float(factor)} if isinstance(factor, (int, float)) else {}
+    recorded = {"scaling_factor": float(factor)} if isinstance(factor, (int, float)) else {}
+    # Which images, in which order (an image folder's digest); like the scale, checked only when known.
+    digest = dataset.digest() if hasattr(dataset, "digest") else None
+    if digest:
+        recorded["images_sha1"] = digest
     manifest_path = out / MANIFEST
     shards = []
     if manifest_path.exists():
@@ -85,6 +89,9 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
         mismatched = [k for k in header if old.get(k) != header[k]]
         if mismatched:
             raise ValueError(f"{manifest_path} was made with different settings ({', '.join(mismatched)}); "
+                             "use a new output folder")
+        if digest and old.get("images_sha1", digest) != digest:
+            raise ValueError(f"{manifest_path} was made from other images (same count, other files or order); "
                              "use a new output folder")
         shards = [s for s in old["shards"] if all((out / f).exists() for f in s["files"].values())]
     done = {s["index"] for s in shards}
@@ -128,12 +135,12 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
             files[key] = fname
         shards.append({"index": si, "start": start, "count": stop - start, "files": files, "latent_shape": latent_shape})
         shards.sort(key=lambda s: s["index"])
-        write_json_atomic(manifest_path, {**header, **scaling, "latent_shape": latent_shape, "shards": shards})
+        write_json_atomic(manifest_path, {**header, **recorded, "latent_shape": latent_shape, "shards": shards})
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    manifest = {**header, **scaling, "latent_shape": latent_shape, "shards": shards, "complete": True}
+    manifest = {**header, **recorded, "latent_shape": latent_shape, "shards": shards, "complete": True}
     write_json_atomic(manifest_path, manifest)
     return manifest
 

@@ -144,3 +144,49 @@ def test_latent_scale_other_than_the_vaes_warns(tiny_vae_dir, images_dir, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_dataset(data)
+
+
+def test_other_images_of_the_same_count_are_refused(tiny_vae_dir, images_dir, tmp_path):
+    """Resume, and extract-features (whose rows are matched to the latents by index), compared only
+    the image count and size: a folder with other files, or classes named otherwise, was accepted."""
+    from masked_dit.data.encoders import EncoderFeatures, extract_encoder_features
+    from tests.data.tiny_data import write_image_folder
+
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    out = tmp_path / "lat"
+    manifest = extract_latents(ImageFolderDataset(str(images_dir), 16), out, vae, shard_size=2, batch_size=2,
+                               progress=False)
+    assert len(manifest["images_sha1"]) == 40
+    (out / "shard_00002.mean.npy").unlink()  # resume needs work
+    other = write_image_folder(tmp_path / "other")
+    os.rename(other / "a" / "2.png", other / "a" / "9.png")
+    renamed = ImageFolderDataset(str(other), 16)
+    assert len(renamed) == manifest["num_images"] and renamed.classes == manifest["classes"]
+    with pytest.raises(ValueError, match="made from other images"):
+        extract_latents(renamed, out, vae, shard_size=2, batch_size=2, progress=False)
+    moved = tmp_path / "moved"
+    os.rename(images_dir, moved)  # the same images elsewhere: relative paths, same digest
+    try:
+        extract_latents(ImageFolderDataset(str(moved), 16), out, vae, shard_size=2, batch_size=2, progress=False)
+    finally:
+        os.rename(moved, images_dir)
+    pooled = EncoderFeatures(_PoolEncoder())
+    for wrong in (renamed, ImageFolderDataset(str(write_image_folder(tmp_path / "classes", classes=("a", "c"))), 16)):
+        with pytest.raises(ValueError, match="not the ones the latents .* were extracted from"):
+            extract_encoder_features(wrong, out, pooled, name="pool", batch_size=2, progress=False)
+    made = extract_encoder_features(ImageFolderDataset(str(images_dir), 16), out, pooled, name="pool", batch_size=2,
+                                    progress=False)
+    assert made["complete"]
+
+
+class _PoolEncoder(torch.nn.Module):
+    """A stand-in PatchEncoder: 4x4 average-pooled pixels as 16 tokens of width 3."""
+    name, image_size, grid_size, z_dim = "pool", 16, 4, 3
+    mean, std, resize_first = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, pixels):
+        return torch.nn.functional.avg_pool2d(pixels, 4).flatten(2).transpose(1, 2) * self.w

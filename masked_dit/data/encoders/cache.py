@@ -66,6 +66,10 @@ def extract_encoder_features(dataset, latents_dir, features: EncoderFeatures, *,
     if image_size != latents["image_size"]:
         raise ValueError(f"dataset images are {image_size}px but the latents were made from "
                          f"{latents['image_size']}px images")
+    digest = dataset.digest() if hasattr(dataset, "digest") else None
+    if digest and latents.get("images_sha1", digest) != digest:  # rows are matched to latents by index
+        raise ValueError(f"the images in {getattr(dataset, 'root', 'the dataset')} are not the ones the latents in "
+                         f"{str(root)!r} were extracted from (other files or order): pass that image folder")
     if batch_size < 1 or latents["shard_size"] % batch_size:
         raise ValueError(f"batch_size ({batch_size}) must divide the latents' shard_size ({latents['shard_size']})")
     enc = features.encoders[0]
