@@ -85,7 +85,7 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
     manifest_path = out / MANIFEST
     shards = []
     if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
+        old = read_own_manifest(manifest_path)
         mismatched = [k for k in header if old.get(k) != header[k]]
         if mismatched:
             raise ValueError(f"{manifest_path} was made with different settings ({', '.join(mismatched)}); "
@@ -142,6 +142,20 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
         bar.close()
     manifest = {**header, **recorded, "latent_shape": latent_shape, "shards": shards, "complete": True}
     write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def read_own_manifest(path: Path) -> dict:
+    """The manifest a resumed run wrote itself; one line naming it when damaged (a copy cut short,
+    a hand edit): JSON's own message named no file, and a missing 'shards' was a KeyError."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): delete the folder's files or use a new output "
+                         "folder") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ValueError(f"{path} lists no shards (not one this tool wrote): delete the folder's files or use a "
+                         "new output folder")
     return manifest
 
 

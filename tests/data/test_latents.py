@@ -190,3 +190,25 @@ class _PoolEncoder(torch.nn.Module):
 
     def forward(self, pixels):
         return torch.nn.functional.avg_pool2d(pixels, 4).flatten(2).transpose(1, 2) * self.w
+
+
+def test_damaged_manifest_on_resume_is_a_one_line_error_naming_it(tiny_vae_dir, images_dir, tmp_path):
+    """A cut-short or hand-edited manifest.json met on resume: JSON's message named no file (the CLI
+    printed 'error: Expecting value: line 1 column 1'), a manifest without 'shards' was a KeyError."""
+    from masked_dit.data.encoders import EncoderFeatures, extract_encoder_features
+
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    images = ImageFolderDataset(str(images_dir), 16)
+    out = tmp_path / "lat"
+    extract_latents(images, out, vae, shard_size=2, batch_size=2, progress=False)
+    pooled = EncoderFeatures(_PoolEncoder())
+    extract_encoder_features(images, out, pooled, name="pool", batch_size=2, progress=False)
+    for manifest in (out / "features" / "pool" / "manifest.json", out / "manifest.json"):
+        text = manifest.read_text()
+        for damaged, words in ((text[: len(text) // 2], "is not valid JSON"), ("{}", "lists no shards")):
+            manifest.write_text(damaged)
+            with pytest.raises(ValueError, match=f"{manifest}.* {words}") as err:
+                extract_latents(images, out, vae, shard_size=2, batch_size=2, progress=False)
+                extract_encoder_features(images, out, pooled, name="pool", batch_size=2, progress=False)
+            assert "\n" not in str(err.value)
+        manifest.write_text(text)

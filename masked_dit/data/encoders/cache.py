@@ -1,7 +1,6 @@
 """REPA features cached beside extracted VAE latents, and datasets reading them back."""
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 
 from masked_dit.data.encoders.features import EncoderFeatures
-from masked_dit.data.latents import read_manifest
+from masked_dit.data.latents import read_manifest, read_own_manifest
 from masked_dit.data.latents import save_npy_atomic as _save_shard
 from masked_dit.data.latents import write_json_atomic as _write_json
 from masked_dit.data.encoders.specs import _REPA_NAME
@@ -54,11 +53,7 @@ def extract_encoder_features(dataset, latents_dir, features: EncoderFeatures, *,
     if dtype not in ("float16", "float32"):
         raise ValueError(f"feature dtype must be float16 or float32 (got {dtype!r})")
     root = Path(latents_dir)
-    if not (root / _MANIFEST).exists():
-        raise FileNotFoundError(f"no {_MANIFEST} in {str(root)!r}: extract the latents first")
-    latents = json.loads((root / _MANIFEST).read_text())
-    if not latents.get("complete"):
-        raise ValueError(f"latents in {str(root)!r} are incomplete: finish extract-latents first")
+    latents = read_manifest(root, _MANIFEST, "latents", "extract-latents", "extract-latents")
     n = len(dataset)
     if n != latents["num_images"]:
         raise ValueError(f"dataset has {n} images but the latents were extracted from {latents['num_images']} images")
@@ -82,7 +77,7 @@ def extract_encoder_features(dataset, latents_dir, features: EncoderFeatures, *,
               "flip": bool(latents["flip"]), "autocast": str(features.autocast_dtype or "float32")}
     shards = []
     if (out / _MANIFEST).exists():
-        old = json.loads((out / _MANIFEST).read_text())
+        old = read_own_manifest(out / _MANIFEST)
         mismatched = [k for k in header if old.get(k) != header[k]]
         if mismatched:
             raise ValueError(f"{out / _MANIFEST} was made with different settings ({', '.join(mismatched)}); "
