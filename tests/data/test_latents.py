@@ -212,3 +212,16 @@ def test_damaged_manifest_on_resume_is_a_one_line_error_naming_it(tiny_vae_dir, 
                 extract_encoder_features(images, out, pooled, name="pool", batch_size=2, progress=False)
             assert "\n" not in str(err.value)
         manifest.write_text(text)
+
+
+@pytest.mark.parametrize("drop", ["flip", "feature_shape", "shards", "num_images"])
+def test_foreign_features_manifest_is_a_one_line_error(tmp_path, drop):
+    """A complete features manifest lacking a field was a bare KeyError ('flip') from training's
+    --data.features; the latents' manifest already said which file is wrong."""
+    from masked_dit.data.encoders import EncoderFeatureDataset
+
+    manifest = {"complete": True, "flip": False, "feature_shape": [4, 3], "shards": [], "num_images": 0}
+    del manifest[drop]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"features {tmp_path}: manifest.json is not one extract-features wrote"):
+        EncoderFeatureDataset(tmp_path)

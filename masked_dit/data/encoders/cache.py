@@ -130,10 +130,15 @@ class EncoderFeatureDataset(torch.utils.data.Dataset):
         self.root = Path(root)
         self.manifest = read_manifest(self.root, _MANIFEST, "features", "extract_encoder_features",
                                       "extract_encoder_features")
-        self.has_flip = bool(self.manifest["flip"])
-        self.feature_shape = tuple(self.manifest["feature_shape"])
-        self.shards = self.manifest["shards"]
-        self.starts = np.array([s["start"] for s in self.shards])
+        try:
+            self.has_flip = bool(self.manifest["flip"])
+            self.feature_shape = tuple(self.manifest["feature_shape"])
+            self.shards = self.manifest["shards"]
+            self.starts = np.array([s["start"] for s in self.shards])
+            int(self.manifest["num_images"])
+        except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or foreign manifest.json, as LatentDataset
+            raise ValueError(f"features {self.root}: {_MANIFEST} is not one extract-features wrote (bad or missing "
+                             f"{exc}): re-run extract-features") from None
         self._maps: dict[tuple[int, str], np.ndarray] = {}
 
     def __len__(self) -> int:
