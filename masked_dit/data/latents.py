@@ -47,6 +47,19 @@ def load_vae(vae: str, device: str = "cpu"):
     return model.to(device).eval()
 
 
+def check_vae_factor(vae, image_size: int) -> None:
+    """The VAE halves the image once per level past the first (SD's: 8x); a side that is not a multiple
+    loses its last rows and columns silently (15 px -> 7x7 latents that decode to 14 px)."""
+    channels = getattr(getattr(vae, "config", None), "block_out_channels", None)
+    if not isinstance(channels, (list, tuple)) or not channels:
+        return
+    factor = 2 ** (len(channels) - 1)
+    if image_size % factor:
+        raise ValueError(f"--image-size {image_size} must be a multiple of the VAE's downsampling factor {factor} "
+                         f"(it would encode {image_size // factor}x{image_size // factor} latents that decode to "
+                         f"{image_size // factor * factor}px)")
+
+
 def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
     """``np.save`` to a temporary name, then rename: a kill leaves the old file or none, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
@@ -67,10 +80,11 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
         raise ValueError(f"latent dtype must be float16 or float32 (got {dtype!r})")
     if shard_size % batch_size:
         raise ValueError(f"shard_size ({shard_size}) must be a multiple of batch_size ({batch_size})")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     n = len(dataset)
     image_size = int(dataset[0]["x"].shape[-1])
+    check_vae_factor(vae, image_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     header = {"vae": vae_name, "num_images": n, "image_size": image_size, "flip": flip, "dtype": dtype,
               "shard_size": shard_size, "classes": list(getattr(dataset, "classes", [])),
               "num_classes": int(getattr(dataset, "num_classes", 0))}

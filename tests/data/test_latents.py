@@ -225,3 +225,18 @@ def test_foreign_features_manifest_is_a_one_line_error(tmp_path, drop):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=f"features {tmp_path}: manifest.json is not one extract-features wrote"):
         EncoderFeatureDataset(tmp_path)
+
+
+def test_image_size_off_the_vae_factor_is_refused(tiny_vae_dir, images_dir, tmp_path):
+    """15 px images through a 2x VAE gave 7x7 latents decoding to 14 px: the last row and column of
+    every image were never encoded (SD's 8x VAE at 250 px: 31x31 latents, 248 px)."""
+    vae = diffusers.AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
+    with torch.no_grad():  # the VAE itself: floor(15 / 2) latents, decoded to 14 px
+        z = vae.encode(torch.zeros(1, 3, 15, 15)).latent_dist.mean
+        assert z.shape[-1] == 7 and vae.decode(z).sample.shape[-1] == 14
+    with pytest.raises(ValueError, match="--image-size 15 must be a multiple of the VAE's downsampling factor 2"):
+        extract_latents(ImageFolderDataset(str(images_dir), 15), tmp_path / "lat", vae, shard_size=2, batch_size=2,
+                        progress=False)
+    assert not (tmp_path / "lat").exists()
+    assert extract_latents(ImageFolderDataset(str(images_dir), 14), tmp_path / "ok", vae, shard_size=2,
+                           batch_size=2, progress=False)["latent_shape"] == [4, 7, 7]
