@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from masked_dit.eval.fid import feature_statistics, frechet_distance
+from masked_dit.eval.fid import check_finite, feature_statistics, frechet_distance
 from masked_dit.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionOutputs
 from masked_dit.eval.prdc import precision_recall
 
@@ -188,7 +188,10 @@ def compute_activations(model: Callable[[torch.Tensor], InceptionOutputs], image
             pool.append(out.pool.float().cpu().numpy())
             spatial.append(out.spatial.float().cpu().numpy())
             logits.append(out.logits.float().cpu().numpy())
-    return InceptionActivations(np.concatenate(pool), np.concatenate(spatial), np.concatenate(logits))
+    acts = InceptionActivations(np.concatenate(pool), np.concatenate(spatial), np.concatenate(logits))
+    for name in ("pool", "spatial", "logits"):  # rows are image indices; NaN here means broken weights
+        check_finite(getattr(acts, name), f"the network's {name} outputs for the {desc or 'images'}")
+    return acts
 
 
 # -----------------------------------------------------------------------------
@@ -201,6 +204,9 @@ def inception_score(logits: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> floa
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise ValueError(f"inception_score needs logits [N > 0, C], got {list(logits.shape)}")
+    if split_size < 1:
+        raise ValueError(f"inception_score: split_size must be >= 1, got {split_size}")
+    check_finite(logits, "inception_score: logits")
     log_p = logits - logsumexp(logits, axis=1, keepdims=True)
     p = np.exp(log_p)
     scores = []
@@ -235,6 +241,8 @@ def read_statistics(path: str | Path,
             if mu.shape != (dim,) or sigma.shape != (dim, dim):
                 raise ValueError(f"{path}: '{mu_key}' / '{sigma_key}' must have shapes ({dim},) / ({dim}, {dim}), "
                                  f"got {mu.shape} / {sigma.shape}")
+            for key, value in ((mu_key, mu), (sigma_key, sigma)):
+                check_finite(value, f"{path}: '{key}'")
             stats[metric] = (mu.astype(np.float64), sigma.astype(np.float64))
     return stats
 

@@ -16,7 +16,18 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"feature_statistics needs features of shape [N >= 2, F], got {list(features.shape)}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+    check_finite(features, "feature_statistics: features")
+    # np.cov of one column is 0-d: keep the promised [F, F]
+    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
+
+
+def check_finite(values: np.ndarray, what: str) -> None:
+    """One-line error for NaN/inf, which the eigensolvers report as non-convergence and the
+    nearest-neighbour / softmax metrics would silently miscount."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = int(np.argwhere(bad)[0][0])
+        raise ValueError(f"{what} hold {int(bad.sum())} non-finite value(s) (first in row {first})")
 
 
 def _scipy_sqrtm_has_disp() -> bool:
@@ -81,6 +92,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
         raise ValueError(f"statistics differ in shape: mean {mu1.shape} vs {mu2.shape}, cov {sigma1.shape} vs {sigma2.shape}")
     if sigma1.shape != (mu1.shape[0], mu1.shape[0]):
         raise ValueError(f"covariance shape {sigma1.shape} does not match mean shape {mu1.shape}")
+    for name, value in (("mean", mu1), ("covariance", sigma1), ("mean", mu2), ("covariance", sigma2)):
+        check_finite(value, f"frechet_distance: the {name} statistics")
     diff = mu1 - mu2
     if method == "eigh":
         tr_covmean = _trace_sqrt_product(sigma1, sigma2)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from masked_dit.eval.fid import check_finite
+
 
 def _pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     d = (a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)[None]
@@ -38,6 +40,10 @@ def _coverage(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor, 
 def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, device: str | torch.device = "cpu",
                      batch_size: int = 10000) -> tuple[float, float]:
     """(precision, recall) of ``samples`` against ``reference`` features, both [N, F]."""
+    if k < 1 or batch_size < 1:
+        raise ValueError(f"precision_recall: k must be >= 1 and batch_size must be >= 1, got k={k}, batch_size={batch_size}")
+    for name, features in (("reference", reference), ("sample", samples)):
+        check_finite(np.asarray(features), f"precision_recall: the {name} features")
     ref = torch.as_tensor(np.asarray(reference), dtype=torch.float32, device=device)
     gen = torch.as_tensor(np.asarray(samples), dtype=torch.float32, device=device)
     if ref.ndim != 2 or gen.ndim != 2 or ref.shape[1] != gen.shape[1]:

@@ -156,6 +156,26 @@ def test_bad_reference_statistics(batches, tmp_path):
         open_batches(tmp_path / "r4.npz", sample_path)
 
 
+def test_non_finite_statistics_and_features_name_their_source(batches, tmp_path):
+    _, sample_path, ref, _ = batches
+    sigma = np.eye(32)
+    sigma[5, 5] = np.nan
+    np.savez(tmp_path / "nan_stats.npz", ref, mu=np.zeros(32), sigma=sigma)
+    with pytest.raises(ValueError, match=r"nan_stats.npz: 'sigma' hold 1 non-finite value\(s\) \(first in row 5\)"):
+        open_batches(tmp_path / "nan_stats.npz", sample_path, dims=None)
+
+    class NaNForThirdImage(StubFeatures):   # e.g. corrupt weights or an fp16 overflow
+        def __call__(self, images):
+            out = super().__call__(images)
+            if self.calls == 1:   # the first batch of the reference: its image 2
+                out.pool[2] = float("nan")
+            return out
+
+    with pytest.raises(ValueError, match=r"pool outputs for the reference hold 32 non-finite value\(s\) "
+                                         r"\(first in row 2\)"):
+        evaluate(batches[0], sample_path, NaNForThirdImage(), batch_size=4, **STUB)
+
+
 def test_bad_folders(batches, tmp_path):
     ref_path = batches[0]
     (tmp_path / "empty").mkdir()

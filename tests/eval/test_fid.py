@@ -88,3 +88,25 @@ def test_bad_inputs_raise_clear_errors():
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), method="svd")
     with pytest.raises(ValueError, match=r"\[N >= 2, F\]"):
         feature_statistics(np.zeros((1, 5)))
+
+
+def test_one_feature_covariance_is_a_matrix():
+    # np.cov of a single column is 0-d; the statistics promise [F, F] (callers compare shapes)
+    x = np.random.default_rng(5).standard_normal((20, 1))
+    mu, sigma = feature_statistics(x)
+    assert mu.shape == (1,) and sigma.shape == (1, 1)
+    assert sigma[0, 0] == pytest.approx(np.var(x[:, 0], ddof=1), rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_features_and_statistics_are_clear_errors(bad):
+    # NaN/inf used to surface as numpy's "Eigenvalues did not converge" (or sqrtm's internal error)
+    x = np.random.default_rng(6).standard_normal((10, 4))
+    y = x.copy()
+    y[3, 1] = bad
+    with pytest.raises(ValueError, match=r"non-finite value\(s\) \(first in row 3\)"):
+        feature_statistics(y)
+    mu, sigma = feature_statistics(x)
+    for method in ("eigh", "sqrtm"):
+        with pytest.raises(ValueError, match="non-finite"):
+            frechet_distance(mu, np.where(np.eye(4) > 0, bad, sigma), mu, sigma, method=method)

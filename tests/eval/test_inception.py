@@ -54,6 +54,16 @@ def test_is_rejects_bad_shapes():
         inception_score(np.zeros(10))
 
 
+def test_is_rejects_non_finite_logits_and_bad_split_size():
+    # NaN probabilities failed the "p > 0" test of the 0 * log 0 rule and counted as 0: IS = 1.0
+    logits = np.zeros((6, 10))
+    logits[2, 4] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite value\(s\) \(first in row 2\)"):
+        inception_score(logits)
+    with pytest.raises(ValueError, match="split_size must be >= 1"):
+        inception_score(np.zeros((6, 10)), split_size=0)
+
+
 # -----------------------------------------------------------------------------
 # Architecture and checkpoint names (pytorch-fid's pt_inception-2015-12-05-6726825d.pth)
 

@@ -63,3 +63,18 @@ def test_bad_inputs():
         precision_recall(np.zeros((3, 4)), np.zeros((10, 4)))
     with pytest.raises(ValueError, match="equal F"):
         precision_recall(np.zeros((10, 4)), np.zeros((10, 5)))
+
+
+def test_non_finite_features_and_bad_options_are_clear_errors():
+    # a NaN point is never inside a ball and has a NaN radius: (0.9, 0.9) came back silently
+    x = np.random.default_rng(4).standard_normal((10, 4))
+    y = x.copy()
+    y[3, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        precision_recall(x, y)
+    with pytest.raises(ValueError, match="non-finite"):
+        precision_recall(y, x)
+    with pytest.raises(ValueError, match="k must be >= 1"):   # k = 0: every radius is the self-distance 0
+        precision_recall(x, x, k=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        precision_recall(x, x, batch_size=0)
