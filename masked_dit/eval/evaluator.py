@@ -1,7 +1,8 @@
 """ImageNet-scale sample evaluation as ADM's evaluator: FID, sFID, Inception Score, precision, recall.
 
 Inputs follow ADM's conventions (guided-diffusion/evaluations): a *sample batch* is an ``.npz``
-whose ``arr_0`` holds uint8 images [N, H, W, 3] (``arr_1``, the labels, is ignored) or a folder of
+whose ``arr_0`` holds uint8 images [N, H, W, 3] (or [N, H, W, 1] grayscale, repeated to RGB; ``arr_1``,
+the labels, is ignored) or a folder of
 PNG/JPEG files; a *reference batch* is an ``.npz`` such as ``VIRTUAL_imagenet256_labeled.npz``
 holding ``arr_0`` images and, optionally, precomputed ``mu``/``sigma`` (pool features) and
 ``mu_s``/``sigma_s`` (spatial features). Precomputed statistics are used instead of recomputing
@@ -80,13 +81,19 @@ class NpzImages:
         self.shape, self._fortran, self.dtype = header
         if self.dtype != np.uint8:
             raise ValueError(f"{self.path}['{key}'] must be uint8 images, got dtype {self.dtype}")
-        if len(self.shape) != 4 or self.shape[-1] != 3 or self.shape[0] == 0:
-            raise ValueError(f"{self.path}['{key}'] must have shape [N > 0, H, W, 3], got {list(self.shape)}")
+        if len(self.shape) != 4 or self.shape[-1] not in (1, 3) or 0 in self.shape:
+            raise ValueError(f"{self.path}['{key}'] must have shape [N > 0, H, W, 3] (or [N, H, W, 1] grayscale), "
+                             f"got {list(self.shape)}")
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        # grayscale becomes RGB by repeating the channel, as PIL's convert("RGB") does for a folder
+        for batch in self._stored_batches(batch_size):
+            yield batch if batch.shape[-1] == 3 else np.repeat(batch, 3, axis=-1)
+
+    def _stored_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         if self._fortran:
             arr = np.load(self.path)[self.key]
             for start in range(0, len(arr), batch_size):

@@ -41,7 +41,8 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, dev
                      batch_size: int = 10000) -> tuple[float, float]:
     """(precision, recall) of ``samples`` against ``reference`` features, both [N, F]."""
     if k < 1 or batch_size < 1:
-        raise ValueError(f"precision_recall: k must be >= 1 and batch_size must be >= 1, got k={k}, batch_size={batch_size}")
+        raise ValueError(f"precision_recall: k must be >= 1 and batch_size must be >= 1, "
+                         f"got k={k}, batch_size={batch_size}")
     for name, features in (("reference", reference), ("sample", samples)):
         check_finite(np.asarray(features), f"precision_recall: the {name} features")
     ref = torch.as_tensor(np.asarray(reference), dtype=torch.float32, device=device)

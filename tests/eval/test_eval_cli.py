@@ -120,6 +120,21 @@ def test_npz_streaming_reads_all_images_in_order(tmp_path):
         np.testing.assert_array_equal(got, images)
 
 
+def test_grayscale_npz_equals_its_rgb_copy(batches, tmp_path):
+    # [N, H, W, 1] is repeated to RGB, as a folder of grayscale PNGs is by PIL's convert("RGB")
+    ref_path = batches[0]
+    gray = _images(10, 4)[..., :1]
+    np.savez(tmp_path / "gray.npz", gray)
+    np.savez(tmp_path / "rgb.npz", np.repeat(gray, 3, axis=-1))
+    folder = tmp_path / "gray_pngs"
+    folder.mkdir()
+    for i, img in enumerate(gray):
+        Image.fromarray(img[..., 0], mode="L").save(folder / f"{i}.png")
+    from_rgb = evaluate(ref_path, tmp_path / "rgb.npz", StubFeatures(), batch_size=4, **STUB)
+    assert evaluate(ref_path, tmp_path / "gray.npz", StubFeatures(), batch_size=4, **STUB) == from_rgb
+    assert evaluate(ref_path, folder, StubFeatures(), batch_size=4, **STUB) == from_rgb
+
+
 # -----------------------------------------------------------------------------
 # Errors: one line, naming what is wrong
 
@@ -127,6 +142,7 @@ def test_npz_streaming_reads_all_images_in_order(tmp_path):
     ({"arr_0": np.zeros((4, 8, 8, 3), np.float32)}, "must be uint8"),
     ({"arr_0": np.zeros((4, 8, 8), np.uint8)}, r"shape \[N > 0, H, W, 3\]"),
     ({"arr_0": np.zeros((4, 3, 8, 8), np.uint8)}, r"shape \[N > 0, H, W, 3\]"),
+    ({"arr_0": np.zeros((4, 0, 8, 3), np.uint8)}, r"shape \[N > 0, H, W, 3\]"),
     ({"images": np.zeros((4, 8, 8, 3), np.uint8)}, "no 'arr_0'"),
     ({"arr_0": np.zeros((1, 8, 8, 3), np.uint8)}, r"holds 1 image\(s\); the metrics need at least 4"),
 ])
