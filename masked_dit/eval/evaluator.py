@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,11 @@ class NpzImages:
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         # grayscale becomes RGB by repeating the channel, as PIL's convert("RGB") does for a folder
-        for batch in self._stored_batches(batch_size):
-            yield batch if batch.shape[-1] == 3 else np.repeat(batch, 3, axis=-1)
+        try:
+            for batch in self._stored_batches(batch_size):
+                yield batch if batch.shape[-1] == 3 else np.repeat(batch, 3, axis=-1)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # damaged bytes: CRC / deflate / short member
+            raise ValueError(f"{self.path}['{self.key}'] is corrupt ({type(err).__name__}: {err})") from None
 
     def _stored_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         if self._fortran:
@@ -127,8 +131,11 @@ class FolderImages:
     def _load(file: Path) -> np.ndarray:
         from PIL import Image
 
-        with Image.open(file) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        try:
+            with Image.open(file) as im:
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except (OSError, SyntaxError) as err:  # PIL's own messages do not say which of 50k files failed
+            raise ValueError(f"{file} is not a readable image ({type(err).__name__}: {err})") from None
 
     def _checked(self, file: Path) -> np.ndarray:
         image = self._load(file)

@@ -209,6 +209,25 @@ def test_bad_folders(batches, tmp_path):
         open_batches(mixed, mixed)
 
 
+def test_damaged_files_name_themselves(batches, tmp_path):
+    ref_path, sample_path, _, samples = batches
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, img in enumerate(samples):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    data = (folder / "7.png").read_bytes()
+    (folder / "7.png").write_bytes(data[:len(data) // 2])   # a copy cut short
+    with pytest.raises(ValueError, match=r"7.png is not a readable image \(OSError: image file is truncated"):
+        evaluate(ref_path, folder, StubFeatures(), **STUB)
+    for name, save in (("stored.npz", np.savez), ("deflated.npz", np.savez_compressed)):
+        save(tmp_path / name, samples)
+        data = bytearray((tmp_path / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF   # one flipped byte inside arr_0's data
+        (tmp_path / name).write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=rf"{name}\['arr_0'\] is corrupt \((BadZipFile|error): "):
+            evaluate(ref_path, tmp_path / name, StubFeatures(), **STUB)
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--device", "tpu:7"], "--device"),
