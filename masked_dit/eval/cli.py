@@ -51,6 +51,9 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"--device: unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available")
+    # else "invalid device ordinal" surfaces later, reported as unloadable Inception weights
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 

@@ -240,6 +240,17 @@ def test_cli_option_errors(batches, capsys, extra, match):
     assert len(err.splitlines()) == 1 and match in err
 
 
+def test_cli_cuda_index_beyond_the_visible_devices(batches, capsys, monkeypatch):
+    # cuda:1 on a one-GPU machine used to fail inside the weights' .to(device) and be reported as
+    # "--inception-weights None: not loadable Inception weights (RuntimeError: ... invalid device ordinal)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.resolve_device("cuda:0") == torch.device("cuda:0")
+    assert cli.main([str(batches[0]), str(batches[1]), "--device", "cuda:1", "--random-init-inception"]) == 2
+    assert capsys.readouterr().err.strip() == ("masked-dit eval: error: --device cuda:1: only 1 CUDA device(s) "
+                                               "are visible")
+
+
 def test_cli_missing_files_fail_before_loading_weights(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("masked_dit.eval.inception.load_fid_inception",
                         lambda *a, **k: pytest.fail("weights loaded before inputs were checked"))
