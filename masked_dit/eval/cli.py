@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref_batch", help="reference .npz (ADM layout: 'arr_0' uint8 [N, H, W, 3]; "
                                      "precomputed 'mu','sigma','mu_s','sigma_s' are used when present)")
     p.add_argument("sample_batch", help="sample .npz ('arr_0' uint8 [N, H, W, 3] or grayscale [N, H, W, 1]) "
-                                        "or a folder of PNG/JPEG images")
+                                        "or a folder of PNG/JPEG/WebP/BMP/TIFF images")
     p.add_argument("--inception-weights", metavar="PATH", default=None,
                    help="local pt_inception-2015-12-05-6726825d.pth (default: download pytorch-fid's release "
                         "into the torch hub cache)")

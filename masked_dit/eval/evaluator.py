@@ -3,7 +3,7 @@
 Inputs follow ADM's conventions (guided-diffusion/evaluations): a *sample batch* is an ``.npz``
 whose ``arr_0`` holds uint8 images [N, H, W, 3] (or [N, H, W, 1] grayscale, repeated to RGB; ``arr_1``,
 the labels, is ignored) or a folder of
-PNG/JPEG files; a *reference batch* is an ``.npz`` such as ``VIRTUAL_imagenet256_labeled.npz``
+PNG/JPEG/WebP/... files; a *reference batch* is an ``.npz`` such as ``VIRTUAL_imagenet256_labeled.npz``
 holding ``arr_0`` images and, optionally, precomputed ``mu``/``sigma`` (pool features) and
 ``mu_s``/``sigma_s`` (spatial features). Precomputed statistics are used instead of recomputing
 them, as ADM does (for either batch); the reference images are still needed for precision/recall.
@@ -38,7 +38,8 @@ from masked_dit.eval.fid import check_finite, feature_statistics, frechet_distan
 from masked_dit.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionOutputs
 from masked_dit.eval.prdc import precision_recall
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+# what the training folders read (masked_dit.data.folder) plus pytorch-fid's netpbm formats
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 IS_SPLIT_SIZE = 5000
 STATISTICS_KEYS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}
 INCEPTION_DIMS = {"fid": POOL_DIM, "sfid": SPATIAL_DIM}  # feature sizes the statistics must have
@@ -115,7 +116,7 @@ class NpzImages:
 
 
 class FolderImages:
-    """PNG/JPEG files of one folder (sorted by name), all of one size, converted to RGB."""
+    """Image files of one folder (``IMAGE_EXTENSIONS``, sorted by name), all of one size, converted to RGB."""
 
     def __init__(self, path: str | Path, num_workers: int = 8):
         self.path = Path(path)

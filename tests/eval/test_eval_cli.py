@@ -111,6 +111,18 @@ def test_image_folder_equals_npz(batches, tmp_path):
     assert from_folder == from_npz
 
 
+def test_lossless_formats_of_other_tools_equal_npz(batches, tmp_path):
+    # the formats the training folders and pytorch-fid read: a folder of .webp/.bmp/.tif/.ppm samples
+    ref_path, sample_path, _, samples = batches
+    folder = tmp_path / "mixed_formats"
+    folder.mkdir()
+    for i, img in enumerate(samples):
+        ext = (".webp", ".bmp", ".tif", ".ppm", ".PNG")[i % 5]
+        Image.fromarray(img).save(folder / f"{i:03d}{ext}", **({"lossless": True} if ext == ".webp" else {}))
+    from_npz = evaluate(ref_path, sample_path, StubFeatures(), batch_size=3, **STUB)
+    assert evaluate(ref_path, folder, StubFeatures(), batch_size=3, **STUB) == from_npz
+
+
 def test_npz_streaming_reads_all_images_in_order(tmp_path):
     images = _images(11, 3, size=5)
     np.savez_compressed(tmp_path / "c.npz", images)
