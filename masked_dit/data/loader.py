@@ -85,6 +85,12 @@ class BatchStream:
                 warnings.warn(f"data position: {consumed} samples of epoch {self.epoch} were consumed in batches of "
                               f"{saved}; continuing in batches of {per_batch} repeats {consumed % per_batch} of them",
                               stacklevel=2)
+        saved_len = (state or {}).get("dataset_len")
+        if saved_len is not None and saved_len != len(dataset):
+            import warnings
+            warnings.warn(f"data position: the dataset has {len(dataset)} samples, the run was saved with {saved_len}; "
+                          f"epoch {self.epoch} continues at batch {self.batch} of another shuffle (samples may repeat "
+                          f"or be missed in this epoch)", stacklevel=2)
         self._it = None
 
     def _start(self):
@@ -138,4 +144,5 @@ class BatchStream:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch, "samples_per_batch": self.micro_batch * self.kw["world"]}
+        return {"epoch": self.epoch, "batch": self.batch, "samples_per_batch": self.micro_batch * self.kw["world"],
+                "dataset_len": len(self.dataset)}

@@ -114,11 +114,10 @@ class PartsFolder:
 
 
 def generate_npz(draw: Callable, labels: torch.Tensor, out: Path, *, shape: tuple, batch_size: int, seed: int,
-                 settings: dict, world, decode: Optional[Callable] = None, progress: bool = True,
-                 stop_after: Optional[int] = None) -> Optional[int]:
+                 settings: dict, world, decode: Optional[Callable] = None, progress: bool = True) -> Optional[int]:
     """Samples every label into ``out`` (.npz) through ``<out>.parts/``; this rank runs batches
     ``rank, rank + world.size, ...`` that are not done yet. Returns the sample count on rank 0 once
-    assembled (None elsewhere, and when ``stop_after`` batches of this rank ended the call early)."""
+    assembled (None elsewhere)."""
     from masked_dit.train.dist import barrier
 
     num = len(labels)
@@ -133,9 +132,7 @@ def generate_npz(draw: Callable, labels: torch.Tensor, out: Path, *, shape: tupl
         from tqdm import tqdm
         bar = tqdm(total=len(mine), desc=f"sample (rank 0 of {world.size})", dynamic_ncols=True)
     with bar as pbar:
-        for done, b in enumerate(mine):
-            if stop_after is not None and done >= stop_after:
-                return None
+        for b in mine:
             y = labels[b * batch_size:(b + 1) * batch_size].to(world.device)
             x = sample_batch(draw, y, shape, seed, b, decode)
             parts.write(b, to_uint8(x), y.cpu().numpy())

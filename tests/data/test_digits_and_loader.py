@@ -62,7 +62,7 @@ def test_resume_with_another_batch_geometry_keeps_the_sample_position():
     for _ in range(3):
         next(a)
     state = a.state_dict()
-    assert state == {"epoch": 0, "batch": 3, "samples_per_batch": 4}
+    assert state == {"epoch": 0, "batch": 3, "samples_per_batch": 4, "dataset_len": 100}
     assert next(BatchStream(Ids(), 2, seed=3, state=state)).tolist() == order[12:14]
     ranks = [BatchStream(Ids(), 3, rank=r, world=2, seed=3, state=state) for r in range(2)]
     assert [next(r).tolist() for r in ranks] == [order[12:15], order[15:18]]
@@ -71,6 +71,29 @@ def test_resume_with_another_batch_geometry_keeps_the_sample_position():
     assert next(five).tolist() == order[10:15]
     old = BatchStream(Ids(), 4, seed=3, state={"epoch": 0, "batch": 3})  # checkpoints of before
     assert next(old).tolist() == order[12:16]
+
+
+def test_resume_on_a_dataset_of_another_size_warns():
+    """Images added to (or removed from) the folder between save and resume: the position is kept but
+    the epoch's shuffle is another one, so samples of this epoch repeat or are missed; said, not silent."""
+    class Ids(torch.utils.data.Dataset):
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, key):
+            return key[0]
+
+    a = BatchStream(Ids(100), 4, seed=3)
+    next(a)
+    with pytest.warns(UserWarning, match="the dataset has 120 samples, the run was saved with 100"):
+        BatchStream(Ids(120), 4, seed=3, state=a.state_dict())
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        BatchStream(Ids(100), 4, seed=3, state=a.state_dict())
 
 
 def test_random_flip_is_seeded():

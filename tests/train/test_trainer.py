@@ -156,7 +156,8 @@ def test_resume_with_another_batch_geometry_or_world_size_keeps_the_data_positio
     Trainer(tiny_config("digits-dit", tmp_path, **over)).fit(stop_at=2)
     resumed = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "train.micro_batch": 8,
                                                              "run.resume": "latest"}))
-    assert resumed.step == 2 and resumed.stream.state_dict() == {"epoch": 0, "batch": 2, "samples_per_batch": 8}
+    assert resumed.step == 2 and resumed.stream.state_dict() == {"epoch": 0, "batch": 2, "samples_per_batch": 8,
+                                                                 "dataset_len": len(resumed.stream.dataset)}
     meta_path = tmp_path / "digits-dit" / "checkpoints" / "step_00000002" / "meta.json"
     meta = _json.loads(meta_path.read_text())
     meta_path.write_text(_json.dumps({**meta, "world_size": 2}))
