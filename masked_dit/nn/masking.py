@@ -104,8 +104,11 @@ def sample_mdt_mask_ratio(mask_ratio: float = 0.3, generator: torch.Generator | 
 #################################################################################
 
 def keep_counts_from_ratios(num_tokens: int, mask_ratios) -> torch.Tensor:
-    """Per-sample keep counts ``int(N (1 - r_b))`` (int64 [B]) from per-sample mask ratios."""
-    return torch.tensor([keep_count(num_tokens, float(r)) for r in torch.as_tensor(mask_ratios).flatten().tolist()],
+    """Per-sample keep counts ``int(N (1 - r_b))`` (int64 [B]) from per-sample mask ratios, each as
+    :func:`keep_count` computes it: Python floats in float64, a tensor's ratios in its own dtype."""
+    # Not torch.as_tensor(list): it rounds 0.3 to float32 first, and int(10 * (1 - 0.3f)) is 6, not 7.
+    ratios = mask_ratios if isinstance(mask_ratios, torch.Tensor) else torch.as_tensor(mask_ratios, dtype=torch.float64)
+    return torch.tensor([keep_count(num_tokens, r) for r in ratios.detach().cpu().flatten().unbind()],
                         dtype=torch.int64)
 
 

@@ -151,6 +151,17 @@ def test_keep_counts_from_ratios():
         keep_counts_from_ratios(16, [0.2, 1.0])
 
 
+def test_keep_counts_from_ratios_equal_the_dense_keep_count():
+    """Each ratio keeps what random_masking keeps for it: a Python 0.3 in float64 (10 * 0.7 = 7 tokens; rounded
+    to float32 first it kept 6), a float32 tensor's ratios in float32 like MDT's sampled ratio."""
+    for N, r in [(10, 0.3), (20, 0.3), (100, 0.3), (10, 0.7)]:
+        assert keep_counts_from_ratios(N, [r]).tolist() == [random_masking(1, N, r)[0].shape[1]] == [int(N * (1 - r))]
+    ratios = torch.tensor([0.4074707329273224, 0.3, 0.5], dtype=torch.float32)  # 4096 (1 - r): float32 != float64
+    expected = [random_masking(1, 4096, r.reshape(1), noise=torch.rand(1, 4096))[0].shape[1] for r in ratios]
+    assert expected[0] == int(torch.tensor(4096.0) * (1 - ratios[0])) != int(4096 * (1 - float(ratios[0])))
+    assert keep_counts_from_ratios(4096, ratios).tolist() == expected
+
+
 def test_mask_errors():
     with pytest.raises(ValueError, match="noise must have shape"):
         random_masking(2, 16, 0.5, noise=torch.rand(2, 15))
