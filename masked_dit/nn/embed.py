@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn as nn
 
+from masked_dit import rng
+
 
 #################################################################################
 #                                 Patch embedding                               #
@@ -88,7 +90,8 @@ class LabelEmbedder(nn.Module):
 
     def token_drop(self, labels, force_drop_ids=None, generator=None):
         if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < self.dropout_prob
+            # rng: a CPU generator may seed labels on another device (torch.rand(generator=, device=) fails there)
+            drop = rng.rand((labels.shape[0],), generator=generator, device=labels.device) < self.dropout_prob
         else:
             drop = force_drop_ids == 1
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
@@ -157,7 +160,7 @@ class OneHotLabelEmbedder(nn.Module):
 
     def forward(self, labels: torch.Tensor, train: bool = False, generator=None) -> torch.Tensor:
         if train and self.dropout_prob > 0:
-            keep = torch.rand(labels.shape[0], 1, device=labels.device, generator=generator) >= self.dropout_prob
+            keep = rng.rand((labels.shape[0], 1), generator=generator, device=labels.device) >= self.dropout_prob
             labels = labels * keep.to(labels.dtype)
         return self.embedding_table(labels.to(self.embedding_table.weight.dtype))
 

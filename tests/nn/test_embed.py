@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from masked_dit.nn import (LabelEmbedder, PatchEmbed, check_labels, sincos_pos_embed_2d, timestep_embedding,
-                           unpatchify)
+from masked_dit.nn import (LabelEmbedder, OneHotLabelEmbedder, PatchEmbed, check_labels, sincos_pos_embed_2d,
+                           timestep_embedding, unpatchify)
 
 
 def _mae_sincos(embed_dim, grid_size):
@@ -74,3 +74,22 @@ def test_check_labels():
     check_labels(torch.tensor([0, 9]), 10, "y")
     with pytest.raises(ValueError, match=r"^y: class labels must be in \[0, 9\]"):
         check_labels(torch.tensor([0, 10]), 10, "y")
+
+
+@pytest.mark.parametrize("one_hot", [False, True])
+def test_label_dropout_draws_from_a_generator_on_another_device(one_hot):
+    """Training-time label dropout draws from the caller's generator on the generator's device (as the masks
+    do: a CPU generator seeds a CUDA run; a meta target stands in for the other device and must consume it)."""
+    emb = OneHotLabelEmbedder(10, 8, 0.5) if one_hot else LabelEmbedder(10, 8, 0.5)
+    y = torch.arange(6)
+    labels = torch.nn.functional.one_hot(y, 10).float() if one_hot else y
+    drop = torch.rand(6, generator=torch.Generator().manual_seed(4)) < 0.5
+    assert 0 < int(drop.sum()) < 6
+    out = emb(labels, True, generator=torch.Generator().manual_seed(4))  # CPU: the same draw as above
+    null = torch.zeros(8) if one_hot else emb.embedding_table.weight[10]
+    ref = emb(labels, False)
+    assert torch.equal(out[drop], null.expand(int(drop.sum()), 8)) and torch.equal(out[~drop], ref[~drop])
+    g = torch.Generator().manual_seed(4)
+    before = g.get_state()
+    emb.to("meta")(labels.to("meta"), True, generator=g)
+    assert not torch.equal(before, g.get_state())
