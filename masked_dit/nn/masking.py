@@ -147,6 +147,11 @@ def packed_from_dense(ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return ids_keep.reshape(-1), cu_seqlens, segment_ids, K
 
 
+def _can_check_values(t: torch.Tensor) -> bool:
+    """Data-dependent checks only where they cost no device sync and no graph break (eager, CPU)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Sample index of every packed token (int64 [T]) from ``cu_seqlens`` [B + 1]."""
     counts = cu_seqlens.diff().long()
@@ -173,6 +178,10 @@ class KeptTokens:
             raise ValueError(f"ids_keep must be int64, got {ids_keep.dtype}")
         self.num_tokens, self.batch_size = num_tokens, batch_size
         self.ids_keep, self.cu_seqlens = ids_keep, cu_seqlens
+        # Out-of-range ids fail late or not at all: gather/scatter index -1 as the last token.
+        if _can_check_values(ids_keep) and ids_keep.numel() and (ids_keep.min() < 0 or ids_keep.max() >= num_tokens):
+            raise ValueError(f"ids_keep must lie in [0, {num_tokens}), got min {int(ids_keep.min())}, "
+                             f"max {int(ids_keep.max())}")
         if cu_seqlens is None:
             if ids_keep.dim() != 2 or ids_keep.shape[0] != batch_size or not 1 <= ids_keep.shape[1] <= num_tokens:
                 raise ValueError(f"ids_keep must be [B={batch_size}, K] with 1 <= K <= {num_tokens}, "
@@ -184,6 +193,12 @@ class KeptTokens:
                              f"{list(cu_seqlens.shape)}")
         if ids_keep.dim() != 1:
             raise ValueError(f"packed ids_keep must be 1-D [T], got {list(ids_keep.shape)}")
+        if _can_check_values(cu_seqlens):
+            lengths = cu_seqlens.diff()
+            if cu_seqlens[0] != 0 or cu_seqlens[-1] != ids_keep.shape[0] or (lengths < 0).any() \
+                    or (lengths > num_tokens).any():
+                raise ValueError(f"cu_seqlens must rise from 0 to T={ids_keep.shape[0]} by at most num_tokens="
+                                 f"{num_tokens} per sample, got {cu_seqlens.tolist()}")
         if segment_ids is None:
             segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, ids_keep.shape[0])
         elif segment_ids.shape != ids_keep.shape:

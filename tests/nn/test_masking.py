@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from masked_dit import ops
 from masked_dit.nn.masking import (KeptTokens, keep_count, keep_counts_from_ratios, packed_from_dense, packed_masking,
                                    random_masking, sample_mdt_mask_ratio)
 from tests.models.zoo_fixtures import load_model_fixture
@@ -179,3 +180,19 @@ def test_mask_errors():
         KeptTokens(torch.zeros(8, dtype=torch.int64), 16, 2, cu_seqlens=torch.tensor([0, 4, 8]))
     with pytest.raises(ValueError, match="packed ids_keep must be 1-D"):
         KeptTokens(torch.zeros(2, 4, dtype=torch.int64), 16, 2, cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32))
+
+
+def test_kept_tokens_reject_out_of_range_ids_and_bad_cu_seqlens():
+    """One-line errors up front: ids outside [0, N) (gather/scatter took -1 as the last token, silently) and
+    cu_seqlens not rising from 0 to T (repeat_interleave's 'allocated size does not match required size')."""
+    x = torch.randn(2, 16, 3)
+    ids = torch.tensor([[0, -1], [1, 2]])
+    assert torch.equal(ops.gather_tokens(x, ids)[0, 1], x[0, 15])  # why the check is needed
+    for bad in (ids, torch.tensor([[0, 16], [1, 2]])):
+        with pytest.raises(ValueError, match=r"ids_keep must lie in \[0, 16\)"):
+            KeptTokens(bad, 16, 2)
+    with pytest.raises(ValueError, match=r"ids_keep must lie in \[0, 16\)"):
+        KeptTokens(torch.tensor([0, 1, 2, -3]), 16, 2, cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32))
+    for cu, T in [([0, 3, 5], 6), ([1, 3, 6], 6), ([0, 4, 2], 6), ([0, 2, 19], 19)]:
+        with pytest.raises(ValueError, match=rf"cu_seqlens must rise from 0 to T={T} by at most num_tokens=16"):
+            KeptTokens(torch.zeros(T, dtype=torch.int64), 16, 2, cu_seqlens=torch.tensor(cu, dtype=torch.int32))
