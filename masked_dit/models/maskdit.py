@@ -152,7 +152,8 @@ class MaskDiT(nn.Module):
             raise ValueError(f"{name} input x is {H}x{W}, the model expects input_size={size} ({size}x{size})")
         # Preconditioning runs in float32 or wider, as the official EDMPrecond (only F sees x's dtype):
         # a bf16 sigma would round the noise level the network is told by up to 0.4%.
-        sigma = torch.as_tensor(sigma, device=x.device).to(torch.promote_types(x.dtype, torch.float32))
+        # (A Python float goes straight to that dtype: as_tensor's float32 first would round an fp64 run's sigma.)
+        sigma = torch.as_tensor(sigma, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         if sigma.numel() not in (1, B):
             raise ValueError(f"{name} sigma must be a scalar or have {B} entries (one per sample), "
                              f"got {list(sigma.shape)}")

@@ -96,6 +96,16 @@ def test_mask_ratio_zero_equals_unmasked():
         assert rel_err(model(x, sigma, y, ids_keep=ids_keep), model(x, sigma, y)) <= 1e-5
 
 
+def test_python_float_sigma_keeps_fp64_precision():
+    """A Python-float sigma in an fp64 run is the fp64 number: it was made a float32 tensor first and
+    widened (0.3 -> 0.30000001192...), so model(x, 0.3) differed from model(x, tensor(0.3, fp64))."""
+    model = _tiny().double()
+    x, _, y = _inputs(2)
+    x = x.double()
+    with torch.no_grad():
+        assert torch.equal(model(x, 0.3, y), model(x, torch.tensor(0.3, dtype=torch.float64), y))
+
+
 def test_self_drawn_mask_matches_given_ids():
     model = _tiny()
     x, sigma, y = _inputs(3)
