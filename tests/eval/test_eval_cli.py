@@ -43,6 +43,14 @@ def batches(tmp_path):
     return tmp_path / "ref.npz", tmp_path / "samples.npz", ref, samples
 
 
+def _png_folder(folder, images, name=lambda i: f"{i}.png"):
+    """``images`` written as PNG files ``name(i)`` into the new folder ``folder``."""
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / name(i))
+    return folder
+
+
 def _features(images):
     out = StubFeatures()(torch.from_numpy(images).permute(0, 3, 1, 2))
     return [t.numpy().astype(np.float64) for t in out]
@@ -101,10 +109,7 @@ def test_statistics_only_reference_and_partial_statistics(batches, tmp_path):
 
 def test_image_folder_equals_npz(batches, tmp_path):
     ref_path, sample_path, _, samples = batches
-    folder = tmp_path / "pngs"
-    folder.mkdir()
-    for i, img in enumerate(samples):
-        Image.fromarray(img).save(folder / f"{i:06d}.{'png' if i % 2 else 'PNG'}")
+    folder = _png_folder(tmp_path / "pngs", samples, lambda i: f"{i:06d}.{'png' if i % 2 else 'PNG'}")
     (folder / "notes.txt").write_text("ignored")
     from_npz = evaluate(ref_path, sample_path, StubFeatures(), batch_size=3, **STUB)
     from_folder = evaluate(ref_path, folder, StubFeatures(), batch_size=3, **STUB)
@@ -223,10 +228,7 @@ def test_bad_folders(batches, tmp_path):
 
 def test_damaged_files_name_themselves(batches, tmp_path):
     ref_path, sample_path, _, samples = batches
-    folder = tmp_path / "pngs"
-    folder.mkdir()
-    for i, img in enumerate(samples):
-        Image.fromarray(img).save(folder / f"{i}.png")
+    folder = _png_folder(tmp_path / "pngs", samples)
     data = (folder / "7.png").read_bytes()
     (folder / "7.png").write_bytes(data[:len(data) // 2])   # a copy cut short
     with pytest.raises(ValueError, match=r"7.png is not a readable image \(OSError: image file is truncated"):
@@ -287,10 +289,7 @@ def test_cli_end_to_end_random_init_inception(tmp_path, capsys):
     # FID/sFID ~ 0, precision = recall = 1 (with k = 3 every point of a 4-set covers the others)
     images = _images(4, 7, size=24)
     np.savez(tmp_path / "ref.npz", images)
-    folder = tmp_path / "samples"
-    folder.mkdir()
-    for i, img in enumerate(images):
-        Image.fromarray(img).save(folder / f"{i}.png")
+    folder = _png_folder(tmp_path / "samples", images)
     out = tmp_path / "out" / "metrics.json"
     rc = cli.main([str(tmp_path / "ref.npz"), str(folder), "--random-init-inception", "--device", "cpu",
                    "--batch-size", "2", "--out", str(out), "--no-progress"])
