@@ -235,11 +235,12 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
             return runner, info
         fp16 = recipe["precision"] == "fp16"
         scaler = torch.amp.GradScaler(device.type) if fp16 and device.type == "cuda" else None
-        optimizer = make_optimizer(recipe["optimizer"], ref.parameters(),
-                                   fused=recipe["fused_optimizer"] and device.type == "cuda")
+        fused_optimizer = recipe["fused_optimizer"] and device.type == "cuda"
+        optimizer = make_optimizer(recipe["optimizer"], ref.parameters(), fused=fused_optimizer)
         info.update(precision=("fp16 autocast + GradScaler" if fp16 else "fp32") +
-                    (" (TF32 matmuls)" if recipe["tf32"] else ""),
+                    (" (TF32 matmuls)" if recipe["tf32"] else ""), cudnn_benchmark=recipe["cudnn_benchmark"],
                     attention=args.ref_attention or recipe["attention"], optimizer=recipe["optimizer"],
+                    fused_optimizer=fused_optimizer,
                     ops_backend="reference modules", recipe=recipe["source"])
         # On CPU fp16 autocast is emulated and slow: the toy run uses fp32 there (recorded).
         dtype = torch.float16 if fp16 and device.type == "cuda" else None
@@ -247,7 +248,7 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
             info["precision"] = "fp32 (fp16 AMP needs CUDA; toy CPU run)"
         runner = StepRunner(ref, objective, optimizer, ReferenceEMA(ref), autocast_dtype=dtype, scaler=scaler,
                             grad_clip=recipe["grad_clip"], backend="torch", device=device)
-        runner.tf32 = recipe["tf32"]
+        runner.tf32, runner.cudnn_benchmark = recipe["tf32"], recipe["cudnn_benchmark"]
         return runner, info
 
     compiled = variant.startswith("compiled")
@@ -281,13 +282,22 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
 
 
 @contextlib.contextmanager
-def tf32(enabled: bool):
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+def tf32(enabled: bool, cudnn_benchmark: bool = False):
+    """TF32 matmuls on or off; cuDNN convolutions keep TF32 (torch's default, which no official repo turns
+    off: MDT and MaskDiT leave it, DiT/SiT/REPA set it), and cuDNN autotuning where the recipe sets it."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = old
+
+
+def runner_flags(runner):
+    """The backend flags a runner's steps run under (its ``tf32``; the reference's cudnn.benchmark)."""
+    return tf32(runner.tf32, getattr(runner, "cudnn_benchmark", False))
 
 
 #################################################################################
@@ -321,7 +331,7 @@ def dynamo_stats() -> dict:
 
 def measure(runner: StepRunner, family: str, kwargs: dict, batch: int, device: torch.device, args) -> dict:
     data = make_batch(family, kwargs, batch, device)
-    with tf32(runner.tf32):
+    with runner_flags(runner):
         warmup = 0
         for _ in range(args.warmup):
             runner.step(data)
@@ -370,7 +380,7 @@ def probe(runner: StepRunner, family: str, kwargs: dict, device: torch.device):
         try:
             if jitter is not None:
                 objective.mask_ratio_jitter = 0.0
-            with tf32(runner.tf32):
+            with runner_flags(runner):
                 for _ in range(2):
                     runner.step(data)
             common.synchronize(device)
@@ -444,7 +454,7 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict, 
             _print_row(row)
             if args.profile:  # N more steps by kernel category (profiling.py)
                 data = make_batch(family, kwargs, row["batch"], device)
-                with tf32(runner.tf32):
+                with runner_flags(runner):
                     profiling.profile_into(row, f"{name}-{variant}-b{row['batch']}", lambda: runner.step(data),
                                            args.profile, device, args.out_dir, args.trace)
         except VariantSkipped as why:  # this torch / device cannot run it: not an error of ours

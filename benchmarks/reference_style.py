@@ -27,21 +27,30 @@ from masked_dit.models.repa import build_projector
 from masked_dit.nn.block import Mlp
 from masked_dit.nn.embed import LabelEmbedder, OneHotLabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
 
-# How each official repo trains (reference-facts.md; REPA's train.py: accelerate fp16 + --allow-tf32,
-# fused_attn=True). precision: 'fp32' (TF32 matmuls when tf32), 'fp16' (autocast + GradScaler).
+# How each official repo trains (NOTES.md "Reference-style baselines" cites the lines). precision: 'fp32'
+# or 'fp16' (autocast + GradScaler); tf32: TF32 *matmuls* (cuDNN convolutions keep torch's default, TF32 on,
+# which no repo turns off); cudnn_benchmark: the repo sets torch.backends.cudnn.benchmark = True;
+# fused_optimizer: a single-kernel optimizer step (MaskDiT: apex FusedAdam -> torch's fused AdamW; MDT: sail-sg
+# Adan(fused=True), a CUDA multi-tensor kernel -> our single-pass Triton Adan, which moves fewer bytes than
+# theirs, so the baseline errs fast), else AdamW's default (foreach on CUDA).
 RECIPES = {
-    "dit": dict(precision="fp32", tf32=True, optimizer="adamw", fused_optimizer=False, grad_clip=0.0,
-                attention="sdpa", source="DiT train.py: fp32 with TF32, AdamW, per-parameter EMA loop"),
-    "sit": dict(precision="fp32", tf32=True, optimizer="adamw", fused_optimizer=False, grad_clip=0.0,
-                attention="sdpa", source="SiT train.py (DiT's loop): fp32 with TF32, AdamW"),
-    "repa_sit": dict(precision="fp16", tf32=True, optimizer="adamw", fused_optimizer=False, grad_clip=1.0,
-                     attention="sdpa", source="REPA train.py: accelerate fp16 autocast, --allow-tf32, clip 1.0"),
-    "mdtv2": dict(precision="fp32", tf32=False, optimizer="adan", fused_optimizer=False, grad_clip=1.0,
-                  attention="softmax", source="MDT (ADM codebase): fp32, Adan, grad-norm 1, explicit softmax + "
-                                             "materialised relative-position bias"),
-    "maskdit": dict(precision="fp16", tf32=True, optimizer="adamw", fused_optimizer=True, grad_clip=0.0,
-                    attention="sdpa", source="MaskDiT train.py: fp16 AMP + GradScaler, fused AdamW; the official "
-                                             "run also torch.compiles the network, this baseline stays eager"),
+    "dit": dict(precision="fp32", tf32=True, cudnn_benchmark=False, optimizer="adamw", fused_optimizer=False,
+                grad_clip=0.0, attention="sdpa",
+                source="DiT train.py: fp32 with TF32, AdamW (foreach), no clip, per-parameter EMA loop"),
+    "sit": dict(precision="fp32", tf32=True, cudnn_benchmark=False, optimizer="adamw", fused_optimizer=False,
+                grad_clip=0.0, attention="sdpa", source="SiT train.py (DiT's loop): fp32 with TF32, AdamW (foreach)"),
+    "repa_sit": dict(precision="fp16", tf32=True, cudnn_benchmark=False, optimizer="adamw", fused_optimizer=False,
+                     grad_clip=1.0, attention="sdpa",
+                     source="REPA train.py: accelerate fp16 autocast + GradScaler, --allow-tf32, AdamW (foreach), "
+                            "clip 1.0, fused_attn=True (SDPA); its online DINOv2 forward is not timed"),
+    "mdtv2": dict(precision="fp32", tf32=False, cudnn_benchmark=False, optimizer="adan", fused_optimizer=True,
+                  grad_clip=1.0, attention="softmax",
+                  source="MDT train_util.py: fp32 (no TF32 flag), two passes, Adan(fused=True, max_grad_norm=1), "
+                         "explicit softmax + materialised relative-position bias"),
+    "maskdit": dict(precision="fp16", tf32=False, cudnn_benchmark=True, optimizer="adamw", fused_optimizer=True,
+                    grad_clip=0.0, attention="sdpa",
+                    source="MaskDiT train_wds.py: accelerate fp16 + GradScaler, config tf32 False, cudnn.benchmark, "
+                           "apex FusedAdam; the official run also torch.compiles the network, this baseline stays eager"),
 }
 
 
@@ -99,7 +108,9 @@ class Attention(nn.Module):
         if self.impl == "sdpa" and self.rel_pos_bias is None:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
+            # Scaled after the product, on the [B, H, N, N] scores, as MDT and timm < 0.9 do (one more
+            # pass over the scores than scaling q, the cost the official step pays).
+            attn = (q @ k.transpose(-2, -1)) * self.scale
             if self.rel_pos_bias is not None:
                 attn = attn + self.rel_pos_bias(ids_keep)
             x = attn.softmax(dim=-1) @ v

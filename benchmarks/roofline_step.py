@@ -9,7 +9,7 @@ op below autograd and autocast: its FLOPs (matmul class: torch.utils.flop_counte
 attention: our own, below) and its bytes (each input tensor's viewed elements read once, each
 output written once; views and no-op aliases cost 0). The step is set up as the GPU runs it
 (:func:`gpu_like`): fused AdamW (ours, MaskDiT's recipe) or foreach (the others), Adan's fused Triton
-step (ours) or foreach (MDT's), fp16 recipes as bf16 autocast + GradScaler (same byte widths). Adan is
+step (ours, and MDT's reference: the official Adan(fused=True) is a CUDA kernel), fp16 recipes as bf16 autocast + GradScaler (same byte widths). Adan is
 counted without running it (:func:`adan_records`), so MDTv2-XL/2 fits on a 24 GB machine. Our custom
 ops (torch.ops.masked_dit.*) are one unit at the dispatch level: counted once (inputs read once,
 outputs written once) for eager_fused, as the GPU kernels run them; for eager (torch backend) their
@@ -338,8 +338,8 @@ def predict(ops: list[dict], batch: int, peaks: dict, tf32: bool) -> dict:
 def gpu_like(runner, variant: str, family: str) -> str:
     """Sets the runner up as the GPU runs the variant; returns the precision note. build_runner on the CPU
     uses the for-loop AdamW and fp32 for fp16 recipes: the GPU uses fused AdamW (ours; MaskDiT's recipe) or
-    foreach (the others), Adan's fused Triton step (ours; the reference: foreach, counted by
-    :func:`adan_records`), and fp16 autocast + GradScaler (here bf16, same widths)."""
+    foreach (the others), Adan's fused Triton step (ours and MDT's reference, as ``RECIPES`` says;
+    counted by :func:`adan_records`), and fp16 autocast + GradScaler (here bf16, same widths)."""
     recipe = RECIPES[family]
     fused = variant != "reference" or recipe["fused_optimizer"]
     runner.optimizer = make_optimizer(recipe["optimizer"], runner.params, fused=fused and recipe["optimizer"] == "adamw")
@@ -388,7 +388,7 @@ def adan_records(optimizer, fused: bool) -> list[tuple]:
     """Adan's step as records, without running it. Its four fp32 buffers per parameter (12 GB at
     MDTv2-XL/2) need not fit beside the model on the counting machine, and the GPU's fused step is a
     Triton kernel that dispatch cannot see. Fused: one record per parameter, 11 fp32 accesses per element.
-    Foreach (the reference): ``_foreach_step`` traced once on a small proxy tensor, each op's bytes scaled
+    Foreach (a recipe without a fused step): ``_foreach_step`` traced once on a small proxy tensor, each op's bytes scaled
     to the parameters' element count (each of its ops is elementwise, so bytes scale exactly)."""
     from masked_dit.train.optim import _foreach_step
 

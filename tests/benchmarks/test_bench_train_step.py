@@ -55,6 +55,8 @@ def test_reference_records_the_official_recipe(train_results):
     assert rows[("dit", "reference")]["precision"].startswith("fp32")
     assert rows[("mdtv2", "reference")]["attention"] == "softmax" and rows[("mdtv2", "reference")]["optimizer"] == "adan"
     assert "fp16" in rows[("maskdit", "reference")]["precision"]  # and why the CPU toy run is fp32
+    assert rows[("maskdit", "reference")]["cudnn_benchmark"] and not rows[("dit", "reference")]["cudnn_benchmark"]
+    assert rows[("mdtv2", "reference")]["fused_optimizer"] is False  # fused needs CUDA: the toy CPU run is foreach
     assert rows[("dit", "eager")]["precision"] == "bf16 autocast"
     assert rows[("dit", "eager")]["ops_backend"] == "torch"
 
@@ -204,3 +206,15 @@ def test_compiled_warmup_goes_on_until_two_steps_compile_nothing(tmp_path):
     (row,) = json.loads(path.read_text())["results"]
     assert row["warmup_steps"] == 3 and row["dynamo"]["compiled_while_timing"] == 0
     assert len(row["step_ms_windows"]) == 3 and row["step_ms"] == sorted(row["step_ms_windows"])[1]
+
+
+def test_tf32_flags_keep_cudnn_tf32_and_restore():
+    """TF32 off means matmuls only (cuDNN keeps torch's default, as MDT and MaskDiT run); all restored."""
+    import torch
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    with bench_train_step.tf32(False, cudnn_benchmark=True):
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+    after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    assert after == before

@@ -72,3 +72,13 @@ def test_bad_options_are_one_line_errors():
     x, t, y = _inputs("mdtv2")
     with pytest.raises(ValueError, match="ids_restore"):
         ref(x, t, y, ids_keep=torch.zeros(3, 8, dtype=torch.long))
+
+
+def test_recipes_record_the_official_steps():
+    """Facts read from the official training scripts (benchmarks/NOTES.md cites the lines)."""
+    assert RECIPES["mdtv2"]["fused_optimizer"]  # sail-sg Adan(fused=True): a CUDA kernel, not foreach
+    assert not RECIPES["mdtv2"]["tf32"] and not RECIPES["maskdit"]["tf32"]  # neither sets a TF32 matmul flag
+    assert RECIPES["maskdit"]["cudnn_benchmark"]
+    assert not any(RECIPES[f]["cudnn_benchmark"] for f in ("dit", "sit", "repa_sit", "mdtv2"))
+    assert RECIPES["repa_sit"]["grad_clip"] == RECIPES["mdtv2"]["grad_clip"] == 1.0
+    assert RECIPES["dit"]["grad_clip"] == RECIPES["sit"]["grad_clip"] == RECIPES["maskdit"]["grad_clip"] == 0.0
