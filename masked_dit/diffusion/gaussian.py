@@ -92,10 +92,14 @@ def get_named_beta_schedule(name: str, num_timesteps: int) -> torch.Tensor:
     """"linear" (1e-4 -> 0.02, scaled by 1000 / T so any T matches the 1000-step schedule) or "cosine"."""
     if name == "linear":
         scale = 1000.0 / num_timesteps
-        if num_timesteps > 1 and scale * 0.02 > 1.0:  # (one step uses beta_start only)
+        # beta_end = 1 (diffusion_steps = 20) is rejected too: alpha_bar reaches 0 at the last step, where
+        # x_0 from eps divides by sqrt(alpha_bar) and every loss and sample turns NaN. (One step uses
+        # beta_start only.)
+        if num_timesteps > 1 and scale * 0.02 >= 1.0:
+            relation = ">" if scale * 0.02 > 1.0 else "="
             raise ValueError(f"noise_schedule 'linear' scales beta_end 0.02 by 1000 / diffusion_steps: "
-                             f"diffusion_steps={num_timesteps} gives beta_end={scale * 0.02:g} > 1; use "
-                             f"diffusion_steps >= 20 or noise_schedule='cosine'")
+                             f"diffusion_steps={num_timesteps} gives beta_end={scale * 0.02:g} {relation} 1; use "
+                             f"diffusion_steps >= 21 or noise_schedule='cosine'")
         return linear_beta_schedule(num_timesteps, scale * 0.0001, scale * 0.02)
     if name in ("cosine", "squaredcos_cap_v2"):
         return cosine_beta_schedule(num_timesteps)
