@@ -168,6 +168,15 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 8
     return torch.cat([steps, torch.zeros(1, dtype=torch.float64)])
 
 
+def _sigma_rounder(net) -> Callable[[float], float]:
+    """The net's ``round_sigma`` (EDM rounds every noise level of the grid and the raised t_hat through
+    it, e.g. to iDDPMPrecond's discrete sigmas) on host floats; identity when the net has none."""
+    round_sigma = getattr(net, "round_sigma", None)
+    if round_sigma is None:
+        return lambda sigma: sigma
+    return lambda sigma: float(round_sigma(torch.tensor(sigma, dtype=torch.float64)))
+
+
 def heun_sampler(net: Callable, latents: torch.Tensor, class_labels=None, *, num_steps: int = 18,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0,
                  S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0, cfg_scale: float = 1.0,
@@ -176,8 +185,10 @@ def heun_sampler(net: Callable, latents: torch.Tensor, class_labels=None, *, num
                  dtype: torch.dtype = torch.float64, net_kwargs: dict | None = None, progress: bool = False):
     """EDM's stochastic Heun sampler (Algorithm 2), as MaskDiT's edm_sampler.
 
-    latents: unit Gaussian x_T / sigma_max. The state is kept in `dtype` (float64 as EDM); the net sees
-    it cast to `net_dtype` (default latents.dtype) and sigma as a [B] float64 tensor. The last step is a
+    latents: unit Gaussian x_T / sigma_max. The noise range is clipped to the net's [sigma_min, sigma_max]
+    and every noise level rounded through its ``round_sigma``, where the net has them (as EDM). The state
+    is kept in `dtype` (float64 as EDM); the net sees it cast to `net_dtype` (default latents.dtype) and
+    sigma as a [B] float64 tensor. The last step is a
     plain Euler step to sigma = 0. With S_churn > 0, sigmas in [S_min, S_max] are first raised by
     gamma = min(S_churn / num_steps, sqrt(2) - 1) using step_noise[i] (else a draw from `generator`).
     cfg_scale != 1 guides all channels (MaskDiT) or the first `guided_channels`, with the uncond half
@@ -185,6 +196,7 @@ def heun_sampler(net: Callable, latents: torch.Tensor, class_labels=None, *, num
     """
     sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))
     sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))
+    round_sigma = _sigma_rounder(net)
     net_dtype = latents.dtype if net_dtype is None else net_dtype
     net_kwargs = net_kwargs or {}
     if cfg_scale != 1.0:
@@ -197,7 +209,7 @@ def heun_sampler(net: Callable, latents: torch.Tensor, class_labels=None, *, num
         return (out["x"] if isinstance(out, dict) else out).to(dtype)
 
     # The whole noise-level schedule lives on the host: the loop branches on floats, never on tensors.
-    t_steps = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()
+    t_steps = [round_sigma(s) for s in karras_sigmas(num_steps, sigma_min, sigma_max, rho)[:-1].tolist()] + [0.0]
     x_next = latents.to(dtype) * t_steps[0]
     steps = range(num_steps)
     if progress:
@@ -209,8 +221,10 @@ def heun_sampler(net: Callable, latents: torch.Tensor, class_labels=None, *, num
             x_cur = x_next
             # Temporarily raise the noise level (churn).
             gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
-            t_hat = t_cur + gamma * t_cur
-            if gamma > 0:
+            t_hat = round_sigma(t_cur + gamma * t_cur) if gamma > 0 else t_cur
+            # (a grid that rounds the raised level down would make EDM take the sqrt of a negative number)
+            t_hat = max(t_hat, t_cur)
+            if t_hat > t_cur:
                 eps = _step_noise(step_noise, i, x_cur)
                 if eps is None:
                     eps = _randn(x_cur.shape, x_cur, generator=generator)
