@@ -104,3 +104,45 @@ def test_heun_rounds_sigmas_through_the_net(churn):
     want = ref_heun(net, latents, labels, 6, noise=noise, round_sigma=rnd,
                     **{**opts, "sigma_min": 0.01, "sigma_max": 30.0})
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(P_mean=-0.4, P_std=0.8, sigma_data=1.0, patch_size=4)])
+@pytest.mark.parametrize("masked, mae_coef", [(False, 0.0), (True, 0.0), (True, 0.3)])
+def test_edm_loss_matches_maskdit_formulas(opts, masked, mae_coef):
+    from masked_dit.diffusion import edm_loss
+    P_mean, P_std = opts.get("P_mean", -1.2), opts.get("P_std", 1.2)
+    sd, p = opts.get("sigma_data", 0.5), opts.get("patch_size", 2)
+    g = torch.Generator().manual_seed(11)
+    N, C, H = 3, 4, 8
+    images = torch.randn(N, C, H, H, generator=g, dtype=F64)
+    rnd, unit = torch.randn(N, generator=g, dtype=F64), torch.randn(N, C, H, H, generator=g, dtype=F64)
+    L = (H // p) ** 2
+    mask = (torch.rand(N, L, generator=g) < 0.5).to(F64) if masked else None
+    if masked:
+        mask[:, 0], mask[:, 1] = 1.0, 0.0   # at least one removed and one kept patch
+
+    def net(x, sigma, labels, **kw):
+        return x / (1 + sigma.view(-1, 1, 1, 1) ** 2) + 0.1 * torch.sin(x)
+
+    got = edm_loss(net, images, None, rnd_normal=rnd, noise=unit, mask=mask, mae_loss_coef=mae_coef, **opts)
+    # EDMLoss: sigma = exp(P_mean + P_std n), weight (s^2 + sd^2) / (s sd)^2, D on y + sigma n.
+    sigma = (rnd * P_std + P_mean).exp().view(-1, 1, 1, 1)
+    w = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
+    yn = images + unit * sigma
+    D = net(yn, sigma.flatten(), None)
+    loss = w * (D - images) ** 2
+    if not masked:
+        want = loss.mean(dim=(1, 2, 3))
+    else:
+        per_patch = torch.nn.functional.avg_pool2d(loss.mean(dim=1), p).flatten(1)
+        want = (per_patch * (1 - mask)).sum(1) / (1 - mask).sum(1)
+        if mae_coef > 0:
+            def patchify(z):
+                z = z.reshape(N, C, H // p, p, H // p, p)
+                return torch.einsum("nchpwq->nhwpqc", z).reshape(N, L, p * p * C)
+            tgt = patchify(yn)
+            tgt = (tgt - tgt.mean(-1, keepdim=True)) / (tgt.var(-1, keepdim=True) + 1e-6) ** 0.5
+            mae = ((patchify(D) - tgt) ** 2).mean(-1)
+            want = want + mae_coef * (mae * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(got["loss"], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["sigma"], sigma.flatten(), rtol=1e-15, atol=0)
