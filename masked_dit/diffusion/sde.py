@@ -50,9 +50,10 @@ def sample_sde(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, meth
     """SiT SDE sampling from noise x; returns the final sample (or all ``num_steps`` states).
 
     noise: optional per-step Gaussian draws, ``num_steps - 1`` tensors shaped like x (a list or a
-    stacked tensor); otherwise they are drawn with ``generator``. Note SiT's SBDM form starts at
-    t0 = sample_eps, which is 0 for Linear/GVP velocity models, where D(0) is infinite. The state is
-    carried in float32 at least (a bf16 x comes back as float32).
+    stacked tensor); otherwise they are drawn with ``generator``. SiT's SBDM form starts at
+    t0 = sample_eps, which is 0 for Linear/GVP velocity models, where D(0) is infinite (NaN samples);
+    those start at ``SBDM_VELOCITY_T0`` = 1e-3 here. The state is carried in float32 at least (a bf16
+    x comes back as float32).
     """
     if method not in SDE_METHODS:
         raise ValueError(f"unknown SDE method {method!r}; expected one of {SDE_METHODS}")

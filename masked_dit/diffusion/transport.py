@@ -27,6 +27,9 @@ PATHS = ("Linear", "GVP", "VP")
 PREDICTIONS = ("velocity", "score", "noise")
 LOSS_WEIGHTS = (None, "velocity", "likelihood")
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
+# Where the SBDM SDE of a Linear/GVP velocity model starts: SiT's sample_eps for the models that are
+# singular at t = 0 (its own start, sample_eps = 0, makes D(0) = score_coeff(0) infinite).
+SBDM_VELOCITY_T0 = 1e-3
 
 
 def expand_t_like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -237,15 +240,19 @@ class Transport:
 
         VP stops at 1 - eps (or before the SDE's last step). Linear/GVP with score/noise models, or
         any SDE, stop before t = 1 too, and start at eps when the model is not a velocity model or
-        the SDE uses the SBDM diffusion (both blow up at t = 0).
+        the SDE uses the SBDM diffusion (both blow up at t = 0). For a velocity model that eps is 0
+        (see the class docstring), so SiT's SBDM SDE starts where D(0) is infinite and every sample
+        is NaN; here it starts at ``SBDM_VELOCITY_T0`` instead (a deliberate deviation).
         """
         t0, t1 = 0.0, 1.0
         eps = self.sample_eps if eval else self.train_eps
         end = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
         if isinstance(self.path, VPPath):
             t1 = end
-        elif self.prediction != "velocity" or sde:
-            t0 = eps if (diffusion_form == "SBDM" and sde) or self.prediction != "velocity" else 0.0
+        elif self.prediction != "velocity":
+            t0, t1 = eps, end
+        elif sde:
+            t0 = max(eps, SBDM_VELOCITY_T0) if diffusion_form == "SBDM" else 0.0
             t1 = end
         if reverse:
             t0, t1 = 1 - t0, 1 - t1
