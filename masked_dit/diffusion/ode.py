@@ -7,8 +7,9 @@
   on the host in float64, so the loop issues no host-device synchronisation on GPU.
 * dopri5 is adaptive (atol/rtol, Dormand-Prince 5(4) with Hairer's initial step and 4th-order dense
   output at the requested times). It uses torchdiffeq when installed (the reference's solver) and
-  otherwise the native copy of the same algorithm below. Accepting or rejecting a step needs the
-  error norm on the host, so adaptive solvers synchronise once per step (plus three times at start).
+  otherwise (or where torchdiffeq gives up on a NaN trial step) the native copy of the same
+  algorithm below. Accepting or rejecting a step needs the error norm on the host, so adaptive
+  solvers synchronise once per step (plus three times at start).
 """
 from __future__ import annotations
 
@@ -185,8 +186,8 @@ def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str
                   progress: bool = False) -> List[torch.Tensor]:
     """Solve dx/dt = f(t, x) and return the states at every time in ``times`` (monotone).
 
-    backend: "auto" (torchdiffeq for dopri5 if installed, native otherwise), "native" or
-    "torchdiffeq". Fixed-step methods always run natively (same arithmetic as torchdiffeq's
+    backend: "auto" (torchdiffeq for dopri5 if installed, native otherwise or when torchdiffeq
+    gives up on a NaN trial step), "native" or "torchdiffeq". Fixed-step methods always run natively (same arithmetic as torchdiffeq's
     fixed grid, without its per-step host synchronisation).
     """
     if method not in ODE_METHODS:
@@ -203,7 +204,15 @@ def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str
     if backend == "torchdiffeq" or (backend == "auto" and _have_torchdiffeq()):
         from torchdiffeq import odeint
         t = torch.tensor(times, dtype=torch.float64, device=x.device)
-        return list(odeint(lambda s, y: f(float(s), y), x, t, method="dopri5", atol=atol, rtol=rtol).unbind(0))
+        try:
+            return list(odeint(lambda s, y: f(float(s), y), x, t, method="dopri5", atol=atol, rtol=rtol).unbind(0))
+        except AssertionError as exc:
+            # dopri5 steps past the last time; where the drift is NaN there (a VP noise/score model
+            # beyond t = 1, sigma_t = sqrt(negative)) torchdiffeq's controller turns the NaN error
+            # into dt -> 0 and gives up. The native copy rejects and shrinks such a step instead
+            # (same steps as torchdiffeq wherever torchdiffeq finishes), so "auto" falls back to it.
+            if backend == "torchdiffeq" or "underflow in dt" not in str(exc):
+                raise
 
     # Native dopri5 works with increasing time; run a decreasing grid in s = -t (as torchdiffeq does).
     if len(times) > 1 and times[0] > times[-1]:

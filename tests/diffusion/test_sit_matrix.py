@@ -256,6 +256,9 @@ def test_dopri5_every_combination(path, prediction):
             got = sample_ode(tr, toy_model, x, method="dopri5", num_steps=5, reverse=reverse, backend=backend, **kw)
             assert torch.isfinite(got).all(), (reverse, backend)
             assert rel_err(got, want) < (1e-5 if kw else 1e-9), (reverse, backend)
+            if kw:  # and the default tolerances finish too, to their accuracy
+                loose = sample_ode(tr, toy_model, x, method="dopri5", num_steps=5, backend=backend)
+                assert torch.isfinite(loose).all() and rel_err(loose, want) < 1e-2, backend
 
 
 #################################################################################
