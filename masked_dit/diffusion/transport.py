@@ -206,7 +206,9 @@ class Transport:
     ``train_eps`` / ``sample_eps`` default as SiT's ``create_transport`` sets them: VP 1e-5 / 1e-3;
     Linear and GVP with score or noise prediction 1e-3 / 1e-3; velocity on Linear/GVP 0 / 0 (stable
     everywhere, and then any given eps is ignored, as in SiT). Unlike SiT, a given ``train_eps`` with
-    no ``sample_eps`` keeps the default sample_eps (SiT sets it to None and sampling then fails).
+    no ``sample_eps`` keeps the default sample_eps (SiT sets it to None and sampling then fails), and a
+    given ``sample_eps`` with no ``train_eps`` is used (SiT's test reads train_eps and silently
+    replaces it with 1e-3): each eps defaults on its own.
     """
 
     def __init__(self, path: str = "Linear", prediction: str = "velocity", loss_weight: Optional[str] = None,

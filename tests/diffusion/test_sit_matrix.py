@@ -326,3 +326,124 @@ def test_sde_every_combination(path, prediction, method):
         want = ref_sde(path, prediction, x, noise, num_steps=num_steps, **case)
         assert torch.isfinite(got).all(), case
         assert rel_err(got, want) < 1e-10, case
+
+
+#################################################################################
+#                  REPA samplers (REPA time: t = 0 data, t = 1 noise)           #
+#################################################################################
+
+def repa_toy_model(x, t, y):
+    """(velocity, zs) with a label-dependent velocity; label 1000 is the null label."""
+    tb = t.view(-1, 1, 1, 1)
+    yb = y.view(-1, 1, 1, 1).to(x.dtype)
+    v = (0.4 - 0.2 * tb) * x + torch.where(yb < 1000, 0.05 * (yb - 3), torch.full_like(yb, -0.3)) + 0.1 * tb
+    return v, None
+
+
+def ref_repa_coeffs(path, t):
+    if path == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    h = math.pi / 2
+    return torch.cos(h * t), torch.sin(h * t), -h * torch.sin(h * t), h * torch.cos(h * t)
+
+
+def ref_repa_velocity(x, t, y, cfg, low, high, sde, path):
+    """REPA's (guided) drift at the float t: the velocity, or v - t * score for the SDE."""
+    guided = cfg > 1.0 and low <= t <= high
+
+    def one(labels):
+        tb = torch.full((x.shape[0],), t, dtype=F64)
+        v = repa_toy_model(x, tb, labels)[0]
+        if not sde:
+            return v
+        alpha, sigma, d_alpha, d_sigma = ref_repa_coeffs(path, tb.view(-1, 1, 1, 1))
+        rr = alpha / d_alpha
+        score = (rr * v - x) / (sigma ** 2 - rr * d_sigma * sigma)
+        return v - 0.5 * (2 * t) * score
+
+    cond = one(y)
+    if not guided:
+        return cond
+    uncond = one(torch.full_like(y, 1000))
+    return uncond + cfg * (cond - uncond)
+
+
+def ref_repa_euler(x, y, steps, heun, cfg, low, high):
+    ts = torch.linspace(1, 0, steps + 1, dtype=F64).tolist()
+    for i in range(steps):
+        t, tn = ts[i], ts[i + 1]
+        d = ref_repa_velocity(x, t, y, cfg, low, high, False, "linear")
+        xn = x + (tn - t) * d
+        if heun and i < steps - 1:
+            # REPA decides the corrector's guidance with t_cur, not t_next
+            guided = cfg > 1.0 and low <= t <= high
+            d2 = ref_repa_velocity(xn, tn, y, cfg if guided else 1.0, -1.0, 2.0, False, "linear")
+            xn = x + (tn - t) * (0.5 * d + 0.5 * d2)
+        x = xn
+    return x
+
+
+def ref_repa_em(x, y, steps, noise, cfg, low, high, path):
+    ts = torch.linspace(1.0, 0.04, steps, dtype=F64).tolist() + [0.0]
+    for i in range(steps - 1):
+        t, tn = ts[i], ts[i + 1]
+        dt = tn - t
+        d = ref_repa_velocity(x, t, y, cfg, low, high, True, path)
+        x = x + d * dt + math.sqrt(2 * t) * noise[i] * math.sqrt(abs(dt))
+    return x + (ts[-1] - ts[-2]) * ref_repa_velocity(x, ts[-2], y, cfg, low, high, True, path)
+
+
+GUIDANCE = [(1.0, 0.0, 1.0), (1.8, 0.0, 1.0), (1.8, 0.0, 0.7), (1.35, 0.3, 0.7), (0.5, 0.0, 1.0)]
+
+
+@pytest.mark.parametrize("cfg,low,high", GUIDANCE)
+def test_repa_ode_samplers_with_guidance_intervals(cfg, low, high):
+    from masked_dit.diffusion.repa import repa_euler_sampler
+
+    x, y = _draw(7), torch.tensor([0, 5, 2])
+    for heun in (False, True):
+        got = repa_euler_sampler(repa_toy_model, x, y, num_steps=10, heun=heun, cfg_scale=cfg, guidance_low=low,
+                                 guidance_high=high)
+        assert rel_err(got, ref_repa_euler(x, y, 10, heun, cfg, low, high)) < 1e-12, heun
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+@pytest.mark.parametrize("cfg,low,high", GUIDANCE)
+def test_repa_euler_maruyama_with_paths_and_guidance_intervals(path, cfg, low, high):
+    from masked_dit.diffusion.repa import repa_euler_maruyama_sampler
+
+    x, y = _draw(8), torch.tensor([0, 5, 2])
+    noise = [_draw(200 + i) for i in range(7)]
+    got = repa_euler_maruyama_sampler(repa_toy_model, x, y, num_steps=8, cfg_scale=cfg, guidance_low=low,
+                                      guidance_high=high, path_type=path, noise=noise)
+    assert torch.isfinite(got).all()
+    assert rel_err(got, ref_repa_em(x, y, 8, noise, cfg, low, high, path)) < 1e-12
+
+
+@pytest.mark.parametrize("path", ["linear", "cosine"])
+@pytest.mark.parametrize("weighting", ["uniform", "lognormal"])
+def test_repa_loss_paths_and_time_weightings(path, weighting):
+    """REPA's SILoss: t drawn first (uniform, or EDM's log-normal sigma mapped onto the path), then
+    the noise; x_t = alpha x + sigma eps, target d_alpha x + d_sigma eps, per-sample MSE."""
+    from masked_dit.diffusion.repa import repa_training_losses
+
+    x, y = _draw(9, (64, 2, 2, 2)), torch.zeros(64, dtype=torch.long)
+    zs = [torch.randn(64, 4, 3, dtype=F64, generator=torch.Generator().manual_seed(1))]
+
+    def model(xt, t, y):
+        return repa_toy_model(xt, t, y)[0], [torch.tanh(zs[0] * (1 + t.view(-1, 1, 1)))]
+
+    out = repa_training_losses(model, x, zs, generator=torch.Generator().manual_seed(4), model_kwargs=dict(y=y),
+                               path_type=path, weighting=weighting)
+    g = torch.Generator().manual_seed(4)
+    if weighting == "uniform":
+        t = torch.rand((64, 1, 1, 1), generator=g, dtype=F64)
+    else:
+        s = torch.randn((64, 1, 1, 1), generator=g, dtype=F64).exp()
+        t = s / (1 + s) if path == "linear" else 2 / math.pi * torch.atan(s)
+    eps = torch.randn(x.shape, generator=g, dtype=F64)
+    alpha, sigma, d_alpha, d_sigma = ref_repa_coeffs(path, t)
+    v = repa_toy_model(alpha * x + sigma * eps, t.flatten(), y)[0]
+    want = ((v - (d_alpha * x + d_sigma * eps)) ** 2).mean(dim=(1, 2, 3))
+    assert rel_err(out["t"], t) < 1e-14
+    assert rel_err(out["denoising_loss"], want) < 1e-12
