@@ -69,7 +69,9 @@ def sample_sde(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, meth
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     path = transport.path
     t0, t1 = transport.interval(sde=True, eval=True, diffusion_form=diffusion_form, last_step_size=last_step_size)
-    if method == "Heun" and float(path.sigma(torch.tensor(t1, dtype=torch.float64))[0]) == 0.0:
+    # sigma_t1 = 0 (a Linear velocity model ending at t = 1): the score is 0/0 at t1.
+    ends_on_data = float(path.sigma(torch.tensor(t1, dtype=torch.float64))[0]) == 0.0
+    if method == "Heun" and ends_on_data:
         # Heun's corrector evaluates the drift at t1; where sigma_t1 = 0 (Linear velocity model with
         # last_step=None) the score is 0/0 and SiT returns NaN samples.
         raise ValueError(f"sample_sde: method='Heun' with last_step={last_step!r} ends at t={t1}, where sigma_t = 0 "
@@ -104,14 +106,19 @@ def sample_sde(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, meth
             states.append(y)
 
         y, tb = states[-1], batch_time(t1, states[-1])
-        if last_step == "Mean":
+        if last_step in ("Mean", "Euler") and last_step_size == 0:
+            pass  # a step of size 0 is the identity; SiT evaluates the drift anyway (NaN where sigma_t1 = 0)
+        elif last_step == "Mean":
             y = y + sde_drift(y, tb) * last_step_size
         elif last_step == "Euler":
             y = y + velocity_and_score(y, tb)[0] * last_step_size
         elif last_step == "Tweedie":
             tx = tb.reshape(-1, *([1] * (y.dim() - 1)))
             alpha_t, sigma_t = path.alpha(tx)[0], path.sigma(tx)[0]
-            y = y / alpha_t + sigma_t ** 2 / alpha_t * velocity_and_score(y, tb)[1]
+            if ends_on_data:  # sigma^2 * score -> 0 at sigma = 0 (SiT computes 0 * NaN)
+                y = y / alpha_t
+            else:
+                y = y / alpha_t + sigma_t ** 2 / alpha_t * velocity_and_score(y, tb)[1]
         states.append(y)
     # SiT returns num_steps states: the stochastic ones and the last step (not the initial noise).
     return torch.stack(states[1:]) if return_trajectory else states[-1]

@@ -447,3 +447,68 @@ def test_repa_loss_paths_and_time_weightings(path, weighting):
     want = ((v - (d_alpha * x + d_sigma * eps)) ** 2).mean(dim=(1, 2, 3))
     assert rel_err(out["t"], t) < 1e-14
     assert rel_err(out["denoising_loss"], want) < 1e-12
+
+
+#################################################################################
+#                 SiT sampling with CFG (official doubled batch)                #
+#################################################################################
+
+class _ToySiT(torch.nn.Module):
+    """4-channel class-conditional SiT-time velocity; label 10 is the null label."""
+
+    num_classes, in_channels = 10, 4
+
+    def forward(self, x, t, y):
+        tb = t.view(-1, 1, 1, 1)
+        yb = y.view(-1, 1, 1, 1).to(x.dtype)
+        ch = torch.arange(4, dtype=x.dtype).view(1, 4, 1, 1)
+        return (0.5 - 0.2 * tb) * x + 0.1 * yb * (1 + ch) * tb - 0.05 * ch
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_transport_objective_cfg_equals_sit_forward_with_cfg_sampling(sampler):
+    """SiT's sample.py: state [z; z], labels [y; null], model.forward_with_cfg guiding channels 0-2
+    (each half keeps its own channel 3), torchdiffeq fixed grid; the first half is the sample."""
+    from masked_dit.diffusion.objectives import TransportObjective
+
+    model, cfg = _ToySiT(), 4.0
+    z, y = _draw(10, (3, 4, 2, 2)), torch.tensor([1, 7, 3])
+    got = TransportObjective("Linear").sample(model, z, y, sampler=sampler, steps=6, cfg_scale=cfg)
+
+    def forward_with_cfg(x, t, yy):
+        half = x[: len(x) // 2]
+        out = model(torch.cat([half, half]), t, yy)
+        eps, rest = out[:, :3], out[:, 3:]
+        c, u = eps.chunk(2)
+        g = u + cfg * (c - u)
+        return torch.cat([torch.cat([g, g]), rest], dim=1)
+
+    x, yy = torch.cat([z, z]), torch.cat([y, torch.full_like(y, 10)])
+    ts = torch.linspace(0, 1, 6, dtype=F64).tolist()
+    for t, tn in zip(ts[:-1], ts[1:]):
+        f = lambda s, v: forward_with_cfg(v, torch.full((6,), s, dtype=F64), yy)  # noqa: E731
+        k1 = f(t, x)
+        x = x + (tn - t) * k1 if sampler == "euler" else x + (tn - t) / 2 * (k1 + f(tn, x + (tn - t) * k1))
+    assert rel_err(got, x[:3]) < 1e-12
+
+
+@pytest.mark.parametrize("path,prediction", list(itertools.product(PATH_NAMES, PREDICTIONS)))
+@pytest.mark.parametrize("last_step", ["Mean", "Euler", "Tweedie"])
+def test_sde_last_step_of_size_zero(path, prediction, last_step):
+    """last_step_size = 0 ends the SDE at SiT's 1 - sample_eps, which is t = 1 for a Linear velocity
+    model (sigma_t = 0, the score is 0/0): a Mean/Euler step of size 0 is the identity and Tweedie's
+    sigma^2 * score vanishes there, so no NaN (SiT evaluates them and returns NaN)."""
+    tr = Transport(path, prediction)
+    x = _draw(11)
+    noise = [_draw(300 + i) for i in range(4)]
+    got = sample_sde(tr, toy_model, x, method="Euler", last_step=last_step, last_step_size=0.0, num_steps=5,
+                     noise=noise)
+    plain = sample_sde(tr, toy_model, x, method="Euler", last_step=None, num_steps=5, noise=noise)
+    assert torch.isfinite(got).all()
+    if last_step != "Tweedie":
+        assert rel_err(got, plain) < 1e-12
+    elif (path, prediction) == ("Linear", "velocity"):
+        assert rel_err(got, plain) < 1e-12  # alpha_1 = 1: the posterior mean at the data end is x
+    else:
+        assert rel_err(got, ref_sde(path, prediction, x, noise, method="Euler", form="sigma", norm=1.0,
+                                    last_step=last_step, last_step_size=0.0, num_steps=5)) < 1e-10
