@@ -205,7 +205,8 @@ def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str
         from torchdiffeq import odeint
         t = torch.tensor(times, dtype=torch.float64, device=x.device)
         try:
-            return list(odeint(lambda s, y: f(float(s), y), x, t, method="dopri5", atol=atol, rtol=rtol).unbind(0))
+            states = odeint(lambda s, y: f(float(s), y), x, t, method="dopri5", atol=atol, rtol=rtol)
+            return list(states.unbind(0))
         except AssertionError as exc:
             # dopri5 steps past the last time; where the drift is NaN there (a VP noise/score model
             # beyond t = 1, sigma_t = sqrt(negative)) torchdiffeq's controller turns the NaN error
