@@ -187,8 +187,8 @@ def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str
     """Solve dx/dt = f(t, x) and return the states at every time in ``times`` (monotone).
 
     backend: "auto" (torchdiffeq for dopri5 if installed, native otherwise or when torchdiffeq
-    gives up on a NaN trial step), "native" or "torchdiffeq". Fixed-step methods always run natively (same arithmetic as torchdiffeq's
-    fixed grid, without its per-step host synchronisation).
+    gives up on a NaN trial step), "native" or "torchdiffeq". Fixed-step methods always run natively
+    (same arithmetic as torchdiffeq's fixed grid, without its per-step host synchronisation).
     """
     if method not in ODE_METHODS:
         raise ValueError(f"unknown ODE method {method!r}; expected one of {ODE_METHODS}")
