@@ -77,11 +77,12 @@ class ObjectiveConfig:
     sigma_data: float = 0.5
     mae_loss_coef: float = 0.1
     # transport (SiT, REPA)
-    path_type: str = "Linear"            # Linear | GVP | VP
+    path_type: str = "Linear"            # Linear | GVP | VP (REPA: Linear = its 'linear', GVP = its 'cosine')
     prediction: str = "velocity"         # velocity | noise | score
     loss_weight: Optional[str] = None    # None | velocity | likelihood
     # REPA
     proj_coeff: float = 0.5
+    weighting: str = "uniform"           # REPA's time sampling: uniform | lognormal
     encoder: str = "none"                # none (features come with the batch as 'zs') | patches (clean patches; tests/digits)
     #                                      | DINOv2 (pixel data): dinov2-vit-b, dinov2reg-vit-l, hub id, folder, a list
 
@@ -209,6 +210,7 @@ CHOICES = {
     ("objective", "path_type"): ("Linear", "GVP", "VP"),
     ("objective", "prediction"): ("velocity", "noise", "score"),
     ("objective", "loss_weight"): (None, "velocity", "likelihood"),
+    ("objective", "weighting"): ("uniform", "lognormal"),
     ("optim", "name"): ("adamw", "adan"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("parallel", "mode"): ("ddp", "fsdp"),
@@ -256,6 +258,9 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.objective.mask_ratio < 1:
         raise ConfigError(f"--objective.mask_ratio must be in [0, 1) (got {cfg.objective.mask_ratio})")
     _validate_encoder(cfg.objective.encoder)
+    if cfg.objective.kind == "repa" and cfg.objective.path_type not in ("Linear", "GVP"):  # REPA has no VP path
+        raise ConfigError(f"--objective.path_type={cfg.objective.path_type} is not one of REPA's paths: choose "
+                          f"Linear (REPA's linear) or GVP (REPA's cosine)")
     if cfg.data.features and cfg.data.source != "latents":
         raise ConfigError(f"--data.features={cfg.data.features!r} reads features cached beside extracted latents; "
                           f"it needs --data.source=latents (got {cfg.data.source!r})")

@@ -413,4 +413,6 @@ def build_objective(cfg, model=None, pixel_space: bool = False, *, image_size: O
             raise ValueError(f"--objective.encoder={cfg.encoder} needs the model and pixel data (for latents cache "
                              "features with `masked-dit extract-features` and use --data.features)")
         encoder = pixel_encoder(cfg.encoder, m, image_size, precision)
-    return REPAObjective(cfg.proj_coeff, encoder=encoder)
+    from masked_dit.diffusion.repa import repa_path_name
+
+    return REPAObjective(cfg.proj_coeff, repa_path_name(cfg.path_type), cfg.weighting, encoder=encoder)

@@ -32,6 +32,16 @@ from .transport import ModelFn, expand_t_like_x, mean_flat
 
 REPA_PATHS = ("linear", "cosine")
 REPA_WEIGHTINGS = ("uniform", "lognormal")
+# SiT's names of REPA's two paths (the config's --objective.path_type is SiT's: one field for both)
+_SIT_NAMES = {"Linear": "linear", "GVP": "cosine"}
+
+
+def repa_path_name(path_type: str) -> str:
+    """REPA's name of a path given by SiT's name (Linear, GVP) or REPA's own (linear, cosine)."""
+    name = _SIT_NAMES.get(path_type, path_type)
+    if name not in REPA_PATHS:
+        raise ValueError(f"REPA's paths are Linear (its 'linear') and GVP (its 'cosine'), not {path_type!r}")
+    return name
 
 
 def repa_interpolant(t: torch.Tensor, path_type: str = "linear"):

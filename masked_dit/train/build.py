@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS, adm_respacing
+from masked_dit.diffusion.repa import repa_path_name
 
 
 def model_kwargs(cfg) -> tuple[str, dict]:
@@ -28,7 +29,7 @@ def model_kwargs(cfg) -> tuple[str, dict]:
         kw["mask_ratio"] = oc.mask_ratio
         kw["mae_loss_coef"] = oc.mae_loss_coef
     elif family == "repa_sit":
-        kw["path_type"] = "linear"
+        kw["path_type"] = repa_path_name(oc.path_type)
         patch = kw.get("patch_size", MODEL_CONFIGS[mc.name][1].get("patch_size", 2))
         if oc.encoder == "patches":
             kw["z_dims"] = [patch * patch * mc.in_channels]

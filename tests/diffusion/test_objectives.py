@@ -124,6 +124,29 @@ def test_repa_objective_matches_reference(fixtures_dir):
     torch.testing.assert_close(out["loss"], f["denoising_loss"].mean() + 0.5 * f["proj_loss"], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("path_type, weighting", [("Linear", "uniform"), ("GVP", "lognormal")])
+def test_repa_config_path_and_weighting_reach_the_loss(path_type, weighting):
+    """REPA's --path-type cosine and --weighting lognormal (config: --objective.path_type=GVP,
+    --objective.weighting=lognormal) used to be dropped: a config always trained linear + uniform."""
+    from masked_dit.configs import ObjectiveConfig
+    from masked_dit.diffusion.repa import repa_training_losses
+
+    obj = build_objective(ObjectiveConfig(kind="repa", path_type=path_type, weighting=weighting))
+    assert (obj.path_type, obj.weighting) == ({"Linear": "linear", "GVP": "cosine"}[path_type], weighting)
+    g = torch.Generator().manual_seed(0)
+    x, zs = torch.randn(4, 4, 4, 4, generator=g), [torch.randn(4, 4, 8, generator=g)]
+    model = AnalyticREPA([torch.randn(4, 4, 8, generator=g)])
+    batch = {"x": x, "y": torch.tensor([1, 2, 3, 1000]), "zs": zs}
+    torch.manual_seed(1)
+    out = obj(model, batch)
+    torch.manual_seed(1)
+    ref = repa_training_losses(model, x, zs, model_kwargs={"y": batch["y"]}, path_type=obj.path_type,
+                               weighting=weighting, proj_coeff=0.5)
+    assert torch.equal(out["loss"], ref["loss"])
+    with pytest.raises(ValueError, match="REPA's paths are Linear"):
+        build_objective(ObjectiveConfig(kind="repa", path_type="VP"))
+
+
 def test_repa_needs_features():
     with pytest.raises(ValueError, match="put them in the batch as 'zs'"):
         REPAObjective()(AnalyticREPA([]), {"x": torch.zeros(1, 4, 4, 4), "y": torch.zeros(1, dtype=torch.long)})

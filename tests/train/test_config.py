@@ -49,11 +49,19 @@ def test_overrides_types_and_roundtrip(tmp_path):
     ("--parallel.mode=tp", "choose one of: ddp, fsdp"),
     ("--optim.betas=0.9,0.9", "needs 3 values for adan"),
     ("train.steps=3", "overrides look like --section.key=value"),
+    ("--objective.weighting=sigmoid", "choose one of: uniform, lognormal"),
 ])
 def test_bad_overrides_give_one_line_errors(override, message):
     with pytest.raises(ConfigError) as err:
         apply_overrides(get_preset(), [override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_repa_path_and_weighting_reach_model_and_objective():
+    cfg = apply_overrides(get_preset("digits-repa-sit"), ["--objective.path_type=GVP", "--objective.weighting=lognormal"])
+    assert model_kwargs(cfg)[1]["path_type"] == "cosine"
+    with pytest.raises(ConfigError, match="--objective.path_type=VP is not one of REPA's paths"):
+        apply_overrides(get_preset("digits-repa-sit"), ["--objective.path_type=VP"])
 
 
 def test_unknown_preset_lists_valid_ones():
