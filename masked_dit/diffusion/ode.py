@@ -1,4 +1,4 @@
-"""Probability-flow ODE samplers for SiT transports (euler, midpoint, heun, dopri5).
+"""Probability-flow ODE samplers for SiT transports (euler, midpoint, heun, dopri5; torchdiffeq's others).
 
 ``sample_ode(transport, model_fn, x)`` integrates dx/dt = v(x, t) from noise (t0) to data (t1) on
 ``num_steps`` equally spaced times (torch.linspace(t0, t1, num_steps)), as SiT's ``Sampler.sample_ode``:
@@ -169,6 +169,23 @@ def _interp_eval(coeffs, s: float):
     return total
 
 
+def _torchdiffeq_only(f: Drift, x, times, method: str, atol: float, rtol: float, backend: str) -> List[torch.Tensor]:
+    """A method only torchdiffeq has (one-line errors for an unknown name or a missing torchdiffeq)."""
+    if backend == "native" or not _have_torchdiffeq():
+        why = "backend='native' has" if backend == "native" else "without torchdiffeq (pip install torchdiffeq) there are"
+        raise ValueError(f"unknown ODE method {method!r}: {why} only {ODE_METHODS}")
+    from torchdiffeq import odeint
+
+    t = torch.tensor(times, dtype=torch.float64, device=x.device)
+    try:
+        return list(odeint(lambda s, y: f(float(s), y), x, t, method=method, atol=atol, rtol=rtol).unbind(0))
+    except ValueError as exc:
+        if "Invalid method" not in str(exc):
+            raise
+        raise ValueError(f"unknown ODE method {method!r}; expected one of {ODE_METHODS} or a torchdiffeq "
+                         f"method") from None
+
+
 def _have_torchdiffeq() -> bool:
     try:
         import torchdiffeq  # noqa: F401
@@ -188,13 +205,15 @@ def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str
 
     backend: "auto" (torchdiffeq for dopri5 if installed, native otherwise or when torchdiffeq
     gives up on a NaN trial step), "native" or "torchdiffeq". Fixed-step methods always run natively
-    (same arithmetic as torchdiffeq's fixed grid, without its per-step host synchronisation).
+    (same arithmetic as torchdiffeq's fixed grid, without its per-step host synchronisation). Any
+    other torchdiffeq method (rk4, bosh3, dopri8, ...; SiT's sample.py passes its name through) runs
+    in torchdiffeq, on the ``times`` grid for its fixed-grid solvers.
     """
-    if method not in ODE_METHODS:
-        raise ValueError(f"unknown ODE method {method!r}; expected one of {ODE_METHODS}")
     if backend not in ("auto", "native", "torchdiffeq"):
         raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'native' or 'torchdiffeq'")
     times = [float(t) for t in times]
+    if method not in ODE_METHODS:
+        return _torchdiffeq_only(f, x, times, method, atol, rtol, backend)
     if method in FIXED_STEP_METHODS:
         states = [x]
         for t0, t1 in progress_bar(list(zip(times[:-1], times[1:])), progress, f"ODE {method}"):

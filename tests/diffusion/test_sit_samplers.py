@@ -151,6 +151,26 @@ def test_ode_reverse_round_trip():
     assert rel_err(noise, x) < 1e-6
 
 
+@pytest.mark.parametrize("method", ["rk4", "bosh3", "dopri8"])
+def test_other_torchdiffeq_methods_pass_through(method, monkeypatch):
+    """SiT's sample.py hands --sampling-method to torchdiffeq, so rk4, bosh3, dopri8 ... work there;
+    they were refused here. They run in torchdiffeq (dy/dt = -t y: exact solution y0 exp(-t^2/2));
+    without torchdiffeq, or with backend='native', the error names what there is."""
+    pytest.importorskip("torchdiffeq")
+    y0 = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    times = torch.linspace(0, 1.5, 16, dtype=torch.float64).tolist()
+    states = integrate_ode(lambda t, y: -t * y, y0, times, method, atol=1e-10, rtol=1e-10)
+    # (rk4 steps the 16 times, O(dt^4); dopri8 interpolates its output times at lower order)
+    assert len(states) == 16 and (states[-1] - y0 * math.exp(-1.5 ** 2 / 2)).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="backend='native' has only"):
+        integrate_ode(lambda t, y: -t * y, y0, times, method, backend="native")
+    import masked_dit.diffusion.ode as ode
+
+    monkeypatch.setattr(ode, "_have_torchdiffeq", lambda: False)
+    with pytest.raises(ValueError, match=r"without torchdiffeq \(pip install torchdiffeq\) there are only"):
+        integrate_ode(lambda t, y: -t * y, y0, times, method)
+
+
 def test_trajectory_shapes_and_progress_bar():
     x = torch.randn(2, 3, dtype=torch.float64)
     traj = sample_ode(Transport("Linear"), lambda x, t: -x, x, method="heun", num_steps=5, return_trajectory=True,
@@ -160,7 +180,7 @@ def test_trajectory_shapes_and_progress_bar():
 
 def test_bad_options_raise():
     x = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="ODE method"):
+    with pytest.raises(ValueError, match="unknown ODE method 'rk45'; expected one of .* or a torchdiffeq method"):
         sample_ode(Transport(), lambda x, t: x, x, method="rk45")
     with pytest.raises(ValueError, match="num_steps"):
         sample_ode(Transport(), lambda x, t: x, x, method="euler", num_steps=1)
