@@ -243,6 +243,12 @@ def _check_positive(args, *names) -> None:
 #                                extract-latents                                #
 #################################################################################
 
+def _check_min_image_size(args) -> None:
+    if args.min_image_size is not None and args.min_image_size < 0:
+        raise ValueError(f"--min-image-size must be >= 0 (0: take every image, upscaling small ones as ADM's "
+                         f"crop does; got {args.min_image_size})")
+
+
 def _extract(args, _overrides) -> int:
     from masked_dit.data import ImageFolderDataset, extract_latents
     from masked_dit.data.latents import load_vae
@@ -252,7 +258,8 @@ def _extract(args, _overrides) -> int:
         raise ValueError(f"--shard-size {args.shard_size} must be a multiple of --batch-size {args.batch_size}")
     _check_out_dir(args.out)
     device = _device(args.device)
-    dataset = ImageFolderDataset(args.images, args.image_size, args.on_bad_image)
+    _check_min_image_size(args)
+    dataset = ImageFolderDataset(args.images, args.image_size, args.on_bad_image, args.min_image_size)
     vae = load_vae(args.vae, device)
     manifest = extract_latents(dataset, args.out, vae, vae_name=args.vae, batch_size=args.batch_size,
                                shard_size=args.shard_size, flip=args.flip, dtype=args.dtype, device=device)
@@ -266,12 +273,15 @@ def _extract_features(args, _overrides) -> int:
     from masked_dit.data.encoders import extract_encoder_features, feature_dir_name, load_encoder_features
 
     # The latents must be complete and readable; their image size is how extract-latents saw the images.
-    image_size = LatentDataset(args.latents).manifest.get("image_size")
+    manifest = LatentDataset(args.latents).manifest
+    image_size = manifest.get("image_size")
     if not isinstance(image_size, int):
         raise ValueError(f"latents {args.latents}: manifest.json has no image_size: re-run extract-latents")
     _check_positive(args, "batch_size", "encoder_image_size", "token_grid")
+    _check_min_image_size(args)
     device = _device(args.device)
-    dataset = ImageFolderDataset(args.images, image_size, args.on_bad_image)
+    min_size = manifest.get("min_image_size") if args.min_image_size is None else args.min_image_size
+    dataset = ImageFolderDataset(args.images, image_size, args.on_bad_image, min_size)
     features = load_encoder_features(args.encoder, token_grid=args.token_grid, device=device,
                                      image_size=args.encoder_image_size, resolution=image_size,
                                      autocast_dtype="bf16" if args.precision == "bf16" else None)
@@ -338,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shard-size", type=int, default=4096)
     e.add_argument("--dtype", choices=["float16", "float32"], default="float32")
     e.add_argument("--on-bad-image", choices=["stop", "skip"], default="stop")
+    e.add_argument("--min-image-size", type=int, help="smallest short side taken (default: --image-size; 0: every "
+                   "image, small ones upscaled as DiT's/ADM's crop does, e.g. for ImageNet's train split)")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_extract)
 
@@ -355,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     f.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="encoder autocast")
     f.add_argument("--on-bad-image", choices=["stop", "skip"], default="stop", help="as given to extract-latents")
+    f.add_argument("--min-image-size", type=int, help="default: as extract-latents recorded it")
     f.add_argument("--device", default="auto")
     f.set_defaults(func=_extract_features)
 

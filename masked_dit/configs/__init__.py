@@ -57,6 +57,7 @@ class DataConfig:
     image_size: int = 16                 # pixels (digits: 16 or 32; folder: center-crop side)
     random_flip: bool = True
     on_bad_image: str = "stop"           # stop | skip  (unreadable or undersized images)
+    min_image_size: Optional[int] = None # folder: smallest short side taken (none: image_size; 0: any, upscaled as ADM)
     num_workers: int = 0
     latent_scale: float = 0.18215        # posterior sample x this factor (SD VAE)
     features: Optional[str] = None       # latents: cached REPA features <path>/features/<name> ('zs'; comma: several)
@@ -244,6 +245,9 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.optim, key)
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"--optim.{key} must be a finite number >= 0 (got {value})")
+    if cfg.data.min_image_size is not None and cfg.data.min_image_size < 0:
+        raise ConfigError(f"--data.min_image_size must be >= 0, or none for --data.image_size (got "
+                          f"{cfg.data.min_image_size})")
     for section, key in (("data", "num_workers"), ("optim", "warmup_steps"), ("sample", "eval_num")):
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"--{section}.{key} must be >= 0 (got {getattr(getattr(cfg, section), key)})")

@@ -15,7 +15,7 @@ def build_dataset(data_cfg, model_cfg=None):
     elif data_cfg.source == "folder":
         if not data_cfg.path:
             raise ValueError("--data.source=folder needs --data.path=<image folder>")
-        ds = ImageFolderDataset(data_cfg.path, data_cfg.image_size, data_cfg.on_bad_image)
+        ds = ImageFolderDataset(data_cfg.path, data_cfg.image_size, data_cfg.on_bad_image, data_cfg.min_image_size)
         shape = (3, data_cfg.image_size)
     elif data_cfg.source == "latents":
         if not data_cfg.path:

@@ -96,6 +96,8 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
     digest = dataset.digest() if hasattr(dataset, "digest") else None
     if digest:
         recorded["images_sha1"] = digest
+    if getattr(dataset, "min_image_size", None) is not None:  # extract-features takes the same images
+        recorded["min_image_size"] = int(dataset.min_image_size)
     manifest_path = out / MANIFEST
     shards = []
     if manifest_path.exists():

@@ -148,3 +148,22 @@ def test_other_modes_read_as_rgb_then_crop(tmp_path, mode):
         ref = _adm_reference(f.convert("RGB"), 16)
     x = ImageFolderDataset(str(tmp_path), 16)[0]["x"]
     np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), ref / 127.5 - 1, atol=1e-6)
+
+
+def test_min_image_size_zero_upscales_small_images_as_adm(tmp_path):
+    """DiT's / fast-DiT's extraction runs ADM's crop on every ImageNet image, upscaling the few whose
+    short side is below 256; min_image_size=0 does the same (by default they are bad images)."""
+    (tmp_path / "a").mkdir()
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (7, 11, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a" / "small.png")
+    with pytest.raises(BadImageError, match="is 11x7, smaller than the required 16px"):
+        ImageFolderDataset(str(tmp_path), 16)[0]
+    with pytest.raises(BadImageError, match="smaller than the required 8px"):
+        ImageFolderDataset(str(tmp_path), 16, min_image_size=8)[0]
+    x = ImageFolderDataset(str(tmp_path), 16, min_image_size=0)[0]["x"]
+    ref = _adm_reference(Image.fromarray(arr), 16)
+    assert ref.shape == (16, 16, 3)
+    np.testing.assert_array_equal(((x.permute(1, 2, 0) + 1) * 127.5).round().numpy().astype(np.uint8), ref)
+    with pytest.raises(ValueError, match="min_image_size must be >= 0"):
+        ImageFolderDataset(str(tmp_path), 16, min_image_size=-1)

@@ -51,6 +51,22 @@ def test_extract_verify_and_read(tiny_vae_dir, images_dir, tmp_path):
     torch.testing.assert_close(z, (batch["mean"] + batch["std"] * eps) * 0.18215)
 
 
+def test_extract_with_min_image_size_records_it(tiny_vae_dir, tmp_path):
+    """--min-image-size 0 extracts a folder with an image below --image-size (upscaled as ADM's crop);
+    the manifest records it, so extract-features (same images, same order) takes it too."""
+    from PIL import Image
+
+    (tmp_path / "img" / "a").mkdir(parents=True)
+    for i, side in enumerate((20, 9, 24, 16)):
+        Image.new("RGB", (side, side + 3), (40 * i, 90, 200)).save(tmp_path / "img" / "a" / f"{i}.png")
+    args = ["extract-latents", str(tmp_path / "img"), str(tmp_path / "lat"), "--vae", str(tiny_vae_dir),
+            "--image-size", "16", "--batch-size", "2", "--shard-size", "4", "--device", "cpu"]
+    assert main(args) == 2  # 9 px < 16 px: a bad image by default (one-line error; no shard counted as done)
+    assert main(args + ["--min-image-size", "0"]) == 0
+    manifest = json.loads((tmp_path / "lat" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_images"] == 4 and manifest["min_image_size"] == 0
+
+
 def test_extraction_resumes(tiny_vae_dir, images_dir, tmp_path):
     vae = diffusers.AutoencoderKL.from_pretrained(tiny_vae_dir).eval()
     ds = ImageFolderDataset(str(images_dir), 16)

@@ -50,6 +50,7 @@ def test_overrides_types_and_roundtrip(tmp_path):
     ("--optim.betas=0.9,0.9", "needs 3 values for adan"),
     ("train.steps=3", "overrides look like --section.key=value"),
     ("--objective.weighting=sigmoid", "choose one of: uniform, lognormal"),
+    ("--data.min_image_size=-1", "--data.min_image_size must be >= 0, or none for --data.image_size"),
 ])
 def test_bad_overrides_give_one_line_errors(override, message):
     with pytest.raises(ConfigError) as err:
