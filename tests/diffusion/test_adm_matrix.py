@@ -31,21 +31,11 @@ def ref_betas(schedule, T):
 
 
 def ref_space(T, counts):
-    if isinstance(counts, str) and counts.startswith("ddim"):
-        n = int(counts[4:])
-        return next(list(range(0, T, i)) for i in range(1, T) if len(range(0, T, i)) == n)
-    counts = [int(c) for c in counts.split(",")] if isinstance(counts, str) else list(counts)
-    size_per, extra = T // len(counts), T % len(counts)
-    start, steps = 0, []
-    for i, n in enumerate(counts):
-        size = size_per + (1 if i < extra else 0)
-        stride = 1 if n <= 1 else (size - 1) / (n - 1)
-        cur = 0.0
-        for _ in range(n):
-            steps.append(start + round(cur))
-            cur += stride
-        start += size
-    return sorted(set(steps))
+    """ADM's space_timesteps, sorted (the independent reference test_unseen_configs writes out)."""
+    from tests.reliability.test_unseen_configs import _adm_space_reference
+
+    spec = counts if isinstance(counts, str) else ",".join(str(c) for c in counts)
+    return sorted(_adm_space_reference(T, spec))
 
 
 class Ref:
