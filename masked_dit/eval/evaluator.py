@@ -34,6 +34,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from masked_dit.data import folder as image_folder
 from masked_dit.eval.fid import check_finite, feature_statistics, frechet_distance
 from masked_dit.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionOutputs
 from masked_dit.eval.prdc import precision_recall
@@ -91,7 +92,7 @@ class NpzImages:
         return self.shape[0]
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        # grayscale becomes RGB by repeating the channel, as PIL's convert("RGB") does for a folder
+        # grayscale becomes RGB by repeating the channel, as image_folder.to_rgb does for a folder of images
         try:
             for batch in self._stored_batches(batch_size):
                 yield batch if batch.shape[-1] == 3 else np.repeat(batch, 3, axis=-1)
@@ -134,7 +135,7 @@ class FolderImages:
 
         try:
             with Image.open(file) as im:
-                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+                return np.asarray(image_folder.to_rgb(im), dtype=np.uint8)
         except (OSError, SyntaxError) as err:  # PIL's own messages do not say which of 50k files failed
             raise ValueError(f"{file} is not a readable image ({type(err).__name__}: {err})") from None
 

@@ -305,3 +305,20 @@ def test_cli_end_to_end_random_init_inception(tmp_path, capsys):
     assert 1.0 <= metrics["inception_score"] <= 4.0   # at most the number of samples
     assert metrics["num_samples"] == metrics["num_reference"] == 4
     assert metrics["inception"] == "random-init (test only)"
+
+
+def test_16bit_grayscale_samples_read_as_the_training_folders_do(tmp_path):
+    """Sample folders read images through the training folders' to_rgb: PIL's convert("RGB") clipped
+    16-bit grayscale ('I;16') values to 255, so such PNGs were scored as nearly white images."""
+    from masked_dit.eval.evaluator import FolderImages
+
+    g = np.random.default_rng(0)
+    wide = g.integers(0, 65536, (3, 8, 8), dtype=np.uint16)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for i, arr in enumerate(wide):
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    assert Image.open(folder / "0.png").mode.startswith("I;16")
+    got = np.concatenate(list(FolderImages(folder).batches(2)))
+    assert got.shape == (3, 8, 8, 3)
+    np.testing.assert_array_equal(got, np.repeat((wide >> 8).astype(np.uint8)[..., None], 3, axis=-1))
