@@ -121,7 +121,7 @@ def _sample(args, _overrides) -> int:
     import torch
 
     from masked_dit.configs import GUIDANCE_KEYS, check_guidance
-    from masked_dit.diffusion.objectives import ADMObjective, adm_respacing, build_objective
+    from masked_dit.diffusion.objectives import build_objective, check_sample_steps
     from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels
     from masked_dit.train.dist import init_world, shutdown
     from masked_dit.train.grid import grid_labels, save_grid
@@ -157,11 +157,8 @@ def _sample(args, _overrides) -> int:
                   guidance_low=sc.guidance_low if args.guidance_low is None else args.guidance_low,
                   guidance_high=sc.guidance_high if args.guidance_high is None else args.guidance_high)
         check_guidance({k: kw[k] for k in GUIDANCE_KEYS}, flag)  # one given, one from the run's config
-        if isinstance(objective, ADMObjective):  # before the first batch: name the option, not the respacing
-            try:
-                adm_respacing(kw["sampler"], kw["steps"], objective.diffusion_steps)
-            except ValueError as exc:
-                raise ValueError(f"--steps {kw['steps']}: {exc}") from None
+        check_sample_steps(cfg.objective.kind, kw["sampler"], kw["steps"], cfg.objective.diffusion_steps,
+                           f"--steps {kw['steps']}")
         if kw["cfg_scale"] != 1 and not _has_null_class(model):
             raise ValueError(f"--cfg-scale {kw['cfg_scale']} needs a null class, which this model lacks (trained "
                              f"with class_dropout_prob=0): sample with --cfg-scale 1")

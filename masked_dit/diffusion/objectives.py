@@ -367,6 +367,16 @@ def adm_respacing(sampler: str, steps: int, diffusion_steps: int) -> str:
     return respacing
 
 
+def check_sample_steps(kind: str, sampler: str, steps: int, diffusion_steps: int, option: str) -> None:
+    """Before a run reaches its samples: the ADM kinds' respacing must make ``steps``; the one-line
+    error starts with ``option``, the setting as the caller's command line spells it."""
+    if kind in ("adm", "mdtv2"):  # ADM's respaced samplers
+        try:
+            adm_respacing(sampler, steps, diffusion_steps)
+        except ValueError as exc:
+            raise ValueError(f"{option}: {exc}") from None
+
+
 def _check_sampler(objective, sampler: str, what: str) -> None:
     if sampler != "auto" and sampler not in objective.samplers:
         raise ValueError(f"sampler {sampler!r} does not apply to {what}; valid: {', '.join(objective.samplers)}")

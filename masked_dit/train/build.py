@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS, adm_respacing
+from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS, check_sample_steps
 from masked_dit.diffusion.repa import repa_path_name
 
 
@@ -52,11 +52,8 @@ def check_sampler(cfg) -> None:
     if sampler != "auto" and sampler not in SAMPLERS[kind]:
         raise ValueError(f"--sample.sampler={sampler} does not apply to --objective.kind={kind}; choose one of: "
                          f"auto, {', '.join(SAMPLERS[kind])}")
-    if kind in ("adm", "mdtv2"):  # ADM's respaced samplers
-        try:
-            adm_respacing(sampler, cfg.sample.steps, cfg.objective.diffusion_steps)
-        except ValueError as exc:
-            raise ValueError(f"--sample.steps={cfg.sample.steps}: {exc}") from None
+    check_sample_steps(kind, sampler, cfg.sample.steps, cfg.objective.diffusion_steps,
+                       f"--sample.steps={cfg.sample.steps}")
 
 
 def encoder_z_dims(specs: str) -> list[int]:
