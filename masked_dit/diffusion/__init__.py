@@ -6,4 +6,5 @@ from .guidance import ClassifierFreeGuidance, cfg_combine, forward_with_cfg, in_
 from .transport import GVPPath, LinearPath, Transport, VPPath, create_transport, make_path  # noqa: F401
 from .ode import integrate_ode, sample_ode  # noqa: F401
 from .sde import sample_sde  # noqa: F401
+from .likelihood import ode_likelihood, prior_logp  # noqa: F401
 from .repa import projection_loss, repa_euler_maruyama_sampler, repa_euler_sampler, repa_to_sit_model, repa_training_losses, sit_to_repa_model  # noqa: F401

@@ -22,8 +22,10 @@ from .transport import ModelFn, Transport
 
 FIXED_STEP_METHODS = ("euler", "midpoint", "heun")
 ODE_METHODS = FIXED_STEP_METHODS + ("dopri5",)
+ADAPTIVE_TORCHDIFFEQ = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")  # take options["norm"]
 
 Drift = Callable[[float, torch.Tensor], torch.Tensor]
+Norm = Callable[[torch.Tensor], torch.Tensor]  # 0-dim error norm of the step-size controller (default: RMS)
 
 
 def time_grid(t0: float, t1: float, num_points: int) -> List[float]:
@@ -85,8 +87,8 @@ _DP_MID = (6025192743 / 30085553152 / 2, 0.0, 51252292925 / 65400821598 / 2, -26
            187940372067 / 1594534317056 / 2, -1776094331 / 19743644256 / 2, 11237099 / 235043384 / 2)
 
 
-def _rms(x: torch.Tensor) -> float:
-    return x.abs().pow(2).mean().sqrt().item()  # host sync: the step-size controller needs it
+def _rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().pow(2).mean().sqrt()
 
 
 def _combine(x: torch.Tensor, ks: Sequence[torch.Tensor], coeffs: Sequence[float], dt: float) -> torch.Tensor:
@@ -98,8 +100,12 @@ def _combine(x: torch.Tensor, ks: Sequence[torch.Tensor], coeffs: Sequence[float
 
 
 def _dopri5(f: Drift, x: torch.Tensor, times: Sequence[float], atol: float, rtol: float,
-            max_num_steps: int = 100_000) -> List[torch.Tensor]:
-    """States at ``times`` (increasing) starting from x at times[0]."""
+            max_num_steps: int = 100_000, norm: Optional[Norm] = None) -> List[torch.Tensor]:
+    """States at ``times`` (increasing) starting from x at times[0]; ``norm`` measures scaled errors (RMS)."""
+    norm = _rms_norm if norm is None else norm
+
+    def _rms(v: torch.Tensor) -> float:
+        return float(norm(v))  # host sync: the step-size controller needs it
     order = 5
     t, y = times[0], x
     f0 = f(t, y)
@@ -169,7 +175,13 @@ def _interp_eval(coeffs, s: float):
     return total
 
 
-def _torchdiffeq_only(f: Drift, x, times, method: str, atol: float, rtol: float, backend: str) -> List[torch.Tensor]:
+def _norm_option(method: str, norm: Optional[Norm]) -> dict:
+    """torchdiffeq ``options`` for a custom error norm (its fixed-grid solvers take none and warn)."""
+    return {"norm": norm} if norm is not None and method in ADAPTIVE_TORCHDIFFEQ else {}
+
+
+def _torchdiffeq_only(f: Drift, x, times, method: str, atol: float, rtol: float, backend: str,
+                      norm: Optional[Norm] = None) -> List[torch.Tensor]:
     """A method only torchdiffeq has (one-line errors for an unknown name or a missing torchdiffeq)."""
     if backend == "native" or not _have_torchdiffeq():
         why = "backend='native' has" if backend == "native" else "without torchdiffeq (pip install torchdiffeq) there are"
@@ -178,7 +190,8 @@ def _torchdiffeq_only(f: Drift, x, times, method: str, atol: float, rtol: float,
 
     t = torch.tensor(times, dtype=torch.float64, device=x.device)
     try:
-        return list(odeint(lambda s, y: f(float(s), y), x, t, method=method, atol=atol, rtol=rtol).unbind(0))
+        return list(odeint(lambda s, y: f(float(s), y), x, t, method=method, atol=atol, rtol=rtol,
+                           options=_norm_option(method, norm)).unbind(0))
     except ValueError as exc:
         if "Invalid method" not in str(exc):
             raise
@@ -200,20 +213,21 @@ def _have_torchdiffeq() -> bool:
 
 def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str = "dopri5",
                   atol: float = 1e-6, rtol: float = 1e-3, backend: str = "auto",
-                  progress: bool = False) -> List[torch.Tensor]:
+                  progress: bool = False, norm: Optional[Norm] = None) -> List[torch.Tensor]:
     """Solve dx/dt = f(t, x) and return the states at every time in ``times`` (monotone).
 
     backend: "auto" (torchdiffeq for dopri5 if installed, native otherwise or when torchdiffeq
     gives up on a NaN trial step), "native" or "torchdiffeq". Fixed-step methods always run natively
     (same arithmetic as torchdiffeq's fixed grid, without its per-step host synchronisation). Any
     other torchdiffeq method (rk4, bosh3, dopri8, ...; SiT's sample.py passes its name through) runs
-    in torchdiffeq, on the ``times`` grid for its fixed-grid solvers.
+    in torchdiffeq, on the ``times`` grid for its fixed-grid solvers. ``norm`` (adaptive methods) replaces
+    the RMS of the scaled error, e.g. torchdiffeq's max-of-RMS "mixed" norm of a packed tuple state.
     """
     if backend not in ("auto", "native", "torchdiffeq"):
         raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'native' or 'torchdiffeq'")
     times = [float(t) for t in times]
     if method not in ODE_METHODS:
-        return _torchdiffeq_only(f, x, times, method, atol, rtol, backend)
+        return _torchdiffeq_only(f, x, times, method, atol, rtol, backend, norm)
     if method in FIXED_STEP_METHODS:
         states = [x]
         for t0, t1 in progress_bar(list(zip(times[:-1], times[1:])), progress, f"ODE {method}"):
@@ -224,7 +238,8 @@ def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str
         from torchdiffeq import odeint
         t = torch.tensor(times, dtype=torch.float64, device=x.device)
         try:
-            states = odeint(lambda s, y: f(float(s), y), x, t, method="dopri5", atol=atol, rtol=rtol)
+            states = odeint(lambda s, y: f(float(s), y), x, t, method="dopri5", atol=atol, rtol=rtol,
+                            options=_norm_option(method, norm))
             return list(states.unbind(0))
         except AssertionError as exc:
             # dopri5 steps past the last time; where the drift is NaN there (a VP noise/score model
@@ -236,8 +251,8 @@ def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str
 
     # Native dopri5 works with increasing time; run a decreasing grid in s = -t (as torchdiffeq does).
     if len(times) > 1 and times[0] > times[-1]:
-        return _dopri5(lambda s, y: -f(-s, y), x, [-t for t in times], atol, rtol)
-    return _dopri5(f, x, times, atol, rtol)
+        return _dopri5(lambda s, y: -f(-s, y), x, [-t for t in times], atol, rtol, norm=norm)
+    return _dopri5(f, x, times, atol, rtol, norm=norm)
 
 
 def sample_ode(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, method: str = "dopri5",
