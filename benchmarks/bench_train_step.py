@@ -5,8 +5,10 @@
     python benchmarks/bench_train_step.py --size toy --device cpu --out-dir /tmp/r   # seconds, for tests
 
 One step = objective (forward + loss; MDTv2 runs its two passes) + backward + grad clip (if the
-recipe clips) + optimizer step + EMA update, on random 32x32x4 latents (REPA: random DINOv2-B-shaped
-features [B, 256, 768]); the VAE and DINOv2 encoders run in no variant (precomputed, as in ours).
+recipe clips) + optimizer step + EMA update, on random 32x32x4 latents. REPA: ours train on precomputed
+features (random, DINOv2-B-shaped [B, 256, 768]), the official step runs its frozen DINOv2-B/14 on the raw
+images every step, so the reference variants do too (random uint8 images [B, 3, 256, 256]; off with
+--ref-no-encoder; each REPA row's ``encoder_forward`` says which). The VAE runs in no variant.
 Variants (all measured in the same run, same weights):
 
     reference            benchmarks/reference_style.py with the repo's precision/optimizer (RECIPES), eager
@@ -48,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from benchmarks import common, profiling
-from benchmarks.reference_style import RECIPES, reference_like
+from benchmarks.reference_style import RECIPES, dinov2_for_repa, reference_like, repa_features
 from masked_dit.train.optim import use_fused
 from masked_dit.train.parallel import COMPILE_MODES, fsdp_supported
 
@@ -100,12 +102,15 @@ def make_objective(family: str):
             "maskdit": obj.EDMMaskDiTObjective, "repa_sit": obj.REPAObjective}[family]()
 
 
-def make_batch(family: str, kwargs: dict, batch: int, device: torch.device) -> dict:
-    """Random latents [B, C, H, W] and labels (REPA: random encoder features)."""
+def make_batch(family: str, kwargs: dict, batch: int, device: torch.device, raw_images: bool = False) -> dict:
+    """Random latents [B, C, H, W] and labels (REPA: random encoder features, or with ``raw_images`` the
+    uint8 images [B, 3, 8H, 8W] the reference step's online encoder reads, as REPA's loader gives them)."""
     size, channels = kwargs.get("input_size", 32), kwargs.get("in_channels", 4)
     out = {"x": torch.randn(batch, channels, size, size, device=device),
            "y": torch.randint(0, kwargs.get("num_classes", 1000), (batch,), device=device)}
-    if family == "repa_sit":
+    if family == "repa_sit" and raw_images:
+        out["raw_image"] = torch.randint(0, 256, (batch, 3, 8 * size, 8 * size), dtype=torch.uint8, device=device)
+    elif family == "repa_sit":
         tokens = (size // kwargs.get("patch_size", 2)) ** 2
         out["zs"] = [torch.randn(batch, tokens, z, device=device) for z in kwargs.get("z_dims", [DINOV2_B[1]])]
     return out
@@ -142,6 +147,7 @@ class StepRunner:
         self.autocast_dtype, self.scaler, self.grad_clip = autocast_dtype, scaler, grad_clip
         self.backend, self.device = backend, device
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.raw_images = False  # True: the objective encodes batch['raw_image'] online (REPA's reference)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -203,6 +209,27 @@ def init_single_rank_group(device: torch.device) -> None:
                                 world_size=1)
 
 
+def add_online_encoder(objective, family: str, kwargs: dict, device: torch.device, args) -> dict:
+    """The reference step's REPA objective gets the official per-step DINOv2 forward (unless
+    ``--ref-no-encoder``), built on ``device`` for the latents' images (8x the latent side); returns the
+    row's info. z_dims 768 (every registered REPA-SiT): DINOv2-B/14; another width (the toy's 32): a
+    one-block encoder that wide, whose 14 px patches give the toy model's token grid."""
+    if family != "repa_sit":
+        return {}
+    if args.ref_no_encoder:
+        return {"encoder_forward": "precomputed (--ref-no-encoder)"}
+    (z_dim,) = kwargs.get("z_dims", [768])
+    toy = z_dim != 768
+    attention = args.ref_attention or "sdpa"
+    resolution = 8 * kwargs.get("input_size", 32)
+    with torch.device(device):
+        encoder = dinov2_for_repa(resolution, attention, **(dict(embed_dim=z_dim, depth=1, num_heads=2) if toy else {}))
+    objective.encoder = repa_features(encoder)
+    image_side = 224 * resolution // 256
+    return {"encoder_forward": f"online dinov2-{'toy' if toy else 'b/14'} ({attention}, {image_side} px)",
+            "encoder_flops_per_image": encoder.forward_flops(image_side)}
+
+
 def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, device: torch.device, args):
     """(runner, info) for one variant; every variant starts from the same weights ``base_state`` (None: a
     fresh init, for counting that needs shapes, not weights: roofline_step.py at XL on a small machine)."""
@@ -221,17 +248,19 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
     model.to(device).train()
     objective = make_objective(family)
     recipe = RECIPES[family]
-    info = {}
+    info = {"encoder_forward": "precomputed"} if family == "repa_sit" else {}
     if variant.startswith("reference"):
         ref = reference_like(model, kwargs, attention=args.ref_attention).train()
         del model
+        info.update(add_online_encoder(objective, family, kwargs, device, args))
+        raw_images = getattr(objective, "encoder", None) is not None  # the batch carries images, not features
         if variant == "reference_bf16":
             optimizer = make_optimizer(recipe["optimizer"], ref.parameters(), fused=False)
             info.update(precision="bf16 autocast (TF32 matmuls)", attention=args.ref_attention or recipe["attention"],
                         optimizer=recipe["optimizer"], ops_backend="reference modules")
             runner = StepRunner(ref, objective, optimizer, ReferenceEMA(ref), autocast_dtype=torch.bfloat16,
                                 grad_clip=recipe["grad_clip"], backend="torch", device=device)
-            runner.tf32 = True
+            runner.tf32, runner.raw_images = True, raw_images
             return runner, info
         fp16 = recipe["precision"] == "fp16"
         scaler = torch.amp.GradScaler(device.type) if fp16 and device.type == "cuda" else None
@@ -249,6 +278,7 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
         runner = StepRunner(ref, objective, optimizer, ReferenceEMA(ref), autocast_dtype=dtype, scaler=scaler,
                             grad_clip=recipe["grad_clip"], backend="torch", device=device)
         runner.tf32, runner.cudnn_benchmark = recipe["tf32"], recipe["cudnn_benchmark"]
+        runner.raw_images = raw_images
         return runner, info
 
     compiled = variant.startswith("compiled")
@@ -330,7 +360,7 @@ def dynamo_stats() -> dict:
 
 
 def measure(runner: StepRunner, family: str, kwargs: dict, batch: int, device: torch.device, args) -> dict:
-    data = make_batch(family, kwargs, batch, device)
+    data = make_batch(family, kwargs, batch, device, runner.raw_images)
     with runner_flags(runner):
         warmup = 0
         for _ in range(args.warmup):
@@ -374,7 +404,7 @@ def probe(runner: StepRunner, family: str, kwargs: dict, device: torch.device):
     MDTv2 draws its mask ratio per step: the probe runs at the lowest ratio (most kept tokens, most
     memory), so a timed step cannot keep more tokens than the probe did and run out of memory."""
     def try_batch(b):
-        data = make_batch(family, kwargs, b, device)
+        data = make_batch(family, kwargs, b, device, runner.raw_images)
         objective = runner.objective
         jitter = getattr(objective, "mask_ratio_jitter", None)
         try:
@@ -453,7 +483,7 @@ def run_family(family: str, size: str, device: torch.device, args, peaks: dict, 
             row["status"] = "ok"
             _print_row(row)
             if args.profile:  # N more steps by kernel category (profiling.py)
-                data = make_batch(family, kwargs, row["batch"], device)
+                data = make_batch(family, kwargs, row["batch"], device, runner.raw_images)
                 with runner_flags(runner):
                     profiling.profile_into(row, f"{name}-{variant}-b{row['batch']}", lambda: runner.step(data),
                                            args.profile, device, args.out_dir, args.trace)
@@ -517,7 +547,11 @@ def parse_args(argv=None):
     p.add_argument("--recompile-limit", type=int, default=0,
                    help="dynamo's per-function recompile limit (0: the trainer's, parallel.RECOMPILE_LIMIT)")
     p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,
-                   help="force the reference attention (default: each repo's own, see reference_style.RECIPES)")
+                   help="force the reference attention (default: each repo's own, see reference_style.RECIPES; "
+                        "also REPA's DINOv2: sdpa as dinov2 main, softmax as its 2024 code)")
+    p.add_argument("--ref-no-encoder", action="store_true",
+                   help="REPA's reference step without its per-step DINOv2 forward (precomputed features, as "
+                        "the baseline ran before it had the encoder: compares with old results)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps per variant: time by kernel category (row 'profile')")
     p.add_argument("--trace", action="store_true", help="with --profile: also write a gzipped Chrome trace per variant")
@@ -555,8 +589,11 @@ def main(argv=None) -> Path:
         """The JSON after every variant: a run cut off by a deadline keeps the rows it measured."""
         payload = {"kind": "train_step", **env,
                    "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "tag")},
-                   "latent": "random 4 x 32 x 32 (toy: 4 x 8 x 8); REPA features random [B, 256, 768] (toy [B, 16, 32])",
-                   "flops": "analytic (masked_dit.models.flops), training = 3 x forward, MDTv2 both passes at mask 0.4",
+                   "latent": "random 4 x 32 x 32 (toy: 4 x 8 x 8); REPA features random [B, 256, 768] (toy [B, 16, 32]); "
+                             "REPA reference rows: random uint8 images [B, 3, 256, 256] (toy 64) through DINOv2 "
+                             "(row field encoder_forward)",
+                   "flops": "analytic (masked_dit.models.flops), training = 3 x forward, MDTv2 both passes at mask 0.4; "
+                            "the model's only (REPA's encoder forward: encoder_flops_per_image, not in tflops/MFU)",
                    "results": rows + list(current)}
         return common.write_results(payload, args.out_dir, "train_step", key_fields=("model", "variant"), tag=args.tag)
 

@@ -12,12 +12,16 @@ official repos' plain pieces, eager and unfused:
   softmax everywhere (the old-timm baseline);
 - masked gathers ``torch.gather(x, 1, ids.unsqueeze(-1).repeat(1, 1, D))`` (an int64 index of
   B*K*D elements) and MAE-style unshuffles with ``ids_restore``;
-- each repo's training precision and optimizer (``RECIPES``; the benchmark applies them).
+- each repo's training precision and optimizer (``RECIPES``; the benchmark applies them);
+- REPA's frozen DINOv2-B/14 encoder (:class:`RefDINOv2`), run on raw images every step as REPA's
+  ``train.py`` does (the package trains on precomputed features instead).
 
 The embedders (patch conv, timestep MLP, label table) are the official ones already, so they are
 reused from :mod:`masked_dit.nn.embed`.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -42,7 +46,8 @@ RECIPES = {
     "repa_sit": dict(precision="fp16", tf32=True, cudnn_benchmark=False, optimizer="adamw", fused_optimizer=False,
                      grad_clip=1.0, attention="sdpa",
                      source="REPA train.py: accelerate fp16 autocast + GradScaler, --allow-tf32, AdamW (foreach), "
-                            "clip 1.0, fused_attn=True (SDPA); its online DINOv2 forward is not timed"),
+                            "clip 1.0, fused_attn=True (SDPA); DINOv2-B/14 forward on the raw images every step "
+                            "(no_grad, same autocast; off with --ref-no-encoder)"),
     "mdtv2": dict(precision="fp32", tf32=False, cudnn_benchmark=False, optimizer="adan", fused_optimizer=True,
                   grad_clip=1.0, attention="softmax",
                   source="MDT train_util.py: fp32 (no TF32 flag), two passes, Adan(fused=True, max_grad_norm=1), "
@@ -212,6 +217,163 @@ class RefREPASiT(RefDiT):
                 zs = [proj(x.reshape(-1, D)).reshape(x.shape[0], N, -1) for proj in self.projectors]
         out = unpatchify(self.final_layer(x, c), self.patch_size, self.out_channels)
         return (out[:, : self.in_channels] if self.learn_sigma else out), zs
+
+
+#################################################################################
+#                   REPA's online encoder: DINOv2 ViT-B/14                      #
+#################################################################################
+# REPA (train.py L295-303) runs the frozen torch.hub ``dinov2_vitb14`` on every step's raw uint8 images
+# under torch.no_grad() and accelerate's autocast, and aligns to ``forward_features(x)['x_norm_patchtokens']``.
+# Written here from DINOv2's description (dinov2/models/vision_transformer.py, dinov2/layers/) with
+# the hub's settings (hub/backbones.py L19-31: img_size 518, LayerScale init 1.0, no registers,
+# interpolate_offset 0.1, no antialias); weights are random (the timing does not depend on them).
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def preprocess_raw_image(x):
+    """REPA's ``preprocess_raw_image`` for DINOv2 (train.py L48-51): uint8 [B, 3, R, R] -> /255, ImageNet
+    normalisation, bicubic resize to 224 * R / 256 px. REPA writes ``224 * (R // 256)``: the same at 256
+    and 512 px, but 0 at the toy's 64 px, hence the exact ratio."""
+    x = x / 255.0
+    # torchvision's Normalize builds its mean/std tensors on the input's device at every call, as here.
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return F.interpolate(x, 224 * x.shape[-1] // 256, mode="bicubic")
+
+
+class DinoAttention(nn.Module):
+    """DINOv2's attention. ``dinov2_vitb14`` builds ``MemEffAttention``, which without xFormers (REPA's
+    requirements.txt does not install it) falls back to ``Attention.forward``: on dinov2 main (since
+    12592a9, June 2025; what torch.hub fetches) that is ``F.scaled_dot_product_attention``
+    (dinov2/layers/attention.py L69-79, fallback L82-87). Before, an explicit softmax with ``q`` scaled
+    before the product (same file L56-69 at 81b2b64, what REPA's 2024 runs fetched): ``impl="softmax"``."""
+
+    def __init__(self, dim: int, num_heads: int, impl: str = "sdpa"):
+        super().__init__()
+        if impl not in ("softmax", "sdpa"):
+            raise ValueError(f"reference attention must be 'softmax' or 'sdpa', got {impl!r}")
+        self.num_heads, self.head_dim, self.impl = num_heads, dim // num_heads, impl
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)  # qkv_bias=True in DinoVisionTransformer
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.impl == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float = 1.0):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_values))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class DinoBlock(nn.Module):
+    """Pre-norm ViT block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))), exact GELU."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attention: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = DinoAttention(dim, num_heads, attention)
+        self.ls1 = LayerScale(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.ls2 = LayerScale(dim)
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class RefDINOv2(nn.Module):
+    """DINOv2 ViT (B/14 by default) returning ``x_norm_patchtokens`` [B, (H/14)(W/14), embed_dim].
+    ``pos_grid``: the side of the learned position table (37: DINOv2's 518 px pretraining grid)."""
+
+    def __init__(self, embed_dim=768, depth=12, num_heads=12, patch_size=14, pos_grid=37, mlp_ratio=4.0,
+                 attention="sdpa", interpolate_offset=0.1):
+        super().__init__()
+        self.embed_dim, self.patch_size, self.interpolate_offset = embed_dim, patch_size, interpolate_offset
+        self.patch_embed = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + pos_grid ** 2, embed_dim))
+        self.blocks = nn.ModuleList([DinoBlock(embed_dim, num_heads, mlp_ratio, attention) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def pos_grid(self) -> int:
+        return math.isqrt(self.pos_embed.shape[1] - 1)
+
+    def interpolate_pos_encoding(self, h: int, w: int):
+        """The table for an ``h x w`` patch grid, as DINOv2's ``interpolate_pos_encoding``
+        (vision_transformer.py L180-212): itself when the grid matches, else the patch part resized
+        bicubic in fp32 by scale factor (grid + offset) / table side, CLS entry kept."""
+        M = self.pos_grid()
+        if h == w == M:
+            return self.pos_embed
+        pos = self.pos_embed.float()
+        patch = pos[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)
+        scale = ((h + self.interpolate_offset) / M, (w + self.interpolate_offset) / M)
+        patch = F.interpolate(patch, scale_factor=scale, mode="bicubic", antialias=False)
+        patch = patch.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([pos[:, :1], patch], dim=1).to(self.pos_embed.dtype)
+
+    @torch.no_grad()
+    def resample_pos_embed(self, grid: int) -> None:
+        """REPA's load-time resize of the table to the training grid (utils.py L95-98, timm's
+        ``resample_abs_pos_embed``: bicubic, antialiased): done once, so at REPA's resolution the
+        per-step ``interpolate_pos_encoding`` returns the table as it is."""
+        M = self.pos_grid()
+        patch = self.pos_embed[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)
+        patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", antialias=True)
+        patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+        self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :1], patch], dim=1),
+                                      requires_grad=self.pos_embed.requires_grad)
+
+    def forward(self, x):
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        # Under autocast the fp16 patch tokens meet the fp32 CLS token: cat promotes, so the residual
+        # stream stays fp32 (as in DINOv2) and only the Linear layers run in half precision.
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.interpolate_pos_encoding(h, w)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 1:]
+
+    def forward_flops(self, image_side: int) -> float:
+        """Analytic FLOPs of one image's forward at ``image_side`` px (the convention of
+        masked_dit.models.flops: 2 x MACs of the convs and matmuls; 46.3 G for B/14 at 224 px)."""
+        d, n = self.embed_dim, (image_side // self.patch_size) ** 2
+        hidden = self.blocks[0].mlp[0].out_features if len(self.blocks) else 0
+        stem = n * d * 3 * self.patch_size ** 2
+        block = (n + 1) * (4 * d * d + 2 * d * hidden) + 2 * (n + 1) ** 2 * d
+        return 2.0 * (stem + len(self.blocks) * block)
+
+
+def dinov2_for_repa(resolution: int, attention: str = "sdpa", **kwargs) -> RefDINOv2:
+    """REPA's encoder as ``load_encoders`` leaves it (utils.py L88-101): frozen, eval, its table resampled
+    to the encoder grid of ``resolution`` px training images (16 x 16 at 256 px: 224 px / 14)."""
+    encoder = RefDINOv2(attention=attention, **kwargs).eval().requires_grad_(False)
+    encoder.resample_pos_embed(resolution // 16)
+    return encoder
+
+
+def repa_features(encoder: RefDINOv2):
+    """``batch -> zs`` for REPAObjective: its ``batch['raw_image']`` through preprocessing and the encoder
+    (the objective calls it under torch.no_grad(), inside the step's autocast, before the model)."""
+    def encode(batch):
+        return [encoder(preprocess_raw_image(batch["raw_image"]))]
+    return encode
 
 
 #################################################################################

@@ -492,7 +492,7 @@ def count_variant(variant: str, family: str, kwargs: dict, base_state: dict | No
             runner = None  # freed before the next one is built
             runner, info = setup()
         torch.manual_seed(args.seed)
-        data = make_batch(family, kwargs, b, device)
+        data = make_batch(family, kwargs, b, device, runner.raw_images)
         t0 = time.perf_counter()
         if compiled:
             traces[b], mism, matmuls[b] = trace_compiled_step(runner, data)
@@ -622,6 +622,9 @@ def parse_args(argv=None):
     add_count_args(p)
     p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,
                    help="force the reference attention (default: each repo's own)")
+    p.add_argument("--ref-no-encoder", action="store_true",
+                   help="REPA's reference without its per-step DINOv2 forward (bench_train_step's flag; by default "
+                        "the reference's counted FLOPs exceed the analytic model count by the encoder's forward)")
     # bench_train_step's compile settings, which build_runner reads. Only the default mode: GEMM templates
     # with fused epilogues (max-autotune) would blur the line between matmul and the rest.
     p.set_defaults(compile="block", compile_backend="inductor", compile_mode="default")

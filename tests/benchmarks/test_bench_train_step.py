@@ -1,5 +1,6 @@
 """bench_train_step.py end to end at toy size on the CPU: every family, every field of the JSON."""
 import pytest
+import torch
 
 from benchmarks import bench_train_step
 from masked_dit.models import build
@@ -59,6 +60,46 @@ def test_reference_records_the_official_recipe(train_results):
     assert rows[("mdtv2", "reference")]["fused_optimizer"] is False  # fused needs CUDA: the toy CPU run is foreach
     assert rows[("dit", "eager")]["precision"] == "bf16 autocast"
     assert rows[("dit", "eager")]["ops_backend"] == "torch"
+    # REPA's official step runs DINOv2 on the raw images every step; ours train on precomputed features
+    ref, eager = rows[("repa_sit", "reference")], rows[("repa_sit", "eager")]
+    assert ref["encoder_forward"].startswith("online dinov2-toy") and ref["encoder_flops_per_image"] > 0
+    assert eager["encoder_forward"] == "precomputed" and "encoder_flops_per_image" not in eager
+    assert "encoder_forward" not in rows[("dit", "reference")]
+
+
+def _toy_runner(variant, family, argv=()):
+    args = bench_train_step.parse_args(["--size", "toy", "--device", "cpu", *argv])
+    state = build(family, **bench_train_step.TOY_KWARGS[family]).state_dict()
+    return bench_train_step.build_runner(variant, family, bench_train_step.TOY_KWARGS[family], state,
+                                         torch.device("cpu"), args)
+
+
+@pytest.mark.parametrize("variant", ["reference", "reference_bf16"])
+def test_repa_reference_step_runs_the_encoder_on_raw_images(variant):
+    """Drawn once like the latents: uint8 images at 8x the latent side; each step encodes them once."""
+    runner, info = _toy_runner(variant, "repa_sit")
+    assert runner.raw_images and info["encoder_forward"] == "online dinov2-toy (sdpa, 56 px)"
+    batch = bench_train_step.make_batch("repa_sit", bench_train_step.TOY_KWARGS["repa_sit"], 2, torch.device("cpu"),
+                                        runner.raw_images)
+    assert "zs" not in batch and batch["raw_image"].dtype == torch.uint8 and batch["raw_image"].shape == (2, 3, 64, 64)
+    encode, calls = runner.objective.encoder, []
+    runner.objective.encoder = lambda b: calls.append(b) or encode(b)
+    runner.step(batch)
+    runner.step(batch)
+    assert len(calls) == 2
+
+
+def test_ref_no_encoder_gives_the_reference_precomputed_features(tmp_path):
+    import json
+
+    runner, info = _toy_runner("reference", "repa_sit", ["--ref-no-encoder"])
+    assert not runner.raw_images and runner.objective.encoder is None
+    assert info["encoder_forward"] == "precomputed (--ref-no-encoder)"
+    path = bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0", "--families",
+                                  "repa_sit", "--variants", "reference", "--ref-no-encoder", "--out-dir", str(tmp_path)])
+    (row,) = json.loads(path.read_text())["results"]
+    assert row["status"] == "ok" and row["encoder_forward"] == "precomputed (--ref-no-encoder)"
+    assert "encoder_flops_per_image" not in row
 
 
 def test_compiled_and_fsdp_variants(train_results_compiled):
@@ -167,15 +208,13 @@ def test_compiled_variant_searches_its_batch_with_the_eager_twin(tmp_path, monke
 
 def test_mdtv2_probe_runs_at_the_lowest_mask_ratio():
     """The probe must see the most kept tokens (ratio 0.3, not a random draw up to 0.5), then restore."""
-    import torch
-
     from masked_dit.diffusion.objectives import MDTv2Objective
 
     objective = MDTv2Objective()
     jitters = []
 
     class Runner:
-        tf32 = False
+        tf32, raw_images = False, False
 
         def __init__(self):
             self.objective = objective
@@ -210,8 +249,6 @@ def test_compiled_warmup_goes_on_until_two_steps_compile_nothing(tmp_path):
 
 def test_tf32_flags_keep_cudnn_tf32_and_restore():
     """TF32 off means matmuls only (cuDNN keeps torch's default, as MDT and MaskDiT run); all restored."""
-    import torch
-
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     with bench_train_step.tf32(False, cudnn_benchmark=True):
         assert not torch.backends.cuda.matmul.allow_tf32
