@@ -332,11 +332,9 @@ class RefDINOv2(nn.Module):
         """REPA's load-time resize of the table to the training grid (utils.py L95-98, timm's
         ``resample_abs_pos_embed``: bicubic, antialiased): done once, so at REPA's resolution the
         per-step ``interpolate_pos_encoding`` returns the table as it is."""
-        M = self.pos_grid()
-        patch = self.pos_embed[:, 1:].reshape(1, M, M, -1).permute(0, 3, 1, 2)
-        patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", antialias=True)
-        patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
-        self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :1], patch], dim=1),
+        from masked_dit.data.encoders.backbones import resample_pos_embed  # the package's load-time resize
+
+        self.pos_embed = nn.Parameter(resample_pos_embed(self.pos_embed.data, grid),
                                       requires_grad=self.pos_embed.requires_grad)
 
     def forward(self, x):
