@@ -140,35 +140,28 @@ __global__ void scatter_kernel(const T* __restrict__ x_keep, RowStrides ks, bool
   }
 }
 
-// Dense fill: grad_keep at kept rows, grad_fill = grad_out with kept rows zeroed.
+// Dense fill: grad_fill = grad_out with kept rows zeroed (kept rows are not read: their gradient
+// goes to grad_keep through gather_tokens).
 template <typename T, int VEC>
 __global__ void scatter_backward_dense_kernel(const T* __restrict__ grad, RowStrides gs, const int32_t* __restrict__ inv,
-                                              bool varlen, int64_t B, int64_t N, int64_t K, int64_t D,
-                                              T* __restrict__ grad_keep, T* __restrict__ grad_fill) {
+                                              int64_t B, int64_t N, int64_t D, T* __restrict__ grad_fill) {
   const int64_t dv = D / VEC;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < B * N * dv; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = i / dv;
     const int64_t c = (i - r * dv) * VEC;
     const int64_t b = r / N;
     const int64_t n = r - b * N;
-    const Vec<T, VEC> g = load<T, VEC>(grad + b * gs.b + n * gs.n + c * gs.d, gs.d);
-    const int32_t kept = inv[r];
-    if (kept > 0) {
-      const int64_t keep_row = varlen ? kept - 1 : b * K + kept - 1;
-      store<T, VEC>(grad_keep + keep_row * D + c, g);
-      store<T, VEC>(grad_fill + r * D + c, zeros<T, VEC>());
-    } else {
-      store<T, VEC>(grad_fill + r * D + c, g);
-    }
+    const Vec<T, VEC> g = inv[r] > 0 ? zeros<T, VEC>() : load<T, VEC>(grad + b * gs.b + n * gs.n + c * gs.d, gs.d);
+    store<T, VEC>(grad_fill + r * D + c, g);
   }
 }
 
 // [D] fill, stage 1: block (p, y) sums rows [p*kRowsPerPartial, ...) of non-kept rows for its
-// column vectors into partial[p, :], and copies kept rows to grad_keep on the way.
+// column vectors into partial[p, :] (kept rows are skipped, not read).
 template <typename T, int VEC>
 __global__ void scatter_backward_reduce_kernel(const T* __restrict__ grad, RowStrides gs, const int32_t* __restrict__ inv,
-                                               bool varlen, int64_t B, int64_t N, int64_t K, int64_t D,
-                                               T* __restrict__ grad_keep, typename AccumType<T>::type* __restrict__ partial) {
+                                               int64_t B, int64_t N, int64_t D,
+                                               typename AccumType<T>::type* __restrict__ partial) {
   using Acc = typename AccumType<T>::type;
   const int64_t c = (blockIdx.y * (int64_t)blockDim.x + threadIdx.x) * VEC;
   if (c >= D) return;
@@ -178,17 +171,12 @@ __global__ void scatter_backward_reduce_kernel(const T* __restrict__ grad, RowSt
 #pragma unroll
   for (int j = 0; j < VEC; ++j) acc[j] = Acc(0);
   for (int64_t r = r_begin; r < r_end; ++r) {
+    if (inv[r] > 0) continue;
     const int64_t b = r / N;
     const int64_t n = r - b * N;
     const Vec<T, VEC> g = load<T, VEC>(grad + b * gs.b + n * gs.n + c * gs.d, gs.d);
-    const int32_t kept = inv[r];
-    if (kept > 0) {
-      const int64_t keep_row = varlen ? kept - 1 : b * K + kept - 1;
-      store<T, VEC>(grad_keep + keep_row * D + c, g);
-    } else {
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[j] += Num<T>::to_acc(g.v[j]);
-    }
+    for (int j = 0; j < VEC; ++j) acc[j] += Num<T>::to_acc(g.v[j]);
   }
 #pragma unroll
   for (int j = 0; j < VEC; ++j) partial[blockIdx.x * D + c + j] = acc[j];
@@ -295,15 +283,18 @@ cudaError_t scatter_tokens_backward(const T* grad, RowStrides gs, const int64_t*
     if (!fill_dense) return cudaMemsetAsync(grad_fill, 0, sizeof(T) * D, stream);
     return cudaSuccess;
   }
-  cudaError_t err = launch_inverse_map<T>(ids, cu_seqlens, num_keep_rows, K, B, N, inv, stream);
+  // grad_keep is grad_out gathered at the ids: defined for every kept row even where ids repeat
+  // (the fill pass below then skips kept rows, so grad_out is still read once in all).
+  cudaError_t err = gather_tokens<T>(grad, gs, ids, cu_seqlens, num_keep_rows, K, B, D, grad_keep, stream);
   if (err != cudaSuccess) return err;
-  const bool varlen = cu_seqlens != nullptr;
-  const bool vec = D % kVec<T> == 0 && vectorizable(grad, gs) && aligned(grad_keep) && aligned(grad_fill);
+  err = launch_inverse_map<T>(ids, cu_seqlens, num_keep_rows, K, B, N, inv, stream);
+  if (err != cudaSuccess) return err;
+  const bool vec = D % kVec<T> == 0 && vectorizable(grad, gs) && aligned(grad_fill);
   if (fill_dense) {
     if (vec) {
-      scatter_backward_dense_kernel<T, kVec<T>><<<num_blocks(B * N * D / kVec<T>), kThreads, 0, stream>>>(grad, gs, inv, varlen, B, N, K, D, grad_keep, grad_fill);
+      scatter_backward_dense_kernel<T, kVec<T>><<<num_blocks(B * N * D / kVec<T>), kThreads, 0, stream>>>(grad, gs, inv, B, N, D, grad_fill);
     } else {
-      scatter_backward_dense_kernel<T, 1><<<num_blocks(B * N * D), kThreads, 0, stream>>>(grad, gs, inv, varlen, B, N, K, D, grad_keep, grad_fill);
+      scatter_backward_dense_kernel<T, 1><<<num_blocks(B * N * D), kThreads, 0, stream>>>(grad, gs, inv, B, N, D, grad_fill);
     }
     return cudaGetLastError();
   }
@@ -312,9 +303,9 @@ cudaError_t scatter_tokens_backward(const T* grad, RowStrides gs, const int64_t*
   const int v = vec ? kVec<T> : 1;
   const dim3 grid(static_cast<unsigned>(num_partials), static_cast<unsigned>((D / v + threads - 1) / threads));
   if (vec) {
-    scatter_backward_reduce_kernel<T, kVec<T>><<<grid, threads, 0, stream>>>(grad, gs, inv, varlen, B, N, K, D, grad_keep, partial);
+    scatter_backward_reduce_kernel<T, kVec<T>><<<grid, threads, 0, stream>>>(grad, gs, inv, B, N, D, partial);
   } else {
-    scatter_backward_reduce_kernel<T, 1><<<grid, threads, 0, stream>>>(grad, gs, inv, varlen, B, N, K, D, grad_keep, partial);
+    scatter_backward_reduce_kernel<T, 1><<<grid, threads, 0, stream>>>(grad, gs, inv, B, N, D, partial);
   }
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;

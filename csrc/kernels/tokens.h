@@ -50,7 +50,8 @@ cudaError_t scatter_tokens(const T* x_keep, RowStrides keep_strides, const int64
                            int64_t N, int64_t D, int32_t* inverse_workspace, T* out, cudaStream_t stream);
 
 // Adjoint of scatter_tokens in one read of grad_out [B, N, D]:
-//   grad_keep [num_keep_rows, D] = grad_out at the kept positions;
+//   grad_keep [num_keep_rows, D] = grad_out at the kept positions (a gather: every row is written,
+//   also where ids repeat within a sample);
 //   grad_fill = grad_out with kept rows zeroed ([B, N, D], fill_dense) or the sum of the non-kept
 //   rows ([D]; two-stage deterministic reduction through partial_workspace
 //   [scatter_backward_num_partials(B, N), D] of AccumType<T>).

@@ -17,8 +17,9 @@ Varlen ids are positions *within* each sample: sample b owns packed rows
 ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32, flash-attn convention, T = cu_seqlens[-1]).
 
 Assumptions (not checked: checking needs a device sync): ids are in [0, N) and unique within a
-sample (MAE masks are permutations). With duplicates, gather is still exact but scatter and
-the gradient of gather are unspecified at the duplicated positions.
+sample (MAE masks are permutations). With duplicates, gather is still exact, and so is
+scatter's gradient (every duplicate gets the gradient at its position, on every backend), but
+scatter's output and the gradient of gather are unspecified at the duplicated positions.
 
 The backward passes are custom ops too (``*_backward``), so they dispatch to the same backends:
 the ``torch`` reference (advanced indexing), ``triton`` (:mod:`.triton_kernels.tokens`) and
@@ -479,7 +480,7 @@ def _scatter_triton(x_keep, ids_keep, fill, num_tokens):
 def _scatter_backward_triton(grad_out, ids_keep, fill_dense):
     tk = _tk()
     inv = tk.inverse_map_dense(ids_keep, grad_out.shape[1])
-    return tk.scatter_backward(grad_out, inv, ids_keep.numel(), ids_keep.shape[1], fill_dense, varlen=False)
+    return tk.scatter_backward(grad_out, inv, ids_keep, None, fill_dense)
 
 
 def _varlen_inverse(ids_keep, cu_seqlens, num_tokens):
@@ -508,8 +509,9 @@ def _scatter_varlen_triton(x_keep, ids_keep, cu_seqlens, fill, num_tokens):
 
 @dispatch.register("scatter_tokens_varlen_backward", "triton")
 def _scatter_varlen_backward_triton(grad_out, ids_keep, cu_seqlens, fill_dense):
-    inv = _varlen_inverse(ids_keep, cu_seqlens, grad_out.shape[1])
-    return _tk().scatter_backward(grad_out, inv, ids_keep.shape[0], 1, fill_dense, varlen=True)
+    batch = varlen_batch_index(cu_seqlens, ids_keep.shape[0])
+    inv = _tk().inverse_map_varlen(ids_keep, batch, cu_seqlens.shape[0] - 1, grad_out.shape[1])
+    return _tk().scatter_backward(grad_out, inv, ids_keep, batch, fill_dense)
 
 
 # -----------------------------------------------------------------------------

@@ -238,6 +238,31 @@ def test_scatter_without_fill_grad_uses_gather(backend):
     assert_exact(x_keep.grad, ref_scatter_grads(grad_out, ids, True)[0], "grad x_keep")
 
 
+def check_scatter_backward_with_duplicate_ids(backend, device):
+    """Duplicated ids (outside the contract for the forward) still give every x_keep row its gradient,
+    the same on every backend: scatter's backward is a gather (the kernels used to write one row per
+    position through the inverse map and leave the others' gradient uninitialised)."""
+    gen = torch.Generator().manual_seed(12)
+    B, N, D = 3, 10, 40
+    ids = torch.tensor([[1, 4, 1, 7], [2, 2, 2, 9], [0, 5, 8, 3]], device=device)  # last row: no duplicate
+    ids_v, cu = ids.reshape(-1), torch.tensor([0, 4, 8, 12], dtype=torch.int32, device=device)
+    for fill_dense in (False, True):
+        grad_out = randn((B, N, D), torch.float32, "transposed", gen, device)
+        ref_keep, ref_fill = ref_scatter_grads(grad_out, ids, fill_dense)
+        with use_backend(backend):
+            keep, fill = tok._scatter_tokens_backward_op(grad_out, ids, fill_dense)
+            keep_v, fill_v = tok._scatter_tokens_varlen_backward_op(grad_out, ids_v, cu, fill_dense)
+        assert_exact(keep, ref_keep, f"grad_keep fill_dense={fill_dense}")
+        assert_exact(keep_v, ref_keep.reshape(-1, D), f"grad_keep varlen fill_dense={fill_dense}")
+        for f in (fill, fill_v):
+            (assert_exact if fill_dense else assert_fill_sum)(f, ref_fill, f"grad_fill fill_dense={fill_dense}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_scatter_backward_with_duplicate_ids(backend):
+    check_scatter_backward_with_duplicate_ids(backend, "cpu")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_batch_and_no_kept_tokens(backend):
     D = 8
@@ -534,6 +559,13 @@ def test_gpu_dense(backend, layout):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", _gpu_backends())
+def test_gpu_scatter_backward_with_duplicate_ids(backend):
+    _require(backend)
+    check_scatter_backward_with_duplicate_ids(backend, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
 def test_gpu_varlen(backend):
     _require(backend)
     gen = torch.Generator().manual_seed(11)
@@ -600,10 +632,10 @@ for dt in ("bf16", "fp32"):
             compile_for_sm90(tk._scatter_rows_kernel, dict(keep_ptr="*" + dt, inv_ptr="*i32", fill_ptr="*" + dt,
                              out_ptr="*" + dt, R=i32, N=i32, D=i32, sk_0=i32, sk_1=i32, sk_d=i32, sf_b=i32, sf_n=i32,
                              sf_d=i32), dict(VARLEN=varlen, FILL_ZERO=fill_zero, BLOCK_R=16, BLOCK_D=256))
-        for dense in (False, True):
-            compile_for_sm90(tk._scatter_backward_kernel, dict(grad_ptr="*" + dt, inv_ptr="*i32", gkeep_ptr="*" + dt,
-                             gfill_ptr="*" + (dt if dense else "fp32"), R=i32, N=i32, K=i32, D=i32, sg_b=i32, sg_n=i32,
-                             sg_d=i32), dict(VARLEN=varlen, FILL_DENSE=dense, ROWS_PER_PROG=256, BLOCK_R=16, BLOCK_D=256))
+    for dense in (False, True):
+        compile_for_sm90(tk._scatter_backward_fill_kernel, dict(grad_ptr="*" + dt, inv_ptr="*i32",
+                         gfill_ptr="*" + (dt if dense else "fp32"), R=i32, N=i32, D=i32, sg_b=i32, sg_n=i32, sg_d=i32),
+                         dict(FILL_DENSE=dense, ROWS_PER_PROG=256, BLOCK_R=16, BLOCK_D=256))
 print("compiled")
 '''
 

@@ -66,9 +66,8 @@ tok = {"_gather_rows_kernel": (dict(x_ptr="*bf16", ids_ptr="*i64", batch_ptr="*i
                                dict(VARLEN=False, BLOCK_R=16, BLOCK_D=256, sx_d=1)),
        "_scatter_rows_kernel": (dict(keep_ptr="*bf16", inv_ptr="*i32", fill_ptr="*bf16", out_ptr="*bf16"),
                                 dict(VARLEN=False, FILL_ZERO=False, BLOCK_R=16, BLOCK_D=256, sk_d=1, sf_d=1)),
-       "_scatter_backward_kernel": (dict(grad_ptr="*bf16", inv_ptr="*i32", gkeep_ptr="*bf16", gfill_ptr="*fp32"),
-                                    dict(VARLEN=False, FILL_DENSE=False, ROWS_PER_PROG=256, BLOCK_R=16, BLOCK_D=256,
-                                         sg_d=1))}
+       "_scatter_backward_fill_kernel": (dict(grad_ptr="*bf16", inv_ptr="*i32", gfill_ptr="*fp32"),
+                                         dict(FILL_DENSE=False, ROWS_PER_PROG=256, BLOCK_R=16, BLOCK_D=256, sg_d=1))}
 for name, (types, ce) in tok.items():
     fn = getattr(kt, name)
     ptx = compile_ptx(fn, types, ce)

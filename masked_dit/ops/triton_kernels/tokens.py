@@ -8,7 +8,8 @@ Scatter-type kernels run over the *output* rows [B*N] and look up an inverse map
 ``inv[b*N + n] = k + 1`` (0: not kept), built with two cheap integer ops. That way every output
 row is written exactly once (ideal traffic: N*D writes), instead of writing the fill everywhere
 and then overwriting the kept rows. Ids within a sample must be unique (MAE masks are
-permutations): with duplicates, which x_keep row lands at a position is unspecified.
+permutations): with duplicates, which x_keep row lands at a position is unspecified (scatter's
+backward gathers, so there every duplicate gets the gradient at its position, as the reference).
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
@@ -84,19 +85,16 @@ def _scatter_rows_kernel(
 
 
 @triton.jit
-def _scatter_backward_kernel(
-    grad_ptr, inv_ptr, gkeep_ptr, gfill_ptr,
-    R, N, K, D,
+def _scatter_backward_fill_kernel(
+    grad_ptr, inv_ptr, gfill_ptr,
+    R, N, D,
     sg_b, sg_n, sg_d,
-    VARLEN: tl.constexpr, FILL_DENSE: tl.constexpr,
-    ROWS_PER_PROG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    FILL_DENSE: tl.constexpr, ROWS_PER_PROG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One read of grad_out [B, N, D] gives both gradients of scatter:
-
-    grad_x_keep[row inv-1] = grad_out[b, n] for kept rows (contiguous [B*K, D] or [T, D]);
-    grad_fill: dense -> grad_out with kept rows zeroed; [D] -> per-program fp32 partial sums of
-    the non-kept rows (fp64 for fp64 inputs), written to gfill_ptr[program_row, :] (reduced over programs by the caller:
-    a deterministic two-stage reduction, no atomics).
+    """grad_fill of scatter from the non-kept rows of grad_out [B, N, D] (kept rows are not read:
+    their gradient goes to x_keep, gathered by the caller): dense -> grad_out with kept rows zeroed;
+    [D] -> per-program fp32 partial sums (fp64 for fp64 inputs), written to gfill_ptr[program_row, :]
+    (reduced over programs by the caller: a deterministic two-stage reduction, no atomics).
     """
     pid_r = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -108,21 +106,15 @@ def _scatter_backward_kernel(
         row_ok = rows < R
         mask = row_ok[:, None] & col_ok[None, :]
         inv = tl.load(inv_ptr + rows, mask=row_ok, other=0)
-        kept = inv > 0
-        k = (inv - 1).to(tl.int64)
         rows64 = rows.to(tl.int64)
         b = rows64 // N
         n = rows64 % N
-        g = tl.load(grad_ptr + (b * sg_b + n * sg_n)[:, None] + cols64 * sg_d, mask=mask, other=0.0)
-        if VARLEN:
-            keep_row = k
-        else:
-            keep_row = b * K + k
-        tl.store(gkeep_ptr + keep_row[:, None] * D + cols64, g, mask=mask & kept[:, None])
+        g = tl.load(grad_ptr + (b * sg_b + n * sg_n)[:, None] + cols64 * sg_d, mask=mask & (inv == 0)[:, None],
+                    other=0.0)  # kept rows read as 0
         if FILL_DENSE:
-            tl.store(gfill_ptr + rows64[:, None] * D + cols64, tl.where(kept[:, None], tl.zeros_like(g), g), mask=mask)
+            tl.store(gfill_ptr + rows64[:, None] * D + cols64, g, mask=mask)
         else:
-            acc += tl.sum(tl.where(kept[:, None], 0.0, g.to(acc.dtype)), axis=0)
+            acc += tl.sum(g.to(acc.dtype), axis=0)
     if not FILL_DENSE:
         tl.store(gfill_ptr + pid_r.to(tl.int64) * D + cols, acc, mask=col_ok)
 
@@ -205,13 +197,15 @@ def scatter_rows(x_keep: torch.Tensor, inv: torch.Tensor, fill: torch.Tensor | N
     return out
 
 
-def scatter_backward(grad_out: torch.Tensor, inv: torch.Tensor, num_keep_rows: int, K: int,
-                     fill_dense: bool, varlen: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x_keep, grad_fill) of scatter; grad_x_keep is [B, K, D] (dense) or [T, D] (varlen)."""
+def scatter_backward(grad_out: torch.Tensor, inv: torch.Tensor, ids: torch.Tensor, batch: torch.Tensor | None,
+                     fill_dense: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x_keep, grad_fill) of scatter; grad_x_keep is [B, K, D] (dense: ids [B, K], batch None) or
+    [T, D] (varlen: ids and batch [T]). grad_x_keep is grad_out gathered at the ids, so every x_keep
+    row gets its gradient even where ids repeat; with the fill pass skipping kept rows, grad_out is
+    still read once."""
     B, N, D = grad_out.shape
     R = B * N
-    keep_shape = (num_keep_rows, D) if varlen else (B, K, D)
-    grad_keep = torch.empty(keep_shape, dtype=grad_out.dtype, device=grad_out.device)
+    grad_keep = gather_rows(grad_out, ids, batch)
     block_r, block_d = _blocks(D)
     # Dense fill: plain row tiles. [D] fill: each program sums up to ~256 rows, so the fp32
     # partials buffer stays ~1/256 of grad_out.
@@ -225,11 +219,10 @@ def scatter_backward(grad_out: torch.Tensor, inv: torch.Tensor, num_keep_rows: i
     if R and D:
         grid = (n_prog, triton.cdiv(D, block_d))
         with device_guard(grad_out.device):
-            _scatter_backward_kernel[grid](
-                grad_out, inv, grad_keep, grad_fill,
-                R, N, K, D, *grad_out.stride(),
-                VARLEN=varlen, FILL_DENSE=fill_dense,
-                ROWS_PER_PROG=rows_per_prog, BLOCK_R=block_r, BLOCK_D=block_d,
+            _scatter_backward_fill_kernel[grid](
+                grad_out, inv, grad_fill,
+                R, N, D, *grad_out.stride(),
+                FILL_DENSE=fill_dense, ROWS_PER_PROG=rows_per_prog, BLOCK_R=block_r, BLOCK_D=block_d,
             )
     if not fill_dense:
         grad_fill = grad_fill.sum(0).to(grad_out.dtype)
