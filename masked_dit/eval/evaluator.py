@@ -39,8 +39,7 @@ from masked_dit.eval.fid import check_finite, feature_statistics, frechet_distan
 from masked_dit.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionOutputs
 from masked_dit.eval.prdc import precision_recall
 
-# what the training folders read (masked_dit.data.folder) plus pytorch-fid's netpbm formats
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = image_folder.IMAGE_EXTENSIONS  # what the training folders read (pytorch-fid's netpbm formats too)
 IS_SPLIT_SIZE = 5000
 STATISTICS_KEYS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}
 INCEPTION_DIMS = {"fid": POOL_DIM, "sfid": SPATIAL_DIM}  # feature sizes the statistics must have

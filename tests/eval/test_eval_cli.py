@@ -212,7 +212,7 @@ def test_non_finite_statistics_and_features_name_their_source(batches, tmp_path)
 def test_bad_folders(batches, tmp_path):
     ref_path = batches[0]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no .png"):
+    with pytest.raises(ValueError, match="holds no .jpg/.jpeg/.png/"):
         open_batches(ref_path, tmp_path / "empty")
     mixed = tmp_path / "mixed"
     mixed.mkdir()

@@ -218,7 +218,7 @@ CASES = [
      "masked-dit train: error: image folder '{work}/none' does not exist"),
     ("folder-empty", lambda w, m: (os.makedirs(w / "empty"), _train(w, "--data.source=folder",
                                                                      f"--data.path={w / 'empty'}", *FOLDER_MODEL))[1],
-     "masked-dit train: error: no images (.jpg, .jpeg, .png, .gif, .bmp, .webp, .tif, .tiff) found under "
+     "masked-dit train: error: no images (.jpg, .jpeg, .png, .gif, .bmp, .webp, .tif, .tiff, .ppm, .pgm) found under "
      "'{work}/empty'"),
     ("folder-too-many-classes", lambda w, m: _train(w, "--data.source=folder",
                                                      f"--data.path={_images(w / 'i3', 'abc')}", *FOLDER_MODEL),
