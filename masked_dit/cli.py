@@ -120,8 +120,8 @@ def _load_checkpoint_ema(src: Path):
 def _sample(args, _overrides) -> int:
     import torch
 
-    from masked_dit.configs import GUIDANCE_KEYS, check_guidance
-    from masked_dit.diffusion.objectives import build_objective, check_sample_steps
+    from masked_dit.configs import GUIDANCE_KEYS, SIT_SAMPLE_KEYS, check_guidance
+    from masked_dit.diffusion.objectives import build_objective, check_sample_steps, check_sit_sampling
     from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels
     from masked_dit.train.dist import init_world, shutdown
     from masked_dit.train.grid import grid_labels, save_grid
@@ -159,6 +159,14 @@ def _sample(args, _overrides) -> int:
         check_guidance({k: kw[k] for k in GUIDANCE_KEYS}, flag)  # one given, one from the run's config
         check_sample_steps(cfg.objective.kind, kw["sampler"], kw["steps"], cfg.objective.diffusion_steps,
                            f"--steps {kw['steps']}")
+        given = [k for k in SIT_SAMPLE_KEYS if getattr(args, k) is not None]
+        if cfg.objective.kind == "transport":
+            kw.update({k: getattr(sc, k) if getattr(args, k) is None else getattr(args, k) for k in SIT_SAMPLE_KEYS})
+            check_sit_sampling(cfg.objective, kw["sampler"], {k: kw[k] for k in SIT_SAMPLE_KEYS},
+                               lambda key: f"{flag(key)} {kw[key]}")
+        elif given:
+            raise ValueError(f"{flag(given[0])} is a SiT sampler option: it applies to SiT models "
+                             f"(objective {cfg.objective.kind})")
         if kw["cfg_scale"] != 1 and not _has_null_class(model):
             raise ValueError(f"--cfg-scale {kw['cfg_scale']} needs a null class, which this model lacks (trained "
                              f"with class_dropout_prob=0): sample with --cfg-scale 1")
@@ -327,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale-pow", type=float, help="MDT power-cosine guidance ramp (0: constant scale)")
     s.add_argument("--guidance-low", type=float, help="guidance interval: lower end of t (REPA)")
     s.add_argument("--guidance-high", type=float, help="guidance interval: upper end of t (REPA: 0.7)")
+    sit = s.add_argument_group("SiT sampling (--sampler ode / sde; default: the run's --sample.* values, SiT's)")
+    sit.add_argument("--ode-method", help="ODE solver: dopri5, euler, midpoint, heun or a torchdiffeq method (rk4, ...)")
+    sit.add_argument("--atol", type=float, help="adaptive ODE absolute tolerance (SiT: 1e-6)")
+    sit.add_argument("--rtol", type=float, help="adaptive ODE relative tolerance (SiT: 1e-3)")
+    sit.add_argument("--sde-method", choices=["Euler", "Heun"])
+    sit.add_argument("--diffusion-form", help="SDE diffusion: constant, SBDM, sigma, linear, decreasing, "
+                                                "increasing-decreasing (SiT: sigma)")
+    sit.add_argument("--diffusion-norm", type=float, help="scale of the SDE diffusion (SiT: 1)")
+    sit.add_argument("--last-step", type=lambda v: None if v in ("None", "none") else v,
+                     help="SDE last step: Mean, Tweedie, Euler or None (SiT: Mean)")
+    sit.add_argument("--last-step-size", type=float, help="SiT: 0.04")
     s.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
                    help="tf32: fp32 with TF32 matmuls on GPU, as DiT's sample scripts (default); fp32: strict; "
                         "bf16: autocast")

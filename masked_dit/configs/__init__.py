@@ -138,6 +138,15 @@ class SampleConfig:
     guidance_high: float = 1.0
     seed: int = 0                        # fixed noise and labels of the grid
     eval_num: int = 200                  # digits: samples scored by the offline metric (0: off)
+    # SiT (objective.kind=transport), as SiT's sample.py ODE / SDE options (checked by objectives.check_sit_sampling)
+    ode_method: str = "dopri5"           # sampler ode: dopri5 | euler | midpoint | heun | a torchdiffeq method
+    atol: float = 1e-6                   # dopri5 / adaptive torchdiffeq tolerances
+    rtol: float = 1e-3
+    sde_method: str = "Euler"            # sampler sde: Euler | Heun
+    diffusion_form: str = "sigma"        # constant | SBDM | sigma | linear | decreasing | increasing-decreasing
+    diffusion_norm: float = 1.0
+    last_step: Optional[str] = "Mean"    # Mean | Tweedie | Euler | None
+    last_step_size: float = 0.04
 
 
 @dataclass
@@ -292,6 +301,8 @@ def _validate_model(cfg: Config) -> None:
 
 
 GUIDANCE_KEYS = ("cfg_scale", "scale_pow", "guidance_low", "guidance_high")
+SIT_SAMPLE_KEYS = ("ode_method", "atol", "rtol", "sde_method", "diffusion_form", "diffusion_norm", "last_step",
+                   "last_step_size")
 
 
 def check_guidance(values: dict, flag) -> None:
@@ -326,6 +337,11 @@ def _validate_sample(cfg: Config) -> None:
             raise ConfigError(f"--sample.grid_classes {bad} are outside [0, {cfg.model.num_classes - 1}] "
                               f"(--model.num_classes={cfg.model.num_classes})")
     check_guidance({k: getattr(sc, k) for k in GUIDANCE_KEYS}, lambda key: f"--sample.{key}")
+    if cfg.objective.kind != "transport":  # SiT's options would be silently ignored by the other samplers
+        changed = [k for k in SIT_SAMPLE_KEYS if getattr(sc, k) != getattr(SampleConfig, k)]
+        if changed:
+            raise ConfigError(f"--sample.{changed[0]}={getattr(sc, changed[0])!r} is a SiT sampler option: it applies "
+                              f"to --objective.kind=transport only (got {cfg.objective.kind})")
     # Without label dropout the model has no null-class row for the unconditional half of CFG
     # (MaskDiT's null label is the zero one-hot vector, which needs no row).
     if (sc.cfg_scale != 1 and cfg.model.class_dropout_prob == 0 and cfg.objective.kind != "edm_maskdit"

@@ -18,6 +18,7 @@ checkpointed RNG state make runs reproducible and resumable bit-exactly.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Optional
 
 import torch
@@ -192,7 +193,12 @@ class TransportObjective:
 
     @torch.no_grad()
     def sample(self, model, noise, y, *, sampler: str = "ode", steps: int = 50, cfg_scale: float = 1.0,
-               progress: bool = False, generator: torch.Generator | None = None, **_) -> torch.Tensor:
+               progress: bool = False, generator: torch.Generator | None = None, ode_method: str = "dopri5",
+               atol: float = 1e-6, rtol: float = 1e-3, sde_method: str = "Euler", diffusion_form: str = "sigma",
+               diffusion_norm: float = 1.0, last_step: Optional[str] = "Mean", last_step_size: float = 0.04,
+               **_) -> torch.Tensor:
+        """SiT's sample.py: ``ode`` integrates with ``ode_method`` (``euler`` / ``heun``: those fixed-step
+        ODE methods), ``sde`` runs ``sde_method`` with the diffusion form and last step; defaults as SiT's."""
         from masked_dit.diffusion.ode import sample_ode
         from masked_dit.diffusion.sde import sample_sde
 
@@ -201,11 +207,12 @@ class TransportObjective:
         fn = model if cfg_scale == 1.0 else ClassifierFreeGuidance(model, cfg_scale, null_label=m.num_classes,
                                                                      guided_channels=_guided_channels(m))
         kw = {"model_kwargs": {"y": y}, "progress": progress}
-        if sampler in ("auto", "ode"):
-            return sample_ode(self.transport, fn, noise, method="dopri5", num_steps=steps, **kw)
-        if sampler in ("euler", "heun"):
-            return sample_ode(self.transport, fn, noise, method=sampler, num_steps=steps, **kw)
-        return sample_sde(self.transport, fn, noise, num_steps=steps, generator=generator, **kw)
+        if sampler in ("auto", "ode", "euler", "heun"):
+            method = ode_method if sampler in ("auto", "ode") else sampler
+            return sample_ode(self.transport, fn, noise, method=method, num_steps=steps, atol=atol, rtol=rtol, **kw)
+        return sample_sde(self.transport, fn, noise, method=sde_method, diffusion_form=diffusion_form,
+                          diffusion_norm=diffusion_norm, last_step=last_step, last_step_size=last_step_size,
+                          num_steps=steps, generator=generator, **kw)
 
 
 #################################################################################
@@ -375,6 +382,34 @@ def check_sample_steps(kind: str, sampler: str, steps: int, diffusion_steps: int
             adm_respacing(sampler, steps, diffusion_steps)
         except ValueError as exc:
             raise ValueError(f"{option}: {exc}") from None
+
+
+def check_sit_sampling(objective_cfg, sampler: str, options: dict, flag) -> None:
+    """Before a run reaches its samples: SiT's ODE / SDE ``options`` (``configs.SIT_SAMPLE_KEYS``) for
+    ``sampler``; ``flag(key)`` spells an option as the caller's command line does."""
+    from masked_dit.diffusion.ode import check_ode_method
+    from masked_dit.diffusion.sde import LAST_STEPS, SDE_METHODS, sde_interval
+    from masked_dit.diffusion.transport import DIFFUSION_FORMS, Transport
+
+    for key, ok, rule in (("atol", lambda v: v > 0, "> 0"), ("rtol", lambda v: v > 0, "> 0"),
+                          ("diffusion_norm", lambda v: v >= 0, ">= 0"),
+                          ("last_step_size", lambda v: 0 <= v < 1, "in [0, 1)")):
+        value = options[key]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            raise ValueError(f"{flag(key)} must be a finite number {rule} (got {value})")
+    for key, valid in (("sde_method", SDE_METHODS), ("diffusion_form", DIFFUSION_FORMS), ("last_step", LAST_STEPS)):
+        if options[key] not in valid:
+            raise ValueError(f"{flag(key)} is not valid; choose one of: {', '.join(str(v) for v in valid)}")
+    key = "ode_method" if sampler in ("auto", "ode") else "sde_method"
+    try:
+        if sampler in ("auto", "ode"):
+            check_ode_method(options["ode_method"])
+        elif sampler == "sde":  # Heun ending where the score is singular
+            oc = objective_cfg
+            sde_interval(Transport(oc.path_type, oc.prediction, oc.loss_weight), options["sde_method"],
+                         options["diffusion_form"], options["last_step"], options["last_step_size"])
+    except ValueError as exc:
+        raise ValueError(f"{flag(key)}: {exc}") from None
 
 
 def _check_sampler(objective, sampler: str, what: str) -> None:

@@ -180,12 +180,26 @@ def _norm_option(method: str, norm: Optional[Norm]) -> dict:
     return {"norm": norm} if norm is not None and method in ADAPTIVE_TORCHDIFFEQ else {}
 
 
-def _torchdiffeq_only(f: Drift, x, times, method: str, atol: float, rtol: float, backend: str,
-                      norm: Optional[Norm] = None) -> List[torch.Tensor]:
-    """A method only torchdiffeq has (one-line errors for an unknown name or a missing torchdiffeq)."""
+def check_ode_method(method: str, backend: str = "auto") -> None:
+    """One-line error unless :func:`integrate_ode` can run ``method``: a native one, or (not with
+    backend='native') a solver of the installed torchdiffeq."""
+    if method in ODE_METHODS:
+        return
     if backend == "native" or not _have_torchdiffeq():
         why = "backend='native' has" if backend == "native" else "without torchdiffeq (pip install torchdiffeq) there are"
         raise ValueError(f"unknown ODE method {method!r}: {why} only {ODE_METHODS}")
+    try:
+        from torchdiffeq._impl.odeint import SOLVERS  # private: if it moves, odeint's own check below still runs
+    except ImportError:
+        return
+    if method not in SOLVERS:
+        raise ValueError(f"unknown ODE method {method!r}; expected one of {ODE_METHODS} or a torchdiffeq method")
+
+
+def _torchdiffeq_only(f: Drift, x, times, method: str, atol: float, rtol: float, backend: str,
+                      norm: Optional[Norm] = None) -> List[torch.Tensor]:
+    """A method only torchdiffeq has (one-line errors for an unknown name or a missing torchdiffeq)."""
+    check_ode_method(method, backend)
     from torchdiffeq import odeint
 
     t = torch.tensor(times, dtype=torch.float64, device=x.device)

@@ -41,6 +41,30 @@ def draw_noise(noise: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]], i: 
     return rng.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
+def sde_interval(transport: Transport, method: str, diffusion_form: str, last_step: Optional[str],
+                 last_step_size: float):
+    """(t0, t1, ends_on_data) of an SDE run, after one-line checks of its options (no model needed, so
+    a trainer or CLI can check before the first sample)."""
+    if method not in SDE_METHODS:
+        raise ValueError(f"unknown SDE method {method!r}; expected one of {SDE_METHODS}")
+    if diffusion_form not in DIFFUSION_FORMS:
+        raise ValueError(f"unknown diffusion_form {diffusion_form!r}; expected one of {DIFFUSION_FORMS}")
+    if last_step not in LAST_STEPS:
+        raise ValueError(f"unknown last_step {last_step!r}; expected one of {LAST_STEPS}")
+    if last_step is None:
+        last_step_size = 0.0
+    t0, t1 = transport.interval(sde=True, eval=True, diffusion_form=diffusion_form, last_step_size=last_step_size)
+    # sigma_t1 = 0 (a Linear velocity model ending at t = 1): the score is 0/0 at t1.
+    ends_on_data = float(transport.path.sigma(torch.tensor(t1, dtype=torch.float64))[0]) == 0.0
+    if method == "Heun" and ends_on_data:
+        # Heun's corrector evaluates the drift at t1; where sigma_t1 = 0 (Linear velocity model with
+        # last_step=None) the score is 0/0 and SiT returns NaN samples.
+        raise ValueError(f"sample_sde: method='Heun' with last_step={last_step!r} ends at t={t1}, where sigma_t = 0 "
+                         f"makes the score of a {transport.path.name} {transport.prediction} model singular; use "
+                         f"last_step='Mean' (SiT's default) or method='Euler'")
+    return t0, t1, ends_on_data
+
+
 def sample_sde(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, method: str = "Euler",
                diffusion_form: str = "sigma", diffusion_norm: float = 1.0, last_step: Optional[str] = "Mean",
                last_step_size: float = 0.04, num_steps: int = 250,
@@ -55,28 +79,14 @@ def sample_sde(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, meth
     those start at ``SBDM_VELOCITY_T0`` = 1e-3 here. The state is carried in float32 at least (a bf16
     x comes back as float32).
     """
-    if method not in SDE_METHODS:
-        raise ValueError(f"unknown SDE method {method!r}; expected one of {SDE_METHODS}")
-    if diffusion_form not in DIFFUSION_FORMS:
-        raise ValueError(f"unknown diffusion_form {diffusion_form!r}; expected one of {DIFFUSION_FORMS}")
-    if last_step not in LAST_STEPS:
-        raise ValueError(f"unknown last_step {last_step!r}; expected one of {LAST_STEPS}")
     if noise is not None and len(noise) != num_steps - 1:
         raise ValueError(f"noise must hold num_steps - 1 = {num_steps - 1} draws, got {len(noise)}")
+    t0, t1, ends_on_data = sde_interval(transport, method, diffusion_form, last_step, last_step_size)
     if last_step is None:
         last_step_size = 0.0
     model_kwargs = {} if model_kwargs is None else model_kwargs
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     path = transport.path
-    t0, t1 = transport.interval(sde=True, eval=True, diffusion_form=diffusion_form, last_step_size=last_step_size)
-    # sigma_t1 = 0 (a Linear velocity model ending at t = 1): the score is 0/0 at t1.
-    ends_on_data = float(path.sigma(torch.tensor(t1, dtype=torch.float64))[0]) == 0.0
-    if method == "Heun" and ends_on_data:
-        # Heun's corrector evaluates the drift at t1; where sigma_t1 = 0 (Linear velocity model with
-        # last_step=None) the score is 0/0 and SiT returns NaN samples.
-        raise ValueError(f"sample_sde: method='Heun' with last_step={last_step!r} ends at t={t1}, where sigma_t = 0 "
-                         f"makes the score of a {path.name} {transport.prediction} model singular; use "
-                         f"last_step='Mean' (SiT's default) or method='Euler'")
     times = time_grid(t0, t1, num_steps)
     dt = times[1] - times[0]
     sqrt_dt = math.sqrt(dt)

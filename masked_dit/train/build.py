@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS, check_sample_steps
+from masked_dit.configs import SIT_SAMPLE_KEYS
+from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS, check_sample_steps, check_sit_sampling
 from masked_dit.diffusion.repa import repa_path_name
 
 
@@ -54,6 +55,9 @@ def check_sampler(cfg) -> None:
                          f"auto, {', '.join(SAMPLERS[kind])}")
     check_sample_steps(kind, sampler, cfg.sample.steps, cfg.objective.diffusion_steps,
                        f"--sample.steps={cfg.sample.steps}")
+    if kind == "transport":
+        check_sit_sampling(cfg.objective, sampler, {k: getattr(cfg.sample, k) for k in SIT_SAMPLE_KEYS},
+                           lambda key: f"--sample.{key}={getattr(cfg.sample, key)}")
 
 
 def encoder_z_dims(specs: str) -> list[int]:

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 from masked_dit.configs import get_preset
 from masked_dit.diffusion.objectives import (ADMObjective, EDMMaskDiTObjective, MDTv2Objective, REPAObjective,
                                              TransportObjective, build_objective)
+from masked_dit.diffusion.ode import sample_ode
 from masked_dit.diffusion.respace import create_diffusion
+from masked_dit.diffusion.sde import sample_sde
 
 
 def _fixture(fixtures_dir: Path, name: str) -> dict:
@@ -183,3 +185,49 @@ def test_sample_refuses_a_sampler_of_another_objective_with_its_own_list(cls):
     objective = cls.__new__(cls)  # the check comes before anything the constructor sets up
     with pytest.raises(ValueError, match=r"^sampler 'bogus' does not apply to .*; valid: " + ", ".join(cls.samplers)):
         objective.sample(nn.Identity(), torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long), sampler="bogus")
+
+
+@pytest.mark.parametrize("sampler,options,call", [
+    ("ode", {"ode_method": "midpoint", "atol": 1e-5, "rtol": 1e-4},
+     lambda t, f, x, kw: sample_ode(t, f, x, method="midpoint", num_steps=6, atol=1e-5, rtol=1e-4, **kw)),
+    ("ode", {}, lambda t, f, x, kw: sample_ode(t, f, x, method="dopri5", num_steps=6, **kw)),
+    ("heun", {"ode_method": "rk4"}, lambda t, f, x, kw: sample_ode(t, f, x, method="heun", num_steps=6, **kw)),
+    ("sde", {"sde_method": "Heun", "diffusion_form": "SBDM", "diffusion_norm": 0.5, "last_step": "Tweedie",
+             "last_step_size": 0.1},
+     lambda t, f, x, kw: sample_sde(t, f, x, method="Heun", diffusion_form="SBDM", diffusion_norm=0.5,
+                                    last_step="Tweedie", last_step_size=0.1, num_steps=6,
+                                    generator=torch.Generator().manual_seed(3), **kw)),
+])
+def test_transport_sample_passes_sits_sampler_options(sampler, options, call):
+    """SiT's sample.py knobs (configs.SIT_SAMPLE_KEYS) reach the ODE / SDE samplers; SiT's defaults otherwise."""
+    class Curved(nn.Module):
+        num_classes = 10
+
+        def forward(self, x, t, y):
+            return torch.tanh(x) * (1 + t.view(-1, 1, 1, 1)) - 0.3 * x
+
+    obj, model = TransportObjective("GVP", "velocity"), Curved()
+    noise, y = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(2, dtype=torch.long)
+    out = obj.sample(model, noise, y, sampler=sampler, steps=6, generator=torch.Generator().manual_seed(3), **options)
+    ref = call(obj.transport, model, noise, {"model_kwargs": {"y": y}})
+    assert torch.equal(out, ref)
+
+
+def test_check_sit_sampling_names_the_option():
+    from masked_dit.configs import SIT_SAMPLE_KEYS, SampleConfig
+    from masked_dit.diffusion.objectives import check_sit_sampling
+
+    oc = get_preset("digits-sit").objective
+    good = {k: getattr(SampleConfig, k) for k in SIT_SAMPLE_KEYS}
+    for sampler in ("ode", "sde", "euler", "heun", "auto"):
+        check_sit_sampling(oc, sampler, good, lambda k: k)
+    bad = [({"rtol": float("nan")}, "ode", r"^rtol must be a finite number > 0 \(got nan\)$"),
+           ({"diffusion_norm": -1.0}, "sde", r"^diffusion_norm must be a finite number >= 0"),
+           ({"last_step_size": 1.0}, "sde", r"^last_step_size must be a finite number in \[0, 1\)"),
+           ({"sde_method": "euler"}, "sde", r"^sde_method is not valid; choose one of: Euler, Heun$"),
+           ({"last_step": "mean"}, "sde", r"^last_step is not valid; choose one of: Mean, Tweedie, Euler, None$"),
+           ({"ode_method": "rk45"}, "ode", r"^ode_method: unknown ODE method 'rk45'"),
+           ({"sde_method": "Heun", "last_step": None}, "sde", r"^sde_method: sample_sde: method='Heun'")]
+    for change, sampler, message in bad:
+        with pytest.raises(ValueError, match=message):
+            check_sit_sampling(oc, sampler, {**good, **change}, lambda k: k)

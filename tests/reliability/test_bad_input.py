@@ -162,6 +162,24 @@ CASES = [
      "masked-dit train: error: --data.num_workers must be >= 0 (got -1)"),
     ("cli-latent-scale-zero", lambda w, m: _train(w, "--data.latent_scale=0"),
      "masked-dit train: error: --data.latent_scale must be a finite number > 0 (got 0.0)"),
+    # SiT's sample.py options: checked before the first step (a grid at step N would stop the run there)
+    ("cli-sit-option-on-dit", lambda w, m: _train(w, "--sample.diffusion_form=SBDM"),
+     "masked-dit train: error: --sample.diffusion_form='SBDM' is a SiT sampler option: it applies to "
+     "--objective.kind=transport only (got adm)"),
+    ("cli-sit-diffusion-form-unknown", lambda w, m: _train(w, "--preset", "digits-sit", "--sample.sampler=sde",
+                                                           "--sample.diffusion_form=SDBM"),
+     "masked-dit train: error: --sample.diffusion_form=SDBM is not valid; choose one of: constant, SBDM, sigma, "
+     "linear, decreasing, increasing-decreasing"),
+    ("cli-sit-heun-sde-ending-on-data", lambda w, m: _train(w, "--preset", "digits-sit", "--sample.sampler=sde",
+                                                            "--sample.sde_method=Heun", "--sample.last_step=None"),
+     "masked-dit train: error: --sample.sde_method=Heun: sample_sde: method='Heun' with last_step=None ends at "
+     "t=1.0, where sigma_t = 0 makes the score of a Linear velocity model singular; use last_step='Mean' (SiT's "
+     "default) or method='Euler'"),
+    ("cli-sit-atol-zero", lambda w, m: _train(w, "--preset", "digits-sit", "--sample.atol=0"),
+     "masked-dit train: error: --sample.atol=0.0 must be a finite number > 0 (got 0.0)"),
+    ("cli-sit-ode-method-unknown", lambda w, m: _train(w, "--preset", "digits-sit", "--sample.ode_method=rk45"),
+     "masked-dit train: error: --sample.ode_method=rk45: unknown ODE method 'rk45'; expected one of ('euler', "
+     "'midpoint', 'heun', 'dopri5') or a torchdiffeq method"),
     ("cli-num-per-class-zero", lambda w, m: _train(w, "--sample.num_per_class=0"),
      "masked-dit train: error: --sample.num_per_class must be > 0 (got 0)"),
     ("cli-grid-classes-empty", lambda w, m: _train(w, "--sample.grid_classes=[]"),
@@ -358,6 +376,9 @@ CASES = [
                                                               str(w / "g.png"), "--steps", "1001"],
      "masked-dit sample: error: --steps 1001: 1001 DDPM steps cannot be taken from 1000 diffusion steps (cannot "
      "divide a section of 1000 steps into 1001)"),
+    ("sample-sit-option-on-dit", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
+                                               "--last-step-size", "0.1"],
+     "masked-dit sample: error: --last-step-size is a SiT sampler option: it applies to SiT models (objective adm)"),
     ("sample-guidance-high-below-the-runs-low", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out",
                                                               str(w / "g.png"), "--guidance-high", "-0.5"],
      "masked-dit sample: error: --guidance-low=0.0 must be <= --guidance-high=-0.5 (guidance applies for t in "

@@ -114,3 +114,26 @@ def test_config_error_is_said_once_under_torchrun(tmp_path, capsys, monkeypatch)
                  f"--data.path={tmp_path / 'missing'}"]) == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "digits-dit").exists()
+
+
+def test_sample_takes_sits_ode_and_sde_options(tmp_path):
+    """`masked-dit sample` on a SiT run: SiT's sample.py options (--ode-method, --sde-method, --diffusion-form,
+    --last-step, ...) reach the samplers; left out, the run's --sample.* values (SiT's defaults) apply."""
+    from masked_dit.train import Trainer
+    from tests.train.tiny import tiny_config
+
+    Trainer(tiny_config("digits-sit", tmp_path, **{"train.steps": 30, "train.ckpt_every": 30})).fit()  # past the zero init
+    run = tmp_path / "digits-sit"
+
+    def draw(name, *options):
+        out = tmp_path / f"{name}.npz"
+        assert main(["sample", str(run), "--out", str(out), "--num-samples", "2", "--steps", "4", "--device", "cpu",
+                     "--precision", "fp32", *options]) == 0
+        return np.load(out)["arr_0"]
+
+    assert np.array_equal(draw("euler", "--sampler", "euler"), draw("ode-euler", "--sampler", "ode", "--ode-method", "euler"))
+    assert not np.array_equal(draw("euler2", "--sampler", "euler"), draw("midpoint", "--sampler", "ode", "--ode-method", "midpoint"))
+    sde = draw("sde", "--sampler", "sde")
+    assert np.array_equal(sde, draw("sde-defaults", "--sampler", "sde", "--sde-method", "Euler", "--diffusion-form",
+                                    "sigma", "--last-step", "Mean", "--last-step-size", "0.04"))
+    assert not np.array_equal(sde, draw("sde-sbdm", "--sampler", "sde", "--diffusion-form", "SBDM", "--last-step", "None"))
