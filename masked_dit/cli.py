@@ -160,6 +160,12 @@ def _sample(args, _overrides) -> int:
         check_sample_steps(cfg.objective.kind, kw["sampler"], kw["steps"], cfg.objective.diffusion_steps,
                            f"--steps {kw['steps']}")
         given = [k for k in SIT_SAMPLE_KEYS if getattr(args, k) is not None]
+        for key in given:  # an option the chosen sampler does not read would be silently ignored
+            ode_key = key in ("ode_method", "atol", "rtol")
+            applies = kw["sampler"] in ("auto", "ode") if ode_key else kw["sampler"] == "sde"
+            if cfg.objective.kind == "transport" and not applies:
+                raise ValueError(f"{flag(key)} applies to --sampler {'ode' if ode_key else 'sde'} (this run samples "
+                                 f"with {kw['sampler']})")
         if cfg.objective.kind == "transport":
             kw.update({k: getattr(sc, k) if getattr(args, k) is None else getattr(args, k) for k in SIT_SAMPLE_KEYS})
             check_sit_sampling(cfg.objective, kw["sampler"], {k: kw[k] for k in SIT_SAMPLE_KEYS},

@@ -137,3 +137,21 @@ def test_sample_takes_sits_ode_and_sde_options(tmp_path):
     assert np.array_equal(sde, draw("sde-defaults", "--sampler", "sde", "--sde-method", "Euler", "--diffusion-form",
                                     "sigma", "--last-step", "Mean", "--last-step-size", "0.04"))
     assert not np.array_equal(sde, draw("sde-sbdm", "--sampler", "sde", "--diffusion-form", "SBDM", "--last-step", "None"))
+
+
+def test_sit_options_the_sampler_does_not_read_are_refused(tmp_path, capsys):
+    from masked_dit.train import Trainer
+    from tests.train.tiny import tiny_config
+
+    Trainer(tiny_config("digits-sit", tmp_path, **{"train.steps": 1})).fit()
+    base = ["sample", str(tmp_path / "digits-sit"), "--out", str(tmp_path / "g.png"), "--device", "cpu"]
+    capsys.readouterr()
+    for options, message in [(["--sampler", "euler", "--ode-method", "rk4"],
+                              "--ode-method applies to --sampler ode (this run samples with euler)"),
+                             (["--sampler", "ode", "--diffusion-form", "SBDM"],
+                              "--diffusion-form applies to --sampler sde (this run samples with ode)"),
+                             (["--sampler", "sde", "--atol", "1e-5"],
+                              "--atol applies to --sampler ode (this run samples with sde)")]:
+        assert main([*base, *options]) == 2
+        assert capsys.readouterr().err.strip() == f"masked-dit sample: error: {message}"
+    assert not (tmp_path / "g.png").exists()
