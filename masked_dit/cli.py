@@ -121,7 +121,8 @@ def _sample(args, _overrides) -> int:
     import torch
 
     from masked_dit.configs import GUIDANCE_KEYS, SIT_SAMPLE_KEYS, check_guidance
-    from masked_dit.diffusion.objectives import build_objective, check_sample_steps, check_sit_sampling
+    from masked_dit.diffusion.objectives import (build_objective, check_sample_steps, check_sit_options_apply,
+                                                 check_sit_sampling)
     from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels
     from masked_dit.train.dist import init_world, shutdown
     from masked_dit.train.grid import grid_labels, save_grid
@@ -160,13 +161,8 @@ def _sample(args, _overrides) -> int:
         check_sample_steps(cfg.objective.kind, kw["sampler"], kw["steps"], cfg.objective.diffusion_steps,
                            f"--steps {kw['steps']}")
         given = [k for k in SIT_SAMPLE_KEYS if getattr(args, k) is not None]
-        for key in given:  # an option the chosen sampler does not read would be silently ignored
-            ode_key = key in ("ode_method", "atol", "rtol")
-            applies = kw["sampler"] in ("auto", "ode") if ode_key else kw["sampler"] == "sde"
-            if cfg.objective.kind == "transport" and not applies:
-                raise ValueError(f"{flag(key)} applies to --sampler {'ode' if ode_key else 'sde'} (this run samples "
-                                 f"with {kw['sampler']})")
         if cfg.objective.kind == "transport":
+            check_sit_options_apply(given, kw["sampler"], flag)
             kw.update({k: getattr(sc, k) if getattr(args, k) is None else getattr(args, k) for k in SIT_SAMPLE_KEYS})
             check_sit_sampling(cfg.objective, kw["sampler"], {k: kw[k] for k in SIT_SAMPLE_KEYS},
                                lambda key: f"{flag(key)} {kw[key]}")

@@ -384,6 +384,19 @@ def check_sample_steps(kind: str, sampler: str, steps: int, diffusion_steps: int
             raise ValueError(f"{option}: {exc}") from None
 
 
+def sit_option_sampler(key: str) -> str:
+    """The SiT sampler that reads option ``key`` of ``configs.SIT_SAMPLE_KEYS``: 'ode' (also 'auto') or 'sde'."""
+    return "ode" if key in ("ode_method", "atol", "rtol") else "sde"
+
+
+def check_sit_options_apply(keys, sampler: str, flag) -> None:
+    """``keys`` are options set on purpose: one the ``sampler`` does not read would be silently ignored."""
+    for key in keys:
+        wanted = sit_option_sampler(key)
+        if sampler != wanted and not (wanted == "ode" and sampler == "auto"):
+            raise ValueError(f"{flag(key)} is read by the {wanted} sampler only (this run samples with {sampler})")
+
+
 def check_sit_sampling(objective_cfg, sampler: str, options: dict, flag) -> None:
     """Before a run reaches its samples: SiT's ODE / SDE ``options`` (``configs.SIT_SAMPLE_KEYS``) for
     ``sampler``; ``flag(key)`` spells an option as the caller's command line does."""

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from masked_dit.configs import SIT_SAMPLE_KEYS
-from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS, check_sample_steps, check_sit_sampling
+from masked_dit.configs import SIT_SAMPLE_KEYS, SampleConfig
+from masked_dit.diffusion.objectives import (DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS, check_sample_steps,
+                                             check_sit_options_apply, check_sit_sampling)
 from masked_dit.diffusion.repa import repa_path_name
 
 
@@ -56,8 +57,10 @@ def check_sampler(cfg) -> None:
     check_sample_steps(kind, sampler, cfg.sample.steps, cfg.objective.diffusion_steps,
                        f"--sample.steps={cfg.sample.steps}")
     if kind == "transport":
-        check_sit_sampling(cfg.objective, sampler, {k: getattr(cfg.sample, k) for k in SIT_SAMPLE_KEYS},
-                           lambda key: f"--sample.{key}={getattr(cfg.sample, key)}")
+        flag = lambda key: f"--sample.{key}={getattr(cfg.sample, key)}"  # noqa: E731
+        check_sit_options_apply([k for k in SIT_SAMPLE_KEYS if getattr(cfg.sample, k) != getattr(SampleConfig, k)],
+                                sampler, flag)
+        check_sit_sampling(cfg.objective, sampler, {k: getattr(cfg.sample, k) for k in SIT_SAMPLE_KEYS}, flag)
 
 
 def encoder_z_dims(specs: str) -> list[int]:

@@ -180,6 +180,9 @@ CASES = [
     ("cli-sit-ode-method-unknown", lambda w, m: _train(w, "--preset", "digits-sit", "--sample.ode_method=rk45"),
      "masked-dit train: error: --sample.ode_method=rk45: unknown ODE method 'rk45'; expected one of ('euler', "
      "'midpoint', 'heun', 'dopri5') or a torchdiffeq method"),
+    ("cli-sit-option-the-sampler-ignores", lambda w, m: _train(w, "--preset", "digits-sit", "--sample.sampler=sde",
+                                                               "--sample.ode_method=midpoint"),
+     "masked-dit train: error: --sample.ode_method=midpoint is read by the ode sampler only (this run samples with sde)"),
     ("cli-num-per-class-zero", lambda w, m: _train(w, "--sample.num_per_class=0"),
      "masked-dit train: error: --sample.num_per_class must be > 0 (got 0)"),
     ("cli-grid-classes-empty", lambda w, m: _train(w, "--sample.grid_classes=[]"),

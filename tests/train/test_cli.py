@@ -147,11 +147,11 @@ def test_sit_options_the_sampler_does_not_read_are_refused(tmp_path, capsys):
     base = ["sample", str(tmp_path / "digits-sit"), "--out", str(tmp_path / "g.png"), "--device", "cpu"]
     capsys.readouterr()
     for options, message in [(["--sampler", "euler", "--ode-method", "rk4"],
-                              "--ode-method applies to --sampler ode (this run samples with euler)"),
+                              "--ode-method is read by the ode sampler only (this run samples with euler)"),
                              (["--sampler", "ode", "--diffusion-form", "SBDM"],
-                              "--diffusion-form applies to --sampler sde (this run samples with ode)"),
+                              "--diffusion-form is read by the sde sampler only (this run samples with ode)"),
                              (["--sampler", "sde", "--atol", "1e-5"],
-                              "--atol applies to --sampler ode (this run samples with sde)")]:
+                              "--atol is read by the ode sampler only (this run samples with sde)")]:
         assert main([*base, *options]) == 2
         assert capsys.readouterr().err.strip() == f"masked-dit sample: error: {message}"
     assert not (tmp_path / "g.png").exists()
