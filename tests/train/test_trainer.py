@@ -177,3 +177,23 @@ def test_fsdp_where_this_torch_cannot_is_one_line(monkeypatch):
     assert parallel.fsdp_supported("cuda")[0]
     with pytest.raises(ValueError, match=r"^--parallel.mode=fsdp: FSDP2 of torch .* use --parallel.mode=ddp"):
         parallel.apply_fsdp(torch.nn.Linear(2, 2), SimpleNamespace(device=torch.device("cpu")), "fp32")
+
+
+def test_grids_sample_with_the_configs_sit_options(tmp_path, monkeypatch):
+    """--sample.sde_method / diffusion_form / ... reach the SiT sampler of the training grids."""
+    from masked_dit.diffusion import sde
+
+    seen = {}
+    real = sde.sample_sde
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sde, "sample_sde", spy)
+    over = {"train.steps": 1, "sample.sampler": "sde", "sample.sde_method": "Heun", "sample.diffusion_form": "SBDM",
+            "sample.diffusion_norm": 0.5, "sample.last_step": "Tweedie", "sample.last_step_size": 0.1}
+    trainer = Trainer(tiny_config("digits-sit", tmp_path, **over))
+    trainer.sample_grid(tmp_path / "g.png", trainer.module)
+    assert {k: seen[k] for k in ("method", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")} == \
+        {"method": "Heun", "diffusion_form": "SBDM", "diffusion_norm": 0.5, "last_step": "Tweedie", "last_step_size": 0.1}
+    assert (tmp_path / "g.png").exists()
