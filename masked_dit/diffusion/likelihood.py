@@ -24,7 +24,7 @@ import torch
 
 from masked_dit import rng
 
-from .ode import batch_time, integrate_ode, time_grid
+from .ode import _rms_norm, batch_time, integrate_ode, time_grid
 from .transport import ModelFn, Transport
 
 
@@ -65,7 +65,7 @@ def ode_likelihood(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, 
         return torch.cat([v.detach().flatten(1), -div[:, None]], dim=1)
 
     def mixed_norm(err: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(err[:, :n].pow(2).mean().sqrt(), err[:, n:].pow(2).mean().sqrt())
+        return torch.maximum(_rms_norm(err[:, :n]), _rms_norm(err[:, n:]))
 
     start = torch.cat([x.flatten(1), x.new_zeros(x.shape[0], 1)], dim=1)
     with torch.no_grad():

@@ -384,15 +384,11 @@ def check_sample_steps(kind: str, sampler: str, steps: int, diffusion_steps: int
             raise ValueError(f"{option}: {exc}") from None
 
 
-def sit_option_sampler(key: str) -> str:
-    """The SiT sampler that reads option ``key`` of ``configs.SIT_SAMPLE_KEYS``: 'ode' (also 'auto') or 'sde'."""
-    return "ode" if key in ("ode_method", "atol", "rtol") else "sde"
-
-
 def check_sit_options_apply(keys, sampler: str, flag) -> None:
-    """``keys`` are options set on purpose: one the ``sampler`` does not read would be silently ignored."""
+    """``keys`` (of ``configs.SIT_SAMPLE_KEYS``) are options set on purpose: one the ``sampler`` does not
+    read would be silently ignored. The ODE ('ode', 'auto') reads the first three, the SDE the others."""
     for key in keys:
-        wanted = sit_option_sampler(key)
+        wanted = "ode" if key in ("ode_method", "atol", "rtol") else "sde"
         if sampler != wanted and not (wanted == "ode" and sampler == "auto"):
             raise ValueError(f"{flag(key)} is read by the {wanted} sampler only (this run samples with {sampler})")
 
