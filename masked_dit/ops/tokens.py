@@ -483,8 +483,9 @@ def _scatter_backward_triton(grad_out, ids_keep, fill_dense):
     return tk.scatter_backward(grad_out, inv, ids_keep, None, fill_dense)
 
 
-def _varlen_inverse(ids_keep, cu_seqlens, num_tokens):
-    batch = varlen_batch_index(cu_seqlens, ids_keep.shape[0])
+def _varlen_inverse(ids_keep, cu_seqlens, num_tokens, batch=None):
+    """The inverse map of packed ids; ``batch`` (each packed row's sample) is computed when not given."""
+    batch = varlen_batch_index(cu_seqlens, ids_keep.shape[0]) if batch is None else batch
     return _tk().inverse_map_varlen(ids_keep, batch, cu_seqlens.shape[0] - 1, num_tokens)
 
 
@@ -509,8 +510,8 @@ def _scatter_varlen_triton(x_keep, ids_keep, cu_seqlens, fill, num_tokens):
 
 @dispatch.register("scatter_tokens_varlen_backward", "triton")
 def _scatter_varlen_backward_triton(grad_out, ids_keep, cu_seqlens, fill_dense):
-    batch = varlen_batch_index(cu_seqlens, ids_keep.shape[0])
-    inv = _tk().inverse_map_varlen(ids_keep, batch, cu_seqlens.shape[0] - 1, grad_out.shape[1])
+    batch = varlen_batch_index(cu_seqlens, ids_keep.shape[0])  # the inverse map and the gather both need it
+    inv = _varlen_inverse(ids_keep, cu_seqlens, grad_out.shape[1], batch)
     return _tk().scatter_backward(grad_out, inv, ids_keep, batch, fill_dense)
 
 
