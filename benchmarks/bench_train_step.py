@@ -218,8 +218,8 @@ def add_online_encoder(objective, family: str, kwargs: dict, device: torch.devic
         return {}
     if args.ref_no_encoder:
         return {"encoder_forward": "precomputed (--ref-no-encoder)"}
-    (z_dim,) = kwargs.get("z_dims", [768])
-    toy = z_dim != 768
+    (z_dim,) = kwargs.get("z_dims", [DINOV2_B[1]])
+    toy = z_dim != DINOV2_B[1]
     attention = args.ref_attention or "sdpa"
     resolution = 8 * kwargs.get("input_size", 32)
     with torch.device(device):
