@@ -97,11 +97,15 @@ class RelPosBias(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, rel_pos_grid: int | None = None, impl: str = "softmax"):
+    """``scale_q``: the explicit softmax scales ``q`` before the product instead of the scores after it
+    (DINOv2's form, see :class:`DinoBlock`)."""
+
+    def __init__(self, dim: int, num_heads: int, rel_pos_grid: int | None = None, impl: str = "softmax",
+                 scale_q: bool = False):
         super().__init__()
         if impl not in ("softmax", "sdpa"):
             raise ValueError(f"reference attention must be 'softmax' or 'sdpa', got {impl!r}")
-        self.num_heads, self.head_dim, self.impl = num_heads, dim // num_heads, impl
+        self.num_heads, self.head_dim, self.impl, self.scale_q = num_heads, dim // num_heads, impl, scale_q
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
@@ -112,6 +116,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.impl == "sdpa" and self.rel_pos_bias is None:
             x = F.scaled_dot_product_attention(q, k, v)
+        elif self.scale_q:
+            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         else:
             # Scaled after the product, on the [B, H, N, N] scores, as MDT and timm < 0.9 do (one more
             # pass over the scores than scaling q, the cost the official step pays).
@@ -243,32 +249,6 @@ def preprocess_raw_image(x):
     return F.interpolate(x, 224 * x.shape[-1] // 256, mode="bicubic")
 
 
-class DinoAttention(nn.Module):
-    """DINOv2's attention. ``dinov2_vitb14`` builds ``MemEffAttention``, which without xFormers (REPA's
-    requirements.txt does not install it) falls back to ``Attention.forward``: on dinov2 main (since
-    12592a9, June 2025; what torch.hub fetches) that is ``F.scaled_dot_product_attention``
-    (dinov2/layers/attention.py L69-79, fallback L82-87). Before, an explicit softmax with ``q`` scaled
-    before the product (same file L56-69 at 81b2b64, what REPA's 2024 runs fetched): ``impl="softmax"``."""
-
-    def __init__(self, dim: int, num_heads: int, impl: str = "sdpa"):
-        super().__init__()
-        if impl not in ("softmax", "sdpa"):
-            raise ValueError(f"reference attention must be 'softmax' or 'sdpa', got {impl!r}")
-        self.num_heads, self.head_dim, self.impl = num_heads, dim // num_heads, impl
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3)  # qkv_bias=True in DinoVisionTransformer
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.impl == "sdpa":
-            x = F.scaled_dot_product_attention(q, k, v)
-        else:
-            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init_values: float = 1.0):
         super().__init__()
@@ -279,12 +259,20 @@ class LayerScale(nn.Module):
 
 
 class DinoBlock(nn.Module):
-    """Pre-norm ViT block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))), exact GELU."""
+    """Pre-norm ViT block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))), exact GELU.
+
+    Attention: ``dinov2_vitb14`` builds ``MemEffAttention``, which without xFormers (REPA's
+    requirements.txt does not install it) falls back to ``Attention.forward``: on dinov2 main (since
+    12592a9, June 2025; what torch.hub fetches) that is ``F.scaled_dot_product_attention``
+    (dinov2/layers/attention.py L69-79, fallback L82-87). Before, an explicit softmax with ``q`` scaled
+    before the product (same file L56-69 at 81b2b64, what REPA's 2024 runs fetched): ``attention="softmax"``.
+    qkv has a bias (qkv_bias=True in DinoVisionTransformer), as :class:`Attention`'s.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attention: str = "sdpa"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = DinoAttention(dim, num_heads, attention)
+        self.attn = Attention(dim, num_heads, impl=attention, scale_q=True)
         self.ls1 = LayerScale(dim)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
