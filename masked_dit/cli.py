@@ -120,9 +120,9 @@ def _load_checkpoint_ema(src: Path):
 def _sample(args, _overrides) -> int:
     import torch
 
-    from masked_dit.configs import GUIDANCE_KEYS, SIT_SAMPLE_KEYS, check_guidance
-    from masked_dit.diffusion.objectives import (build_objective, check_sample_steps, check_sit_options_apply,
-                                                 check_sit_sampling)
+    from masked_dit.configs import EDM_SAMPLE_KEYS, FAMILY_SAMPLE_KEYS, GUIDANCE_KEYS, SAMPLE_FAMILY, check_guidance
+    from masked_dit.diffusion.objectives import (build_objective, check_edm_sampling, check_sample_steps,
+                                                 check_sit_options_apply, check_sit_sampling)
     from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels
     from masked_dit.train.dist import init_world, shutdown
     from masked_dit.train.grid import grid_labels, save_grid
@@ -160,15 +160,21 @@ def _sample(args, _overrides) -> int:
         check_guidance({k: kw[k] for k in GUIDANCE_KEYS}, flag)  # one given, one from the run's config
         check_sample_steps(cfg.objective.kind, kw["sampler"], kw["steps"], cfg.objective.diffusion_steps,
                            f"--steps {kw['steps']}")
-        given = [k for k in SIT_SAMPLE_KEYS if getattr(args, k) is not None]
-        if cfg.objective.kind == "transport":
-            check_sit_options_apply(given, kw["sampler"], flag)
-            kw.update({k: getattr(sc, k) if getattr(args, k) is None else getattr(args, k) for k in SIT_SAMPLE_KEYS})
-            check_sit_sampling(cfg.objective, kw["sampler"], {k: kw[k] for k in SIT_SAMPLE_KEYS},
-                               lambda key: f"{flag(key)} {kw[key]}")
-        elif given:
-            raise ValueError(f"{flag(given[0])} is a SiT sampler option: it applies to SiT models "
-                             f"(objective {cfg.objective.kind})")
+        kind = cfg.objective.kind
+        for family, keys in FAMILY_SAMPLE_KEYS.items():  # one family's options would be ignored by the others
+            given = [k for k in keys if getattr(args, k) is not None]
+            if given and kind != family:
+                raise ValueError(f"{flag(given[0])} is a {SAMPLE_FAMILY[family]} sampler option: it applies to "
+                                 f"{SAMPLE_FAMILY[family]} models (objective {kind})")
+        keys = FAMILY_SAMPLE_KEYS.get(kind, ())
+        if kind == "transport":
+            check_sit_options_apply([k for k in keys if getattr(args, k) is not None], kw["sampler"], flag)
+        kw.update({k: getattr(sc, k) if getattr(args, k) is None else getattr(args, k) for k in keys})
+        spelled = lambda key: f"{flag(key)} {kw[key]}"  # noqa: E731
+        if kind == "transport":
+            check_sit_sampling(cfg.objective, kw["sampler"], {k: kw[k] for k in keys}, spelled)
+        elif kind == "edm_maskdit":
+            check_edm_sampling({k: kw[k] for k in EDM_SAMPLE_KEYS}, kw["steps"], spelled)
         if kw["cfg_scale"] != 1 and not _has_null_class(model):
             raise ValueError(f"--cfg-scale {kw['cfg_scale']} needs a null class, which this model lacks (trained "
                              f"with class_dropout_prob=0): sample with --cfg-scale 1")
@@ -348,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     sit.add_argument("--last-step", type=lambda v: None if v in ("None", "none") else v,
                      help="SDE last step: Mean, Tweedie, Euler or None (SiT: Mean)")
     sit.add_argument("--last-step-size", type=float, help="SiT: 0.04")
+    edm = s.add_argument_group("MaskDiT sampling (EDM's sampler: --sampler heun / euler; default: the run's "
+                               "--sample.* values, MaskDiT's)")
+    edm.add_argument("--S-churn", type=float, help="stochasticity strength (MaskDiT: 0, deterministic)")
+    edm.add_argument("--S-min", type=float, help="churn only for noise levels >= S_min (EDM: 0)")
+    edm.add_argument("--S-max", type=float, help="churn only for noise levels <= S_max (EDM: inf)")
+    edm.add_argument("--S-noise", type=float, help="scale of the churn noise (EDM: 1)")
+    edm.add_argument("--sigma-min", type=float, help="lowest noise level (default: the discretization's, 0.002 for edm)")
+    edm.add_argument("--sigma-max", type=float, help="highest noise level (default: the discretization's, 80 for edm)")
+    edm.add_argument("--rho", type=float, help="Karras grid exponent (EDM: 7)")
+    edm.add_argument("--discretization", choices=["edm", "vp", "ve", "iddpm"],
+                     help="noise levels of the time grid (EDM's ablation sampler unless edm)")
+    edm.add_argument("--schedule", choices=["linear", "vp", "ve"], help="noise schedule sigma(t) (EDM: linear)")
+    edm.add_argument("--scaling", choices=["none", "vp"], help="signal scaling s(t) (EDM: none)")
     s.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
                    help="tf32: fp32 with TF32 matmuls on GPU, as DiT's sample scripts (default); fp32: strict; "
                         "bf16: autocast")

@@ -147,6 +147,18 @@ class SampleConfig:
     diffusion_norm: float = 1.0
     last_step: Optional[str] = "Mean"    # Mean | Tweedie | Euler | None
     last_step_size: float = 0.04
+    # MaskDiT (objective.kind=edm_maskdit), as MaskDiT's / EDM's sample.py (checked by objectives.check_edm_sampling);
+    # sampler heun | euler is EDM's solver; a discretization / schedule / scaling other than EDM's is its ablation sampler
+    S_churn: float = 0.0                 # stochasticity: noise levels in [S_min, S_max] raised by min(S_churn/steps, sqrt2-1)
+    S_min: float = 0.0
+    S_max: float = float("inf")
+    S_noise: float = 1.0
+    sigma_min: Optional[float] = None    # None: the discretization's (edm, iddpm 0.002; ve 0.02; vp sigma(1e-3))
+    sigma_max: Optional[float] = None    # None: the discretization's (edm 80, iddpm 81, ve 100, vp sigma(1))
+    rho: float = 7.0                     # Karras grid exponent (discretization edm)
+    discretization: str = "edm"          # noise levels of the grid: edm | vp | ve | iddpm
+    schedule: str = "linear"             # sigma(t): linear | vp | ve
+    scaling: str = "none"                # s(t): none | vp
 
 
 @dataclass
@@ -228,6 +240,9 @@ CHOICES = {
     # no CUDA-graph modes: per-block graphs under FSDP/DDP hooks and AC recompute are not capturable
     ("parallel", "compile_mode"): ("default", "max-autotune-no-cudagraphs"),
     ("sample", "sampler"): ("auto", "ddpm", "ddim", "heun", "euler", "ode", "sde"),
+    ("sample", "discretization"): ("edm", "vp", "ve", "iddpm"),
+    ("sample", "schedule"): ("linear", "vp", "ve"),
+    ("sample", "scaling"): ("none", "vp"),
 }
 
 
@@ -303,6 +318,11 @@ def _validate_model(cfg: Config) -> None:
 GUIDANCE_KEYS = ("cfg_scale", "scale_pow", "guidance_low", "guidance_high")
 SIT_SAMPLE_KEYS = ("ode_method", "atol", "rtol", "sde_method", "diffusion_form", "diffusion_norm", "last_step",
                    "last_step_size")
+EDM_SAMPLE_KEYS = ("S_churn", "S_min", "S_max", "S_noise", "sigma_min", "sigma_max", "rho", "discretization",
+                   "schedule", "scaling")
+# The sampler options each objective kind reads beside the shared ones; any other kind refuses them.
+FAMILY_SAMPLE_KEYS = {"transport": SIT_SAMPLE_KEYS, "edm_maskdit": EDM_SAMPLE_KEYS}
+SAMPLE_FAMILY = {"transport": "SiT", "edm_maskdit": "MaskDiT"}
 
 
 def check_guidance(values: dict, flag) -> None:
@@ -337,11 +357,11 @@ def _validate_sample(cfg: Config) -> None:
             raise ConfigError(f"--sample.grid_classes {bad} are outside [0, {cfg.model.num_classes - 1}] "
                               f"(--model.num_classes={cfg.model.num_classes})")
     check_guidance({k: getattr(sc, k) for k in GUIDANCE_KEYS}, lambda key: f"--sample.{key}")
-    if cfg.objective.kind != "transport":  # SiT's options would be silently ignored by the other samplers
-        changed = [k for k in SIT_SAMPLE_KEYS if getattr(sc, k) != getattr(SampleConfig, k)]
-        if changed:
-            raise ConfigError(f"--sample.{changed[0]}={getattr(sc, changed[0])!r} is a SiT sampler option: it applies "
-                              f"to --objective.kind=transport only (got {cfg.objective.kind})")
+    for kind, keys in FAMILY_SAMPLE_KEYS.items():  # one family's options would be silently ignored by the others
+        changed = [k for k in keys if getattr(sc, k) != getattr(SampleConfig, k)]
+        if changed and cfg.objective.kind != kind:
+            raise ConfigError(f"--sample.{changed[0]}={getattr(sc, changed[0])!r} is a {SAMPLE_FAMILY[kind]} sampler "
+                              f"option: it applies to --objective.kind={kind} only (got {cfg.objective.kind})")
     # Without label dropout the model has no null-class row for the unconditional half of CFG
     # (MaskDiT's null label is the zero one-hot vector, which needs no row).
     if (sc.cfg_scale != 1 and cfg.model.class_dropout_prob == 0 and cfg.objective.kind != "edm_maskdit"

@@ -1,19 +1,17 @@
 """EDM (Karras et al. 2022) as MaskDiT uses it: preconditioning, the lognormal-sigma loss with MaskDiT's
-masked / MAE variants, and the Heun sampler.
+masked / MAE variants. The samplers are in ``edm_sampling``.
 
 Conventions: ``net(x_noisy, sigma, class_labels, **kw)`` returns the denoised D(x; sigma) (a tensor, or a
 dict with key "x" and, when the net masked its input, "mask": [B, L] with 1 on removed patches).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .gaussian import _randn, _step_noise, mean_flat
-from .guidance import ClassifierFreeGuidance
+from .gaussian import _randn, mean_flat
 
 
 #################################################################################
@@ -150,91 +148,3 @@ def edm_loss(net: Callable, images: torch.Tensor, labels=None, *, P_mean: float 
     terms = edm_loss_from_output(denoised, images, noisy, sigma, mask, patch_size, mae_loss_coef, sigma_data)
     terms["sigma"] = sigma
     return terms
-
-
-#################################################################################
-#                                 Heun sampler                                  #
-#################################################################################
-
-def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """EDM's noise levels (sigma_max^(1/rho) .. sigma_min^(1/rho))^rho, then a final 0: [num_steps + 1], float64."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not 0 < sigma_min <= sigma_max:
-        raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
-    i = torch.arange(num_steps, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    steps = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho
-    return torch.cat([steps, torch.zeros(1, dtype=torch.float64)])
-
-
-def _sigma_rounder(net) -> Callable[[float], float]:
-    """The net's ``round_sigma`` (EDM rounds every noise level of the grid and the raised t_hat through
-    it, e.g. to iDDPMPrecond's discrete sigmas) on host floats; identity when the net has none."""
-    round_sigma = getattr(net, "round_sigma", None)
-    if round_sigma is None:
-        return lambda sigma: sigma
-    return lambda sigma: float(round_sigma(torch.tensor(sigma, dtype=torch.float64)))
-
-
-def heun_sampler(net: Callable, latents: torch.Tensor, class_labels=None, *, num_steps: int = 18,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0,
-                 S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0, cfg_scale: float = 1.0,
-                 null_class_labels=None, guided_channels: int | None = None, step_noise=None,
-                 generator: torch.Generator | None = None, net_dtype: torch.dtype | None = None,
-                 dtype: torch.dtype = torch.float64, net_kwargs: dict | None = None, progress: bool = False):
-    """EDM's stochastic Heun sampler (Algorithm 2), as MaskDiT's edm_sampler.
-
-    latents: unit Gaussian x_T / sigma_max. The noise range is clipped to the net's [sigma_min, sigma_max]
-    and every noise level rounded through its ``round_sigma``, where the net has them (as EDM). The state
-    is kept in `dtype` (float64 as EDM); the net sees it cast to `net_dtype` (default latents.dtype) and
-    sigma as a [B] float64 tensor. The last step is a
-    plain Euler step to sigma = 0. With S_churn > 0, sigmas in [S_min, S_max] are first raised by
-    gamma = min(S_churn / num_steps, sqrt(2) - 1) using step_noise[i] (else a draw from `generator`).
-    cfg_scale != 1 guides all channels (MaskDiT) or the first `guided_channels`, with the uncond half
-    labelled `null_class_labels` (zeros for one-hot labels by default), in one batched call.
-    """
-    sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))
-    sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))
-    round_sigma = _sigma_rounder(net)
-    net_dtype = latents.dtype if net_dtype is None else net_dtype
-    net_kwargs = net_kwargs or {}
-    if cfg_scale != 1.0:
-        net = ClassifierFreeGuidance(net, cfg_scale, null_label=null_class_labels, guided_channels=guided_channels)
-    B = latents.shape[0]
-
-    def denoise(x, sigma: float):
-        s = torch.full((B,), sigma, dtype=torch.float64, device=x.device)
-        out = net(x.to(net_dtype), s, class_labels, **net_kwargs)
-        return (out["x"] if isinstance(out, dict) else out).to(dtype)
-
-    # The whole noise-level schedule lives on the host: the loop branches on floats, never on tensors.
-    t_steps = [round_sigma(s) for s in karras_sigmas(num_steps, sigma_min, sigma_max, rho)[:-1].tolist()] + [0.0]
-    x_next = latents.to(dtype) * t_steps[0]
-    steps = range(num_steps)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps)
-    with torch.no_grad():
-        for i in steps:
-            t_cur, t_next = t_steps[i], t_steps[i + 1]
-            x_cur = x_next
-            # Temporarily raise the noise level (churn).
-            gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
-            t_hat = round_sigma(t_cur + gamma * t_cur) if gamma > 0 else t_cur
-            # (a grid that rounds the raised level down would make EDM take the sqrt of a negative number)
-            t_hat = max(t_hat, t_cur)
-            if t_hat > t_cur:
-                eps = _step_noise(step_noise, i, x_cur)
-                if eps is None:
-                    eps = _randn(x_cur.shape, x_cur, generator=generator)
-                x_hat = x_cur + math.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise * eps
-            else:
-                x_hat = x_cur
-            # Euler step, then the 2nd-order correction except on the last step (to sigma = 0).
-            d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
-            x_next = x_hat + (t_next - t_hat) * d_cur
-            if i < num_steps - 1:
-                d_prime = (x_next - denoise(x_next, t_next)) / t_next
-                x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-    return x_next

@@ -24,7 +24,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from masked_dit.diffusion.edm import edm_loss, heun_sampler, patchify
+from masked_dit.diffusion.edm import edm_loss, patchify
+from masked_dit.diffusion.edm_sampling import edm_sampler
 from masked_dit.diffusion.gaussian import min_snr_weight
 from masked_dit.diffusion.guidance import ClassifierFreeGuidance, guided_channel_count, power_cosine_scale
 from masked_dit.diffusion.respace import create_diffusion, space_timesteps
@@ -230,7 +231,7 @@ class EDMMaskDiTObjective:
     unmasking fine-tune). Labels are one-hot, zeroed with the model's ``class_dropout_prob``."""
 
     kind = "edm_maskdit"
-    samplers = ("heun",)
+    samplers = ("heun", "euler")
 
     def __init__(self, mask_ratio: float = 0.5, mae_loss_coef: float = 0.1, P_mean: float = -1.2, P_std: float = 1.2,
                  sigma_data: float = 0.5):
@@ -263,14 +264,21 @@ class EDMMaskDiTObjective:
 
     @torch.no_grad()
     def sample(self, model, noise, y, *, sampler: str = "heun", steps: int = 40, cfg_scale: float = 1.0,
-               progress: bool = False, generator: torch.Generator | None = None, **_) -> torch.Tensor:
+               progress: bool = False, generator: torch.Generator | None = None, S_churn: float = 0.0,
+               S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
+               sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, rho: float = 7.0,
+               discretization: str = "edm", schedule: str = "linear", scaling: str = "none", **_) -> torch.Tensor:
+        """MaskDiT's sample.py: EDM's Heun (or ``euler``) sampler; a discretization / schedule / scaling
+        other than EDM's is its ablation sampler. Defaults as MaskDiT's (sigma range: the discretization's)."""
         _check_sampler(self, sampler, "EDM")
         m = unwrap(model)
         labels = _one_hot_labels(m, y, noise.dtype)
         if labels is None and cfg_scale != 1.0:
             raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional model; this MaskDiT has num_classes=0")
-        out = heun_sampler(model, noise, labels, num_steps=steps, cfg_scale=cfg_scale, progress=progress,
-                           generator=generator)
+        out = edm_sampler(model, noise, labels, num_steps=steps, solver="euler" if sampler == "euler" else "heun",
+                          sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, discretization=discretization,
+                          schedule=schedule, scaling=scaling, S_churn=S_churn, S_min=S_min, S_max=S_max,
+                          S_noise=S_noise, cfg_scale=cfg_scale, progress=progress, generator=generator)
         return out.to(noise.dtype)
 
 
@@ -419,6 +427,40 @@ def check_sit_sampling(objective_cfg, sampler: str, options: dict, flag) -> None
                          options["diffusion_form"], options["last_step"], options["last_step_size"])
     except ValueError as exc:
         raise ValueError(f"{flag(key)}: {exc}") from None
+
+
+def check_edm_sampling(options: dict, steps: int, flag) -> None:
+    """Before a run reaches its samples: MaskDiT's EDM ``options`` (``configs.EDM_SAMPLE_KEYS``) for a
+    ``steps``-step grid; ``flag(key)`` spells an option as the caller's command line does. The grid is
+    built (host floats only), so a VP schedule or iDDPM grid that cannot span the range is caught too."""
+    from masked_dit.diffusion.edm_sampling import DISCRETIZATIONS, SCALINGS, SCHEDULES, edm_grid
+
+    for key, valid in (("discretization", DISCRETIZATIONS), ("schedule", SCHEDULES), ("scaling", SCALINGS)):
+        if options[key] not in valid:
+            raise ValueError(f"{flag(key)} is not valid; choose one of: {', '.join(valid)}")
+    for key, ok, rule in (("S_churn", lambda v: v >= 0, ">= 0"), ("S_min", lambda v: v >= 0, ">= 0"),
+                          ("S_max", lambda v: v >= 0, ">= 0 (inf: no upper bound)"),
+                          ("S_noise", lambda v: v >= 0, ">= 0"), ("rho", lambda v: v > 0, "> 0"),
+                          ("sigma_min", lambda v: v > 0, "> 0 (none: the discretization's)"),
+                          ("sigma_max", lambda v: v > 0, "> 0 (none: the discretization's)")):
+        value = options[key]
+        if value is None and key in ("sigma_min", "sigma_max"):
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+        if not (number and (math.isfinite(value) or key == "S_max") and ok(value)):
+            raise ValueError(f"{flag(key)} must be a {'' if key == 'S_max' else 'finite '}number {rule} (got {value})")
+    if options["S_min"] > options["S_max"]:
+        raise ValueError(f"{flag('S_min')} must be <= {flag('S_max')} (churn applies for sigma in [S_min, S_max])")
+    lo, hi = options["sigma_min"], options["sigma_max"]
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"{flag('sigma_min')} must be <= {flag('sigma_max')}")
+    try:
+        edm_grid(steps, sigma_min=lo, sigma_max=hi, rho=options["rho"], discretization=options["discretization"],
+                 schedule=options["schedule"], scaling=options["scaling"])
+    except ValueError as exc:
+        msg = str(exc)
+        key = "schedule" if "schedule" in msg else "discretization" if "iddpm" in msg else "sigma_min"
+        raise ValueError(f"{flag(key)}: {msg}") from None
 
 
 def _check_sampler(objective, sampler: str, what: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from masked_dit.configs import SIT_SAMPLE_KEYS, Config, validate
+from masked_dit.configs import FAMILY_SAMPLE_KEYS, Config, validate
 from masked_dit.data import BatchStream, build_dataset, sample_posterior
 from masked_dit.diffusion.objectives import build_objective, unwrap
 from masked_dit.train import checkpoint as ckpt
@@ -291,7 +291,7 @@ class Trainer:
             return self.objective.sample(model, noise, y, sampler=sc.sampler, steps=sc.steps, cfg_scale=sc.cfg_scale,
                                          scale_pow=sc.scale_pow, guidance_low=sc.guidance_low,
                                          guidance_high=sc.guidance_high,
-                                         **{k: getattr(sc, k) for k in SIT_SAMPLE_KEYS})
+                                         **{k: getattr(sc, k) for k in FAMILY_SAMPLE_KEYS.get(cfg.objective.kind, ())})
 
     def sample_grid(self, path: Path, model) -> None:
         """Saves the grid of ``model`` (from :meth:`ema_model`, which every rank must call; None off rank 0)."""

@@ -231,3 +231,57 @@ def test_check_sit_sampling_names_the_option():
     for change, sampler, message in bad:
         with pytest.raises(ValueError, match=message):
             check_sit_sampling(oc, sampler, {**good, **change}, lambda k: k)
+
+
+class LabelledEDM(nn.Module):
+    """A denoiser with one-hot labels (MaskDiT's interface) for the sampler options' plumbing."""
+    num_classes, family, class_dropout_prob = 10, "maskdit", 0.1
+
+    def forward(self, x, sigma, labels=None):
+        s = sigma.view(-1, 1, 1, 1).to(x.dtype)
+        return x / (1 + s ** 2) + 0.1 * torch.sin(x) * s / (1 + s) + 0.05 * labels.argmax(1).view(-1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("sampler,options", [
+    ("heun", {}),
+    ("auto", {"S_churn": 20.0, "S_min": 0.1, "S_max": 10.0, "S_noise": 1.01}),
+    ("euler", {"sigma_min": 0.01, "sigma_max": 20.0, "rho": 3.0}),
+    ("heun", {"discretization": "vp", "schedule": "vp", "scaling": "vp"}),
+    ("heun", {"discretization": "iddpm", "schedule": "ve", "scaling": "none", "S_churn": 5.0}),
+])
+def test_maskdit_sample_passes_edm_sampler_options(sampler, options):
+    """MaskDiT's sample.py knobs (configs.EDM_SAMPLE_KEYS) reach EDM's sampler; ``euler`` is its solver."""
+    from masked_dit.diffusion.edm_sampling import edm_sampler
+
+    obj, model = EDMMaskDiTObjective(), LabelledEDM()
+    noise, y = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 7])
+    out = obj.sample(model, noise, y, sampler=sampler, steps=6, cfg_scale=1.5,
+                     generator=torch.Generator().manual_seed(3), **options)
+    ref = edm_sampler(model, noise, torch.eye(10)[y], num_steps=6, solver="euler" if sampler == "euler" else "heun",
+                      cfg_scale=1.5, generator=torch.Generator().manual_seed(3), **options).float()
+    assert torch.equal(out, ref)
+
+
+def test_check_edm_sampling_names_the_option():
+    from masked_dit.configs import EDM_SAMPLE_KEYS, SampleConfig
+    from masked_dit.diffusion.objectives import check_edm_sampling
+
+    good = {k: getattr(SampleConfig, k) for k in EDM_SAMPLE_KEYS}
+    check_edm_sampling(good, 40, lambda k: k)
+    check_edm_sampling({**good, "S_churn": 40.0, "S_min": 0.05, "S_max": 50.0, "discretization": "iddpm"}, 18,
+                       lambda k: k)
+    bad = [({"S_churn": -1.0}, r"^S_churn must be a finite number >= 0 \(got -1.0\)$"),
+           ({"S_noise": float("nan")}, r"^S_noise must be a finite number >= 0"),
+           ({"S_max": float("nan")}, r"^S_max must be a number >= 0 \(inf: no upper bound\)"),
+           ({"S_min": 2.0, "S_max": 1.0}, r"^S_min must be <= S_max"),
+           ({"sigma_min": float("inf")}, r"^sigma_min must be a finite number > 0"),
+           ({"sigma_min": 3.0, "sigma_max": 2.0}, r"^sigma_min must be <= sigma_max$"),
+           ({"sigma_min": 100.0}, r"^sigma_min: need 0 < sigma_min <= sigma_max"),
+           ({"rho": 0.0}, r"^rho must be a finite number > 0"),
+           ({"scaling": "ve"}, r"^scaling is not valid; choose one of: none, vp$"),
+           ({"schedule": "vp", "sigma_min": 5.0, "sigma_max": 10.0}, r"^schedule: the vp schedule cannot span"),
+           ({"discretization": "iddpm", "sigma_min": 1e6, "sigma_max": 2e6},
+            r"^discretization: the iddpm discretization has no noise level")]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            check_edm_sampling({**good, **change}, 40, lambda k: k)

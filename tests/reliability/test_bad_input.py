@@ -166,6 +166,15 @@ CASES = [
     ("cli-sit-option-on-dit", lambda w, m: _train(w, "--sample.diffusion_form=SBDM"),
      "masked-dit train: error: --sample.diffusion_form='SBDM' is a SiT sampler option: it applies to "
      "--objective.kind=transport only (got adm)"),
+    # MaskDiT's (EDM's) sample.py options: refused elsewhere, and a grid that cannot be built is caught up front
+    ("cli-maskdit-option-on-dit", lambda w, m: _train(w, "--sample.S_churn=40"),
+     "masked-dit train: error: --sample.S_churn=40.0 is a MaskDiT sampler option: it applies to "
+     "--objective.kind=edm_maskdit only (got adm)"),
+    ("cli-maskdit-vp-schedule-beyond-its-range", lambda w, m: _train(w, "--preset", "digits-maskdit",
+                                                                     "--sample.schedule=vp", "--sample.sigma_min=5",
+                                                                     "--sample.sigma_max=10"),
+     "masked-dit train: error: --sample.schedule=vp: the vp schedule cannot span sigma_min=5.0 .. sigma_max=10.0 "
+     "(beta_d = -6513 <= 0): lower sigma_min or raise sigma_max"),
     ("cli-sit-diffusion-form-unknown", lambda w, m: _train(w, "--preset", "digits-sit", "--sample.sampler=sde",
                                                            "--sample.diffusion_form=SDBM"),
      "masked-dit train: error: --sample.diffusion_form=SDBM is not valid; choose one of: constant, SBDM, sigma, "
@@ -382,6 +391,9 @@ CASES = [
     ("sample-sit-option-on-dit", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
                                                "--last-step-size", "0.1"],
      "masked-dit sample: error: --last-step-size is a SiT sampler option: it applies to SiT models (objective adm)"),
+    ("sample-maskdit-option-on-dit", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
+                                                   "--S-churn", "10"],
+     "masked-dit sample: error: --S-churn is a MaskDiT sampler option: it applies to MaskDiT models (objective adm)"),
     ("sample-guidance-high-below-the-runs-low", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out",
                                                               str(w / "g.png"), "--guidance-high", "-0.5"],
      "masked-dit sample: error: --guidance-low=0.0 must be <= --guidance-high=-0.5 (guidance applies for t in "

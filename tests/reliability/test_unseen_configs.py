@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from masked_dit import ops
-from masked_dit.diffusion.edm import heun_sampler
+from masked_dit.diffusion.edm_sampling import heun_sampler
 from masked_dit.diffusion.gaussian import GaussianDiffusion
 from masked_dit.diffusion.guidance import ClassifierFreeGuidance, power_cosine_scale
 from masked_dit.diffusion.ode import sample_ode

@@ -139,6 +139,38 @@ def test_sample_takes_sits_ode_and_sde_options(tmp_path):
     assert not np.array_equal(sde, draw("sde-sbdm", "--sampler", "sde", "--diffusion-form", "SBDM", "--last-step", "None"))
 
 
+def test_sample_takes_maskdits_edm_sampler_options(tmp_path, capsys):
+    """`masked-dit sample` on a MaskDiT run: MaskDiT's / EDM's sample.py options (--S-churn, --discretization,
+    --schedule, --scaling, ...) reach EDM's sampler, --sampler euler is its Euler solver; left out, the run's
+    --sample.* values apply (here a run trained with --sample.discretization=ve)."""
+    from masked_dit.train import Trainer
+    from tests.train.tiny import tiny_config
+
+    Trainer(tiny_config("digits-maskdit", tmp_path, **{"train.steps": 30, "train.ckpt_every": 30,
+                                                       "sample.discretization": "ve"})).fit()
+    run = tmp_path / "digits-maskdit"
+
+    def draw(name, *options):
+        out = tmp_path / f"{name}.npz"
+        assert main(["sample", str(run), "--out", str(out), "--num-samples", "2", "--steps", "4", "--device", "cpu",
+                     "--precision", "fp32", *options]) == 0
+        return np.load(out)["arr_0"]
+
+    runs = draw("runs", "--sampler", "heun")
+    assert np.array_equal(runs, draw("ve", "--discretization", "ve", "--S-churn", "0", "--schedule", "linear"))
+    assert not np.array_equal(runs, draw("edm", "--discretization", "edm"))
+    assert not np.array_equal(runs, draw("euler", "--sampler", "euler"))
+    assert not np.array_equal(runs, draw("vp", "--discretization", "vp", "--schedule", "vp", "--scaling", "vp"))
+    churn = draw("churn", "--S-churn", "10", "--S-noise", "1.007")
+    assert np.array_equal(churn, draw("churn2", "--S-churn", "10", "--S-noise", "1.007"))  # the seed's draws
+    assert not np.array_equal(churn, runs)
+    capsys.readouterr()
+    assert main(["sample", str(run), "--out", str(tmp_path / "g.png"), "--device", "cpu", "--S-min", "5",
+                 "--S-max", "1"]) == 2
+    assert capsys.readouterr().err.strip() == ("masked-dit sample: error: --S-min 5.0 must be <= --S-max 1.0 (churn "
+                                               "applies for sigma in [S_min, S_max])")
+
+
 def test_sit_options_the_sampler_does_not_read_are_refused(tmp_path, capsys):
     from masked_dit.train import Trainer
     from tests.train.tiny import tiny_config

@@ -99,3 +99,16 @@ def test_compile_mode_is_validated_and_reaches_every_block(monkeypatch):
     assert all(kw == {"backend": "aot_eager"} for kw in seen)
     with pytest.raises(ValueError, match="compile mode 'turbo' is not valid"):
         parallel.apply_compile(model, mode="turbo")
+
+
+def test_maskdit_sampler_options_roundtrip_with_an_unbounded_churn_window(tmp_path):
+    """EDM's S_max defaults to inf (no upper bound): it survives config.json, and overrides parse it."""
+    cfg = apply_overrides(get_preset("digits-maskdit"), ["--sample.S_churn=40", "--sample.S_min=0.05",
+                                                         "--sample.discretization=iddpm", "--sample.sigma_max=none"])
+    assert cfg.sample.S_max == float("inf") and cfg.sample.sigma_max is None
+    cfg.save(tmp_path / "config.json")
+    back = Config.load(tmp_path / "config.json")
+    assert back.sample == cfg.sample
+    assert apply_overrides(cfg, ["--sample.S_max=inf", "--sample.S_max=50"]).sample.S_max == 50.0
+    with pytest.raises(ConfigError, match=r"^--sample.schedule='cosine' is not valid; choose one of: linear, vp, ve$"):
+        apply_overrides(cfg, ["--sample.schedule=cosine"])
