@@ -116,21 +116,27 @@ def test_config_error_is_said_once_under_torchrun(tmp_path, capsys, monkeypatch)
     assert not (tmp_path / "digits-dit").exists()
 
 
-def test_sample_takes_sits_ode_and_sde_options(tmp_path):
-    """`masked-dit sample` on a SiT run: SiT's sample.py options (--ode-method, --sde-method, --diffusion-form,
-    --last-step, ...) reach the samplers; left out, the run's --sample.* values (SiT's defaults) apply."""
+def _trained_sampler(preset: str, tmp_path, **overrides):
+    """Trains a tiny ``preset`` run for 30 steps (past the zero init); returns ``draw(name, *options)``: two
+    samples of ``masked-dit sample`` (4 steps, fp32, CPU) from it, as an array."""
     from masked_dit.train import Trainer
     from tests.train.tiny import tiny_config
 
-    Trainer(tiny_config("digits-sit", tmp_path, **{"train.steps": 30, "train.ckpt_every": 30})).fit()  # past the zero init
-    run = tmp_path / "digits-sit"
+    Trainer(tiny_config(preset, tmp_path, **{"train.steps": 30, "train.ckpt_every": 30, **overrides})).fit()
 
     def draw(name, *options):
         out = tmp_path / f"{name}.npz"
-        assert main(["sample", str(run), "--out", str(out), "--num-samples", "2", "--steps", "4", "--device", "cpu",
-                     "--precision", "fp32", *options]) == 0
+        assert main(["sample", str(tmp_path / preset), "--out", str(out), "--num-samples", "2", "--steps", "4",
+                     "--device", "cpu", "--precision", "fp32", *options]) == 0
         return np.load(out)["arr_0"]
 
+    return draw
+
+
+def test_sample_takes_sits_ode_and_sde_options(tmp_path):
+    """`masked-dit sample` on a SiT run: SiT's sample.py options (--ode-method, --sde-method, --diffusion-form,
+    --last-step, ...) reach the samplers; left out, the run's --sample.* values (SiT's defaults) apply."""
+    draw = _trained_sampler("digits-sit", tmp_path)
     assert np.array_equal(draw("euler", "--sampler", "euler"), draw("ode-euler", "--sampler", "ode", "--ode-method", "euler"))
     assert not np.array_equal(draw("euler2", "--sampler", "euler"), draw("midpoint", "--sampler", "ode", "--ode-method", "midpoint"))
     sde = draw("sde", "--sampler", "sde")
@@ -143,19 +149,8 @@ def test_sample_takes_maskdits_edm_sampler_options(tmp_path, capsys):
     """`masked-dit sample` on a MaskDiT run: MaskDiT's / EDM's sample.py options (--S-churn, --discretization,
     --schedule, --scaling, ...) reach EDM's sampler, --sampler euler is its Euler solver; left out, the run's
     --sample.* values apply (here a run trained with --sample.discretization=ve)."""
-    from masked_dit.train import Trainer
-    from tests.train.tiny import tiny_config
-
-    Trainer(tiny_config("digits-maskdit", tmp_path, **{"train.steps": 30, "train.ckpt_every": 30,
-                                                       "sample.discretization": "ve"})).fit()
+    draw = _trained_sampler("digits-maskdit", tmp_path, **{"sample.discretization": "ve"})
     run = tmp_path / "digits-maskdit"
-
-    def draw(name, *options):
-        out = tmp_path / f"{name}.npz"
-        assert main(["sample", str(run), "--out", str(out), "--num-samples", "2", "--steps", "4", "--device", "cpu",
-                     "--precision", "fp32", *options]) == 0
-        return np.load(out)["arr_0"]
-
     runs = draw("runs", "--sampler", "heun")
     assert np.array_equal(runs, draw("ve", "--discretization", "ve", "--S-churn", "0", "--schedule", "linear"))
     assert not np.array_equal(runs, draw("edm", "--discretization", "edm"))
