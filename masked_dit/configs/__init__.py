@@ -286,9 +286,14 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.objective.mask_ratio < 1:
         raise ConfigError(f"--objective.mask_ratio must be in [0, 1) (got {cfg.objective.mask_ratio})")
     _validate_encoder(cfg.objective.encoder)
-    if cfg.objective.kind == "repa" and cfg.objective.path_type not in ("Linear", "GVP"):  # REPA has no VP path
-        raise ConfigError(f"--objective.path_type={cfg.objective.path_type} is not one of REPA's paths: choose "
-                          f"Linear (REPA's linear) or GVP (REPA's cosine)")
+    if cfg.objective.kind == "repa":  # REPA has no VP path
+        from masked_dit.diffusion.repa import repa_path_name
+
+        try:
+            repa_path_name(cfg.objective.path_type)
+        except ValueError:
+            raise ConfigError(f"--objective.path_type={cfg.objective.path_type} is not one of REPA's paths: choose "
+                              f"Linear (REPA's linear) or GVP (REPA's cosine)") from None
     if cfg.data.features and cfg.data.source != "latents":
         raise ConfigError(f"--data.features={cfg.data.features!r} reads features cached beside extracted latents; "
                           f"it needs --data.source=latents (got {cfg.data.source!r})")
