@@ -8,7 +8,11 @@ One step = objective (forward + loss; MDTv2 runs its two passes) + backward + gr
 recipe clips) + optimizer step + EMA update, on random 32x32x4 latents. REPA: ours train on precomputed
 features (random, DINOv2-B-shaped [B, 256, 768]), the official step runs its frozen DINOv2-B/14 on the raw
 images every step, so the reference variants do too (random uint8 images [B, 3, 256, 256]; off with
---ref-no-encoder; each REPA row's ``encoder_forward`` says which). The VAE runs in no variant.
+--ref-no-encoder; each REPA row's ``encoder_forward`` says which). The VAE runs in no variant. The
+reference variants also read back to the host what the official loop reads every step (``loss.item()``;
+MDT: 18 loss reads and every parameter's and gradient's norm; reference_style.OfficialHostReads; off with
+--ref-no-host-reads; row field ``host_reads_per_step``); ours read once per step, as our trainer does (the
+loss terms and the gradient norm, for its non-finite skip).
 Variants (all measured in the same run, same weights):
 
     reference            benchmarks/reference_style.py with the repo's precision/optimizer (RECIPES), eager
@@ -50,7 +54,8 @@ import torch
 import torch.nn as nn
 
 from benchmarks import common, profiling
-from benchmarks.reference_style import RECIPES, dinov2_for_repa, reference_like, repa_features
+from benchmarks.reference_style import (RECIPES, OfficialHostReads, dinov2_for_repa, reference_like,
+                                        repa_features)
 from masked_dit.train.optim import use_fused
 from masked_dit.train.parallel import COMPILE_MODES, fsdp_supported
 
@@ -138,6 +143,31 @@ class ReferenceEMA:
             self.shadow[name].mul_(self.decay).add_(p.data, alpha=1 - self.decay)
 
 
+class TrainerHostReads:
+    """Our trainer's one host read per step (``Trainer.train_step``): the loss terms and the total gradient
+    norm (computed even without clipping), stacked and read with ``.tolist()`` before the optimizer step,
+    for the non-finite skip. The same interface as ``reference_style.OfficialHostReads``."""
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+
+    def per_step(self) -> int:
+        return 1
+
+    def after_loss(self, out: dict) -> None:
+        pass
+
+    def before_step(self, out: dict, grad_norm) -> None:
+        from masked_dit.train.trainer import grad_norm_and_clip
+
+        norm = grad_norm_and_clip(self.params, 0.0) if grad_norm is None else grad_norm
+        values = [torch.as_tensor(v).detach().float().reshape(()).to(norm.device) for v in out.values()]
+        torch.stack([*values, norm.reshape(())]).tolist()
+
+    def after_step(self, out: dict, grad_norm) -> None:
+        pass
+
+
 class StepRunner:
     """One training step of a (possibly wrapped) model: objective, backward, clip, optimizer, EMA."""
 
@@ -148,6 +178,7 @@ class StepRunner:
         self.backend, self.device = backend, device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.raw_images = False  # True: the objective encodes batch['raw_image'] online (REPA's reference)
+        self.host_reads = None   # reference_style.OfficialHostReads: the official loop's per-step syncs
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -156,15 +187,20 @@ class StepRunner:
 
     def step(self, batch: dict) -> None:
         with ops_backend(self.backend):
+            reads = self.host_reads
             with self._autocast():
-                loss = self.objective(self.model, batch)["loss"]
+                out = self.objective(self.model, batch)
+            loss = out["loss"]
+            if reads is not None:
+                reads.after_loss(out)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
-            if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else None
+            if reads is not None:
+                reads.before_step(out, grad_norm)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -172,6 +208,8 @@ class StepRunner:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.ema.update()
+            if reads is not None:
+                reads.after_step(out, grad_norm)
 
 
 @contextlib.contextmanager
@@ -254,13 +292,15 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
         del model
         info.update(add_online_encoder(objective, family, kwargs, device, args))
         raw_images = getattr(objective, "encoder", None) is not None  # the batch carries images, not features
+        host_reads = None if getattr(args, "ref_no_host_reads", False) else OfficialHostReads(family, ref.parameters())
+        info["host_reads_per_step"] = host_reads.per_step() if host_reads else "0 (--ref-no-host-reads)"
         if variant == "reference_bf16":
             optimizer = make_optimizer(recipe["optimizer"], ref.parameters(), fused=False)
             info.update(precision="bf16 autocast (TF32 matmuls)", attention=args.ref_attention or recipe["attention"],
                         optimizer=recipe["optimizer"], ops_backend="reference modules")
             runner = StepRunner(ref, objective, optimizer, ReferenceEMA(ref), autocast_dtype=torch.bfloat16,
                                 grad_clip=recipe["grad_clip"], backend="torch", device=device)
-            runner.tf32, runner.raw_images = True, raw_images
+            runner.tf32, runner.raw_images, runner.host_reads = True, raw_images, host_reads
             return runner, info
         fp16 = recipe["precision"] == "fp16"
         scaler = torch.amp.GradScaler(device.type) if fp16 and device.type == "cuda" else None
@@ -278,7 +318,7 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
         runner = StepRunner(ref, objective, optimizer, ReferenceEMA(ref), autocast_dtype=dtype, scaler=scaler,
                             grad_clip=recipe["grad_clip"], backend="torch", device=device)
         runner.tf32, runner.cudnn_benchmark = recipe["tf32"], recipe["cudnn_benchmark"]
-        runner.raw_images = raw_images
+        runner.raw_images, runner.host_reads = raw_images, host_reads
         return runner, info
 
     compiled = variant.startswith("compiled")
@@ -307,6 +347,8 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
                                fused=use_fused(recipe["optimizer"], device.type, fsdp))
     runner = StepRunner(model, objective, optimizer, EMA(module), autocast_dtype=autocast_dtype,
                         grad_clip=recipe["grad_clip"], backend="auto" if fused else "torch", device=device)
+    runner.host_reads = TrainerHostReads(module.parameters())
+    info["host_reads_per_step"] = runner.host_reads.per_step()
     runner.tf32 = True  # as our trainer (--parallel.tf32): only fp32 matmuls outside autocast see it
     return runner, info
 
@@ -552,6 +594,9 @@ def parse_args(argv=None):
     p.add_argument("--ref-no-encoder", action="store_true",
                    help="REPA's reference step without its per-step DINOv2 forward (precomputed features, as "
                         "the baseline ran before it had the encoder: compares with old results)")
+    p.add_argument("--ref-no-host-reads", action="store_true",
+                   help="the reference steps without the official loops' per-step host reads (loss.item(), MDT's "
+                        "per-parameter norms; row field host_reads_per_step): compares with older results")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps per variant: time by kernel category (row 'profile')")
     p.add_argument("--trace", action="store_true", help="with --profile: also write a gzipped Chrome trace per variant")

@@ -506,6 +506,54 @@ class RefMaskDiT(nn.Module):
 
 
 #################################################################################
+#                      The official loops' per-step host reads                  #
+#################################################################################
+
+class OfficialHostReads:
+    """What each official training loop reads back to the host every step, done at the same places.
+
+    Each read (``.item()``, ``.cpu()``) waits for the GPU to drain its queue, so the CPU cannot launch the
+    next kernels ahead: the GPU idles while the CPU catches up. Per step (NOTES "Reference-style baselines"):
+
+    - DiT, SiT: ``running_loss += loss.item()`` after the EMA update; MaskDiT: ``loss_mean.item()`` after
+      the optimizer step (1 read);
+    - REPA: ``logs`` = the gathered means of loss, proj_loss and grad_norm, each ``.item()`` (3 reads);
+    - MDT: ``log_loss_dict`` before backward, per pass and per key (loss, mse, vb) the mean's ``.item()``
+      and the per-sample values' and timesteps' ``.cpu()`` (18 reads, done here on the pass's loss), and
+      ``MixedPrecisionTrainer._compute_norms`` before the optimizer step: ``torch.norm(p).item()`` and
+      ``torch.norm(p.grad).item()`` of every parameter (2 reads and 2 norm kernels per parameter).
+    """
+
+    def __init__(self, family: str, params):
+        self.family, self.params = family, [p for p in params if p.requires_grad]
+
+    def per_step(self) -> int:
+        """Host reads per training step."""
+        return {"mdtv2": 18 + 2 * len(self.params), "repa_sit": 3}.get(self.family, 1)
+
+    def after_loss(self, out: dict) -> None:
+        if self.family == "mdtv2":
+            for key in ("loss_full", "loss_masked"):
+                for _ in range(3 * 3):
+                    out[key].detach().item()
+
+    def before_step(self, out: dict, grad_norm) -> None:
+        if self.family == "mdtv2":
+            for p in self.params:
+                torch.norm(p, p=2, dtype=torch.float32).item()
+                if p.grad is not None:
+                    torch.norm(p.grad, p=2, dtype=torch.float32).item()
+
+    def after_step(self, out: dict, grad_norm) -> None:
+        if self.family == "repa_sit":
+            for value in (out["denoising_loss"], out["proj_loss"], grad_norm):
+                if value is not None:
+                    torch.as_tensor(value).detach().float().mean().item()
+        elif self.family != "mdtv2":
+            out["loss"].detach().item()
+
+
+#################################################################################
 #                                   Factory                                     #
 #################################################################################
 

@@ -625,6 +625,9 @@ def parse_args(argv=None):
     p.add_argument("--ref-no-encoder", action="store_true",
                    help="REPA's reference without its per-step DINOv2 forward (bench_train_step's flag; by default "
                         "the reference's counted FLOPs exceed the analytic model count by the encoder's forward)")
+    p.add_argument("--ref-no-host-reads", action="store_true",
+                   help="the reference without the official loops' per-step host reads (bench_train_step's flag; "
+                        "MDT's per-parameter norms read every parameter and gradient once more)")
     # bench_train_step's compile settings, which build_runner reads. Only the default mode: GEMM templates
     # with fused epilogues (max-autotune) would blur the line between matmul and the rest.
     p.set_defaults(compile="block", compile_backend="inductor", compile_mode="default")

@@ -255,3 +255,45 @@ def test_tf32_flags_keep_cudnn_tf32_and_restore():
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
     after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     assert after == before
+
+
+def _host_reads_of_a_step(runner, batch, monkeypatch) -> int:
+    """Tensor .item() / .tolist() calls during one ``runner.step``."""
+    calls = []
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _real=real: calls.append(1) or _real(self))
+    runner.step(batch)
+    monkeypatch.undo()
+    return len(calls)
+
+
+@pytest.mark.parametrize("family", bench_train_step.FAMILIES)
+def test_reference_step_reads_what_the_official_loop_reads(family, monkeypatch):
+    """The reference step syncs the host as often as the official loop (DiT/SiT/MaskDiT: loss.item(); REPA: its
+    three logged values; MDT: 18 loss reads + two norms per parameter); ours once, as our trainer."""
+    from benchmarks.reference_style import OfficialHostReads
+
+    kwargs = bench_train_step.TOY_KWARGS[family]
+    runner, info = _toy_runner("reference", family)
+    assert isinstance(runner.host_reads, OfficialHostReads)
+    batch = bench_train_step.make_batch(family, kwargs, 2, torch.device("cpu"), runner.raw_images)
+    runner.step(batch)  # optimizer state first: the counts below are a steady step's
+    with_reads = _host_reads_of_a_step(runner, batch, monkeypatch)
+    reads, runner.host_reads = runner.host_reads, None
+    without = _host_reads_of_a_step(runner, batch, monkeypatch)
+    n_params = sum(1 for p in runner.model.parameters() if p.requires_grad)
+    expected = {"mdtv2": 18 + 2 * n_params, "repa_sit": 3}.get(family, 1)
+    assert with_reads - without == reads.per_step() == info["host_reads_per_step"] == expected
+
+    ours, info = _toy_runner("eager", family)
+    batch = bench_train_step.make_batch(family, kwargs, 2, torch.device("cpu"))  # features, not raw images
+    ours.step(batch)
+    with_reads = _host_reads_of_a_step(ours, batch, monkeypatch)
+    ours.host_reads = None
+    assert with_reads - _host_reads_of_a_step(ours, batch, monkeypatch) == info["host_reads_per_step"] == 1
+
+
+def test_ref_no_host_reads_turns_them_off():
+    runner, info = _toy_runner("reference", "mdtv2", ["--ref-no-host-reads"])
+    assert runner.host_reads is None and info["host_reads_per_step"] == "0 (--ref-no-host-reads)"

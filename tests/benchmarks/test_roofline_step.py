@@ -189,8 +189,9 @@ def test_counted_matmul_flops_match_analytic(counted):
 def test_constant_traffic_is_optimizer_and_ema(counted):
     row = counted[("dit", "eager_fused")]
     params = sum(p.numel() for p in build("dit", **TOY_KWARGS["dit"]).parameters())
-    # fused AdamW reads param, grad, exp_avg, exp_avg_sq and writes three (28 B/param); EMA lerp 12 B/param
-    assert row["bytes_const_per_step"]["optimizer_ema"] == pytest.approx(40 * params, rel=0.02)
+    # fused AdamW reads param, grad, exp_avg, exp_avg_sq and writes three (28 B/param); EMA lerp 12 B/param;
+    # the trainer's gradient norm for its non-finite check (DiT does not clip: one more read of grad, 4 B/param)
+    assert row["bytes_const_per_step"]["optimizer_ema"] == pytest.approx(44 * params, rel=0.02)
     assert row["bytes_per_image"]["optimizer_ema"] == pytest.approx(0.0, abs=1.0)
 
 
