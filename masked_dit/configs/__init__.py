@@ -81,6 +81,8 @@ class ObjectiveConfig:
     path_type: str = "Linear"            # Linear | GVP | VP (REPA: Linear = its 'linear', GVP = its 'cosine')
     prediction: str = "velocity"         # velocity | noise | score
     loss_weight: Optional[str] = None    # None | velocity | likelihood
+    train_eps: Optional[float] = None    # SiT: t in [eps, 1 - eps]; None: SiT's (VP 1e-5, noise/score 1e-3;
+    sample_eps: Optional[float] = None   #   Linear/GVP velocity: 0, where SiT ignores a given eps: refused here)
     # REPA
     proj_coeff: float = 0.5
     weighting: str = "uniform"           # REPA's time sampling: uniform | lognormal
@@ -286,6 +288,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.objective.mask_ratio < 1:
         raise ConfigError(f"--objective.mask_ratio must be in [0, 1) (got {cfg.objective.mask_ratio})")
     _validate_encoder(cfg.objective.encoder)
+    _validate_transport_eps(cfg.objective)
     if cfg.objective.kind == "repa":  # REPA has no VP path
         from masked_dit.diffusion.repa import repa_path_name
 
@@ -346,6 +349,23 @@ def check_guidance(values: dict, flag) -> None:
     if low is not None and high is not None and not low <= high:
         raise ConfigError(f"{flag('guidance_low')}={low} must be <= {flag('guidance_high')}={high} (guidance "
                           f"applies for t in [low, high])")
+
+
+def _validate_transport_eps(oc: ObjectiveConfig) -> None:
+    """SiT's ``--train-eps`` / ``--sample-eps``: the transport kind only, in [0, 0.5), and where SiT reads
+    them (a VP path, or noise / score prediction; Linear and GVP velocity models use [0, 1] as they are)."""
+    for key in ("train_eps", "sample_eps"):
+        value = getattr(oc, key)
+        if value is None:
+            continue
+        if oc.kind != "transport":
+            raise ConfigError(f"--objective.{key}={value} is SiT's time cut-off: it applies to --objective.kind="
+                              f"transport only (got {oc.kind})")
+        if not (math.isfinite(value) and 0 <= value < 0.5):
+            raise ConfigError(f"--objective.{key} must be a finite number in [0, 0.5) (got {value})")
+        if oc.path_type != "VP" and oc.prediction == "velocity":
+            raise ConfigError(f"--objective.{key}={value} is not read for a {oc.path_type} velocity model (SiT trains "
+                              f"and samples it on [0, 1] and ignores the cut-off): leave it unset")
 
 
 def _validate_sample(cfg: Config) -> None:

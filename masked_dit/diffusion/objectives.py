@@ -183,10 +183,11 @@ class TransportObjective:
     kind = "transport"
     samplers = ("ode", "euler", "heun", "sde")
 
-    def __init__(self, path_type: str = "Linear", prediction: str = "velocity", loss_weight: Optional[str] = None):
+    def __init__(self, path_type: str = "Linear", prediction: str = "velocity", loss_weight: Optional[str] = None,
+                 train_eps: Optional[float] = None, sample_eps: Optional[float] = None):
         from masked_dit.diffusion.transport import Transport
 
-        self.transport = Transport(path_type, prediction, loss_weight)
+        self.transport = Transport(path_type, prediction, loss_weight, train_eps, sample_eps)
 
     def __call__(self, model, batch: dict) -> dict:
         terms = self.transport.training_losses(model, batch["x"], model_kwargs={"y": batch["y"]})
@@ -423,8 +424,9 @@ def check_sit_sampling(objective_cfg, sampler: str, options: dict, flag) -> None
             check_ode_method(options["ode_method"])
         elif sampler == "sde":  # Heun ending where the score is singular
             oc = objective_cfg
-            sde_interval(Transport(oc.path_type, oc.prediction, oc.loss_weight), options["sde_method"],
-                         options["diffusion_form"], options["last_step"], options["last_step_size"])
+            sde_interval(Transport(oc.path_type, oc.prediction, oc.loss_weight, oc.train_eps, oc.sample_eps),
+                         options["sde_method"], options["diffusion_form"], options["last_step"],
+                         options["last_step_size"])
     except ValueError as exc:
         raise ValueError(f"{flag(key)}: {exc}") from None
 
@@ -497,7 +499,7 @@ def build_objective(cfg, model=None, pixel_space: bool = False, *, image_size: O
         return MDTv2Objective(**common, mask_ratio=cfg.mask_ratio, mask_ratio_jitter=cfg.mask_ratio_jitter,
                               min_snr_gamma=cfg.min_snr_gamma)
     if kind == "transport":
-        return TransportObjective(cfg.path_type, cfg.prediction, cfg.loss_weight)
+        return TransportObjective(cfg.path_type, cfg.prediction, cfg.loss_weight, cfg.train_eps, cfg.sample_eps)
     if kind == "edm_maskdit":
         return EDMMaskDiTObjective(cfg.mask_ratio, cfg.mae_loss_coef, cfg.P_mean, cfg.P_std, cfg.sigma_data)
     encoder = None

@@ -175,6 +175,9 @@ CASES = [
                                                                      "--sample.sigma_max=10"),
      "masked-dit train: error: --sample.schedule=vp: the vp schedule cannot span sigma_min=5.0 .. sigma_max=10.0 "
      "(beta_d = -6513 <= 0): lower sigma_min or raise sigma_max"),
+    ("cli-sit-eps-on-linear-velocity", lambda w, m: _train(w, "--preset", "digits-sit", "--objective.train_eps=0.001"),
+     "masked-dit train: error: --objective.train_eps=0.001 is not read for a Linear velocity model (SiT trains and "
+     "samples it on [0, 1] and ignores the cut-off): leave it unset"),
     ("cli-sit-diffusion-form-unknown", lambda w, m: _train(w, "--preset", "digits-sit", "--sample.sampler=sde",
                                                            "--sample.diffusion_form=SDBM"),
      "masked-dit train: error: --sample.diffusion_form=SDBM is not valid; choose one of: constant, SBDM, sigma, "

@@ -112,3 +112,25 @@ def test_maskdit_sampler_options_roundtrip_with_an_unbounded_churn_window(tmp_pa
     assert apply_overrides(cfg, ["--sample.S_max=inf", "--sample.S_max=50"]).sample.S_max == 50.0
     with pytest.raises(ConfigError, match=r"^--sample.schedule='cosine' is not valid; choose one of: linear, vp, ve$"):
         apply_overrides(cfg, ["--sample.schedule=cosine"])
+
+
+def test_sit_time_cutoffs_reach_the_transport_where_sit_reads_them():
+    """SiT's --train-eps / --sample-eps: a VP (or noise / score) model's [eps, 1 - eps]; refused where SiT
+    would ignore them (Linear / GVP velocity) and on other objectives."""
+    from masked_dit.diffusion.objectives import build_objective
+
+    cfg = apply_overrides(get_preset("digits-sit"), ["--objective.path_type=VP", "--objective.train_eps=0.002"])
+    transport = build_objective(cfg.objective).transport
+    assert (transport.train_eps, transport.sample_eps) == (0.002, 1e-3)  # the other keeps SiT's default
+    cfg = apply_overrides(get_preset("digits-sit"), ["--objective.prediction=noise", "--objective.sample_eps=0.01"])
+    assert build_objective(cfg.objective).transport.sample_eps == 0.01
+    assert build_objective(get_preset("digits-sit").objective).transport.train_eps == 0.0
+    bad = [(["--objective.train_eps=0.001"], r"^--objective.train_eps=0.001 is not read for a Linear velocity model"),
+           (["--objective.path_type=VP", "--objective.sample_eps=0.5"],
+            r"^--objective.sample_eps must be a finite number in \[0, 0.5\) \(got 0.5\)$"),
+           (["--objective.path_type=VP", "--objective.train_eps=nan"], r"^--objective.train_eps must be a finite"),
+           (["--objective.kind=adm", "--objective.train_eps=0.001"],
+            r"^--objective.train_eps=0.001 is SiT's time cut-off: it applies to --objective.kind=transport only")]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            apply_overrides(get_preset("digits-sit"), overrides)
