@@ -77,6 +77,8 @@ class ObjectiveConfig:
     P_std: float = 1.2
     sigma_data: float = 0.5
     mae_loss_coef: float = 0.1
+    mask_ratio_fn: str = "constant"      # MaskDiT's ratio over the run: constant | cosine2..6 | exp | linear
+    mask_ratio_min: float = 0.0          #   (its cosine4 unmasking fine-tune: mask_ratio 0.5 -> mask_ratio_min 0)
     # transport (SiT, REPA)
     path_type: str = "Linear"            # Linear | GVP | VP (REPA: Linear = its 'linear', GVP = its 'cosine')
     prediction: str = "velocity"         # velocity | noise | score
@@ -289,6 +291,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--objective.mask_ratio must be in [0, 1) (got {cfg.objective.mask_ratio})")
     _validate_encoder(cfg.objective.encoder)
     _validate_transport_eps(cfg.objective)
+    oc = cfg.objective
+    if (oc.mask_ratio_fn, oc.mask_ratio_min) != ("constant", 0.0):
+        from masked_dit.nn.masking import MASK_RATIO_FNS
+
+        if oc.mask_ratio_fn not in MASK_RATIO_FNS:
+            raise ConfigError(f"--objective.mask_ratio_fn={oc.mask_ratio_fn!r} is not valid; choose one of: "
+                              f"{', '.join(MASK_RATIO_FNS)}")
+        if oc.kind != "edm_maskdit":
+            raise ConfigError(f"--objective.mask_ratio_fn={oc.mask_ratio_fn} / mask_ratio_min is MaskDiT's schedule: "
+                              f"it applies to --objective.kind=edm_maskdit only (got {oc.kind})")
+        if not (math.isfinite(oc.mask_ratio_min) and 0 <= oc.mask_ratio_min <= oc.mask_ratio):
+            raise ConfigError(f"--objective.mask_ratio_min must be in [0, --objective.mask_ratio={oc.mask_ratio}] "
+                              f"(got {oc.mask_ratio_min})")
     if cfg.objective.kind == "repa":  # REPA has no VP path
         from masked_dit.diffusion.repa import repa_path_name
 

@@ -66,6 +66,16 @@ _IMAGENET_RECIPES = {
         "parallel.precision": "bf16", "parallel.compile": True,
         "sample.sampler": "heun", "sample.steps": 40, "sample.cfg_scale": 1.5,
     },
+    # MaskDiT's other fine-tune (configs/finetune/imagenet256-latent-cos.yaml, whose "cos4" means cosine4): the
+    # mask ratio falls from 0.5 to 0 as cos(pi x / 2)^4 over the run's steps, MAE loss kept; lr 5e-5, batch
+    # 512, 100K steps, from the masked run (--run.init_from), as the official config.
+    "imagenet256-maskdit-xl2-unmask-cos": {
+        "model.name": "MaskDiT-XL/2", "objective.kind": "edm_maskdit", "objective.mask_ratio": 0.5,
+        "objective.mask_ratio_fn": "cosine4", "objective.mask_ratio_min": 0.0, "objective.mae_loss_coef": 0.1,
+        "optim.lr": 5e-5, "train.global_batch": 512, "train.steps": 100_000,
+        "parallel.precision": "bf16", "parallel.compile": True,
+        "sample.sampler": "heun", "sample.steps": 40, "sample.cfg_scale": 1.5,
+    },
 }
 
 #################################################################################

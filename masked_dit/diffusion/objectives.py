@@ -29,7 +29,7 @@ from masked_dit.diffusion.edm_sampling import edm_sampler
 from masked_dit.diffusion.gaussian import min_snr_weight
 from masked_dit.diffusion.guidance import ClassifierFreeGuidance, guided_channel_count, power_cosine_scale
 from masked_dit.diffusion.respace import create_diffusion, space_timesteps
-from masked_dit.nn.masking import random_masking, sample_mdt_mask_ratio
+from masked_dit.nn.masking import keep_count, random_masking, sample_mdt_mask_ratio, scheduled_mask_ratio
 
 # Which model families each objective trains.
 FAMILIES = {
@@ -229,15 +229,26 @@ def _one_hot_labels(m, y: torch.Tensor, dtype: torch.dtype):
 class EDMMaskDiTObjective:
     """MaskDiT: EDM denoising loss on the kept patches + ``mae_loss_coef`` x MAE loss (noisy input,
     normalised per patch) on the removed ones; ``mask_ratio = 0`` is the plain EDM loss (the
-    unmasking fine-tune). Labels are one-hot, zeroed with the model's ``class_dropout_prob``."""
+    unmasking fine-tune). Labels are one-hot, zeroed with the model's ``class_dropout_prob``.
+
+    ``mask_ratio_fn`` (MaskDiT's ``get_mask_ratio_fn``) moves the ratio over the run, from the
+    fraction of it done that the trainer sets in ``progress`` before each step; a ratio that removes no
+    patch (the end of a cosine schedule) is the plain loss.
+    """
 
     kind = "edm_maskdit"
     samplers = ("heun", "euler")
 
     def __init__(self, mask_ratio: float = 0.5, mae_loss_coef: float = 0.1, P_mean: float = -1.2, P_std: float = 1.2,
-                 sigma_data: float = 0.5):
+                 sigma_data: float = 0.5, mask_ratio_fn: str = "constant", mask_ratio_min: float = 0.0):
         self.mask_ratio, self.mae_loss_coef = mask_ratio, mae_loss_coef
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+        self.mask_ratio_fn, self.mask_ratio_min = mask_ratio_fn, mask_ratio_min
+        scheduled_mask_ratio(0.0, mask_ratio_fn, mask_ratio, mask_ratio_min)  # an unknown name fails here
+        self.progress = 0.0  # fraction of the run done (the trainer sets it before each step)
+
+    def current_mask_ratio(self) -> float:
+        return scheduled_mask_ratio(self.progress, self.mask_ratio_fn, self.mask_ratio, self.mask_ratio_min)
 
     def __call__(self, model, batch: dict, *, rnd_normal=None, noise=None, ids_keep=None) -> dict:
         """``rnd_normal`` [B] / ``noise`` (unit) / ``ids_keep`` [B, K] replace the random draws."""
@@ -252,8 +263,8 @@ class EDMMaskDiTObjective:
         if ids_keep is not None:
             mask = torch.ones(x.shape[0], num_patches, device=x.device).scatter_(1, ids_keep, 0.0)
             net_kwargs = {"ids_keep": ids_keep}
-        elif self.mask_ratio > 0:
-            ids_keep, ids_restore, mask = random_masking(x.shape[0], num_patches, self.mask_ratio, device=x.device)
+        elif (ratio := self.current_mask_ratio()) > 0 and keep_count(num_patches, ratio) < num_patches:
+            ids_keep, ids_restore, mask = random_masking(x.shape[0], num_patches, ratio, device=x.device)
             net_kwargs = {"ids_keep": ids_keep, "ids_restore": ids_restore}
         terms = edm_loss(model, x, labels, P_mean=self.P_mean, P_std=self.P_std, sigma_data=self.sigma_data,
                          patch_size=m.model.patch_size, mae_loss_coef=self.mae_loss_coef if mask is not None else 0.0,
@@ -261,6 +272,8 @@ class EDMMaskDiTObjective:
         out = {"loss": terms["loss"].mean()}
         if "mae" in terms:
             out["mae"] = terms["mae"].mean()
+        if self.mask_ratio_fn != "constant":  # logged beside the loss
+            out["mask_ratio"] = torch.full((), self.current_mask_ratio(), device=x.device)
         return out
 
     @torch.no_grad()
@@ -501,7 +514,8 @@ def build_objective(cfg, model=None, pixel_space: bool = False, *, image_size: O
     if kind == "transport":
         return TransportObjective(cfg.path_type, cfg.prediction, cfg.loss_weight, cfg.train_eps, cfg.sample_eps)
     if kind == "edm_maskdit":
-        return EDMMaskDiTObjective(cfg.mask_ratio, cfg.mae_loss_coef, cfg.P_mean, cfg.P_std, cfg.sigma_data)
+        return EDMMaskDiTObjective(cfg.mask_ratio, cfg.mae_loss_coef, cfg.P_mean, cfg.P_std, cfg.sigma_data,
+                                   cfg.mask_ratio_fn, cfg.mask_ratio_min)
     encoder = None
     if cfg.encoder == "patches":
         patch = m.patch_size if m is not None else 2

@@ -11,6 +11,7 @@ layout), so no padding is ever computed.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -97,6 +98,29 @@ def sample_mdt_mask_ratio(mask_ratio: float = 0.3, generator: torch.Generator | 
     elif ratio_noise.numel() != 1:
         raise ValueError(f"ratio_noise must hold one value, got shape {list(ratio_noise.shape)}")
     return ratio_noise.reshape(1).to(torch.float32) * spread + mask_ratio
+
+
+# MaskDiT's mask-ratio schedules over a run (train_utils/helper.get_mask_ratio_fn).
+MASK_RATIO_FNS = ("constant", "cosine2", "cosine3", "cosine4", "cosine5", "cosine6", "exp", "linear")
+
+
+def scheduled_mask_ratio(progress: float, name: str = "constant", mask_ratio: float = 0.5,
+                         mask_ratio_min: float = 0.0) -> float:
+    """MaskDiT's mask ratio at ``progress`` (the fraction of the run done, clipped to [0, 1]): constant
+    ``mask_ratio``; ``cosineP`` falls from ``mask_ratio`` to ``mask_ratio_min`` as cos(pi x / 2)^P (its
+    unmasking fine-tune: cosine4 from 0.5 to 0); ``exp`` as exp(-7 x); ``linear`` rises from
+    ``mask_ratio_min`` to ``mask_ratio`` (as MaskDiT's)."""
+    if name not in MASK_RATIO_FNS:
+        raise ValueError(f"unknown mask ratio schedule {name!r}; valid: {', '.join(MASK_RATIO_FNS)}")
+    x = min(max(float(progress), 0.0), 1.0)
+    span = mask_ratio - mask_ratio_min
+    if name == "constant":
+        return mask_ratio
+    if name == "exp":
+        return span * math.exp(-7 * x) + mask_ratio_min
+    if name == "linear":
+        return span * x + mask_ratio_min
+    return span * math.cos(math.pi * x / 2) ** int(name[len("cosine"):]) + mask_ratio_min
 
 
 #################################################################################

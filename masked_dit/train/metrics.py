@@ -28,8 +28,9 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
     return None
 
 
-def training_flops_per_image(model, objective_cfg) -> float | None:
-    """Model FLOPs of one training image (forward + backward), from masked_dit.models.flops."""
+def training_flops_per_image(model, objective_cfg, mask_ratio: float | None = None) -> float | None:
+    """Model FLOPs of one training image (forward + backward), from masked_dit.models.flops; MaskDiT at
+    ``mask_ratio`` when given (its scheduled ratio of the step), else at the config's."""
     try:
         from masked_dit.models.flops import flops_per_image, forward_flops
     except ImportError:
@@ -38,7 +39,7 @@ def training_flops_per_image(model, objective_cfg) -> float | None:
     if objective_cfg.kind == "mdtv2":
         ratio = objective_cfg.mask_ratio + objective_cfg.mask_ratio_jitter / 2  # mean of the drawn ratio
     elif objective_cfg.kind == "edm_maskdit":
-        ratio = objective_cfg.mask_ratio
+        ratio = objective_cfg.mask_ratio if mask_ratio is None else mask_ratio
     try:
         if objective_cfg.kind == "mdtv2":
             # the objective's two passes, the masked one even at ratio 0 (every token kept, side-interpolater
@@ -59,13 +60,16 @@ class MetricsLog:
         self.sums: dict[str, float] = {}
         self.count = 0
         self.images = 0
+        self.flops = 0.0  # this rank's model FLOPs since the clock started
         self.t0 = time.perf_counter()
 
-    def add(self, values: dict, images: int) -> None:
+    def add(self, values: dict, images: int, flops_per_image: float | None = None) -> None:
+        """``flops_per_image``: this step's, where it varies (MaskDiT's scheduled mask ratio)."""
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
         self.count += 1
         self.images += images
+        self.flops += images * ((self.flops_per_image or 0.0) if flops_per_image is None else flops_per_image)
 
     def state_dict(self) -> dict:
         """The open log window (this rank's sums since the last record): saved in each checkpoint, so
@@ -78,7 +82,7 @@ class MetricsLog:
 
     def reset_clock(self) -> None:
         self.t0 = time.perf_counter()
-        self.images = 0
+        self.images, self.flops = 0, 0.0
 
     def flush(self, step: int, world, extra: dict) -> dict | None:
         """Averages over the window and ranks; returns the record (rank 0 writes it)."""
@@ -91,7 +95,7 @@ class MetricsLog:
         img_s = self.images * world.size / elapsed
         record = {"step": step, **means, **extra, "img_per_s": img_s}
         if self.flops_per_image:
-            tflops = img_s * self.flops_per_image / world.size / 1e12  # per device
+            tflops = self.flops / elapsed / 1e12  # per device
             record["tflops_per_device"] = tflops
             if self.peak:
                 record["mfu"] = tflops * 1e12 / self.peak

@@ -137,6 +137,7 @@ class Trainer:
                                          image_size=cfg.data.image_size if pixel else None,
                                          precision=cfg.parallel.precision)
         self.flops_per_image = training_flops_per_image(module, cfg.objective)
+        self._flops_by_kept: dict[int, float | None] = {}
         self.model = parallelize(module, cfg, w)
         self.module = unwrap(self.model)
         self.fsdp_mp = cfg.parallel.mode == "fsdp" and w.distributed
@@ -200,6 +201,8 @@ class Trainer:
         lr = lr_at(self.step, cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if hasattr(self.objective, "progress"):  # MaskDiT's mask-ratio schedule: a function of the step
+            self.objective.progress = self.step / cfg.train.steps
         self.model.train()
         sums: dict[str, torch.Tensor] = {}  # loss terms stay on the device: no sync between micro-steps
         for micro in range(self.accum):
@@ -224,6 +227,20 @@ class Trainer:
         self.nonfinite_streak = 0
         totals["lr"] = lr
         return totals
+
+    def _step_flops_per_image(self) -> float | None:
+        """The last step's model FLOPs per image where they vary with it (MaskDiT's scheduled mask ratio,
+        one count per keep count), else None (the run's)."""
+        objective = self.objective
+        if getattr(objective, "mask_ratio_fn", "constant") == "constant" or self.flops_per_image is None:
+            return None
+        from masked_dit.nn.masking import keep_count
+
+        ratio = objective.current_mask_ratio()
+        kept = keep_count(self.module.model.num_patches, ratio)
+        if kept not in self._flops_by_kept:
+            self._flops_by_kept[kept] = training_flops_per_image(self.module, self.cfg.objective, mask_ratio=ratio)
+        return self._flops_by_kept[kept]
 
     def _agree(self, totals: dict) -> bool:
         """Whether the loss terms and the gradient norm are finite on every rank, and whether any rank
@@ -365,7 +382,7 @@ class Trainer:
             values = self.train_step()
             skipped = "skipped" in values  # a non-finite step: nothing to average into the log
             if not skipped:
-                self.metrics.add(values, self.micro_batch * self.accum)
+                self.metrics.add(values, self.micro_batch * self.accum, self._step_flops_per_image())
             if bar is not None:
                 bar.update(1)
                 if not skipped:

@@ -285,3 +285,26 @@ def test_check_edm_sampling_names_the_option():
     for change, message in bad:
         with pytest.raises(ValueError, match=message):
             check_edm_sampling({**good, **change}, 40, lambda k: k)
+
+
+def test_maskdit_mask_ratio_schedule_follows_the_progress():
+    """MaskDiT's cosine4 fine-tune: the kept patches follow ratio(progress); at the end (no patch removed)
+    the step is the plain EDM loss, as a ratio-0 objective's with the same draws."""
+    obj = EDMMaskDiTObjective(mask_ratio=0.5, mae_loss_coef=0.1, mask_ratio_fn="cosine4")
+    seen = []
+
+    class Net(AnalyticEDM):
+        def forward(self, x, sigma, labels=None, ids_keep=None, ids_restore=None):
+            seen.append(None if ids_keep is None else ids_keep.shape[1])
+            return super().forward(x, sigma, labels)
+
+    batch = {"x": torch.randn(2, 4, 8, 8), "y": torch.zeros(2, dtype=torch.long)}
+    for progress, kept in ((0.0, 8), (0.5, 14), (1.0, None)):  # 16 patches; ratio 0.5, 0.125, 0
+        obj.progress = progress
+        out = obj(Net(), batch, rnd_normal=torch.zeros(2), noise=torch.ones(2, 4, 8, 8))
+        assert seen[-1] == kept and out["mask_ratio"].item() == pytest.approx(obj.current_mask_ratio())
+        assert ("mae" in out) == (kept is not None)
+    plain = EDMMaskDiTObjective(mask_ratio=0.0)(Net(), batch, rnd_normal=torch.zeros(2), noise=torch.ones(2, 4, 8, 8))
+    assert torch.equal(out["loss"], plain["loss"])
+    with pytest.raises(ValueError, match="unknown mask ratio schedule"):
+        EDMMaskDiTObjective(mask_ratio_fn="cos4")

@@ -196,3 +196,25 @@ def test_kept_tokens_reject_out_of_range_ids_and_bad_cu_seqlens():
     for cu, T in [([0, 3, 5], 6), ([1, 3, 6], 6), ([0, 4, 2], 6), ([0, 2, 19], 19)]:
         with pytest.raises(ValueError, match=rf"cu_seqlens must rise from 0 to T={T} by at most num_tokens=16"):
             KeptTokens(torch.zeros(T, dtype=torch.int64), 16, 2, cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+
+
+def test_scheduled_mask_ratio_is_maskdits():
+    """MaskDiT's get_mask_ratio_fn written out with numpy at (x, scale, min); clipped outside [0, 1]."""
+    import numpy as np
+
+    from masked_dit.nn.masking import MASK_RATIO_FNS, scheduled_mask_ratio
+
+    def official(name, x, scale, lo):
+        if name.startswith("cosine"):
+            return (scale - lo) * np.cos(np.pi * x / 2) ** int(name[-1]) + lo
+        return {"exp": (scale - lo) * np.exp(-x * 7) + lo, "linear": (scale - lo) * x + lo, "constant": scale}[name]
+
+    for name in MASK_RATIO_FNS:
+        for x in (0.0, 0.1, 0.37, 0.5, 0.99, 1.0):
+            for scale, lo in ((0.5, 0.0), (0.75, 0.25)):
+                assert scheduled_mask_ratio(x, name, scale, lo) == pytest.approx(official(name, x, scale, lo),
+                                                                                  rel=1e-12, abs=1e-15)
+    assert scheduled_mask_ratio(1.5, "cosine4", 0.5) == scheduled_mask_ratio(1.0, "cosine4", 0.5)
+    assert scheduled_mask_ratio(-1.0, "linear", 0.5, 0.1) == 0.1
+    with pytest.raises(ValueError, match="unknown mask ratio schedule 'cos4'"):
+        scheduled_mask_ratio(0.5, "cos4")

@@ -178,6 +178,15 @@ CASES = [
     ("cli-sit-eps-on-linear-velocity", lambda w, m: _train(w, "--preset", "digits-sit", "--objective.train_eps=0.001"),
      "masked-dit train: error: --objective.train_eps=0.001 is not read for a Linear velocity model (SiT trains and "
      "samples it on [0, 1] and ignores the cut-off): leave it unset"),
+    # MaskDiT's mask-ratio schedule: its fine-tune config's "cos4" is not a name its code knows (a bug there)
+    ("cli-maskdit-mask-ratio-fn-cos4", lambda w, m: _train(w, "--preset", "digits-maskdit",
+                                                           "--objective.mask_ratio_fn=cos4"),
+     "masked-dit train: error: --objective.mask_ratio_fn='cos4' is not valid; choose one of: constant, cosine2, "
+     "cosine3, cosine4, cosine5, cosine6, exp, linear"),
+    ("cli-mask-ratio-fn-on-mdtv2", lambda w, m: _train(w, "--preset", "digits-mdtv2",
+                                                       "--objective.mask_ratio_fn=cosine4"),
+     "masked-dit train: error: --objective.mask_ratio_fn=cosine4 / mask_ratio_min is MaskDiT's schedule: it applies "
+     "to --objective.kind=edm_maskdit only (got mdtv2)"),
     ("cli-sit-diffusion-form-unknown", lambda w, m: _train(w, "--preset", "digits-sit", "--sample.sampler=sde",
                                                            "--sample.diffusion_form=SDBM"),
      "masked-dit train: error: --sample.diffusion_form=SDBM is not valid; choose one of: constant, SBDM, sigma, "

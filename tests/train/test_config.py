@@ -134,3 +134,10 @@ def test_sit_time_cutoffs_reach_the_transport_where_sit_reads_them():
     for overrides, message in bad:
         with pytest.raises(ConfigError, match=message):
             apply_overrides(get_preset("digits-sit"), overrides)
+
+
+def test_maskdit_mask_ratio_schedule_settings():
+    cfg = get_preset("imagenet256-maskdit-xl2-unmask-cos")
+    assert (cfg.objective.mask_ratio, cfg.objective.mask_ratio_fn, cfg.objective.mask_ratio_min) == (0.5, "cosine4", 0)
+    with pytest.raises(ConfigError, match=r"^--objective.mask_ratio_min must be in \[0, --objective.mask_ratio=0.5\]"):
+        apply_overrides(get_preset("digits-maskdit"), ["--objective.mask_ratio_fn=linear", "--objective.mask_ratio_min=0.7"])

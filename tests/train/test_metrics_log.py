@@ -103,3 +103,14 @@ def test_peak_memory_is_per_log_window(tmp_path, monkeypatch):
         log.add({"loss": 1.0}, images=2)
         records.append(log.flush(step, world, {}))
     assert [r["peak_mem_gib"] for r in records] == [3.0, 1.0] and len(resets) == 2
+
+
+def test_tflops_count_each_steps_own_flops(tmp_path, monkeypatch):
+    """A step's FLOPs per image (MaskDiT's scheduled ratio) replace the run's for that step's images."""
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: 0.0)
+    log = metrics.MetricsLog(tmp_path / "metrics.jsonl", flops_per_image=2e12, peak=10e12)
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: 2.0)  # the window lasts 2 s
+    log.add({"loss": 1.0}, images=4)                          # 4 x 2e12
+    log.add({"loss": 1.0}, images=4, flops_per_image=1e12)    # 4 x 1e12
+    record = log.flush(2, _world(), {})
+    assert record["tflops_per_device"] == 12e12 / 2.0 / 1e12 and record["mfu"] == 0.6

@@ -197,3 +197,23 @@ def test_grids_sample_with_the_configs_sit_options(tmp_path, monkeypatch):
     assert {k: seen[k] for k in ("method", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")} == \
         {"method": "Heun", "diffusion_form": "SBDM", "diffusion_norm": 0.5, "last_step": "Tweedie", "last_step_size": 0.1}
     assert (tmp_path / "g.png").exists()
+
+
+def test_maskdit_mask_ratio_schedule_runs_by_step_and_counts_its_flops(tmp_path):
+    """--objective.mask_ratio_fn=cosine4: each step masks at ratio(step / steps), logged as mask_ratio, and
+    the record's TFLOP/s counts each step at its own ratio (fewer kept patches: fewer FLOPs)."""
+    from masked_dit.nn.masking import scheduled_mask_ratio
+    from masked_dit.train.metrics import training_flops_per_image
+
+    cfg = tiny_config("digits-maskdit", tmp_path, **{"train.steps": 4, "objective.mask_ratio_fn": "cosine4",
+                                                     "objective.mask_ratio": 0.75})
+    trainer = Trainer(cfg)
+    flops = []
+    add = trainer.metrics.add
+    trainer.metrics.add = lambda values, images, fpi=None: flops.append(fpi) or add(values, images, fpi)
+    trainer.fit()
+    records = [r for r in _losses(tmp_path / "digits-maskdit") if "loss" in r]
+    ratios = [scheduled_mask_ratio(s / 4, "cosine4", 0.75) for s in range(4)]
+    assert [r["mask_ratio"] for r in records] == pytest.approx(ratios, rel=1e-6)
+    assert flops == [training_flops_per_image(trainer.module, cfg.objective, mask_ratio=r) for r in ratios]
+    assert flops[0] < flops[-1]  # more kept patches late in the schedule
