@@ -291,19 +291,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--objective.mask_ratio must be in [0, 1) (got {cfg.objective.mask_ratio})")
     _validate_encoder(cfg.objective.encoder)
     _validate_transport_eps(cfg.objective)
-    oc = cfg.objective
-    if (oc.mask_ratio_fn, oc.mask_ratio_min) != ("constant", 0.0):
-        from masked_dit.nn.masking import MASK_RATIO_FNS
-
-        if oc.mask_ratio_fn not in MASK_RATIO_FNS:
-            raise ConfigError(f"--objective.mask_ratio_fn={oc.mask_ratio_fn!r} is not valid; choose one of: "
-                              f"{', '.join(MASK_RATIO_FNS)}")
-        if oc.kind != "edm_maskdit":
-            raise ConfigError(f"--objective.mask_ratio_fn={oc.mask_ratio_fn} / mask_ratio_min is MaskDiT's schedule: "
-                              f"it applies to --objective.kind=edm_maskdit only (got {oc.kind})")
-        if not (math.isfinite(oc.mask_ratio_min) and 0 <= oc.mask_ratio_min <= oc.mask_ratio):
-            raise ConfigError(f"--objective.mask_ratio_min must be in [0, --objective.mask_ratio={oc.mask_ratio}] "
-                              f"(got {oc.mask_ratio_min})")
+    _validate_mask_ratio_schedule(cfg.objective)
     if cfg.objective.kind == "repa":  # REPA has no VP path
         from masked_dit.diffusion.repa import repa_path_name
 
@@ -381,6 +369,23 @@ def _validate_transport_eps(oc: ObjectiveConfig) -> None:
         if oc.path_type != "VP" and oc.prediction == "velocity":
             raise ConfigError(f"--objective.{key}={value} is not read for a {oc.path_type} velocity model (SiT trains "
                               f"and samples it on [0, 1] and ignores the cut-off): leave it unset")
+
+
+def _validate_mask_ratio_schedule(oc: ObjectiveConfig) -> None:
+    """MaskDiT's ``mask_ratio_fn`` / ``mask_ratio_min``: a known name, MaskDiT only, min in [0, mask_ratio]."""
+    if (oc.mask_ratio_fn, oc.mask_ratio_min) == ("constant", 0.0):
+        return
+    from masked_dit.nn.masking import MASK_RATIO_FNS  # (imports torch: only for a schedule)
+
+    if oc.mask_ratio_fn not in MASK_RATIO_FNS:
+        raise ConfigError(f"--objective.mask_ratio_fn={oc.mask_ratio_fn!r} is not valid; choose one of: "
+                          f"{', '.join(MASK_RATIO_FNS)}")
+    if oc.kind != "edm_maskdit":
+        raise ConfigError(f"--objective.mask_ratio_fn={oc.mask_ratio_fn} / mask_ratio_min is MaskDiT's schedule: "
+                          f"it applies to --objective.kind=edm_maskdit only (got {oc.kind})")
+    if not (math.isfinite(oc.mask_ratio_min) and 0 <= oc.mask_ratio_min <= oc.mask_ratio):
+        raise ConfigError(f"--objective.mask_ratio_min must be in [0, --objective.mask_ratio={oc.mask_ratio}] "
+                          f"(got {oc.mask_ratio_min})")
 
 
 def _validate_sample(cfg: Config) -> None:
