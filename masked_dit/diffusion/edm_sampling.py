@@ -26,6 +26,20 @@ SCALINGS = ("none", "vp")                        # s(t)
 VP_DEFAULT_BETAS = (19.1, 0.1)                   # (beta_d, beta_min) of EDM's VP defaults
 
 
+class SamplerSettingError(ValueError):
+    """A setting of EDM's sampler that cannot work; ``option`` names it (discretization, schedule,
+    scaling, solver, sigma_min, num_steps), so a caller can spell it as its own command line does."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
+def _check_choice(option: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise SamplerSettingError(option, f"{option} {value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
 #################################################################################
 #                          Noise-level grids (discretization)                   #
 #################################################################################
@@ -49,6 +63,7 @@ def vp_sigma(beta_d: float, beta_min: float) -> Callable[[float], float]:
 
 def default_sigma_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[float, float]:
     """EDM's (sigma_min, sigma_max) for each discretization, used where the caller gives none."""
+    _check_choice("discretization", discretization, DISCRETIZATIONS)
     if discretization == "vp":
         sigma = vp_sigma(*VP_DEFAULT_BETAS)
         return sigma(epsilon_s), sigma(1.0)
@@ -76,12 +91,12 @@ def noise_levels(num_steps: int, discretization: str = "edm", sigma_min: float =
                  M: int = 1000) -> list[float]:
     """The grid's ``num_steps`` noise levels, largest first (no final 0). A one-step grid is {sigma_max}
     (EDM's formulas divide 0 by 0 there)."""
-    if discretization not in DISCRETIZATIONS:
-        raise ValueError(f"discretization {discretization!r} is not valid; choose one of: {', '.join(DISCRETIZATIONS)}")
+    _check_choice("discretization", discretization, DISCRETIZATIONS)
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise SamplerSettingError("num_steps", f"num_steps must be >= 1, got {num_steps}")
     if not (0 < sigma_min <= sigma_max and math.isfinite(sigma_max)):
-        raise ValueError(f"need 0 < sigma_min <= sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        raise SamplerSettingError("sigma_min", f"need 0 < sigma_min <= sigma_max < inf, got sigma_min={sigma_min}, "
+                                  f"sigma_max={sigma_max}")
     frac = [i / max(num_steps - 1, 1) for i in range(num_steps)]
     if discretization == "edm":
         return karras_sigmas(num_steps, sigma_min, sigma_max, rho)[:-1].tolist()
@@ -92,8 +107,8 @@ def noise_levels(num_steps: int, discretization: str = "edm", sigma_min: float =
         return [math.sqrt(sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** f) for f in frac]
     u = [s for s in iddpm_sigmas(M, C_1, C_2) if sigma_min <= s <= sigma_max]
     if not u:
-        raise ValueError(f"the iddpm discretization has no noise level in [sigma_min={sigma_min}, "
-                         f"sigma_max={sigma_max}]")
+        raise SamplerSettingError("discretization", f"the iddpm discretization has no noise level in "
+                                  f"[sigma_min={sigma_min}, sigma_max={sigma_max}]")
     return [u[round((len(u) - 1) * f)] for f in frac]
 
 
@@ -116,15 +131,14 @@ def time_schedule(schedule: str = "linear", scaling: str = "none", sigma_min: fl
                   sigma_max: float = 80.0, epsilon_s: float = 1e-3) -> TimeSchedule:
     """EDM's sigma(t) (``schedule``) and s(t) (``scaling``); VP's betas put sigma(epsilon_s) = sigma_min
     and sigma(1) = sigma_max."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule {schedule!r} is not valid; choose one of: {', '.join(SCHEDULES)}")
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling {scaling!r} is not valid; choose one of: {', '.join(SCALINGS)}")
+    _check_choice("schedule", schedule, SCHEDULES)
+    _check_choice("scaling", scaling, SCALINGS)
     if schedule == "vp":
         beta_d, beta_min = vp_betas(sigma_min, sigma_max, epsilon_s)
         if not beta_d > 0:  # sigma(t) would not increase over [epsilon_s, 1]
-            raise ValueError(f"the vp schedule cannot span sigma_min={sigma_min} .. sigma_max={sigma_max} "
-                             f"(beta_d = {beta_d:.4g} <= 0): lower sigma_min or raise sigma_max")
+            raise SamplerSettingError("schedule", f"the vp schedule cannot span sigma_min={sigma_min} .. "
+                                      f"sigma_max={sigma_max} (beta_d = {beta_d:.4g} <= 0): lower sigma_min or "
+                                      f"raise sigma_max")
         sigma = vp_sigma(beta_d, beta_min)
         sigma_deriv = lambda t: 0.5 * (beta_min + beta_d * t) * (sigma(t) + 1 / sigma(t))  # noqa: E731
         sigma_inv = lambda s: (math.sqrt(beta_min ** 2 + 2 * beta_d * math.log1p(s ** 2)) - beta_min) / beta_d  # noqa: E731
@@ -156,9 +170,7 @@ def edm_grid(num_steps: int, *, sigma_min: Optional[float] = None, sigma_max: Op
              round_sigma: Callable[[float], float] = lambda s: s) -> tuple[list[float], TimeSchedule]:
     """The sampler's times t_0 > ... > t_N = 0 and its ``TimeSchedule``. ``sigma_min`` / ``sigma_max``
     default to the discretization's (EDM's) and are clipped to ``net_sigma_range``; every level passes
-    through ``round_sigma``. Raises ValueError naming the setting that cannot work."""
-    if discretization not in DISCRETIZATIONS:
-        raise ValueError(f"discretization {discretization!r} is not valid; choose one of: {', '.join(DISCRETIZATIONS)}")
+    through ``round_sigma``. Raises SamplerSettingError naming the setting that cannot work."""
     default_min, default_max = default_sigma_range(discretization, epsilon_s)
     sigma_min = max(default_min if sigma_min is None else sigma_min, net_sigma_range[0])
     sigma_max = min(default_max if sigma_max is None else sigma_max, net_sigma_range[1])
@@ -194,8 +206,7 @@ def edm_sampler(net: Callable, latents: torch.Tensor, class_labels=None, *, num_
     the first `guided_channels`, the uncond half labelled `null_class_labels` (zeros for one-hot labels
     by default), in one batched call.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver {solver!r} is not valid; choose one of: {', '.join(SOLVERS)}")
+    _check_choice("solver", solver, SOLVERS)
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0 (EDM's 2nd-order step lands at t + alpha h), got {alpha}")
     round_sigma = _sigma_rounder(net)

@@ -448,7 +448,7 @@ def check_edm_sampling(options: dict, steps: int, flag) -> None:
     """Before a run reaches its samples: MaskDiT's EDM ``options`` (``configs.EDM_SAMPLE_KEYS``) for a
     ``steps``-step grid; ``flag(key)`` spells an option as the caller's command line does. The grid is
     built (host floats only), so a VP schedule or iDDPM grid that cannot span the range is caught too."""
-    from masked_dit.diffusion.edm_sampling import DISCRETIZATIONS, SCALINGS, SCHEDULES, edm_grid
+    from masked_dit.diffusion.edm_sampling import DISCRETIZATIONS, SCALINGS, SCHEDULES, SamplerSettingError, edm_grid
 
     for key, valid in (("discretization", DISCRETIZATIONS), ("schedule", SCHEDULES), ("scaling", SCALINGS)):
         if options[key] not in valid:
@@ -472,10 +472,8 @@ def check_edm_sampling(options: dict, steps: int, flag) -> None:
     try:
         edm_grid(steps, sigma_min=lo, sigma_max=hi, rho=options["rho"], discretization=options["discretization"],
                  schedule=options["schedule"], scaling=options["scaling"])
-    except ValueError as exc:
-        msg = str(exc)
-        key = "schedule" if "schedule" in msg else "discretization" if "iddpm" in msg else "sigma_min"
-        raise ValueError(f"{flag(key)}: {msg}") from None
+    except SamplerSettingError as exc:
+        raise ValueError(f"{flag(exc.option)}: {exc}") from None
 
 
 def _check_sampler(objective, sampler: str, what: str) -> None:
