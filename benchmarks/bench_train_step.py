@@ -568,6 +568,21 @@ def _print_row(r: dict) -> None:
 #                                     CLI                                       #
 #################################################################################
 
+def add_reference_args(p: argparse.ArgumentParser) -> None:
+    """How the reference step is built (build_runner reads these); roofline_step takes them too."""
+    p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,
+                   help="force the reference attention (default: each repo's own, see reference_style.RECIPES; "
+                        "also REPA's DINOv2: sdpa as dinov2 main, softmax as its 2024 code)")
+    p.add_argument("--ref-no-encoder", action="store_true",
+                   help="REPA's reference step without its per-step DINOv2 forward (precomputed features, as "
+                        "the baseline ran before it had the encoder: compares with old results; its FLOPs are "
+                        "otherwise on top of the analytic model count)")
+    p.add_argument("--ref-no-host-reads", action="store_true",
+                   help="the reference steps without the official loops' per-step host reads (loss.item(), MDT's "
+                        "per-parameter norms, which read every parameter and gradient once more; row field "
+                        "host_reads_per_step): compares with older results")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -588,15 +603,7 @@ def parse_args(argv=None):
                    help="Inductor mode of the compiled variants (the trainer's --parallel.compile_mode)")
     p.add_argument("--recompile-limit", type=int, default=0,
                    help="dynamo's per-function recompile limit (0: the trainer's, parallel.RECOMPILE_LIMIT)")
-    p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,
-                   help="force the reference attention (default: each repo's own, see reference_style.RECIPES; "
-                        "also REPA's DINOv2: sdpa as dinov2 main, softmax as its 2024 code)")
-    p.add_argument("--ref-no-encoder", action="store_true",
-                   help="REPA's reference step without its per-step DINOv2 forward (precomputed features, as "
-                        "the baseline ran before it had the encoder: compares with old results)")
-    p.add_argument("--ref-no-host-reads", action="store_true",
-                   help="the reference steps without the official loops' per-step host reads (loss.item(), MDT's "
-                        "per-parameter norms; row field host_reads_per_step): compares with older results")
+    add_reference_args(p)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile N more steps per variant: time by kernel category (row 'profile')")
     p.add_argument("--trace", action="store_true", help="with --profile: also write a gzipped Chrome trace per variant")

@@ -50,8 +50,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from benchmarks import common
-from benchmarks.bench_train_step import (FAMILIES, FLOPS_MASK_RATIO, SIZES, build_runner, make_batch, make_optimizer,
-                                         model_kwargs)
+from benchmarks.bench_train_step import (FAMILIES, FLOPS_MASK_RATIO, SIZES, add_reference_args, build_runner,
+                                         make_batch, make_optimizer, model_kwargs)
 from benchmarks.reference_style import RECIPES
 
 VARIANTS = ("reference", "eager", "eager_fused", "compiled", "compiled_fused")
@@ -620,14 +620,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", type=common.csv_choices(VARIANTS), default=list(VARIANTS))
     p.add_argument("--batch", type=int, default=256, help="batch the prediction is for (per GPU)")
     add_count_args(p)
-    p.add_argument("--ref-attention", choices=("softmax", "sdpa"), default=None,
-                   help="force the reference attention (default: each repo's own)")
-    p.add_argument("--ref-no-encoder", action="store_true",
-                   help="REPA's reference without its per-step DINOv2 forward (bench_train_step's flag; by default "
-                        "the reference's counted FLOPs exceed the analytic model count by the encoder's forward)")
-    p.add_argument("--ref-no-host-reads", action="store_true",
-                   help="the reference without the official loops' per-step host reads (bench_train_step's flag; "
-                        "MDT's per-parameter norms read every parameter and gradient once more)")
+    add_reference_args(p)
     # bench_train_step's compile settings, which build_runner reads. Only the default mode: GEMM templates
     # with fused epilogues (max-autotune) would blur the line between matmul and the rest.
     p.set_defaults(compile="block", compile_backend="inductor", compile_mode="default")
