@@ -69,6 +69,11 @@ def _tree(root) -> dict:
     return out
 
 
+def _sample(work, m, *options):
+    """``masked-dit sample`` of the module's DiT run to a grid in ``work``, with ``options``."""
+    return ["sample", str(m / "runs/digits-dit"), "--out", str(work / "g.png"), *options]
+
+
 def _train(work, *extra):
     return ["train", "--preset", "digits-dit", *[f"--{k}={v}" for k, v in TINY.items()],
             f"--run.out_dir={work / 'runs'}", "--train.steps=1", *extra]
@@ -353,13 +358,11 @@ CASES = [
      "masked-dit sample: error: {work}/x.pt: unreadable checkpoint (..."),
     ("sample-missing-run-folder", lambda w, m: ["sample", str(w / "no_run")],
      "masked-dit sample: error: checkpoint not found: {work}/no_run"),
-    ("sample-steps-zero", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"), "--steps", "0"],
+    ("sample-steps-zero", lambda w, m: _sample(w, m, "--steps", "0"),
      "masked-dit sample: error: --steps must be >= 1 (got 0)"),
-    ("sample-per-class-negative", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
-                                                "--per-class", "-1"],
+    ("sample-per-class-negative", lambda w, m: _sample(w, m, "--per-class", "-1"),
      "masked-dit sample: error: --per-class must be >= 1 (got -1)"),
-    ("sample-classes-empty", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
-                                           "--classes"],
+    ("sample-classes-empty", lambda w, m: _sample(w, m, "--classes"),
      "masked-dit sample: error: --classes needs at least one class label (or leave it out)"),
     ("sample-out-is-folder", lambda w, m: (os.makedirs(w / "o.npz"), ["sample", str(m / "runs/digits-dit"),
                                                                         "--out", str(w / "o.npz")])[1],
@@ -376,38 +379,29 @@ CASES = [
                                                   "--model", "DiT-S/2", "--model-kwargs", '{"bogus": 1}'],
      "masked-dit sample: error: --model-kwargs: cannot build DiT-S/2 (DiT.__init__() got an unexpected keyword "
      "argument 'bogus')"),
-    ("sample-vae-missing", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
-                                         "--vae", str(w / "novae")],
+    ("sample-vae-missing", lambda w, m: _sample(w, m, "--vae", str(w / "novae")),
      "masked-dit sample: error: --vae {work}/novae: no such folder (a save_pretrained AutoencoderKL folder "
      "or a hub id)"),
-    ("sample-model-with-run-folder", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
-                                                   "--model", "DiT-B/2"],
+    ("sample-model-with-run-folder", lambda w, m: _sample(w, m, "--model", "DiT-B/2"),
      "masked-dit sample: error: --model / --model-kwargs describe an official checkpoint file; the folder "
      "{m}/runs/digits-dit brings its own model config: leave them out"),
-    ("sample-cfg-scale-nan", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
-                                           "--cfg-scale", "nan"],
+    ("sample-cfg-scale-nan", lambda w, m: _sample(w, m, "--cfg-scale", "nan"),
      "masked-dit sample: error: --cfg-scale must be a finite number (got nan)"),
-    ("sample-guidance-interval-reversed", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out",
-                                                        str(w / "g.png"), "--guidance-low", "0.9",
-                                                        "--guidance-high", "0.1"],
+    ("sample-guidance-interval-reversed", lambda w, m: _sample(w, m, "--guidance-low", "0.9",
+                                                               "--guidance-high", "0.1"),
      "masked-dit sample: error: --guidance-low=0.9 must be <= --guidance-high=0.1 (guidance applies for t in "
      "[low, high])"),
     # were accepted: a negative scale extrapolates away from the class (a typo for 1.5, not a setting)
-    ("sample-cfg-scale-negative", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
-                                                "--cfg-scale", "-1.5"],
+    ("sample-cfg-scale-negative", lambda w, m: _sample(w, m, "--cfg-scale", "-1.5"),
      "masked-dit sample: error: --cfg-scale must be >= 0 (1: no guidance, 0: unconditional; got -1.5)"),
-    ("sample-ddpm-steps-beyond-the-diffusion", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out",
-                                                              str(w / "g.png"), "--steps", "1001"],
+    ("sample-ddpm-steps-beyond-the-diffusion", lambda w, m: _sample(w, m, "--steps", "1001"),
      "masked-dit sample: error: --steps 1001: 1001 DDPM steps cannot be taken from 1000 diffusion steps (cannot "
      "divide a section of 1000 steps into 1001)"),
-    ("sample-sit-option-on-dit", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
-                                               "--last-step-size", "0.1"],
+    ("sample-sit-option-on-dit", lambda w, m: _sample(w, m, "--last-step-size", "0.1"),
      "masked-dit sample: error: --last-step-size is a SiT sampler option: it applies to SiT models (objective adm)"),
-    ("sample-maskdit-option-on-dit", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "g.png"),
-                                                   "--S-churn", "10"],
+    ("sample-maskdit-option-on-dit", lambda w, m: _sample(w, m, "--S-churn", "10"),
      "masked-dit sample: error: --S-churn is a MaskDiT sampler option: it applies to MaskDiT models (objective adm)"),
-    ("sample-guidance-high-below-the-runs-low", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out",
-                                                              str(w / "g.png"), "--guidance-high", "-0.5"],
+    ("sample-guidance-high-below-the-runs-low", lambda w, m: _sample(w, m, "--guidance-high", "-0.5"),
      "masked-dit sample: error: --guidance-low=0.0 must be <= --guidance-high=-0.5 (guidance applies for t in "
      "[low, high])"),
     # --- extract-latents ----------------------------------------------------------------------------------
