@@ -1,10 +1,11 @@
-"""Command line: ``masked-dit {train,sample,extract-latents,extract-features,eval,info}`` (or ``python -m masked_dit``).
+"""Command line: ``masked-dit {train,sample,likelihood,extract-latents,extract-features,eval,info}`` (or ``python -m masked_dit``).
 
     masked-dit train                                  # the embedded default: MDTv2 on digits, CPU, minutes
     masked-dit train --preset digits-dit --optim.lr=5e-4 --train.steps=2000
     masked-dit train --preset imagenet256-mdtv2-xl2 --data.path=latents/ --run.resume=latest
     masked-dit sample runs/digits-mdtv2 --out grid.png
     masked-dit sample DiT-XL-2-256x256.pt --model DiT-XL/2 --num-samples 50000 --out samples.npz --vae stabilityai/sd-vae-ft-ema
+    masked-dit likelihood runs/digits-sit --out nll.json      # bits/dim of the held-out digits (SiT)
     masked-dit extract-latents /data/imagenet/train latents/ --flip
     masked-dit extract-features /data/imagenet/train latents/ --encoder dinov2-vit-b  # --data.features=dinov2-vit-b
     masked-dit eval VIRTUAL_imagenet256_labeled.npz samples.npz --out metrics.json
@@ -120,8 +121,10 @@ def _load_checkpoint_ema(src: Path):
 def _sample(args, _overrides) -> int:
     import torch
 
-    from masked_dit.configs import EDM_SAMPLE_KEYS, FAMILY_SAMPLE_KEYS, GUIDANCE_KEYS, SAMPLE_FAMILY, check_guidance
-    from masked_dit.diffusion.objectives import (build_objective, check_edm_sampling, check_sample_steps,
+    from masked_dit.configs import (ADM_SAMPLE_KEYS, EDM_SAMPLE_KEYS, FAMILY_ONLY_SAMPLE_KEYS, FAMILY_SAMPLE_KEYS,
+                                    GUIDANCE_KEYS, check_guidance, foreign_sample_option)
+    from masked_dit.diffusion.objectives import (build_objective, check_adm_options_apply, check_adm_sampling,
+                                                 check_edm_sampling, check_sample_steps,
                                                  check_sit_options_apply, check_sit_sampling)
     from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels
     from masked_dit.train.dist import init_world, shutdown
@@ -161,20 +164,26 @@ def _sample(args, _overrides) -> int:
         check_sample_steps(cfg.objective.kind, kw["sampler"], kw["steps"], cfg.objective.diffusion_steps,
                            f"--steps {kw['steps']}")
         kind = cfg.objective.kind
-        for family, keys in FAMILY_SAMPLE_KEYS.items():  # one family's options would be ignored by the others
-            given = [k for k in keys if getattr(args, k) is not None]
-            if given and kind != family:
-                raise ValueError(f"{flag(given[0])} is a {SAMPLE_FAMILY[family]} sampler option: it applies to "
-                                 f"{SAMPLE_FAMILY[family]} models (objective {kind})")
+        foreign = foreign_sample_option(kind, [k for k in FAMILY_ONLY_SAMPLE_KEYS if getattr(args, k) is not None])
+        if foreign:  # one family's options would be ignored by the others
+            key, family, _ = foreign
+            raise ValueError(f"{flag(key)} is a {family} sampler option: it applies to {family} models "
+                             f"(objective {kind})")
         keys = FAMILY_SAMPLE_KEYS.get(kind, ())
         if kind == "transport":
             check_sit_options_apply([k for k in keys if getattr(args, k) is not None], kw["sampler"], flag)
+        elif keys is ADM_SAMPLE_KEYS:
+            check_adm_options_apply([k for k in keys if getattr(args, k) is not None], kw["sampler"], flag)
         kw.update({k: getattr(sc, k) if getattr(args, k) is None else getattr(args, k) for k in keys})
+        if keys is ADM_SAMPLE_KEYS and kw["sampler"] != "ddim":
+            kw["eta"] = 0.0  # the run's DDIM eta, not given here: DDPM has none
         spelled = lambda key: f"{flag(key)} {kw[key]}"  # noqa: E731
         if kind == "transport":
             check_sit_sampling(cfg.objective, kw["sampler"], {k: kw[k] for k in keys}, spelled)
         elif kind == "edm_maskdit":
             check_edm_sampling({k: kw[k] for k in EDM_SAMPLE_KEYS}, kw["steps"], spelled)
+        elif keys is ADM_SAMPLE_KEYS:
+            check_adm_sampling({k: kw[k] for k in keys}, spelled)
         if kw["cfg_scale"] != 1 and not _has_null_class(model):
             raise ValueError(f"--cfg-scale {kw['cfg_scale']} needs a null class, which this model lacks (trained "
                              f"with class_dropout_prob=0): sample with --cfg-scale 1")
@@ -222,6 +231,61 @@ def _sample(args, _overrides) -> int:
         return 0
     finally:
         shutdown(world)
+
+
+#################################################################################
+#                                  likelihood                                   #
+#################################################################################
+
+def _likelihood(args, _overrides) -> int:
+    import torch
+
+    from masked_dit.configs import SIT_SAMPLE_KEYS
+    from masked_dit.diffusion.objectives import build_objective, check_sit_sampling
+    from masked_dit.eval.nll import bits_per_dim, likelihood_data
+
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise ValueError(f"--out {out}: must end in .json")
+    if out.exists() and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name a file ending in .json")
+    _check_positive(args, "steps", "batch_size", "num")
+    device = torch.device(_device(args.device))
+    model, cfg = _load_for_sampling(args)
+    if cfg.objective.kind != "transport":
+        raise ValueError(f"{args.source}: the probability-flow likelihood is SiT's (objective transport); this "
+                         f"model's objective is {cfg.objective.kind}")
+    if not Path(args.source).is_dir():  # an official checkpoint: latents given here, or none
+        cfg.data.source, cfg.data.path = "latents", ""
+    if args.data_path:  # the run's kind of data (a folder run: images), else latents
+        cfg.data.source = "latents" if cfg.data.source == "digits" else cfg.data.source
+        cfg.data.path = args.data_path
+    if cfg.data.source != "digits" and not cfg.data.path:
+        raise ValueError(f"{args.source} names no data to score: pass --data-path (latents made by "
+                         f"`masked-dit extract-latents`)")
+    options = {k: getattr(cfg.sample, k) for k in SIT_SAMPLE_KEYS}
+    options.update({k: getattr(args, k) for k in ("ode_method", "atol", "rtol") if getattr(args, k) is not None})
+    check_sit_sampling(cfg.objective, "ode", options, lambda key: f"--{key.replace('_', '-')} {options[key]}")
+    x, y, what = likelihood_data(cfg.data, cfg.model, args.split, args.num, args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+    model = model.to(device).eval()
+    objective = build_objective(cfg.objective, model)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        result = bits_per_dim(objective, model, x, y, batch_size=args.batch_size, method=options["ode_method"],
+                              steps=args.steps, atol=options["atol"], rtol=options["rtol"], seed=args.seed,
+                              progress=sys.stderr.isatty())
+    result.update(source=str(Path(args.source).resolve()), data=what, ode_method=options["ode_method"],
+                  steps=args.steps, atol=options["atol"], rtol=options["rtol"], seed=args.seed,
+                  precision=args.precision)
+    from masked_dit.data.latents import write_json_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)
+    stderr = result["bits_per_dim_stderr"]
+    print(f"{result['bits_per_dim']:.4f}{'' if stderr is None else f' ± {stderr:.4f}'} bits/dim over "
+          f"{result['num']} {what} ({options['ode_method']}); wrote {out}")
+    return 0
 
 
 def _has_null_class(model) -> bool:
@@ -354,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     sit.add_argument("--last-step", type=lambda v: None if v in ("None", "none") else v,
                      help="SDE last step: Mean, Tweedie, Euler or None (SiT: Mean)")
     sit.add_argument("--last-step-size", type=float, help="SiT: 0.04")
+    adm = s.add_argument_group("DiT / MDT sampling (ADM diffusion; default: the run's --sample.* values)")
+    adm.add_argument("--eta", type=float, help="DDIM stochasticity, with --sampler ddim: 0 deterministic (ADM's "
+                                               "default), 1 DDPM's variance")
     edm = s.add_argument_group("MaskDiT sampling (EDM's sampler: --sampler heun / euler; default: the run's "
                                "--sample.* values, MaskDiT's)")
     edm.add_argument("--S-churn", type=float, help="stochasticity strength (MaskDiT: 0, deterministic)")
@@ -374,6 +441,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", help="decode latents with this AutoencoderKL (hub id or folder)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.set_defaults(func=_sample)
+
+    lk = sub.add_parser("likelihood", help="bits/dim of data under a SiT model (SiT's ODE --likelihood)")
+    lk.add_argument("source", help="run folder, export folder, or official checkpoint file (then --model)")
+    lk.add_argument("--model", help="registry name of an official checkpoint (SiT-XL/2, ...)")
+    lk.add_argument("--model-kwargs", help="JSON constructor overrides for --model")
+    lk.add_argument("--data-path", help="latents folder to score (an image-folder run: images; default: the "
+                                        "run's data)")
+    lk.add_argument("--split", choices=["heldout", "train", "all"], help="digits split (default: heldout)")
+    lk.add_argument("--num-samples", "--num", dest="num", type=int, help="score the first N items (default: all)")
+    lk.add_argument("--out", default="likelihood.json", help="*.json: the summary and per-sample bits/dim")
+    lk.add_argument("--ode-method", help="ODE solver (default: the run's --sample.ode_method, SiT's dopri5)")
+    lk.add_argument("--atol", type=float, help="adaptive ODE absolute tolerance (SiT: 1e-6)")
+    lk.add_argument("--rtol", type=float, help="adaptive ODE relative tolerance (SiT: 1e-3)")
+    lk.add_argument("--steps", type=int, default=50, help="fixed solvers: steps; dopri5: output points (SiT: 50)")
+    lk.add_argument("--batch-size", type=int, default=64)
+    lk.add_argument("--seed", type=int, default=0, help="Hutchinson draws (and the latents' posterior draws)")
+    lk.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                    help="fp32 (default: the divergence estimate is sensitive), tf32 or bf16 autocast")
+    lk.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    lk.set_defaults(func=_likelihood)
 
     e = sub.add_parser("extract-latents", help="encode an image folder once into sharded VAE moments")
     e.add_argument("images", help="image folder (class subfolders or ADM ClassName_ImgID.jpg names)")

@@ -142,6 +142,8 @@ class SampleConfig:
     guidance_high: float = 1.0
     seed: int = 0                        # fixed noise and labels of the grid
     eval_num: int = 200                  # digits: samples scored by the offline metric (0: off)
+    # DiT / MDT (objective.kind=adm | mdtv2): ADM's DDIM stochasticity (sampler ddim; 0 deterministic, 1 DDPM's variance)
+    eta: float = 0.0
     # SiT (objective.kind=transport), as SiT's sample.py ODE / SDE options (checked by objectives.check_sit_sampling)
     ode_method: str = "dopri5"           # sampler ode: dopri5 | euler | midpoint | heun | a torchdiffeq method
     atol: float = 1e-6                   # dopri5 / adaptive torchdiffeq tolerances
@@ -331,9 +333,23 @@ SIT_SAMPLE_KEYS = ("ode_method", "atol", "rtol", "sde_method", "diffusion_form",
                    "last_step_size")
 EDM_SAMPLE_KEYS = ("S_churn", "S_min", "S_max", "S_noise", "sigma_min", "sigma_max", "rho", "discretization",
                    "schedule", "scaling")
+ADM_SAMPLE_KEYS = ("eta",)
 # The sampler options each objective kind reads beside the shared ones; any other kind refuses them.
-FAMILY_SAMPLE_KEYS = {"transport": SIT_SAMPLE_KEYS, "edm_maskdit": EDM_SAMPLE_KEYS}
-SAMPLE_FAMILY = {"transport": "SiT", "edm_maskdit": "MaskDiT"}
+FAMILY_SAMPLE_KEYS = {"adm": ADM_SAMPLE_KEYS, "mdtv2": ADM_SAMPLE_KEYS, "transport": SIT_SAMPLE_KEYS,
+                      "edm_maskdit": EDM_SAMPLE_KEYS}
+SAMPLE_FAMILY = {"adm": "DiT/MDT", "mdtv2": "DiT/MDT", "transport": "SiT", "edm_maskdit": "MaskDiT"}
+FAMILY_ONLY_SAMPLE_KEYS = tuple(dict.fromkeys(k for keys in FAMILY_SAMPLE_KEYS.values() for k in keys))
+
+
+def foreign_sample_option(kind: str, given) -> Optional[tuple]:
+    """The first option in ``given`` that objective ``kind``'s sampler does not read but another
+    family's does, as (key, family, kinds), or None: set there, it would be silently ignored."""
+    own = FAMILY_SAMPLE_KEYS.get(kind, ())
+    for key in given:
+        owners = [k for k, keys in FAMILY_SAMPLE_KEYS.items() if key in keys]
+        if owners and key not in own:
+            return key, SAMPLE_FAMILY[owners[0]], " or ".join(owners)
+    return None
 
 
 def check_guidance(values: dict, flag) -> None:
@@ -402,11 +418,12 @@ def _validate_sample(cfg: Config) -> None:
             raise ConfigError(f"--sample.grid_classes {bad} are outside [0, {cfg.model.num_classes - 1}] "
                               f"(--model.num_classes={cfg.model.num_classes})")
     check_guidance({k: getattr(sc, k) for k in GUIDANCE_KEYS}, lambda key: f"--sample.{key}")
-    for kind, keys in FAMILY_SAMPLE_KEYS.items():  # one family's options would be silently ignored by the others
-        changed = [k for k in keys if getattr(sc, k) != getattr(SampleConfig, k)]
-        if changed and cfg.objective.kind != kind:
-            raise ConfigError(f"--sample.{changed[0]}={getattr(sc, changed[0])!r} is a {SAMPLE_FAMILY[kind]} sampler "
-                              f"option: it applies to --objective.kind={kind} only (got {cfg.objective.kind})")
+    foreign = foreign_sample_option(cfg.objective.kind, [k for k in FAMILY_ONLY_SAMPLE_KEYS
+                                                         if getattr(sc, k) != getattr(SampleConfig, k)])
+    if foreign:
+        key, family, kinds = foreign
+        raise ConfigError(f"--sample.{key}={getattr(sc, key)!r} is a {family} sampler option: it applies to "
+                          f"--objective.kind={kinds} only (got {cfg.objective.kind})")
     # Without label dropout the model has no null-class row for the unconditional half of CFG
     # (MaskDiT's null label is the zero one-hot vector, which needs no row).
     if (sc.cfg_scale != 1 and cfg.model.class_dropout_prob == 0 and cfg.objective.kind != "edm_maskdit"

@@ -102,15 +102,20 @@ class ADMObjective:
 
     @torch.no_grad()
     def sample(self, model, noise: torch.Tensor, y: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250,
-               cfg_scale: float = 1.0, scale_pow: float | None = None, progress: bool = False,
+               cfg_scale: float = 1.0, scale_pow: float | None = None, eta: float = 0.0, progress: bool = False,
                generator: torch.Generator | None = None, **_) -> torch.Tensor:
+        """``eta``: DDIM's stochasticity (sampler "ddim" only; 0 deterministic, 1 DDPM's variance)."""
         _check_sampler(self, sampler, "ADM diffusion")
+        check_adm_options_apply(["eta"] if eta != 0 else [], sampler, lambda key: key)
+        check_adm_sampling({"eta": eta}, lambda key: f"{key}={eta}")
         respaced = create_diffusion(adm_respacing(sampler, steps, self.diffusion_steps), self.noise_schedule,
                                     learn_sigma=self.learn_sigma, diffusion_steps=self.diffusion_steps)
         fn = self._guided(model, cfg_scale, scale_pow)
-        loop = respaced.ddim_sample_loop if sampler == "ddim" else respaced.p_sample_loop
-        return loop(fn, tuple(noise.shape), noise=noise, clip_denoised=self.clip_denoised, model_kwargs={"y": y},
-                    progress=progress, generator=generator)
+        kw = dict(noise=noise, clip_denoised=self.clip_denoised, model_kwargs={"y": y}, progress=progress,
+                  generator=generator)
+        if sampler == "ddim":
+            return respaced.ddim_sample_loop(fn, tuple(noise.shape), eta=eta, **kw)
+        return respaced.p_sample_loop(fn, tuple(noise.shape), **kw)
 
 
 class MDTv2Objective(ADMObjective):
@@ -404,6 +409,22 @@ def check_sample_steps(kind: str, sampler: str, steps: int, diffusion_steps: int
             adm_respacing(sampler, steps, diffusion_steps)
         except ValueError as exc:
             raise ValueError(f"{option}: {exc}") from None
+
+
+def check_adm_options_apply(keys, sampler: str, flag) -> None:
+    """``keys`` (of ``configs.ADM_SAMPLE_KEYS``) are options set on purpose: DDPM ('ddpm', 'auto') reads
+    none of them, so there they would be silently ignored."""
+    if keys and sampler != "ddim":
+        raise ValueError(f"{flag(keys[0])} is read by the ddim sampler only (this run samples with {sampler})")
+
+
+def check_adm_sampling(options: dict, flag) -> None:
+    """Before a run reaches its samples: ADM's DDIM ``options`` (``configs.ADM_SAMPLE_KEYS``). Past
+    eta = 1 the step's noise can exceed the variance left for it, and sqrt(1 - abar_prev - sigma^2)
+    is NaN, so eta stays in [0, 1]."""
+    eta = options["eta"]
+    if not (isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0 <= eta <= 1):
+        raise ValueError(f"{flag('eta')} must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)")
 
 
 def check_sit_options_apply(keys, sampler: str, flag) -> None:

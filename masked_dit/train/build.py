@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from masked_dit.configs import EDM_SAMPLE_KEYS, SIT_SAMPLE_KEYS, SampleConfig
-from masked_dit.diffusion.objectives import (DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS, check_sample_steps,
-                                             check_edm_sampling, check_sit_options_apply, check_sit_sampling)
+from masked_dit.configs import ADM_SAMPLE_KEYS, EDM_SAMPLE_KEYS, SIT_SAMPLE_KEYS, SampleConfig
+from masked_dit.diffusion.objectives import (DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS, check_adm_options_apply,
+                                             check_adm_sampling, check_edm_sampling, check_sample_steps,
+                                             check_sit_options_apply, check_sit_sampling)
 from masked_dit.diffusion.repa import repa_path_name
 
 
@@ -61,6 +62,11 @@ def check_sampler(cfg) -> None:
         check_sit_options_apply([k for k in SIT_SAMPLE_KEYS if getattr(cfg.sample, k) != getattr(SampleConfig, k)],
                                 sampler, flag)
         check_sit_sampling(cfg.objective, sampler, {k: getattr(cfg.sample, k) for k in SIT_SAMPLE_KEYS}, flag)
+    elif kind in ("adm", "mdtv2"):
+        flag = lambda key: f"--sample.{key}={getattr(cfg.sample, key)}"  # noqa: E731
+        check_adm_options_apply([k for k in ADM_SAMPLE_KEYS if getattr(cfg.sample, k) != getattr(SampleConfig, k)],
+                                sampler, flag)
+        check_adm_sampling({k: getattr(cfg.sample, k) for k in ADM_SAMPLE_KEYS}, flag)
     elif kind == "edm_maskdit":
         check_edm_sampling({k: getattr(cfg.sample, k) for k in EDM_SAMPLE_KEYS}, cfg.sample.steps,
                            lambda key: f"--sample.{key}={getattr(cfg.sample, key)}")

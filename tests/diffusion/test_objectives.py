@@ -213,6 +213,33 @@ def test_transport_sample_passes_sits_sampler_options(sampler, options, call):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("cls", [ADMObjective, MDTv2Objective])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_adm_sample_passes_ddim_eta(cls, eta):
+    """``eta`` reaches ADM's DDIM loop (the respaced "ddimN" diffusion, the objective's guidance);
+    0 is the deterministic default, and a stochastic eta draws its step noise from ``generator``."""
+    obj, model = cls(diffusion_steps=100), AnalyticADM()
+    noise, y = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 7])
+    out = obj.sample(model, noise, y, sampler="ddim", steps=10, cfg_scale=1.5, eta=eta,
+                     generator=torch.Generator().manual_seed(3))
+    respaced = create_diffusion("ddim10", "linear", learn_sigma=True, diffusion_steps=100)
+    ref = respaced.ddim_sample_loop(obj._guided(model, 1.5), tuple(noise.shape), noise=noise, clip_denoised=False,
+                                    model_kwargs={"y": y}, generator=torch.Generator().manual_seed(3), eta=eta)
+    assert torch.equal(out, ref)
+    deterministic = obj.sample(model, noise, y, sampler="ddim", steps=10, cfg_scale=1.5)
+    assert torch.equal(out, deterministic) == (eta == 0.0)
+
+
+def test_adm_sample_refuses_an_eta_it_would_ignore_or_cannot_use():
+    obj, model = ADMObjective(diffusion_steps=100), AnalyticADM()
+    noise, y = torch.randn(1, 4, 4, 4), torch.tensor([3])
+    with pytest.raises(ValueError, match=r"^eta is read by the ddim sampler only \(this run samples with ddpm\)$"):
+        obj.sample(model, noise, y, sampler="ddpm", steps=10, eta=0.5)
+    for eta in (-0.1, 1.5, float("nan")):  # past 1, sqrt(1 - abar_prev - sigma^2) can be NaN
+        with pytest.raises(ValueError, match=r"^eta=.* must be a number in \[0, 1\] \(0: deterministic DDIM"):
+            obj.sample(model, noise, y, sampler="ddim", steps=10, eta=eta)
+
+
 def test_check_sit_sampling_names_the_option():
     from masked_dit.configs import SIT_SAMPLE_KEYS, SampleConfig
     from masked_dit.diffusion.objectives import check_sit_sampling

@@ -175,6 +175,15 @@ CASES = [
     ("cli-maskdit-option-on-dit", lambda w, m: _train(w, "--sample.S_churn=40"),
      "masked-dit train: error: --sample.S_churn=40.0 is a MaskDiT sampler option: it applies to "
      "--objective.kind=edm_maskdit only (got adm)"),
+    # ADM's DDIM eta: read by the ddim sampler only, NaN past 1, refused on the other families
+    ("cli-ddim-eta-with-ddpm", lambda w, m: _train(w, "--sample.eta=0.5"),
+     "masked-dit train: error: --sample.eta=0.5 is read by the ddim sampler only (this run samples with ddpm)"),
+    ("cli-ddim-eta-above-one", lambda w, m: _train(w, "--sample.sampler=ddim", "--sample.eta=1.2"),
+     "masked-dit train: error: --sample.eta=1.2 must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's "
+     "variance)"),
+    ("cli-ddim-eta-on-sit", lambda w, m: _train(w, "--preset", "digits-sit", "--sample.eta=0.5"),
+     "masked-dit train: error: --sample.eta=0.5 is a DiT/MDT sampler option: it applies to --objective.kind=adm or "
+     "mdtv2 only (got transport)"),
     ("cli-maskdit-vp-schedule-beyond-its-range", lambda w, m: _train(w, "--preset", "digits-maskdit",
                                                                      "--sample.schedule=vp", "--sample.sigma_min=5",
                                                                      "--sample.sigma_max=10"),
@@ -401,9 +410,21 @@ CASES = [
      "masked-dit sample: error: --last-step-size is a SiT sampler option: it applies to SiT models (objective adm)"),
     ("sample-maskdit-option-on-dit", lambda w, m: _sample(w, m, "--S-churn", "10"),
      "masked-dit sample: error: --S-churn is a MaskDiT sampler option: it applies to MaskDiT models (objective adm)"),
+    ("sample-ddim-eta-with-ddpm", lambda w, m: _sample(w, m, "--eta", "0.3"),
+     "masked-dit sample: error: --eta is read by the ddim sampler only (this run samples with ddpm)"),
+    ("sample-ddim-eta-negative", lambda w, m: _sample(w, m, "--sampler", "ddim", "--eta", "-0.1"),
+     "masked-dit sample: error: --eta -0.1 must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)"),
     ("sample-guidance-high-below-the-runs-low", lambda w, m: _sample(w, m, "--guidance-high", "-0.5"),
      "masked-dit sample: error: --guidance-low=0.0 must be <= --guidance-high=-0.5 (guidance applies for t in "
      "[low, high])"),
+    # --- likelihood ---------------------------------------------------------------------------------------
+    ("likelihood-of-a-dit-run", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--out", str(w / "n.json")],
+     "masked-dit likelihood: error: {m}/runs/digits-dit: the probability-flow likelihood is SiT's (objective "
+     "transport); this model's objective is adm"),
+    ("likelihood-out-not-json", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--out", str(w / "n.txt")],
+     "masked-dit likelihood: error: --out {work}/n.txt: must end in .json"),
+    ("likelihood-steps-zero", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--steps", "0"],
+     "masked-dit likelihood: error: --steps must be >= 1 (got 0)"),
     # --- extract-latents ----------------------------------------------------------------------------------
     ("extract-batch-size-zero", lambda w, m: ["extract-latents", str(m / "images"), str(w / "lat"),
                                               "--batch-size", "0"],

@@ -166,6 +166,18 @@ def test_sample_takes_maskdits_edm_sampler_options(tmp_path, capsys):
                                                "applies for sigma in [S_min, S_max])")
 
 
+def test_sample_takes_ddim_eta(tmp_path):
+    """`masked-dit sample` on a DiT run: --eta reaches ADM's DDIM; left out, the run's --sample.eta applies
+    (here a run trained with --sample.sampler=ddim --sample.eta=0.5); a stochastic eta follows the seed."""
+    draw = _trained_sampler("digits-dit", tmp_path, **{"sample.sampler": "ddim", "sample.eta": 0.5})
+    runs = draw("runs")
+    assert np.array_equal(runs, draw("given", "--sampler", "ddim", "--eta", "0.5"))
+    assert not np.array_equal(runs, draw("seed1", "--seed", "1"))
+    deterministic = draw("eta0", "--eta", "0")
+    assert not np.array_equal(runs, deterministic)
+    assert not np.array_equal(deterministic, draw("ddpm", "--sampler", "ddpm"))
+
+
 def test_sit_options_the_sampler_does_not_read_are_refused(tmp_path, capsys):
     from masked_dit.train import Trainer
     from tests.train.tiny import tiny_config
