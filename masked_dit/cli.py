@@ -123,9 +123,9 @@ def _sample(args, _overrides) -> int:
 
     from masked_dit.configs import (ADM_SAMPLE_KEYS, EDM_SAMPLE_KEYS, FAMILY_ONLY_SAMPLE_KEYS, FAMILY_SAMPLE_KEYS,
                                     GUIDANCE_KEYS, check_guidance, foreign_sample_option)
-    from masked_dit.diffusion.objectives import (build_objective, check_adm_options_apply, check_adm_sampling,
-                                                 check_edm_sampling, check_sample_steps,
-                                                 check_sit_options_apply, check_sit_sampling)
+    from masked_dit.diffusion.objectives import build_objective
+    from masked_dit.diffusion.sample_settings import (check_adm_options_apply, check_adm_sampling, check_edm_sampling,
+                                                      check_sample_steps, check_sit_options_apply, check_sit_sampling)
     from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels
     from masked_dit.train.dist import init_world, shutdown
     from masked_dit.train.grid import grid_labels, save_grid
@@ -241,7 +241,8 @@ def _likelihood(args, _overrides) -> int:
     import torch
 
     from masked_dit.configs import SIT_SAMPLE_KEYS
-    from masked_dit.diffusion.objectives import build_objective, check_sit_sampling
+    from masked_dit.diffusion.objectives import build_objective
+    from masked_dit.diffusion.sample_settings import check_sit_sampling
     from masked_dit.eval.nll import bits_per_dim, likelihood_data
 
     out = Path(args.out)

@@ -144,7 +144,7 @@ class SampleConfig:
     eval_num: int = 200                  # digits: samples scored by the offline metric (0: off)
     # DiT / MDT (objective.kind=adm | mdtv2): ADM's DDIM stochasticity (sampler ddim; 0 deterministic, 1 DDPM's variance)
     eta: float = 0.0
-    # SiT (objective.kind=transport), as SiT's sample.py ODE / SDE options (checked by objectives.check_sit_sampling)
+    # SiT (objective.kind=transport), as SiT's sample.py ODE / SDE options (checked by sample_settings.check_sit_sampling)
     ode_method: str = "dopri5"           # sampler ode: dopri5 | euler | midpoint | heun | a torchdiffeq method
     atol: float = 1e-6                   # dopri5 / adaptive torchdiffeq tolerances
     rtol: float = 1e-3
@@ -153,7 +153,7 @@ class SampleConfig:
     diffusion_norm: float = 1.0
     last_step: Optional[str] = "Mean"    # Mean | Tweedie | Euler | None
     last_step_size: float = 0.04
-    # MaskDiT (objective.kind=edm_maskdit), as MaskDiT's / EDM's sample.py (checked by objectives.check_edm_sampling);
+    # MaskDiT (objective.kind=edm_maskdit), as MaskDiT's / EDM's sample.py (checked by sample_settings.check_edm_sampling);
     # sampler heun | euler is EDM's solver; a discretization / schedule / scaling other than EDM's is its ablation sampler
     S_churn: float = 0.0                 # stochasticity: noise levels in [S_min, S_max] raised by min(S_churn/steps, sqrt2-1)
     S_min: float = 0.0

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch.nn as nn
 
 from masked_dit.configs import ADM_SAMPLE_KEYS, EDM_SAMPLE_KEYS, SIT_SAMPLE_KEYS, SampleConfig
-from masked_dit.diffusion.objectives import (DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS, check_adm_options_apply,
-                                             check_adm_sampling, check_edm_sampling, check_sample_steps,
-                                             check_sit_options_apply, check_sit_sampling)
+from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS
+from masked_dit.diffusion.sample_settings import (check_adm_options_apply, check_adm_sampling, check_edm_sampling,
+                                                  check_sample_steps, check_sit_options_apply, check_sit_sampling)
 from masked_dit.diffusion.repa import repa_path_name
 
 

@@ -242,7 +242,7 @@ def test_adm_sample_refuses_an_eta_it_would_ignore_or_cannot_use():
 
 def test_check_sit_sampling_names_the_option():
     from masked_dit.configs import SIT_SAMPLE_KEYS, SampleConfig
-    from masked_dit.diffusion.objectives import check_sit_sampling
+    from masked_dit.diffusion.sample_settings import check_sit_sampling
 
     oc = get_preset("digits-sit").objective
     good = {k: getattr(SampleConfig, k) for k in SIT_SAMPLE_KEYS}
@@ -291,7 +291,7 @@ def test_maskdit_sample_passes_edm_sampler_options(sampler, options):
 
 def test_check_edm_sampling_names_the_option():
     from masked_dit.configs import EDM_SAMPLE_KEYS, SampleConfig
-    from masked_dit.diffusion.objectives import check_edm_sampling
+    from masked_dit.diffusion.sample_settings import check_edm_sampling
 
     good = {k: getattr(SampleConfig, k) for k in EDM_SAMPLE_KEYS}
     check_edm_sampling(good, 40, lambda k: k)
