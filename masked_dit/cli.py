@@ -253,9 +253,9 @@ def _likelihood(args, _overrides) -> int:
     _check_positive(args, "steps", "batch_size", "num")
     device = torch.device(_device(args.device))
     model, cfg = _load_for_sampling(args)
-    if cfg.objective.kind != "transport":
-        raise ValueError(f"{args.source}: the probability-flow likelihood is SiT's (objective transport); this "
-                         f"model's objective is {cfg.objective.kind}")
+    if cfg.objective.kind not in ("transport", "repa"):
+        raise ValueError(f"{args.source}: the probability-flow likelihood is SiT's (objective transport or repa); "
+                         f"this model's objective is {cfg.objective.kind}")
     if not Path(args.source).is_dir():  # an official checkpoint: latents given here, or none
         cfg.data.source, cfg.data.path = "latents", ""
     if args.data_path:  # the run's kind of data (a folder run: images), else latents
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.set_defaults(func=_sample)
 
-    lk = sub.add_parser("likelihood", help="bits/dim of data under a SiT model (SiT's ODE --likelihood)")
+    lk = sub.add_parser("likelihood", help="bits/dim of data under a SiT or REPA model (SiT's ODE --likelihood)")
     lk.add_argument("source", help="run folder, export folder, or official checkpoint file (then --model)")
     lk.add_argument("--model", help="registry name of an official checkpoint (SiT-XL/2, ...)")
     lk.add_argument("--model-kwargs", help="JSON constructor overrides for --model")

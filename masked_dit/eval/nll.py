@@ -1,4 +1,4 @@
-"""Bits per dimension of data under a SiT model: SiT's ``sample.py ODE --likelihood``, from data.
+"""Bits per dimension of data under a SiT (or REPA-SiT) model: SiT's ``sample.py ODE --likelihood``, from data.
 
 SiT's sample scripts hand the likelihood ODE their sampling noise in place of images, so the number
 they get measures nothing. Here the flow starts from data, as the change of variables needs: the run's
@@ -27,8 +27,8 @@ def likelihood_data(data_cfg, model_cfg, split: Optional[str], num: Optional[int
     elif split is not None:
         raise ValueError(f"--split {split}: splits are the embedded digits'; this run's data is "
                          f"--data.source={data_cfg.source} (its first --num-samples items are used)")
-    else:  # items are read unflipped: the flip setting (and its warning) does not apply
-        ds = build_dataset(dataclasses.replace(data_cfg, random_flip=False), model_cfg)
+    else:  # items are read unflipped and without REPA's features: neither setting applies
+        ds = build_dataset(dataclasses.replace(data_cfg, random_flip=False, features=None), model_cfg)
         what = f"{data_cfg.source} {data_cfg.path}"
     n = len(ds) if num is None else min(num, len(ds))
     if n == 0:
@@ -41,6 +41,21 @@ def likelihood_data(data_cfg, model_cfg, split: Optional[str], num: Optional[int
     return batch["x"].float(), batch["y"].long(), what
 
 
+def probability_flow(objective, model):
+    """(SiT ``Transport``, model in SiT's convention) of a SiT or REPA objective's probability flow:
+    REPA's linear / cosine paths are SiT's Linear / GVP with time reversed (t = 0 data there)."""
+    from masked_dit.diffusion.repa import repa_to_sit_model
+    from masked_dit.diffusion.transport import Transport
+
+    if objective.kind == "transport":
+        return objective.transport, model
+    if objective.kind == "repa":
+        return Transport({"linear": "Linear", "cosine": "GVP"}[objective.path_type], "velocity"), \
+            repa_to_sit_model(model)
+    raise ValueError(f"the probability-flow likelihood needs an interpolant model (objective transport or repa), "
+                     f"not {objective.kind}")
+
+
 def bits_per_dim(objective, model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 64,
                  method: str = "dopri5", steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3, seed: int = 0,
                  progress: bool = False) -> dict:
@@ -50,12 +65,13 @@ def bits_per_dim(objective, model, x: torch.Tensor, y: torch.Tensor, *, batch_si
     from masked_dit.diffusion.likelihood import ode_likelihood
 
     device = next(model.parameters()).device
+    transport, flow_model = probability_flow(objective, model)
     generator = torch.Generator(device).manual_seed(seed)
     dims = x[0].numel()
     logps = []
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
-        logp, _ = ode_likelihood(objective.transport, model, xb, method=method, num_steps=steps, atol=atol,
+        logp, _ = ode_likelihood(transport, flow_model, xb, method=method, num_steps=steps, atol=atol,
                                  rtol=rtol, model_kwargs={"y": yb}, generator=generator, progress=progress)
         logps.append(logp.double().cpu())
     logp = torch.cat(logps)

@@ -420,7 +420,7 @@ CASES = [
     # --- likelihood ---------------------------------------------------------------------------------------
     ("likelihood-of-a-dit-run", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--out", str(w / "n.json")],
      "masked-dit likelihood: error: {m}/runs/digits-dit: the probability-flow likelihood is SiT's (objective "
-     "transport); this model's objective is adm"),
+     "transport or repa); this model's objective is adm"),
     ("likelihood-out-not-json", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--out", str(w / "n.txt")],
      "masked-dit likelihood: error: --out {work}/n.txt: must end in .json"),
     ("likelihood-steps-zero", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--steps", "0"],
