@@ -5,7 +5,7 @@
     masked-dit train --preset imagenet256-mdtv2-xl2 --data.path=latents/ --run.resume=latest
     masked-dit sample runs/digits-mdtv2 --out grid.png
     masked-dit sample DiT-XL-2-256x256.pt --model DiT-XL/2 --num-samples 50000 --out samples.npz --vae stabilityai/sd-vae-ft-ema
-    masked-dit likelihood runs/digits-sit --out nll.json      # bits/dim of the held-out digits (SiT)
+    masked-dit likelihood runs/digits-sit --out nll.json      # bits/dim of the held-out digits (SiT, REPA-SiT)
     masked-dit extract-latents /data/imagenet/train latents/ --flip
     masked-dit extract-features /data/imagenet/train latents/ --encoder dinov2-vit-b  # --data.features=dinov2-vit-b
     masked-dit eval VIRTUAL_imagenet256_labeled.npz samples.npz --out metrics.json
