@@ -238,12 +238,17 @@ def _sample(args, _overrides) -> int:
 #################################################################################
 
 def _likelihood(args, _overrides) -> int:
+    import shutil
+
     import torch
 
     from masked_dit.configs import SIT_SAMPLE_KEYS
+    from masked_dit.data.latents import write_json_atomic
     from masked_dit.diffusion.objectives import build_objective
     from masked_dit.diffusion.sample_settings import check_sit_sampling
-    from masked_dit.eval.nll import bits_per_dim, likelihood_data
+    from masked_dit.eval.generate import PartsFolder
+    from masked_dit.eval.nll import likelihood_data, score_batches, summarize
+    from masked_dit.train.dist import init_world, shutdown
 
     out = Path(args.out)
     if out.suffix != ".json":
@@ -251,7 +256,8 @@ def _likelihood(args, _overrides) -> int:
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a file ending in .json")
     _check_positive(args, "steps", "batch_size", "num")
-    device = torch.device(_device(args.device))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
     model, cfg = _load_for_sampling(args)
     if cfg.objective.kind not in ("transport", "repa"):
         raise ValueError(f"{args.source}: the probability-flow likelihood is SiT's (objective transport or repa); "
@@ -267,26 +273,38 @@ def _likelihood(args, _overrides) -> int:
     options = {k: getattr(cfg.sample, k) for k in SIT_SAMPLE_KEYS}
     options.update({k: getattr(args, k) for k in ("ode_method", "atol", "rtol") if getattr(args, k) is not None})
     check_sit_sampling(cfg.objective, "ode", options, lambda key: f"--{key.replace('_', '-')} {options[key]}")
-    x, y, what = likelihood_data(cfg.data, cfg.model, args.split, args.num, args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
-    model = model.to(device).eval()
-    objective = build_objective(cfg.objective, model)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-        result = bits_per_dim(objective, model, x, y, batch_size=args.batch_size, method=options["ode_method"],
-                              steps=args.steps, atol=options["atol"], rtol=options["rtol"], seed=args.seed,
-                              progress=sys.stderr.isatty())
-    result.update(source=str(Path(args.source).resolve()), data=what, ode_method=options["ode_method"],
-                  steps=args.steps, atol=options["atol"], rtol=options["rtol"], seed=args.seed,
-                  precision=args.precision)
-    from masked_dit.data.latents import write_json_atomic
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, result)
-    stderr = result["bits_per_dim_stderr"]
-    print(f"{result['bits_per_dim']:.4f}{'' if stderr is None else f' ± {stderr:.4f}'} bits/dim over "
-          f"{result['num']} {what} ({options['ode_method']}); wrote {out}")
-    return 0
+    dataset, what = likelihood_data(cfg.data, cfg.model, args.split)
+    num = len(dataset) if args.num is None else min(args.num, len(dataset))
+    if num == 0:
+        raise ValueError(f"{what}: no items to score")
+    settings = dict(source=str(Path(args.source).resolve()), model=args.model, data=what, num=num,
+                    ode_method=options["ode_method"], steps=args.steps, atol=options["atol"], rtol=options["rtol"],
+                    batch_size=args.batch_size, seed=args.seed, precision=args.precision)
+    world = init_world(args.device)
+    try:
+        if world.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
+        model = model.to(world.device).eval()
+        objective = build_objective(cfg.objective, model)
+        parts = PartsFolder(out, settings)  # finished batches survive a kill; a re-run skips them
+        with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            logp = score_batches(objective, model, dataset, num, batch_size=args.batch_size,
+                                 latent_scale=cfg.data.latent_scale, method=options["ode_method"], steps=args.steps,
+                                 atol=options["atol"], rtol=options["rtol"], seed=args.seed, parts=parts, world=world,
+                                 progress=sys.stderr.isatty())
+        if logp is None:  # not rank 0
+            return 0
+        first = dataset[0]
+        result = {**summarize(logp, (first["x"] if "x" in first else first["mean"]).numel()), **settings}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, result)
+        shutil.rmtree(parts.root, ignore_errors=True)
+        stderr = result["bits_per_dim_stderr"]
+        print(f"{result['bits_per_dim']:.4f}{'' if stderr is None else f' ± {stderr:.4f}'} bits/dim over "
+              f"{num} {what} ({options['ode_method']}); wrote {out}")
+        return 0
+    finally:
+        shutdown(world)
 
 
 def _has_null_class(model) -> bool:

@@ -5,40 +5,38 @@ they get measures nothing. Here the flow starts from data, as the change of vari
 held-out digits, or the first images / latents of its training data. The figure is the continuous
 density of the model's inputs (pixels in [-1, 1], or VAE latents times ``latent_scale``):
 -log p(x) / (D ln 2). A likelihood of discrete 8-bit images needs dequantisation terms on top.
+
+Batch ``b``'s random draws (a latent's posterior sample, Hutchinson's vectors) come from its own
+generator seeded with ``(seed, b)``, as ``masked-dit sample``'s batches: the figures are the same for
+any number of torchrun ranks and across a resume, and finished batches wait in ``<out>.parts/``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 
+from masked_dit.eval.generate import PartsFolder, batch_generator
 
-def likelihood_data(data_cfg, model_cfg, split: Optional[str], num: Optional[int], seed: int):
-    """(x [N, C, H, W] float32, y [N] int64, what): the first ``num`` items of the run's data; digits
-    from ``split`` (default held out), latents with one posterior draw each (seeded by ``seed``)."""
-    from masked_dit.data import DigitsDataset, build_dataset, sample_posterior
+
+def likelihood_data(data_cfg, model_cfg, split: Optional[str]):
+    """(dataset, what): the run's data as ``score_batches`` reads it (items ``{'x', 'y'}``, or a latent's
+    ``{'mean', 'std', 'y'}``); digits from ``split`` (default held out)."""
+    from masked_dit.data import DigitsDataset, build_dataset
 
     if data_cfg.source == "digits":
         split = split or "heldout"
-        ds = DigitsDataset(split, data_cfg.image_size)
-        what = f"{split} digits"
-    elif split is not None:
+        return DigitsDataset(split, data_cfg.image_size), f"{split} digits"
+    if split is not None:
         raise ValueError(f"--split {split}: splits are the embedded digits'; this run's data is "
                          f"--data.source={data_cfg.source} (its first --num-samples items are used)")
-    else:  # items are read unflipped and without REPA's features: neither setting applies
-        ds = build_dataset(dataclasses.replace(data_cfg, random_flip=False, features=None), model_cfg)
-        what = f"{data_cfg.source} {data_cfg.path}"
-    n = len(ds) if num is None else min(num, len(ds))
-    if n == 0:
-        raise ValueError(f"{what}: no items to score")
-    batch = torch.utils.data.default_collate([ds[i] for i in range(n)])
-    if "mean" in batch:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            batch = sample_posterior(batch, data_cfg.latent_scale)
-    return batch["x"].float(), batch["y"].long(), what
+    # items are read unflipped and without REPA's features: neither setting applies
+    return build_dataset(dataclasses.replace(data_cfg, random_flip=False, features=None), model_cfg), \
+        f"{data_cfg.source} {data_cfg.path}"
 
 
 def probability_flow(objective, model):
@@ -56,25 +54,68 @@ def probability_flow(objective, model):
                      f"not {objective.kind}")
 
 
-def bits_per_dim(objective, model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 64,
-                 method: str = "dopri5", steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3, seed: int = 0,
-                 progress: bool = False) -> dict:
-    """Per-sample log-likelihoods of ``x`` (on the model's device, in batches) and their summary:
-    mean bits/dim with its standard error, mean NLL in nats. Hutchinson draws come from one
-    generator seeded with ``seed``, so a re-run gives the same figures."""
+def _batch(dataset, start: int, stop: int, latent_scale: float, generator: torch.Generator):
+    """Items [start, stop) as (x, y int64); latents get one posterior draw from ``generator``."""
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(start, stop)])
+    if "mean" in batch:
+        mean = batch["mean"]
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
+        batch["x"] = (mean + batch["std"] * noise) * latent_scale
+    return batch["x"], batch["y"].long()
+
+
+def score_batches(objective, model, dataset, num: int, *, batch_size: int = 64, latent_scale: float = 1.0,
+                  method: str = "dopri5", steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3, seed: int = 0,
+                  parts: Optional[PartsFolder] = None, world=None, progress: bool = False) -> Optional[torch.Tensor]:
+    """log p [num] (nats, float64) of the first ``num`` items of ``dataset``. With ``world``, rank r takes
+    batches r, r + size, ...; with ``parts``, each finished batch is kept there and skipped by a re-run.
+    Returns the figures on rank 0 (None elsewhere)."""
     from masked_dit.diffusion.likelihood import ode_likelihood
+    from masked_dit.train.dist import barrier
 
     device = next(model.parameters()).device
+    rank, size, is_main = (world.rank, world.size, world.is_main) if world is not None else (0, 1, True)
     transport, flow_model = probability_flow(objective, model)
-    generator = torch.Generator(device).manual_seed(seed)
-    dims = x[0].numel()
+    num_batches = (num + batch_size - 1) // batch_size
+    if parts is not None:
+        parts.open(is_main)
+        if world is not None:
+            barrier(world)  # settings.json exists before any rank writes a batch
+    kept = {}
+    mine = [b for b in range(rank, num_batches, size) if parts is None or not parts.done(b)]
+    bar = contextlib.nullcontext()
+    if progress and is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=len(mine), desc=f"likelihood (rank 0 of {size})", dynamic_ncols=True)
+    with bar as pbar:
+        for b in mine:
+            g = batch_generator(seed, b, device)
+            x, y = _batch(dataset, b * batch_size, min(num, (b + 1) * batch_size), latent_scale, g)
+            logp, _ = ode_likelihood(transport, flow_model, x.to(device), method=method, num_steps=steps, atol=atol,
+                                     rtol=rtol, model_kwargs={"y": y.to(device)}, generator=g)
+            kept[b] = logp.double().cpu()
+            if parts is not None:
+                parts.write(b, kept[b].numpy(), y.numpy())
+            if pbar is not None:
+                pbar.update(1)
+    if world is not None:
+        barrier(world)
+    if not is_main:
+        return None
+    if parts is None:
+        return torch.cat([kept[b] for b in range(num_batches)])
+    missing = [b for b in range(num_batches) if not parts.done(b)]
+    if missing:  # another rank stopped early: its batches are for the next run
+        raise ValueError(f"{len(missing)} batches of {parts.root} are missing (first: {missing[0]}): run again to finish")
     logps = []
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
-        logp, _ = ode_likelihood(transport, flow_model, xb, method=method, num_steps=steps, atol=atol,
-                                 rtol=rtol, model_kwargs={"y": yb}, generator=generator, progress=progress)
-        logps.append(logp.double().cpu())
-    logp = torch.cat(logps)
+    for b in range(num_batches):
+        with np.load(parts.path(b)) as part:
+            logps.append(torch.from_numpy(part["arr_0"]))
+    return torch.cat(logps)
+
+
+def summarize(logp: torch.Tensor, dims: int) -> dict:
+    """Mean bits/dim with its standard error and the mean NLL in nats of per-sample log p (nats)."""
     if not torch.isfinite(logp).all():
         raise FloatingPointError(f"{int((~torch.isfinite(logp)).sum())} of {len(logp)} log-likelihoods are not "
                                  f"finite (the ODE diverged): try --ode-method dopri5 with a smaller --rtol")
@@ -82,3 +123,10 @@ def bits_per_dim(objective, model, x: torch.Tensor, y: torch.Tensor, *, batch_si
     stderr = bpd.std().item() / math.sqrt(len(bpd)) if len(bpd) > 1 else None  # JSON has no NaN
     return {"bits_per_dim": bpd.mean().item(), "bits_per_dim_stderr": stderr, "nll_nats": -logp.mean().item(),
             "num": len(bpd), "dims": dims, "per_sample_bits_per_dim": bpd.tolist()}
+
+
+def bits_per_dim(objective, model, x: torch.Tensor, y: torch.Tensor, **options) -> dict:
+    """``summarize`` of ``score_batches`` over in-memory ``x`` [N, ...] and labels ``y`` [N]."""
+    dataset = [{"x": xi, "y": yi} for xi, yi in zip(x, y)]
+    return summarize(score_batches(objective, model, dataset, len(dataset), **options), x[0].numel())
+

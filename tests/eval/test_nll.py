@@ -1,6 +1,7 @@
 """Bits per dimension under a SiT or REPA-SiT model (masked_dit.eval.nll and `masked-dit likelihood`)."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,15 +84,63 @@ def test_likelihood_data_takes_the_held_out_digits_by_default():
     from masked_dit.data import load_digits_tensor
 
     cfg = get_preset("digits-sit")
-    x, y, what = likelihood_data(cfg.data, cfg.model, None, None, 0)
+    dataset, what = likelihood_data(cfg.data, cfg.model, None)
     images, labels = load_digits_tensor("heldout", cfg.data.image_size)
-    assert what == "heldout digits" and torch.equal(x, images) and torch.equal(y, labels)
-    x, _, what = likelihood_data(cfg.data, cfg.model, "train", 5, 0)
-    assert what == "train digits" and torch.equal(x, load_digits_tensor("train", cfg.data.image_size)[0][:5])
+    assert what == "heldout digits" and len(dataset) == len(labels) == 297
+    assert torch.equal(dataset[5]["x"], images[5]) and dataset[5]["y"] == labels[5]
+    dataset, what = likelihood_data(cfg.data, cfg.model, "train")
+    assert what == "train digits" and torch.equal(dataset[0]["x"], load_digits_tensor("train", cfg.data.image_size)[0][0])
     cfg.data.source, cfg.data.path = "latents", "somewhere"
     with pytest.raises(ValueError, match=r"^--split heldout: splits are the embedded digits'; this run's data is "
                                          r"--data.source=latents"):
-        likelihood_data(cfg.data, cfg.model, "heldout", None, 0)
+        likelihood_data(cfg.data, cfg.model, "heldout")
+
+
+class CountingNet(torch.nn.Module):
+    """A small nonlinear velocity net (dense Jacobian: Hutchinson's estimate depends on its draws)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.w1 = torch.nn.Parameter(torch.randn(5, 8, generator=g) / 2)
+        self.w2 = torch.nn.Parameter(torch.randn(8, 4, generator=g) / 4)
+        self.calls = 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        h = torch.cat([x.flatten(1), t[:, None].to(x.dtype)], 1)
+        return (torch.tanh(h @ self.w1) @ self.w2).reshape(x.shape) - x + 0.1 * y[:, None].to(x.dtype)
+
+
+def test_score_batches_same_figures_for_any_ranks_and_across_a_resume(tmp_path):
+    """Batch b draws from its own (seed, b) generator: two ranks writing one parts folder, a resume that
+    finds some batches done, and one pass in memory give the same log-likelihoods; done batches are not
+    recomputed, and a parts folder made with other settings is refused."""
+    from masked_dit.eval.generate import PartsFolder
+    from masked_dit.eval.nll import score_batches
+
+    g = torch.Generator().manual_seed(0)
+    dataset = [{"x": torch.randn(4, generator=g), "y": torch.tensor(i % 3)} for i in range(5)]
+    obj, net = TransportObjective("Linear", "velocity"), CountingNet()
+    kw = dict(batch_size=2, method="euler", steps=4, seed=3)
+    whole = score_batches(obj, net, dataset, 5, **kw)
+    per_batch = net.calls // 3
+    assert whole.shape == (5,) and whole.dtype == torch.float64
+    assert not torch.equal(whole, score_batches(obj, net, dataset, 5, **{**kw, "seed": 4}))
+
+    out = tmp_path / "n.json"
+    rank = lambda r: SimpleNamespace(rank=r, size=2, is_main=r == 0, distributed=False)  # noqa: E731
+    assert score_batches(obj, net, dataset, 5, parts=PartsFolder(out, {"k": 1}), world=rank(1), **kw) is None
+    parts = PartsFolder(out, {"k": 1})
+    assert parts.done(1) and not parts.done(0) and not parts.done(2)
+    assert torch.equal(score_batches(obj, net, dataset, 5, parts=parts, world=rank(0), **kw), whole)
+
+    parts.path(2).unlink()  # as if killed before the last batch
+    net.calls = 0
+    assert torch.equal(score_batches(obj, net, dataset, 5, parts=parts, **kw), whole)
+    assert net.calls == per_batch  # batches 0 and 1 were read back, not recomputed
+    with pytest.raises(ValueError, match=r"holds samples made with other settings \(k differ\)"):
+        score_batches(obj, net, dataset, 5, parts=PartsFolder(out, {"k": 2}), **kw)
 
 
 def test_likelihood_command_scores_a_sit_run(tmp_path, capsys):
@@ -115,10 +164,16 @@ def test_likelihood_command_scores_a_sit_run(tmp_path, capsys):
     assert first["num"] == 3 and len(first["per_sample_bits_per_dim"]) == 3 and first["dims"] == 256
     assert math.isfinite(first["bits_per_dim"]) and first["data"] == "heldout digits"
     assert (first["ode_method"], first["atol"], first["rtol"], first["precision"]) == ("dopri5", 1e-6, 1e-3, "fp32")
-    assert score("b") == first  # same seed: the same Hutchinson draws
+    assert not (tmp_path / "a.json.parts").exists()  # kept only until the summary is written
+    (tmp_path / "stale.json.parts").mkdir()
+    (tmp_path / "stale.json.parts" / "settings.json").write_text('{"seed": 7}')
+    assert main(["likelihood", str(run), "--out", str(tmp_path / "stale.json"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"masked-dit likelihood: error: {tmp_path}/stale.json.parts "
+                                                      f"holds samples made with other settings (")
     euler = score("euler", "--ode-method", "euler", "--steps", "8")
+    assert score("euler2", "--ode-method", "euler", "--steps", "8") == euler  # same seed: the same draws
     assert euler["ode_method"] == "euler" and euler["bits_per_dim"] != first["bits_per_dim"]
-    assert score("seed", "--seed", "1")["bits_per_dim"] != first["bits_per_dim"]
+    assert score("seed", "--ode-method", "euler", "--steps", "8", "--seed", "1")["bits_per_dim"] != euler["bits_per_dim"]
 
 
 def test_likelihood_command_on_an_official_checkpoint_needs_data(tmp_path, capsys):
