@@ -176,31 +176,64 @@ def test_likelihood_command_scores_a_sit_run(tmp_path, capsys):
     assert score("seed", "--ode-method", "euler", "--steps", "8", "--seed", "1")["bits_per_dim"] != euler["bits_per_dim"]
 
 
-def test_likelihood_command_on_an_official_checkpoint_needs_data(tmp_path, capsys):
-    """An official checkpoint brings no data: one line asks for --data-path; a folder that is not
-    latents gives the latents' own one-line error; extracted latents are scored (one posterior draw each)."""
+KWARGS = {"depth": 1, "hidden_size": 32, "num_heads": 2, "input_size": 8, "in_channels": 3, "num_classes": 2}
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """A small SiT checkpoint file (official layout) and latents extracted from six images."""
     from masked_dit.data import extract_latents
     from masked_dit.models import build_model
     from tests.data.test_encoders import _Images, _PoolVAE
 
-    kwargs = {"depth": 1, "hidden_size": 32, "num_heads": 2, "input_size": 8, "in_channels": 3, "num_classes": 2}
-    torch.save(build_model("SiT-S/2", **kwargs).state_dict(), tmp_path / "sit.pt")
-    base = ["likelihood", str(tmp_path / "sit.pt"), "--model", "SiT-S/2", "--model-kwargs", json.dumps(kwargs),
-            "--out", str(tmp_path / "n.json"), "--device", "cpu", "--ode-method", "euler", "--steps", "4"]
+    root = tmp_path_factory.mktemp("official")
+    torch.save(build_model("SiT-S/2", **KWARGS).state_dict(), root / "sit.pt")
+    extract_latents(_Images(), root / "latents", _PoolVAE(), shard_size=4, batch_size=2, progress=False)
+    return root
+
+
+def _official_argv(root, out, *extra):
+    return ["likelihood", str(root / "sit.pt"), "--model", "SiT-S/2", "--model-kwargs", json.dumps(KWARGS),
+            "--out", str(out), "--device", "cpu", "--ode-method", "euler", "--steps", "4", *extra]
+
+
+def test_likelihood_command_on_an_official_checkpoint_needs_data(official, tmp_path, capsys):
+    """An official checkpoint brings no data: one line asks for --data-path; a folder that is not
+    latents gives the latents' own one-line error; extracted latents are scored (one posterior draw each)."""
+    base = _official_argv(official, tmp_path / "n.json")
     capsys.readouterr()
     assert main(base) == 2
-    assert capsys.readouterr().err.strip() == (f"masked-dit likelihood: error: {tmp_path / 'sit.pt'} names no data "
+    assert capsys.readouterr().err.strip() == (f"masked-dit likelihood: error: {official / 'sit.pt'} names no data "
                                                f"to score: pass --data-path (latents made by `masked-dit "
                                                f"extract-latents`)")
     assert main([*base, "--data-path", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.strip() == (f"masked-dit likelihood: error: no manifest.json in "
                                                f"'{tmp_path / 'none'}': run `masked-dit extract-latents` first")
     assert not (tmp_path / "n.json").exists()
-    extract_latents(_Images(), tmp_path / "latents", _PoolVAE(), shard_size=4, batch_size=2, progress=False)
-    assert main([*base, "--data-path", str(tmp_path / "latents")]) == 0
+    assert main([*base, "--data-path", str(official / "latents")]) == 0
     out = json.loads((tmp_path / "n.json").read_text())
     assert out["num"] == 6 and out["dims"] == 3 * 8 * 8 and math.isfinite(out["bits_per_dim"])
-    assert out["data"] == f"latents {tmp_path / 'latents'}"
+    assert out["data"] == f"latents {official / 'latents'}"
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_give_the_same_figures(official, tmp_path):
+    """Two ranks share the batches (gloo on CPU) and give the single process's figures exactly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    options = ("--data-path", str(official / "latents"), "--batch-size", "2")
+    assert main(_official_argv(official, tmp_path / "one.json", *options)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "masked_dit",
+           *_official_argv(official, tmp_path / "two.json", *options)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two == one and two["num"] == 6
 
 
 def test_likelihood_command_scores_a_repa_run(tmp_path):
