@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiles every CUDA kernel with nvcc (sm_90; CHECK_ARCHS="90 80" for more) and every binding file with the host
-# compiler against torch's headers, to objects only: a kernel or binding that does not compile
-# cannot land, even on machines without a GPU.
+# compiler against torch's headers, to objects only: a kernel or binding that does not compile, or a
+# kernel that spills registers where it must not, cannot land, even on machines without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)
@@ -12,12 +12,17 @@ kernels=(csrc/kernels/*.cu)
 # the flags torch's CUDAExtension adds to every nvcc call (-D__CUDA_NO_HALF_OPERATORS__ and friends):
 # without them half/bfloat16 operators and implicit conversions compile here but break setup.py
 read -r -a torch_nvcc_flags <<< "$(python -c "from torch.utils.cpp_extension import COMMON_NVCC_FLAGS; print(' '.join(COMMON_NVCC_FLAGS))")"
+# -Xptxas -v: every kernel's registers and spills, gated by tools/ptxas_report.py (a spilling kernel
+# compiles and passes every CPU test, yet runs slower on the GPU)
 for arch in ${CHECK_ARCHS:-90}; do
   for f in "${kernels[@]}"; do
     echo "nvcc sm_${arch}: $f"
-    "$NVCC" -c -std=c++17 -O2 -arch=sm_${arch} "${torch_nvcc_flags[@]}" -Icsrc "$f" -o "$out/$(basename "$f").sm${arch}.o"
+    log="$out/$(basename "$f").sm${arch}.log"
+    "$NVCC" -c -std=c++17 -O2 -arch=sm_${arch} "${torch_nvcc_flags[@]}" -Xptxas -v -Icsrc "$f" \
+      -o "$out/$(basename "$f").sm${arch}.o" 2> "$log" || { cat "$log" >&2; exit 1; }
   done
 done
+python tools/ptxas_report.py "$out"/*.log
 TORCH_INC=$(python -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))")
 PY_INC=$(python -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 CUDA_INC=$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")/include
