@@ -473,7 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--ode-method", help="ODE solver (default: the run's --sample.ode_method, SiT's dopri5)")
     lk.add_argument("--atol", type=float, help="adaptive ODE absolute tolerance (SiT: 1e-6)")
     lk.add_argument("--rtol", type=float, help="adaptive ODE relative tolerance (SiT: 1e-3)")
-    lk.add_argument("--steps", type=int, default=50, help="fixed solvers: steps; dopri5: output points (SiT: 50)")
+    lk.add_argument("--steps", type=int, default=50,
+                    help="SiT's num_steps: time points of the grid (fixed solvers: steps + 1), dopri5: output points "
+                         "(SiT: 50)")
     lk.add_argument("--batch-size", type=int, default=64)
     lk.add_argument("--seed", type=int, default=0, help="Hutchinson draws (and the latents' posterior draws)")
     lk.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
