@@ -75,6 +75,8 @@ def score_batches(objective, model, dataset, num: int, *, batch_size: int = 64, 
 
     device = next(model.parameters()).device
     rank, size, is_main = (world.rank, world.size, world.is_main) if world is not None else (0, 1, True)
+    if size > 1 and parts is None:
+        raise ValueError("score_batches: ranks hand their batches to rank 0 through a parts folder; pass parts")
     transport, flow_model = probability_flow(objective, model)
     num_batches = (num + batch_size - 1) // batch_size
     if parts is not None:
