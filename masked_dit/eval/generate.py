@@ -113,36 +113,56 @@ class PartsFolder:
         return len(arr)
 
 
+def run_batches(num_batches: int, compute: Callable[[int], None], *, parts: Optional[PartsFolder] = None,
+                world=None, progress: bool = True, desc: str = "batches") -> bool:
+    """Runs ``compute(b)`` (which stores batch b's result, in ``parts`` when given) for this rank's
+    batches ``rank, rank + size, ...``, skipping those ``parts`` already holds. Returns True on rank 0
+    once every batch is done (False elsewhere); one line naming the first missing batch when another
+    rank stopped early."""
+    from masked_dit.train.dist import barrier
+
+    rank, size, is_main = (world.rank, world.size, world.is_main) if world is not None else (0, 1, True)
+    if size > 1 and parts is None:
+        raise ValueError(f"{desc}: ranks hand their batches to rank 0 through a parts folder; pass parts")
+    if parts is not None:
+        parts.open(is_main)
+        if world is not None:
+            barrier(world)  # settings.json exists before any rank writes a batch
+    mine = [b for b in range(rank, num_batches, size) if parts is None or not parts.done(b)]
+    bar = contextlib.nullcontext()
+    if progress and is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=len(mine), desc=f"{desc} (rank 0 of {size})", dynamic_ncols=True)
+    with bar as pbar:
+        for b in mine:
+            compute(b)
+            if pbar is not None:
+                pbar.update(1)
+    if world is not None:
+        barrier(world)
+    if not is_main:
+        return False
+    missing = [b for b in range(num_batches) if parts is not None and not parts.done(b)]
+    if missing:  # another rank stopped early: its batches are for the next run
+        raise ValueError(f"{len(missing)} batches of {parts.root} are missing (first: {missing[0]}): run again to finish")
+    return True
+
+
 def generate_npz(draw: Callable, labels: torch.Tensor, out: Path, *, shape: tuple, batch_size: int, seed: int,
                  settings: dict, world, decode: Optional[Callable] = None, progress: bool = True) -> Optional[int]:
     """Samples every label into ``out`` (.npz) through ``<out>.parts/``; this rank runs batches
     ``rank, rank + world.size, ...`` that are not done yet. Returns the sample count on rank 0 once
     assembled (None elsewhere)."""
-    from masked_dit.train.dist import barrier
-
     num = len(labels)
     num_batches = (num + batch_size - 1) // batch_size
     parts = PartsFolder(out, {**settings, "num": num, "batch_size": batch_size, "seed": seed,
                               "shape": list(shape)})
-    parts.open(world.is_main)
-    barrier(world)  # settings.json exists before any rank writes a batch
-    mine = [b for b in range(world.rank, num_batches, world.size) if not parts.done(b)]
-    bar = contextlib.nullcontext()
-    if progress and world.is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=len(mine), desc=f"sample (rank 0 of {world.size})", dynamic_ncols=True)
-    with bar as pbar:
-        for b in mine:
-            y = labels[b * batch_size:(b + 1) * batch_size].to(world.device)
-            x = sample_batch(draw, y, shape, seed, b, decode)
-            parts.write(b, to_uint8(x), y.cpu().numpy())
-            if pbar is not None:
-                pbar.update(1)
-    barrier(world)
-    if not world.is_main:
-        return None
-    missing = [b for b in range(num_batches) if not parts.done(b)]
-    if missing:  # another rank stopped early: its batches are for the next run
-        raise ValueError(f"{len(missing)} batches of {parts.root} are missing (first: {missing[0]}): run again to finish")
-    return parts.assemble(num_batches, out)
 
+    def compute(b: int) -> None:
+        y = labels[b * batch_size:(b + 1) * batch_size].to(world.device)
+        x = sample_batch(draw, y, shape, seed, b, decode)
+        parts.write(b, to_uint8(x), y.cpu().numpy())
+
+    if not run_batches(num_batches, compute, parts=parts, world=world, progress=progress, desc="sample"):
+        return None
+    return parts.assemble(num_batches, out)

@@ -12,7 +12,6 @@ any number of torchrun ranks and across a resume, and finished batches wait in `
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Optional
@@ -20,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from masked_dit.eval.generate import PartsFolder, batch_generator
+from masked_dit.eval.generate import PartsFolder, batch_generator, run_batches
 
 
 def likelihood_data(data_cfg, model_cfg, split: Optional[str]):
@@ -71,48 +70,30 @@ def score_batches(objective, model, dataset, num: int, *, batch_size: int = 64, 
     batches r, r + size, ...; with ``parts``, each finished batch is kept there and skipped by a re-run.
     Returns the figures on rank 0 (None elsewhere)."""
     from masked_dit.diffusion.likelihood import ode_likelihood
-    from masked_dit.train.dist import barrier
 
     device = next(model.parameters()).device
-    rank, size, is_main = (world.rank, world.size, world.is_main) if world is not None else (0, 1, True)
-    if size > 1 and parts is None:
-        raise ValueError("score_batches: ranks hand their batches to rank 0 through a parts folder; pass parts")
     transport, flow_model = probability_flow(objective, model)
     num_batches = (num + batch_size - 1) // batch_size
-    if parts is not None:
-        parts.open(is_main)
-        if world is not None:
-            barrier(world)  # settings.json exists before any rank writes a batch
     kept = {}
-    mine = [b for b in range(rank, num_batches, size) if parts is None or not parts.done(b)]
-    bar = contextlib.nullcontext()
-    if progress and is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=len(mine), desc=f"likelihood (rank 0 of {size})", dynamic_ncols=True)
-    with bar as pbar:
-        for b in mine:
-            g = batch_generator(seed, b, device)
-            x, y = _batch(dataset, b * batch_size, min(num, (b + 1) * batch_size), latent_scale, g)
-            logp, _ = ode_likelihood(transport, flow_model, x.to(device), method=method, num_steps=steps, atol=atol,
-                                     rtol=rtol, model_kwargs={"y": y.to(device)}, generator=g)
-            kept[b] = logp.double().cpu()
-            if parts is not None:
-                parts.write(b, kept[b].numpy(), y.numpy())
-            if pbar is not None:
-                pbar.update(1)
-    if world is not None:
-        barrier(world)
-    if not is_main:
+
+    def compute(b: int) -> None:
+        g = batch_generator(seed, b, device)
+        x, y = _batch(dataset, b * batch_size, min(num, (b + 1) * batch_size), latent_scale, g)
+        logp, _ = ode_likelihood(transport, flow_model, x.to(device), method=method, num_steps=steps, atol=atol,
+                                 rtol=rtol, model_kwargs={"y": y.to(device)}, generator=g)
+        kept[b] = logp.double().cpu()
+        if parts is not None:
+            parts.write(b, kept[b].numpy(), y.numpy())
+
+    if not run_batches(num_batches, compute, parts=parts, world=world, progress=progress, desc="likelihood"):
         return None
-    if parts is None:
-        return torch.cat([kept[b] for b in range(num_batches)])
-    missing = [b for b in range(num_batches) if not parts.done(b)]
-    if missing:  # another rank stopped early: its batches are for the next run
-        raise ValueError(f"{len(missing)} batches of {parts.root} are missing (first: {missing[0]}): run again to finish")
     logps = []
     for b in range(num_batches):
-        with np.load(parts.path(b)) as part:
-            logps.append(torch.from_numpy(part["arr_0"]))
+        if b in kept:
+            logps.append(kept[b])
+        else:  # done by another rank or an earlier run
+            with np.load(parts.path(b)) as part:
+                logps.append(torch.from_numpy(part["arr_0"]))
     return torch.cat(logps)
 
 

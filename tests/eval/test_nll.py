@@ -139,7 +139,7 @@ def test_score_batches_same_figures_for_any_ranks_and_across_a_resume(tmp_path):
     net.calls = 0
     assert torch.equal(score_batches(obj, net, dataset, 5, parts=parts, **kw), whole)
     assert net.calls == per_batch  # batches 0 and 1 were read back, not recomputed
-    with pytest.raises(ValueError, match=r"^score_batches: ranks hand their batches to rank 0 through a parts"):
+    with pytest.raises(ValueError, match=r"^likelihood: ranks hand their batches to rank 0 through a parts"):
         score_batches(obj, net, dataset, 5, world=rank(0), **kw)
     with pytest.raises(ValueError, match=r"holds samples made with other settings \(k differ\)"):
         score_batches(obj, net, dataset, 5, parts=PartsFolder(out, {"k": 2}), **kw)
