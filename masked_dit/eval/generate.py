@@ -71,7 +71,7 @@ class PartsFolder:
             if old != self.settings:
                 diff = sorted(k for k in set(self.settings) | set(old or {})
                               if (old or {}).get(k) != self.settings.get(k))
-                raise ValueError(f"{self.root} holds samples made with other settings ({', '.join(diff)} differ): "
+                raise ValueError(f"{self.root} holds batches made with other settings ({', '.join(diff)} differ): "
                                  f"remove it or choose another --out")
         elif is_main:
             self.root.mkdir(parents=True, exist_ok=True)

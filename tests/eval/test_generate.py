@@ -74,7 +74,7 @@ def test_killed_run_resumes_with_the_same_samples(reference, checkpoint, tmp_pat
     capsys.readouterr()
     assert main(_argv(checkpoint, out, "--cfg-scale", "2.0")) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"masked-dit sample: error: {tmp_path}/c.npz.parts holds samples made with other settings "
+    assert err == (f"masked-dit sample: error: {tmp_path}/c.npz.parts holds batches made with other settings "
                    "(cfg_scale differ): remove it or choose another --out")
 
     resumed = []

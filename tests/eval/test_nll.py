@@ -141,7 +141,7 @@ def test_score_batches_same_figures_for_any_ranks_and_across_a_resume(tmp_path):
     assert net.calls == per_batch  # batches 0 and 1 were read back, not recomputed
     with pytest.raises(ValueError, match=r"^likelihood: ranks hand their batches to rank 0 through a parts"):
         score_batches(obj, net, dataset, 5, world=rank(0), **kw)
-    with pytest.raises(ValueError, match=r"holds samples made with other settings \(k differ\)"):
+    with pytest.raises(ValueError, match=r"holds batches made with other settings \(k differ\)"):
         score_batches(obj, net, dataset, 5, parts=PartsFolder(out, {"k": 2}), **kw)
 
 
@@ -171,7 +171,7 @@ def test_likelihood_command_scores_a_sit_run(tmp_path, capsys):
     (tmp_path / "stale.json.parts" / "settings.json").write_text('{"seed": 7}')
     assert main(["likelihood", str(run), "--out", str(tmp_path / "stale.json"), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip().startswith(f"masked-dit likelihood: error: {tmp_path}/stale.json.parts "
-                                                      f"holds samples made with other settings (")
+                                                      f"holds batches made with other settings (")
     euler = score("euler", "--ode-method", "euler", "--steps", "8")
     assert score("euler2", "--ode-method", "euler", "--steps", "8") == euler  # same seed: the same draws
     assert euler["ode_method"] == "euler" and euler["bits_per_dim"] != first["bits_per_dim"]
