@@ -110,6 +110,14 @@ def _json(work, name, text):
     return p
 
 
+def _stale_parts(out):
+    """``<out>.parts/`` as an earlier run with other settings left it."""
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir()
+    (parts / "settings.json").write_text('{"cfg_scale": 4.0}')
+    return out
+
+
 def _other_size_checkpoint(work, m):
     return m / "runs" / "digits-dit" / "checkpoints" / "step_00000001"
 
@@ -334,6 +342,12 @@ CASES = [
                                                  _train(w))[1],
      "masked-dit train: error: run folder {work}/runs/digits-dit already has checkpoints (newest: step_00000001); "
      "pass --resume latest to continue it, or another --run.name / --run.out_dir to start anew"),
+    ("init-from-missing", lambda w, m: _train(w, f"--run.init_from={w / 'nothing'}"),
+     "masked-dit train: error: --run.init_from {work}/nothing: no such file or folder"),
+    ("init-from-other-model", lambda w, m: _train(w, f"--run.init_from={m / 'runs' / 'digits-dit'}",
+                                                  "--model.hidden_size=64"),
+     "masked-dit train: error: checkpoint {m}/runs/digits-dit/checkpoints/step_00000001 does not fit DiT-S/2: "
+     "shape mismatches ..."),
     ("resume-other-model-size", lambda w, m: _train(w, "--model.hidden_size=64", "--resume",
                                                     str(_other_size_checkpoint(w, m))),
      "masked-dit train: error: checkpoint {m}/runs/digits-dit/checkpoints/step_00000001 does not fit DiT-S/2: "
@@ -401,6 +415,11 @@ CASES = [
      "masked-dit sample: error: --guidance-low=0.9 must be <= --guidance-high=0.1 (guidance applies for t in "
      "[low, high])"),
     # were accepted: a negative scale extrapolates away from the class (a typo for 1.5, not a setting)
+    ("sample-bad-out", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "x.jpg")],
+     "masked-dit sample: error: --out {work}/x.jpg: must end in .npz (samples for FID) or .png (a grid)"),
+    ("sample-parts-other-settings", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out",
+                                                  str(_stale_parts(w / "c.npz")), "--num-samples", "2"],
+     "masked-dit sample: error: {work}/c.npz.parts holds batches made with other settings (..."),
     ("sample-cfg-scale-negative", lambda w, m: _sample(w, m, "--cfg-scale", "-1.5"),
      "masked-dit sample: error: --cfg-scale must be >= 0 (1: no guidance, 0: unconditional; got -1.5)"),
     ("sample-ddpm-steps-beyond-the-diffusion", lambda w, m: _sample(w, m, "--steps", "1001"),
@@ -534,3 +553,14 @@ def test_load_official_names_the_mismatch(material):
     with pytest.raises(ValueError, match=r"does not fit DiT-S/2: .*pos_embed"):
         load_official(path, "DiT-S/2", in_channels=1, num_classes=10, depth=2, hidden_size=32, num_heads=2,
                       patch_size=2, input_size=16)
+
+
+def test_docs_list_every_case():
+    """docs/errors.md's tables and CASES name the same cases (a message changed in one place only would
+    leave the docs wrong)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "errors.md").read_text()
+    documented = re.findall(r"^\| `([a-z][a-z0-9-]+)`", doc, re.M)  # rows of other tests start with their option
+    assert sorted(documented) == sorted(c[0] for c in CASES)
