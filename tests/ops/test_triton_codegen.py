@@ -6,6 +6,8 @@
   the int64 index changes: a silent fall back to 2-byte accesses would cost bandwidth on H100.
 * The Adan step moves fp32 state in 16-byte vectors and divides / takes square roots IEEE-rounded
   (``div.rn``, ``sqrt.rn``: the foreach reference's arithmetic, not Triton's approximate default).
+* No kernel spills for register pressure (cubin stack frame <= 8 bytes, no local memory) at the widths
+  of the zoo (adaLN rows to 4096, BLOCK_D 1024 / 2048 / 4096), nor the token and Adan kernels.
 * The kernels compile with 64-bit strides and sizes (how Triton passes values >= 2^31, i.e.
   tensors with more than 2^31 elements) and for B > 65535 (the adaLN backward grid is 1-D).
 """
@@ -18,7 +20,10 @@ import pytest
 triton = pytest.importorskip("triton")
 
 _SCRIPT = r'''
+import os
 import re
+import subprocess
+import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -37,7 +42,25 @@ def compile_ptx(fn, types, constexprs, int_type="i32", divisible=True, num_warps
     ce = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
     src = ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=attrs)
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    cubins.append(out.asm["cubin"])
     return out.asm["ptx"]
+
+cubins = []
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+def no_spill(what):
+    """The last compiled kernel's registers from its cubin (triton's bundled cuobjdump). Register pressure
+    shows as a stack frame of hundreds of bytes (the backward at BLOCK_D 8192: 136 B, 16384: 448 B). At
+    most 8 bytes are allowed: ptxas 13 under triton's options saves one 64-bit value outside the row
+    loop of the adaLN backward at BLOCK_D 512 / 1024 while using 40 of its registers."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubins[-1])
+        dump = subprocess.run([CUOBJDUMP, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    reg, stack, local = map(int, re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", dump).groups())
+    assert stack <= 8 and local == 0, (what, "spills", dict(registers=reg, stack=stack, local=local))
+    print(what, reg, "registers")
 
 def accesses(ptx):
     return sorted(set(re.findall(r"(?:ld|st)\.global[\.\w]*", ptx)))
@@ -54,7 +77,11 @@ for key, (fn, act, stats) in acts.items():
     ce = {"BLOCK_D": 2048, "ACC_F64": False}
     ce.update({n: 1 for n in fn.arg_names if n.startswith("s") and n.endswith("_d")})
     warps = ka._num_warps(2048, 8 if "fwd" in key else 4)
+    for block_d in (1024, 4096):  # widths to 4096 (the zoo's: DiT-XL/2 is 1152) keep every value in registers
+        compile_ptx(fn, types, {**ce, "BLOCK_D": block_d}, num_warps=ka._num_warps(block_d, 8 if "fwd" in key else 4))
+        no_spill(f"{key} BLOCK_D={block_d}")
     ptx = compile_ptx(fn, types, ce, num_warps=warps)
+    no_spill(f"{key} BLOCK_D=2048")
     # forward: 8 bf16 per thread -> 16-byte loads; backward: 4 per thread (register budget) -> 8-byte
     assert ("ld.global.v4.b32" if "fwd" in key else "ld.global.v2.b32") in ptx, (key, accesses(ptx))
     assert "ld.global.b16" not in ptx, (key, accesses(ptx))
@@ -71,6 +98,7 @@ tok = {"_gather_rows_kernel": (dict(x_ptr="*bf16", ids_ptr="*i64", batch_ptr="*i
 for name, (types, ce) in tok.items():
     fn = getattr(kt, name)
     ptx = compile_ptx(fn, types, ce)
+    no_spill(name)
     assert "ld.global.v4.b32" in ptx, (name, accesses(ptx))
     ce64 = {k: v for k, v in ce.items() if not k.endswith("_d")}
     compile_ptx(fn, types, ce64, int_type="i64", divisible=False)
@@ -83,6 +111,7 @@ types.update({n: "fp32" for n in fn.arg_names[fn.arg_names.index("lr"):fn.arg_na
 for no_prox in (False, True):
     ce = {"NO_PROX": no_prox, "BLOCK": kd.BLOCK}
     ptx = compile_ptx(fn, types, ce, num_warps=kd.NUM_WARPS)
+    no_spill(f"adan no_prox={no_prox}")
     assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, ("adan", accesses(ptx))
     assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx, "adan: approximate division or sqrt"
     assert not re.search(r"(div|sqrt)\.(full|approx)", ptx), "adan: approximate division or sqrt"
