@@ -6,8 +6,9 @@ The choice is read when an op is *called* (so it also holds inside ``torch.compi
 where our custom ops are opaque; except the torch backend, which the public op functions trace inline
 there so that Inductor fuses it: :func:`inline_reference`): the innermost :func:`use_backend` context, else the
 environment variable ``MASKED_DIT_BACKEND=auto|torch|triton|cuda``. ``auto`` picks the
-fastest backend available for the tensor's device: cuda > triton > torch on GPU, torch on CPU
-(the Triton interpreter is a test tool, never fast).
+first backend available for the tensor's device in a fixed order: cuda > triton > torch on GPU,
+torch on CPU (the Triton interpreter is a test tool, never fast). The GPU order is not measured yet
+(``benchmarks/bench_ops.py`` times each backend).
 """
 from __future__ import annotations
 
