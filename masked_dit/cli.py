@@ -67,7 +67,12 @@ def _load_for_sampling(args):
                          f"its own model config: leave them out")
     if src.is_dir():
         export = src / "export" if (src / "export" / "config.json").exists() else src
-        info = json.loads((export / "config.json").read_text()) if (export / "config.json").exists() else {}
+        info = {}
+        if (export / "config.json").exists():
+            try:
+                info = json.loads((export / "config.json").read_text())
+            except ValueError as exc:
+                raise ValueError(f"{export / 'config.json'} is not valid JSON ({exc})") from None
         if "model_kwargs" not in info:  # not an export: a checkpoint folder or an unfinished run
             return _load_checkpoint_ema(src)
         model = load_official(export / "ema.safetensors", info["model"], **info["model_kwargs"])
@@ -126,7 +131,7 @@ def _sample(args, _overrides) -> int:
     from masked_dit.diffusion.objectives import build_objective
     from masked_dit.diffusion.sample_settings import (check_adm_options_apply, check_adm_sampling, check_edm_sampling,
                                                       check_sample_steps, check_sit_options_apply, check_sit_sampling)
-    from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels
+    from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels, weights_fingerprint
     from masked_dit.train.dist import init_world, shutdown
     from masked_dit.train.grid import grid_labels, save_grid
 
@@ -142,6 +147,7 @@ def _sample(args, _overrides) -> int:
         raise ValueError("--classes needs at least one class label (or leave it out)")
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a file ending in .npz or .png")
+    _check_out_outside(out, Path(args.source))
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     model, cfg = _load_for_sampling(args)
@@ -149,6 +155,7 @@ def _sample(args, _overrides) -> int:
     try:
         if out.suffix == ".png" and world.distributed:
             raise ValueError("a .png grid is sampled by one process; under torchrun write an .npz")
+        weights = weights_fingerprint(model)  # on the host, before compile: the same digest on every rank
         model = model.to(world.device).eval()
         if args.compile:
             from masked_dit.train.parallel import apply_compile
@@ -161,6 +168,9 @@ def _sample(args, _overrides) -> int:
                   guidance_low=sc.guidance_low if args.guidance_low is None else args.guidance_low,
                   guidance_high=sc.guidance_high if args.guidance_high is None else args.guidance_high)
         check_guidance({k: kw[k] for k in GUIDANCE_KEYS}, flag)  # one given, one from the run's config
+        if kw["sampler"] != "auto" and kw["sampler"] not in objective.samplers:  # before any option it reads
+            raise ValueError(f"--sampler {kw['sampler']} does not apply to objective {cfg.objective.kind}; choose "
+                             f"one of: {', '.join(objective.samplers)}")
         check_sample_steps(cfg.objective.kind, kw["sampler"], kw["steps"], cfg.objective.diffusion_steps,
                            f"--steps {kw['steps']}")
         kind = cfg.objective.kind
@@ -212,7 +222,8 @@ def _sample(args, _overrides) -> int:
         shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
         if out.suffix == ".npz":
             labels = sample_labels(args.num, cfg.model.num_classes, args.seed, args.classes)
-            settings = dict(source=str(Path(args.source).resolve()), model=args.model, vae=args.vae,
+            settings = dict(source=str(Path(args.source).resolve()), model=args.model, weights=weights,
+                            vae=args.vae,
                                    precision=args.precision, classes=args.classes, **kw)
             n = generate_npz(draw, labels, out, shape=shape, batch_size=args.batch_size, seed=args.seed,
                              settings=settings, world=world, decode=decode if vae else None)
@@ -246,7 +257,7 @@ def _likelihood(args, _overrides) -> int:
     from masked_dit.data.latents import write_json_atomic
     from masked_dit.diffusion.objectives import build_objective
     from masked_dit.diffusion.sample_settings import check_sit_sampling
-    from masked_dit.eval.generate import PartsFolder
+    from masked_dit.eval.generate import PartsFolder, weights_fingerprint
     from masked_dit.eval.nll import likelihood_data, score_batches, summarize
     from masked_dit.train.dist import init_world, shutdown
 
@@ -255,9 +266,14 @@ def _likelihood(args, _overrides) -> int:
         raise ValueError(f"--out {out}: must end in .json")
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a file ending in .json")
-    _check_positive(args, "steps", "batch_size", "num")
+    _check_positive(args, "batch_size")
+    if args.num is not None and args.num < 1:
+        raise ValueError(f"--num-samples must be >= 1 (got {args.num})")
+    if args.steps < 2:
+        raise ValueError(f"--steps {args.steps}: the ODE grid needs at least 2 time points (both ends included)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    _check_out_outside(out, Path(args.source))
     model, cfg = _load_for_sampling(args)
     if cfg.objective.kind not in ("transport", "repa"):
         raise ValueError(f"{args.source}: the probability-flow likelihood is SiT's (objective transport or repa); "
@@ -277,7 +293,8 @@ def _likelihood(args, _overrides) -> int:
     num = len(dataset) if args.num is None else min(args.num, len(dataset))
     if num == 0:
         raise ValueError(f"{what}: no items to score")
-    settings = dict(source=str(Path(args.source).resolve()), model=args.model, data=what, num=num,
+    settings = dict(source=str(Path(args.source).resolve()), model=args.model, weights=weights_fingerprint(model),
+                    data=what, num=num,
                     ode_method=options["ode_method"], steps=args.steps, atol=options["atol"], rtol=options["rtol"],
                     batch_size=args.batch_size, seed=args.seed, precision=args.precision)
     world = init_world(args.device)
@@ -305,6 +322,14 @@ def _likelihood(args, _overrides) -> int:
         return 0
     finally:
         shutdown(world)
+
+
+def _check_out_outside(out: Path, source: Path) -> None:
+    """An --out that names an existing file of the source folder (its config.json, export, grid) would
+    destroy the run it reads."""
+    if source.is_dir() and out.exists() and out.resolve().is_relative_to(source.resolve()):
+        raise ValueError(f"--out {out} is a file of {source}: writing it would replace part of the run; "
+                         f"name a new file")
 
 
 def _has_null_class(model) -> bool:

@@ -127,10 +127,10 @@ def _dopri5(f: Drift, x: torch.Tensor, times: Sequence[float], atol: float, rtol
     for t_out in times[1:]:
         while t_out > t:
             if n_steps >= max_num_steps:
-                raise RuntimeError(f"dopri5 exceeded max_num_steps={max_num_steps} (atol={atol}, rtol={rtol})")
+                raise SolverGaveUp(f"dopri5 exceeded max_num_steps={max_num_steps}", atol, rtol)
             n_steps += 1
             if not math.isfinite(dt) or t + dt <= t:
-                raise RuntimeError(f"dopri5 step size underflow or non-finite (dt={dt}) at t={t}")
+                raise SolverGaveUp(f"dopri5 step size underflow or non-finite (dt={dt}) at t={t}", atol, rtol)
             t_next = t + dt
             ks = [f0]
             for c, a in zip(_DP_C, _DP_A):
@@ -157,6 +157,20 @@ def _dopri5(f: Drift, x: torch.Tensor, times: Sequence[float], atol: float, rtol
         else:
             out.append(_interp_eval(interp, (t_out - t_prev) / (t - t_prev)))
     return out
+
+
+class SolverGaveUp(FloatingPointError):
+    """An adaptive solve that cannot meet its tolerances (step size underflow, too many steps): one line
+    naming them, for the command line's error report."""
+
+    def __init__(self, what: str, atol: float, rtol: float):
+        super().__init__(f"{what}: the ODE cannot be solved to atol={atol}, rtol={rtol}; loosen them "
+                         f"(SiT: 1e-6, 1e-3) or use a fixed-step method")
+
+
+def _gave_up(exc: AssertionError) -> bool:
+    """torchdiffeq's adaptive solvers give up with these assertions."""
+    return "underflow in dt" in str(exc) or "max_num_steps exceeded" in str(exc)
 
 
 def _interp_fit(y0, y1, y_mid, f0, f1, dt):
@@ -206,6 +220,10 @@ def _torchdiffeq_only(f: Drift, x, times, method: str, atol: float, rtol: float,
     try:
         return list(odeint(lambda s, y: f(float(s), y), x, t, method=method, atol=atol, rtol=rtol,
                            options=_norm_option(method, norm)).unbind(0))
+    except AssertionError as exc:
+        if not _gave_up(exc):
+            raise
+        raise SolverGaveUp(f"{method}: {exc}", atol, rtol) from None
     except ValueError as exc:
         if "Invalid method" not in str(exc):
             raise
@@ -260,8 +278,10 @@ def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str
             # beyond t = 1, sigma_t = sqrt(negative)) torchdiffeq's controller turns the NaN error
             # into dt -> 0 and gives up. The native copy rejects and shrinks such a step instead
             # (same steps as torchdiffeq wherever torchdiffeq finishes), so "auto" falls back to it.
-            if backend == "torchdiffeq" or "underflow in dt" not in str(exc):
+            if not _gave_up(exc):
                 raise
+            if backend == "torchdiffeq" or "underflow in dt" not in str(exc):
+                raise SolverGaveUp(f"dopri5: {exc}", atol, rtol) from None
 
     # Native dopri5 works with increasing time; run a decreasing grid in s = -t (as torchdiffeq does).
     if len(times) > 1 and times[0] > times[-1]:

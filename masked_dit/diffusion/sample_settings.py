@@ -27,13 +27,15 @@ def adm_respacing(sampler: str, steps: int, diffusion_steps: int) -> str:
 
 
 def check_sample_steps(kind: str, sampler: str, steps: int, diffusion_steps: int, option: str) -> None:
-    """Before a run reaches its samples: the ADM kinds' respacing must make ``steps``; the one-line
-    error starts with ``option``, the setting as the caller's command line spells it."""
+    """Before a run reaches its samples: the ADM kinds' respacing must make ``steps``, SiT's grid needs
+    two points; the one-line error starts with ``option``, the setting as the caller's command line spells it."""
     if kind in ("adm", "mdtv2"):  # ADM's respaced samplers
         try:
             adm_respacing(sampler, steps, diffusion_steps)
         except ValueError as exc:
             raise ValueError(f"{option}: {exc}") from None
+    elif kind == "transport" and steps < 2:  # SiT's num_steps counts time points, both ends included
+        raise ValueError(f"{option}: SiT's samplers need at least 2 time points (num_steps, both ends included)")
 
 
 def check_adm_options_apply(keys, sampler: str, flag) -> None:

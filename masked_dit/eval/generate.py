@@ -14,7 +14,9 @@ once every batch exists, then removes the parts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import struct
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -53,6 +55,20 @@ def sample_batch(draw: Callable, y: torch.Tensor, shape: tuple, seed: int, index
     return x.float().clamp(-1, 1).cpu()
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short digest of the model's weights (names, shapes, float64 sums) for a parts folder's settings:
+    a re-run with other weights under the same path (the run trained on meanwhile) must not resume
+    into the batches of the old ones."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            digest.update(f"{name}{tuple(t.shape)}".encode())
+            if t.is_floating_point():
+                t = t.detach().double()
+                digest.update(struct.pack("<dd", t.sum().item(), t.abs().sum().item()))
+    return digest.hexdigest()[:16]
+
+
 class PartsFolder:
     """``<out>.parts/``: one ``batch_XXXXXX.npz`` per finished batch and the settings they were made with."""
 
@@ -61,19 +77,20 @@ class PartsFolder:
         self.settings = settings
 
     def open(self, is_main: bool) -> None:
-        """Creates the folder (rank 0), or checks that an existing one was made with the same settings."""
+        """Creates the folder (rank 0), or checks that an existing one was made with the same settings.
+        One that holds no batch yet (a run that stopped before its first) takes the new settings."""
         path = self.root / "settings.json"
+        old = None
         if path.exists():
             try:
                 old = json.loads(path.read_text())
             except ValueError:
-                old = None
-            if old != self.settings:
-                diff = sorted(k for k in set(self.settings) | set(old or {})
-                              if (old or {}).get(k) != self.settings.get(k))
-                raise ValueError(f"{self.root} holds batches made with other settings ({', '.join(diff)} differ): "
-                                 f"remove it or choose another --out")
-        elif is_main:
+                pass
+        if path.exists() and old != self.settings and any(self.root.glob("batch_*.npz")):
+            diff = sorted(k for k in set(self.settings) | set(old or {}) if (old or {}).get(k) != self.settings.get(k))
+            raise ValueError(f"{self.root} holds batches made with other settings ({', '.join(diff)} differ): "
+                             f"remove it or choose another --out")
+        if old != self.settings and is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name("settings.json.tmp")
             tmp.write_text(json.dumps(self.settings, indent=1, sort_keys=True))
@@ -84,6 +101,15 @@ class PartsFolder:
 
     def done(self, index: int) -> bool:
         return self.path(index).exists()
+
+    def read(self, index: int) -> tuple:
+        """(arr_0, arr_1) of a finished batch; one line naming the file if it was damaged since."""
+        try:
+            with np.load(self.path(index)) as part:
+                return part["arr_0"], part["arr_1"]
+        except Exception:  # noqa: BLE001 - numpy raises OSError/ValueError/BadZipFile/KeyError for broken files
+            raise ValueError(f"{self.path(index)} is damaged (not a readable batch): remove it and run again to "
+                             f"redo that batch") from None
 
     def write(self, index: int, images: np.ndarray, labels: np.ndarray) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -96,8 +122,7 @@ class PartsFolder:
         arr = labels = None
         start = 0
         for b in range(num_batches):  # filled in place: 50k 256px samples are 9.8 GB, once
-            with np.load(self.path(b)) as part:
-                images, ys = part["arr_0"], part["arr_1"]
+            images, ys = self.read(b)
             if arr is None:
                 num = self.settings["num"]
                 arr = np.empty((num, *images.shape[1:3], 3), dtype=np.uint8)  # the ADM evaluator expects RGB

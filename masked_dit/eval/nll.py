@@ -16,7 +16,6 @@ import dataclasses
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 
 from masked_dit.eval.generate import PartsFolder, batch_generator, run_batches
@@ -92,8 +91,7 @@ def score_batches(objective, model, dataset, num: int, *, batch_size: int = 64, 
         if b in kept:
             logps.append(kept[b])
         else:  # done by another rank or an earlier run
-            with np.load(parts.path(b)) as part:
-                logps.append(torch.from_numpy(part["arr_0"]))
+            logps.append(torch.from_numpy(parts.read(b)[0]))
     return torch.cat(logps)
 
 

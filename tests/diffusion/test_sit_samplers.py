@@ -263,3 +263,26 @@ def test_native_dopri5_rejects_non_finite_trial_steps():
     got = sample_ode(tr, sit_fixture_model, x, method="dopri5", num_steps=9, atol=1e-9, rtol=1e-9, backend="native")
     ref = sample_ode(tr, sit_fixture_model, x, method="midpoint", num_steps=4000)
     assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend,method", [("native", "dopri5"), ("torchdiffeq", "dopri5"), ("auto", "dopri5"),
+                                            ("auto", "bosh3")])
+def test_adaptive_solver_that_gives_up_names_its_tolerances(backend, method):
+    """Tolerances no step can meet end in a FloatingPointError naming them (the command line prints it as
+    one line), not the solver's RuntimeError / AssertionError."""
+    from masked_dit.diffusion.ode import SolverGaveUp, integrate_ode
+
+    if backend != "native" or method != "dopri5":
+        pytest.importorskip("torchdiffeq")
+    x = torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(SolverGaveUp, match=r"the ODE cannot be solved to atol=1e-300, rtol=1e-300; loosen them"):
+        integrate_ode(lambda t, y: torch.sin(40 * y) + t, x, [0.0, 1.0], method=method, atol=1e-300, rtol=1e-300,
+                      backend=backend)
+
+
+def test_sit_sample_steps_need_two_time_points():
+    from masked_dit.diffusion.sample_settings import check_sample_steps
+
+    check_sample_steps("transport", "ode", 2, 1000, "--steps 2")
+    with pytest.raises(ValueError, match=r"^--steps 1: SiT's samplers need at least 2 time points"):
+        check_sample_steps("transport", "sde", 1, 1000, "--steps 1")

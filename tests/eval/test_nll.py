@@ -169,9 +169,17 @@ def test_likelihood_command_scores_a_sit_run(tmp_path, capsys):
     assert not (tmp_path / "a.json.parts").exists()  # kept only until the summary is written
     (tmp_path / "stale.json.parts").mkdir()
     (tmp_path / "stale.json.parts" / "settings.json").write_text('{"seed": 7}')
+    torch.save({}, tmp_path / "stale.json.parts" / "batch_000000.npz")  # one batch done with those settings
     assert main(["likelihood", str(run), "--out", str(tmp_path / "stale.json"), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip().startswith(f"masked-dit likelihood: error: {tmp_path}/stale.json.parts "
                                                       f"holds batches made with other settings (")
+    (tmp_path / "stale.json.parts" / "batch_000000.npz").unlink()  # none done: the new settings take it over
+    assert score("stale", "--ode-method", "euler", "--steps", "8")["num"] == 3
+    capsys.readouterr()
+    assert main(["likelihood", str(run), "--out", str(tmp_path / "r.json"), "--device", "cpu", "--num-samples", "1",
+                 "--rtol", "1e200"]) == 2  # tolerances no step can meet: one line, not the solver's traceback
+    assert capsys.readouterr().err.strip().startswith("masked-dit likelihood: error: dopri5 step size underflow or "
+                                                      "non-finite (dt=nan)")
     euler = score("euler", "--ode-method", "euler", "--steps", "8")
     assert score("euler2", "--ode-method", "euler", "--steps", "8") == euler  # same seed: the same draws
     assert euler["ode_method"] == "euler" and euler["bits_per_dim"] != first["bits_per_dim"]
@@ -249,3 +257,48 @@ def test_likelihood_command_scores_a_repa_run(tmp_path):
                  "cpu", "--ode-method", "euler", "--steps", "4"]) == 0
     result = json.loads(out.read_text())
     assert result["num"] == 2 and math.isfinite(result["bits_per_dim"]) and result["ode_method"] == "euler"
+
+
+def test_resume_refuses_other_weights_and_names_a_damaged_batch(tmp_path, capsys, monkeypatch):
+    """A likelihood run killed after one batch resumes only with the same weights (the run trained on
+    meanwhile must not mix old and new figures), and a batch file damaged since is named in one line."""
+    import masked_dit.diffusion.likelihood as lik
+    from safetensors.torch import load_file, save_file
+
+    from masked_dit.train import Trainer
+    from tests.train.tiny import tiny_config
+
+    Trainer(tiny_config("digits-sit", tmp_path, **{"train.steps": 2, "train.ckpt_every": 2})).fit()
+    run, out = tmp_path / "digits-sit", tmp_path / "n.json"
+    argv = ["likelihood", str(run), "--out", str(out), "--device", "cpu", "--num-samples", "3", "--batch-size", "1",
+            "--ode-method", "euler", "--steps", "3"]
+    real, calls = lik.ode_likelihood, []
+
+    def dies_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lik, "ode_likelihood", dies_after_one)
+    assert main(argv) == 130
+    assert sorted(p.name for p in (tmp_path / "n.json.parts").iterdir()) == ["batch_000000.npz", "settings.json"]
+    monkeypatch.setattr(lik, "ode_likelihood", real)
+    ema = run / "export" / "ema.safetensors"
+    weights = load_file(str(ema))
+    save_file({k: v + 1e-3 if k == "final_layer.linear.bias" else v for k, v in weights.items()}, str(tmp_path / "e"))
+    (tmp_path / "e").replace(ema)  # the run moved on
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (f"masked-dit likelihood: error: {tmp_path}/n.json.parts holds batches "
+                                               f"made with other settings (weights differ): remove it or choose "
+                                               f"another --out")
+    save_file(weights, str(tmp_path / "e"))
+    (tmp_path / "e").replace(ema)  # the weights it started with
+    (tmp_path / "n.json.parts" / "batch_000000.npz").write_bytes(b"PK\x03")  # damaged since
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (f"masked-dit likelihood: error: {tmp_path}/n.json.parts/batch_000000.npz "
+                                               f"is damaged (not a readable batch): remove it and run again to redo "
+                                               f"that batch")
+    (tmp_path / "n.json.parts" / "batch_000000.npz").unlink()
+    assert main(argv) == 0 and json.loads(out.read_text())["num"] == 3

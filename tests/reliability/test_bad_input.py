@@ -110,11 +110,19 @@ def _json(work, name, text):
     return p
 
 
+def _broken_export_config(work, m):
+    """A copy of the module's run whose export/config.json was cut short."""
+    shutil.copytree(m / "runs" / "digits-dit", work / "run")
+    (work / "run" / "export" / "config.json").write_text("{")
+    return work / "run"
+
+
 def _stale_parts(out):
-    """``<out>.parts/`` as an earlier run with other settings left it."""
+    """``<out>.parts/`` as an earlier run with other settings left it, one batch done."""
     parts = out.with_name(out.name + ".parts")
     parts.mkdir()
     (parts / "settings.json").write_text('{"cfg_scale": 4.0}')
+    np.savez(parts / "batch_000000.npz", arr_0=np.zeros((2, 16, 16, 1), np.uint8), arr_1=np.zeros(2, np.int64))
     return out
 
 
@@ -420,6 +428,11 @@ CASES = [
     ("sample-parts-other-settings", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out",
                                                   str(_stale_parts(w / "c.npz")), "--num-samples", "2"],
      "masked-dit sample: error: {work}/c.npz.parts holds batches made with other settings (..."),
+    ("sample-sampler-of-another-family", lambda w, m: _sample(w, m, "--sampler", "ode", "--eta", "0.5"),
+     "masked-dit sample: error: --sampler ode does not apply to objective adm; choose one of: ddpm, ddim"),
+    ("sample-export-config-not-json", lambda w, m: ["sample", str(_broken_export_config(w, m)), "--out",
+                                                    str(w / "g.png")],
+     "masked-dit sample: error: {work}/run/export/config.json is not valid JSON (..."),
     ("sample-cfg-scale-negative", lambda w, m: _sample(w, m, "--cfg-scale", "-1.5"),
      "masked-dit sample: error: --cfg-scale must be >= 0 (1: no guidance, 0: unconditional; got -1.5)"),
     ("sample-ddpm-steps-beyond-the-diffusion", lambda w, m: _sample(w, m, "--steps", "1001"),
@@ -443,7 +456,15 @@ CASES = [
     ("likelihood-out-not-json", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--out", str(w / "n.txt")],
      "masked-dit likelihood: error: --out {work}/n.txt: must end in .json"),
     ("likelihood-steps-zero", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--steps", "0"],
-     "masked-dit likelihood: error: --steps must be >= 1 (got 0)"),
+     "masked-dit likelihood: error: --steps 0: the ODE grid needs at least 2 time points (both ends included)"),
+    ("likelihood-out-is-a-file-of-the-run", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--out",
+                                                          str(m / "runs/digits-dit/config.json")],
+     "masked-dit likelihood: error: --out {m}/runs/digits-dit/config.json is a file of {m}/runs/digits-dit: writing "
+     "it would replace part of the run; name a new file"),
+    ("likelihood-one-step", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--steps", "1"],
+     "masked-dit likelihood: error: --steps 1: the ODE grid needs at least 2 time points (both ends included)"),
+    ("likelihood-no-samples", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--num-samples", "0"],
+     "masked-dit likelihood: error: --num-samples must be >= 1 (got 0)"),
     # --- extract-latents ----------------------------------------------------------------------------------
     ("extract-batch-size-zero", lambda w, m: ["extract-latents", str(m / "images"), str(w / "lat"),
                                               "--batch-size", "0"],
