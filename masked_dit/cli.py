@@ -495,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--split", choices=["heldout", "train", "all"], help="digits split (default: heldout)")
     lk.add_argument("--num-samples", "--num", dest="num", type=int, help="score the first N items (default: all)")
     lk.add_argument("--out", default="likelihood.json", help="*.json: the summary and per-sample bits/dim")
-    lk.add_argument("--ode-method", help="ODE solver (default: the run's --sample.ode_method, SiT's dopri5)")
+    lk.add_argument("--ode-method", help="ODE solver (default: the run's --sample.ode_method, SiT's dopri5; "
+                                         "higher-order adaptive ones such as dopri8 crawl: Hutchinson's estimate "
+                                         "draws anew at every evaluation, which their error control sees as noise)")
     lk.add_argument("--atol", type=float, help="adaptive ODE absolute tolerance (SiT: 1e-6)")
     lk.add_argument("--rtol", type=float, help="adaptive ODE relative tolerance (SiT: 1e-3)")
     lk.add_argument("--steps", type=int, default=50,
