@@ -294,9 +294,8 @@ def _likelihood(args, _overrides) -> int:
     if num == 0:
         raise ValueError(f"{what}: no items to score")
     settings = dict(source=str(Path(args.source).resolve()), model=args.model, weights=weights_fingerprint(model),
-                    data=what, num=num,
-                    ode_method=options["ode_method"], steps=args.steps, atol=options["atol"], rtol=options["rtol"],
-                    batch_size=args.batch_size, seed=args.seed, precision=args.precision)
+                    data=what, num=num, ode_method=options["ode_method"], steps=args.steps, atol=options["atol"],
+                    rtol=options["rtol"], batch_size=args.batch_size, seed=args.seed, precision=args.precision)
     world = init_world(args.device)
     try:
         if world.device.type == "cuda":
