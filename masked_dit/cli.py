@@ -126,11 +126,10 @@ def _load_checkpoint_ema(src: Path):
 def _sample(args, _overrides) -> int:
     import torch
 
-    from masked_dit.configs import (ADM_SAMPLE_KEYS, EDM_SAMPLE_KEYS, FAMILY_ONLY_SAMPLE_KEYS, FAMILY_SAMPLE_KEYS,
-                                    GUIDANCE_KEYS, check_guidance, foreign_sample_option)
+    from masked_dit.configs import (ADM_SAMPLE_KEYS, FAMILY_ONLY_SAMPLE_KEYS, FAMILY_SAMPLE_KEYS, GUIDANCE_KEYS,
+                                    check_guidance, foreign_sample_option)
     from masked_dit.diffusion.objectives import build_objective
-    from masked_dit.diffusion.sample_settings import (check_adm_options_apply, check_adm_sampling, check_edm_sampling,
-                                                      check_sample_steps, check_sit_options_apply, check_sit_sampling)
+    from masked_dit.diffusion.sample_settings import check_family_sampling, check_sample_steps
     from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels, weights_fingerprint
     from masked_dit.train.dist import init_world, shutdown
     from masked_dit.train.grid import grid_labels, save_grid
@@ -155,7 +154,8 @@ def _sample(args, _overrides) -> int:
     try:
         if out.suffix == ".png" and world.distributed:
             raise ValueError("a .png grid is sampled by one process; under torchrun write an .npz")
-        weights = weights_fingerprint(model)  # on the host, before compile: the same digest on every rank
+        # .npz parts only; on the host, before compile: the same digest on every rank
+        weights = weights_fingerprint(model) if out.suffix == ".npz" else None
         model = model.to(world.device).eval()
         if args.compile:
             from masked_dit.train.parallel import apply_compile
@@ -180,20 +180,12 @@ def _sample(args, _overrides) -> int:
             raise ValueError(f"{flag(key)} is a {family} sampler option: it applies to {family} models "
                              f"(objective {kind})")
         keys = FAMILY_SAMPLE_KEYS.get(kind, ())
-        if kind == "transport":
-            check_sit_options_apply([k for k in keys if getattr(args, k) is not None], kw["sampler"], flag)
-        elif keys is ADM_SAMPLE_KEYS:
-            check_adm_options_apply([k for k in keys if getattr(args, k) is not None], kw["sampler"], flag)
+        given = [k for k in keys if getattr(args, k) is not None]
         kw.update({k: getattr(sc, k) if getattr(args, k) is None else getattr(args, k) for k in keys})
         if keys is ADM_SAMPLE_KEYS and kw["sampler"] != "ddim":
             kw["eta"] = 0.0  # the run's DDIM eta, not given here: DDPM has none
-        spelled = lambda key: f"{flag(key)} {kw[key]}"  # noqa: E731
-        if kind == "transport":
-            check_sit_sampling(cfg.objective, kw["sampler"], {k: kw[k] for k in keys}, spelled)
-        elif kind == "edm_maskdit":
-            check_edm_sampling({k: kw[k] for k in EDM_SAMPLE_KEYS}, kw["steps"], spelled)
-        elif keys is ADM_SAMPLE_KEYS:
-            check_adm_sampling({k: kw[k] for k in keys}, spelled)
+        check_family_sampling(cfg.objective, kw["sampler"], kw["steps"], {k: kw[k] for k in keys}, given, flag,
+                              lambda key: f"{flag(key)} {kw[key]}")
         if kw["cfg_scale"] != 1 and not _has_null_class(model):
             raise ValueError(f"--cfg-scale {kw['cfg_scale']} needs a null class, which this model lacks (trained "
                              f"with class_dropout_prob=0): sample with --cfg-scale 1")
@@ -223,8 +215,7 @@ def _sample(args, _overrides) -> int:
         if out.suffix == ".npz":
             labels = sample_labels(args.num, cfg.model.num_classes, args.seed, args.classes)
             settings = dict(source=str(Path(args.source).resolve()), model=args.model, weights=weights,
-                            vae=args.vae,
-                                   precision=args.precision, classes=args.classes, **kw)
+                            vae=args.vae, precision=args.precision, classes=args.classes, **kw)
             n = generate_npz(draw, labels, out, shape=shape, batch_size=args.batch_size, seed=args.seed,
                              settings=settings, world=world, decode=decode if vae else None)
             if n is not None:

@@ -122,3 +122,19 @@ def check_edm_sampling(options: dict, steps: int, flag) -> None:
                  schedule=options["schedule"], scaling=options["scaling"])
     except SamplerSettingError as exc:
         raise ValueError(f"{flag(exc.option)}: {exc}") from None
+
+
+def check_family_sampling(objective_cfg, sampler: str, steps: int, options: dict, given, flag, spelled=None) -> None:
+    """The options only the objective kind's own sampler reads (``configs.FAMILY_SAMPLE_KEYS``): those set
+    on purpose (``given``) must be read by ``sampler``, and the values in ``options`` must work.
+    ``flag(key)`` names an option, ``spelled(key)`` names it with its value (default: ``flag``)."""
+    spelled = spelled or flag
+    kind = objective_cfg.kind
+    if kind == "transport":
+        check_sit_options_apply(given, sampler, flag)
+        check_sit_sampling(objective_cfg, sampler, options, spelled)
+    elif kind in ("adm", "mdtv2"):
+        check_adm_options_apply(given, sampler, flag)
+        check_adm_sampling(options, spelled)
+    elif kind == "edm_maskdit":
+        check_edm_sampling(options, steps, spelled)

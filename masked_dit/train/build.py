@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from masked_dit.configs import ADM_SAMPLE_KEYS, EDM_SAMPLE_KEYS, SIT_SAMPLE_KEYS, SampleConfig
+from masked_dit.configs import FAMILY_SAMPLE_KEYS, SampleConfig
 from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS
-from masked_dit.diffusion.sample_settings import (check_adm_options_apply, check_adm_sampling, check_edm_sampling,
-                                                  check_sample_steps, check_sit_options_apply, check_sit_sampling)
+from masked_dit.diffusion.sample_settings import check_family_sampling, check_sample_steps
 from masked_dit.diffusion.repa import repa_path_name
 
 
@@ -57,19 +56,10 @@ def check_sampler(cfg) -> None:
                          f"auto, {', '.join(SAMPLERS[kind])}")
     check_sample_steps(kind, sampler, cfg.sample.steps, cfg.objective.diffusion_steps,
                        f"--sample.steps={cfg.sample.steps}")
-    if kind == "transport":
-        flag = lambda key: f"--sample.{key}={getattr(cfg.sample, key)}"  # noqa: E731
-        check_sit_options_apply([k for k in SIT_SAMPLE_KEYS if getattr(cfg.sample, k) != getattr(SampleConfig, k)],
-                                sampler, flag)
-        check_sit_sampling(cfg.objective, sampler, {k: getattr(cfg.sample, k) for k in SIT_SAMPLE_KEYS}, flag)
-    elif kind in ("adm", "mdtv2"):
-        flag = lambda key: f"--sample.{key}={getattr(cfg.sample, key)}"  # noqa: E731
-        check_adm_options_apply([k for k in ADM_SAMPLE_KEYS if getattr(cfg.sample, k) != getattr(SampleConfig, k)],
-                                sampler, flag)
-        check_adm_sampling({k: getattr(cfg.sample, k) for k in ADM_SAMPLE_KEYS}, flag)
-    elif kind == "edm_maskdit":
-        check_edm_sampling({k: getattr(cfg.sample, k) for k in EDM_SAMPLE_KEYS}, cfg.sample.steps,
-                           lambda key: f"--sample.{key}={getattr(cfg.sample, key)}")
+    keys = FAMILY_SAMPLE_KEYS.get(kind, ())
+    check_family_sampling(cfg.objective, sampler, cfg.sample.steps, {k: getattr(cfg.sample, k) for k in keys},
+                          [k for k in keys if getattr(cfg.sample, k) != getattr(SampleConfig, k)],
+                          lambda key: f"--sample.{key}={getattr(cfg.sample, key)}")
 
 
 def encoder_z_dims(specs: str) -> list[int]:
