@@ -44,6 +44,11 @@ def repa_path_name(path_type: str) -> str:
     return name
 
 
+def sit_path_name(path_type: str) -> str:
+    """SiT's name (Linear, GVP) of a REPA path given by either name: the same interpolant, time reversed."""
+    return {repa: sit for sit, repa in _SIT_NAMES.items()}[repa_path_name(path_type)]
+
+
 def repa_interpolant(t: torch.Tensor, path_type: str = "linear"):
     """(alpha_t, sigma_t, d_alpha_t, d_sigma_t) with x_t = alpha_t x + sigma_t eps (REPA time)."""
     if path_type == "linear":

@@ -40,14 +40,13 @@ def likelihood_data(data_cfg, model_cfg, split: Optional[str]):
 def probability_flow(objective, model):
     """(SiT ``Transport``, model in SiT's convention) of a SiT or REPA objective's probability flow:
     REPA's linear / cosine paths are SiT's Linear / GVP with time reversed (t = 0 data there)."""
-    from masked_dit.diffusion.repa import repa_to_sit_model
+    from masked_dit.diffusion.repa import repa_to_sit_model, sit_path_name
     from masked_dit.diffusion.transport import Transport
 
     if objective.kind == "transport":
         return objective.transport, model
     if objective.kind == "repa":
-        return Transport({"linear": "Linear", "cosine": "GVP"}[objective.path_type], "velocity"), \
-            repa_to_sit_model(model)
+        return Transport(sit_path_name(objective.path_type), "velocity"), repa_to_sit_model(model)
     raise ValueError(f"the probability-flow likelihood needs an interpolant model (objective transport or repa), "
                      f"not {objective.kind}")
 
