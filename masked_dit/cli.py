@@ -131,6 +131,7 @@ def _sample(args, _overrides) -> int:
     from masked_dit.diffusion.objectives import build_objective
     from masked_dit.diffusion.sample_settings import check_family_sampling, check_sample_steps
     from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels, weights_fingerprint
+    from masked_dit.rng import check_seed
     from masked_dit.train.dist import init_world, shutdown
     from masked_dit.train.grid import grid_labels, save_grid
 
@@ -140,6 +141,7 @@ def _sample(args, _overrides) -> int:
     if args.batch_size < 1 or args.num < 1:
         raise ValueError(f"--batch-size ({args.batch_size}) and --num-samples ({args.num}) must be >= 1")
     _check_positive(args, "steps", "per_class")
+    check_seed(args.seed, "--seed")
     flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
     check_guidance({k: getattr(args, k) for k in GUIDANCE_KEYS}, flag)  # before the model loads
     if args.classes == []:
@@ -250,6 +252,7 @@ def _likelihood(args, _overrides) -> int:
     from masked_dit.diffusion.sample_settings import check_sit_sampling
     from masked_dit.eval.generate import PartsFolder, weights_fingerprint
     from masked_dit.eval.nll import likelihood_data, score_batches, summarize
+    from masked_dit.rng import check_seed
     from masked_dit.train.dist import init_world, shutdown
 
     out = Path(args.out)
@@ -258,6 +261,7 @@ def _likelihood(args, _overrides) -> int:
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out} is a folder; name a file ending in .json")
     _check_positive(args, "batch_size")
+    check_seed(args.seed, "--seed")
     if args.num is not None and args.num < 1:
         raise ValueError(f"--num-samples must be >= 1 (got {args.num})")
     if args.steps < 2:

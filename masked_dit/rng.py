@@ -11,6 +11,22 @@ from typing import Callable, Optional
 
 import torch
 
+# Seeds are 32-bit: batch generators pack (seed, batch index) into one 64-bit seed, so a larger seed
+# would silently repeat another seed's draws.
+SEED_LIMIT = 1 << 32
+
+
+def check_seed(seed: int, name: str) -> None:
+    """One-line ValueError unless ``seed`` (option ``name``) lies in [0, 2**32)."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**32) (got {seed})")
+
+
+def derived_seed(value: int) -> int:
+    """A seed computed from a run's seed (times primes, plus rank or step), wrapped into the 64 bits
+    ``manual_seed`` takes; unchanged wherever it already fits."""
+    return value % (1 << 64)
+
 
 def _draw(fn: Callable, shape, device, dtype, generator: Optional[torch.Generator]) -> torch.Tensor:
     if generator is None:

@@ -49,3 +49,17 @@ def test_samplers_and_losses_draw_from_the_generator_for_data_on_another_device(
         "mdt_ratio": lambda g: sample_mdt_mask_ratio(generator=g, device="meta"),
     }
     assert _consumes(draws[name])
+
+
+def test_batch_generators_refuse_seeds_that_would_alias():
+    """(seed, batch) pack into one 64-bit seed: seed 2**32 used to draw what seed 0 draws."""
+    from masked_dit.eval.generate import batch_generator
+
+    last = batch_generator((1 << 32) - 1, (1 << 24) - 1, torch.device("cpu"))
+    assert last.initial_seed() == (1 << 56) - 1
+    assert batch_generator(1, 0, torch.device("cpu")).initial_seed() != batch_generator(0, 1, "cpu").initial_seed()
+    for seed, index in (((1 << 32), 0), (-1, 0)):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
+            batch_generator(seed, index, torch.device("cpu"))
+    with pytest.raises(ValueError, match="batch index 16777216"):
+        batch_generator(0, 1 << 24, torch.device("cpu"))

@@ -284,6 +284,13 @@ def validate(cfg: Config) -> None:
     if not (math.isfinite(cfg.data.latent_scale) and cfg.data.latent_scale > 0):
         raise ConfigError(f"--data.latent_scale must be a finite number > 0 (got {cfg.data.latent_scale})")
     _validate_sample(cfg)
+    from masked_dit.rng import check_seed
+
+    for section in ("run", "sample"):
+        try:
+            check_seed(getattr(cfg, section).seed, f"--{section}.seed")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if not 0 <= cfg.optim.ema_decay < 1:
         raise ConfigError(f"--optim.ema_decay must be in [0, 1) (got {cfg.optim.ema_decay})")
     n_betas = 3 if cfg.optim.name == "adan" else 2

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from masked_dit.rng import check_seed
 from masked_dit.train.grid import to_uint8
 
 
@@ -40,7 +41,10 @@ def sample_labels(num: int, num_classes: int, seed: int, classes=None) -> torch.
 
 def batch_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
     """The generator of batch ``index``: independent of which rank runs it and of resumes."""
-    return torch.Generator(device=device).manual_seed((seed & 0xFFFFFFFF) << 24 | index)
+    check_seed(seed, "seed")
+    if not 0 <= index < 1 << 24:  # the low 24 bits of the packed seed
+        raise ValueError(f"batch index {index} is outside [0, 2**24): use a larger --batch-size")
+    return torch.Generator(device=device).manual_seed(seed << 24 | index)
 
 
 def sample_batch(draw: Callable, y: torch.Tensor, shape: tuple, seed: int, index: int,

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from masked_dit.configs import FAMILY_SAMPLE_KEYS, Config, validate
 from masked_dit.data import BatchStream, build_dataset, sample_posterior
 from masked_dit.diffusion.objectives import build_objective, unwrap
+from masked_dit.rng import derived_seed
 from masked_dit.train import checkpoint as ckpt
 from masked_dit.train.build import build_model_from_config, check_sampler, model_kwargs
 from masked_dit.train.dist import World, init_world, shutdown
@@ -148,7 +149,8 @@ class Trainer:
             load_into_ema(self.ema, init_ema)
         self.optimizer = build_optimizer(self.module.parameters(), cfg.optim,
                                          fused=use_fused(cfg.optim.name, w.device.type, self.fsdp_mp))
-        torch.manual_seed(cfg.run.seed * 100_003 + w.rank)  # per-rank draws (t, noise, masks, dropout)
+        # per-rank draws (t, noise, masks, dropout)
+        torch.manual_seed(derived_seed(cfg.run.seed * 100_003 + w.rank))
         self.step = 0
         data_state = metrics_window = None
         self.nonfinite_streak = self.nonfinite_total = 0  # skipped (non-finite) steps: in a row, in all
@@ -162,7 +164,7 @@ class Trainer:
                 # Another world size: this rank's saved stream cannot be reused. Still seeded with the
                 # step: reseeding as at step 0 would replay the first steps' noise, timesteps, masks and
                 # label dropout on every rank (rank r of the new world draws what rank r drew at step 0).
-                torch.manual_seed((cfg.run.seed * 100_003 + w.rank) * 1_000_003 + extra["step"])
+                torch.manual_seed(derived_seed((cfg.run.seed * 100_003 + w.rank) * 1_000_003 + extra["step"]))
             self.resumed_step = extra["step"]
             self.nonfinite_total = extra.get("nonfinite_steps", 0)
             self.sample_owed = bool(extra.get("sample_owed", False))

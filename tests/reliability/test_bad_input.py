@@ -192,6 +192,8 @@ CASES = [
      "masked-dit train: error: --sample.S_churn=40.0 is a MaskDiT sampler option: it applies to "
      "--objective.kind=edm_maskdit only (got adm)"),
     # ADM's DDIM eta: read by the ddim sampler only, NaN past 1, refused on the other families
+    ("cli-seed-beyond-32-bits", lambda w, m: _train(w, "--run.seed=4294967296"),
+     "masked-dit train: error: --run.seed must be in [0, 2**32) (got 4294967296)"),
     ("cli-ddim-eta-with-ddpm", lambda w, m: _train(w, "--sample.eta=0.5"),
      "masked-dit train: error: --sample.eta=0.5 is read by the ddim sampler only (this run samples with ddpm)"),
     ("cli-ddim-eta-above-one", lambda w, m: _train(w, "--sample.sampler=ddim", "--sample.eta=1.2"),
@@ -446,6 +448,8 @@ CASES = [
      "masked-dit sample: error: --eta is read by the ddim sampler only (this run samples with ddpm)"),
     ("sample-ddim-eta-negative", lambda w, m: _sample(w, m, "--sampler", "ddim", "--eta", "-0.1"),
      "masked-dit sample: error: --eta -0.1 must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)"),
+    ("sample-seed-negative", lambda w, m: _sample(w, m, "--seed=-1"),
+     "masked-dit sample: error: --seed must be in [0, 2**32) (got -1)"),
     ("sample-guidance-high-below-the-runs-low", lambda w, m: _sample(w, m, "--guidance-high", "-0.5"),
      "masked-dit sample: error: --guidance-low=0.0 must be <= --guidance-high=-0.5 (guidance applies for t in "
      "[low, high])"),
@@ -453,6 +457,9 @@ CASES = [
     ("likelihood-of-a-dit-run", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--out", str(w / "n.json")],
      "masked-dit likelihood: error: {m}/runs/digits-dit: the probability-flow likelihood is SiT's (objective "
      "transport or repa); this model's objective is adm"),
+    ("likelihood-seed-beyond-32-bits", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--out",
+                                                     str(w / "n.json"), "--seed", str(1 << 40)],
+     "masked-dit likelihood: error: --seed must be in [0, 2**32) (got 1099511627776)"),
     ("likelihood-out-not-json", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--out", str(w / "n.txt")],
      "masked-dit likelihood: error: --out {work}/n.txt: must end in .json"),
     ("likelihood-steps-zero", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--steps", "0"],

@@ -28,13 +28,15 @@ def test_resume_from_an_older_checkpoint_makes_its_saves_the_latest(tmp_path, ke
     assert_same_weights_and_ema(branch, resumed)
 
 
-def test_resume_with_another_world_size_does_not_replay_the_first_steps_draws(tmp_path):
+@pytest.mark.parametrize("seed", [0, (1 << 32) - 1])
+def test_resume_with_another_world_size_does_not_replay_the_first_steps_draws(tmp_path, seed):
     """A checkpoint of another world size cannot give this rank its RNG stream back. The stream used to
     restart from the step-0 seed, so the resumed steps drew the very noise, timesteps and label dropout of
-    steps 1, 2, ...; now it is seeded with the step too (and still deterministic)."""
+    steps 1, 2, ...; now it is seeded with the step too (and still deterministic). The largest valid seed
+    made that step-seeded value overflow torch.manual_seed's 64 bits (a ValueError at resume)."""
     import json
 
-    over = {"train.steps": 4, "train.ckpt_every": 2}
+    over = {"train.steps": 4, "train.ckpt_every": 2, "run.seed": seed}
     Trainer(tiny_config("digits-dit", tmp_path / "a", **over)).fit(stop_at=2)
     meta_path = tmp_path / "a" / "digits-dit" / "checkpoints" / "step_00000002" / "meta.json"
     meta = json.loads(meta_path.read_text())
