@@ -216,7 +216,8 @@ def infer_kwargs(state: dict[str, torch.Tensor], family: str, config: dict, args
             out["encoder_depth"] = _count(state, "blocks.")
         elif isinstance(depth := _saved_arg(args, "encoder_depth"), int):  # REPA's train.py saves its args
             out["encoder_depth"] = depth
-    if family == "mdtv2" and _count(state, "en_inblocks."):
+    # MDTv2 layout: either list may be empty (decode_layer 0, or depth == decode_layer), not both
+    if family == "mdtv2" and (_count(state, "en_inblocks.") or _count(state, "de_blocks.")):
         out["decode_layer"] = _count(state, "de_blocks.")
     return out
 

@@ -210,3 +210,15 @@ def test_load_official_reads_what_the_weights_fix(tmp_path, name, trained):
     # what the caller passes wins over what is read (and a mismatch is reported, not loaded)
     with pytest.raises(ValueError, match="does not fit"):
         load_official(path, name, **size, in_channels=5)
+
+
+@pytest.mark.parametrize("depth,decode_layer", [(2, 2), (6, 6), (3, 1)])
+def test_load_official_reads_mdtv2_decode_layer_without_encoder_blocks(tmp_path, depth, decode_layer):
+    """depth == decode_layer leaves MDTv2 without en_inblocks/en_outblocks keys: decode_layer is still
+    read off de_blocks (it was left at the default 4, and the build then failed)."""
+    src = build_model("MDTv2-S/2", input_size=8, hidden_size=16, num_heads=2, depth=depth, decode_layer=decode_layer)
+    path = tmp_path / "mdt.pt"
+    torch.save(src.state_dict(), path)
+    model = load_official(path, "MDTv2-S/2", hidden_size=16, num_heads=2, depth=depth)
+    assert model.decode_layer == decode_layer and len(model.de_blocks) == decode_layer
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
