@@ -162,15 +162,18 @@ class MaskDiT(nn.Module):
             return sigma, None
         if class_labels is None:  # unconditional: the zero (null) label
             return sigma, x.new_zeros(B, self.num_classes)
+        # One label for the whole batch (integer [1], one-hot [1, K] or [K]) is broadcast, as the official
+        # EDMPrecond's reshape(-1, num_classes) broadcasts its embedding.
         if class_labels.dim() == 1 and not class_labels.dtype.is_floating_point:
-            if class_labels.shape != (B,):
-                raise ValueError(f"{name} integer class_labels must have shape [{B}], got {list(class_labels.shape)}")
+            if class_labels.shape not in ((B,), (1,)):
+                raise ValueError(f"{name} integer class_labels must have shape [{B}] or [1], "
+                                 f"got {list(class_labels.shape)}")
             check_labels(class_labels, self.num_classes, f"{name} class_labels")
-            return sigma, F.one_hot(class_labels.long(), self.num_classes).to(x.dtype)
-        if class_labels.numel() != B * self.num_classes:
+            return sigma, F.one_hot(class_labels.long(), self.num_classes).to(x.dtype).expand(B, -1)
+        if class_labels.numel() not in (B * self.num_classes, self.num_classes):
             raise ValueError(f"{name} class_labels must be one-hot [{B}, {self.num_classes}] or integer [{B}], "
                              f"got {list(class_labels.shape)}")
-        return sigma, class_labels.to(x.dtype).reshape(B, self.num_classes)
+        return sigma, class_labels.to(x.dtype).reshape(-1, self.num_classes).expand(B, -1)
 
     def _kept_tokens(self, B, device, mask_ratio, ids_keep, cu_seqlens, segment_ids, max_seqlen, generator):
         kept = KeptTokens.from_args(ids_keep, self.model.num_patches, B, cu_seqlens=cu_seqlens,

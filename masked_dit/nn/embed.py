@@ -133,12 +133,14 @@ def check_model_inputs(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, in_
         if not isinstance(t, (int, float)) or isinstance(t, bool):
             raise ValueError(f"{name} timesteps t must be a tensor or a number, got {type(t).__name__}")
         t = torch.tensor(t, device=x.device)  # a Python number: one timestep for the whole batch
-    if t.dim() == 0:
-        t = t.expand(B)
+    # One timestep or one label (shape [1]) serves the whole batch: the official models broadcast its
+    # embedding over the batch, so the same call works here (the label stays [1]: one dropout draw, as theirs).
+    if t.dim() == 0 or t.shape == (1,):
+        t = t.reshape(1).expand(B)
     if t.shape != (B,):
-        raise ValueError(f"{name} timesteps t must have shape [{B}] (one per sample), got {list(t.shape)}")
-    if y.shape != (B,):
-        raise ValueError(f"{name} labels y must have shape [{B}] (one per sample), got {list(y.shape)}")
+        raise ValueError(f"{name} timesteps t must have shape [{B}] (one per sample) or [1], got {list(t.shape)}")
+    if y.shape != (B,) and y.shape != (1,):
+        raise ValueError(f"{name} labels y must have shape [{B}] (one per sample) or [1], got {list(y.shape)}")
     if y.is_floating_point() or y.dtype == torch.bool:
         raise ValueError(f"{name} labels y must be an integer tensor, got {y.dtype}")
     # With label dropout the last row is the null class (CFG), a valid label too.

@@ -96,6 +96,27 @@ def test_python_number_timestep_is_broadcast(family):
                                    model.forward_with_cfg(xx, torch.tensor([500, 500]), yy, 3.0), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["dit", "sit", "repa_sit", "mdtv2", "mdtv1", "maskdit"])
+def test_one_timestep_or_label_of_shape_1_is_broadcast(family):
+    """t or y of shape [1] with a batch of 3: the official models broadcast their embeddings over the batch,
+    so the call runs and equals the one with t / y repeated (it raised here)."""
+    torch.manual_seed(0)
+    model = build(family, patch_size=2, **_tiny_overrides(family, 8)).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([7.0]), torch.tensor([2])
+    with torch.no_grad():
+        for tt, yy in ((t, y.repeat(3)), (t.repeat(3), y), (t, y)):
+            torch.testing.assert_close(_call(model, family, x, tt, yy), _call(model, family, x, t.repeat(3), y.repeat(3)),
+                                       rtol=0, atol=0)
+        if family == "maskdit":  # one one-hot label, [1, K] or [K]
+            one_hot = torch.nn.functional.one_hot(y, model.num_classes).float()
+            for lab in (one_hot, one_hot[0]):
+                torch.testing.assert_close(model(x, 7.5, lab), model(x, 7.5, y.repeat(3)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="must have shape|must be a scalar or have 3"):  # 2 of 3 is no broadcast
+        _call(model, family, x, t.repeat(2), y.repeat(3))
+
+
 @pytest.mark.parametrize("family", ["dit", "mdtv2"])
 @pytest.mark.parametrize("in_channels", [1, 2, 4])
 def test_forward_with_cfg_default_guides_official_channels(family, in_channels):
