@@ -203,6 +203,8 @@ class MaskDiT(nn.Module):
         the encoder sees only the kept tokens and the decoder fills the rest with the mask token;
         the output is still a full image. ``ids_restore`` is accepted for MAE API symmetry.
         ``cfg_scale`` (positional, as the official EDM samplers pass it) means :meth:`forward_with_cfg`.
+        Masks apply in train and eval mode alike: the official model ignores them in eval mode (it
+        draws a mask and returns the unmasked output), which would make masked evaluation impossible.
         """
         if cfg_scale is not None:
             if ids_keep is not None or cu_seqlens is not None or mask_ratio:
