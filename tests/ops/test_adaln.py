@@ -351,6 +351,30 @@ def test_opcheck_with_out_dtype(kind, backend):
                 torch.library.opcheck(op, tuple(args))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fp64_accumulators_stored_in_half_types(backend):
+    """fp64 statistics stored into bf16/fp16 outputs (h with out_dtype, and the gated dbranch of a bf16 branch
+    beside an fp64 residual) hold the values of torch's cast (Triton's direct fp64 -> bf16 conversion gave
+    NaN and denormals under the interpreter)."""
+    gen = torch.Generator().manual_seed(12)
+    x, branch = (leaf(make_activation(2, 3, 24, dt, "chunked", gen)) for dt in (torch.float64, torch.bfloat16))
+    gate, shift, scale = (leaf(t) for t in make_modulation(2, 24, 3, torch.float64, "chunked", gen))
+    dr, dh = (torch.randn(2, 3, 24, generator=gen, dtype=torch.float64) for _ in range(2))
+    for out_dtype in (torch.bfloat16, torch.float16):
+        results = {}
+        for name in ("torch", backend):
+            with use_backend(name):
+                h = adaln_modulate(x, shift, scale, out_dtype=out_dtype)
+                r, h2 = gated_residual_adaln(x, branch, gate, shift, scale, out_dtype=out_dtype)
+                dbranch, = torch.autograd.grad((r, h2), branch, (dr, dh.to(out_dtype)))
+            results[name] = (h, h2, dbranch)
+        for got, ref in zip(results[backend], results["torch"]):
+            assert got.dtype == ref.dtype and torch.isfinite(got).all()
+            # one ulp: the interpreter rounds fp32 -> bf16 toward zero (see _out_dtype_matches_cast)
+            ulp = torch.finfo(got.dtype).eps * ref.double().abs().clamp_min(torch.finfo(got.dtype).tiny)
+            assert ((got.double() - ref.double()).abs() <= ulp).all(), (backend, out_dtype)
+
+
 def test_out_dtype_is_checked():
     x = torch.randn(2, 3, 8)
     ok = torch.randn(2, 8)

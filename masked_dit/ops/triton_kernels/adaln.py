@@ -65,6 +65,17 @@ def _to_acc(v, ACC_F64: tl.constexpr):
 
 
 @triton.jit
+def _to_out(v, PTR):
+    """v cast to the element type of PTR for a store. Half types from fp64 go through fp32, as torch's
+    cast does (c10 converts double to bf16/fp16 via float), so fp64 statistics give the reference's
+    values; Triton's direct fp64 -> bf16 conversion also gives garbage under the interpreter."""
+    ty = PTR.dtype.element_ty
+    if ty.is_fp16() or ty.is_bf16():
+        v = v.to(tl.float32)
+    return v.to(ty)
+
+
+@triton.jit
 def _normalize(x, mask, D, eps):
     """(xhat, mean, rstd) of one row held in registers; masked lanes of xhat are 0."""
     mean = tl.sum(x, axis=0) / D
@@ -83,7 +94,7 @@ def _modulate_store(x, SHIFT, SCALE, H, MEAN, RSTD, row, b, cols, mask, D, eps, 
     shift = _to_acc(tl.load(SHIFT + b * ssh_b + cols * ssh_d, mask=mask, other=0.0), ACC_F64)
     scale = _to_acc(tl.load(SCALE + b * ssc_b + cols * ssc_d, mask=mask, other=0.0), ACC_F64)
     h = xhat * (1.0 + scale) + shift
-    tl.store(H + row * D + cols, h.to(H.dtype.element_ty), mask=mask)
+    tl.store(H + row * D + cols, _to_out(h, H), mask=mask)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
@@ -134,7 +145,7 @@ def _gated_fwd_kernel(
     x = _to_acc(tl.load(X + b * sx_b + l * sx_l + cols64 * sx_d, mask=mask, other=0.0), ACC_F64)
     br = _to_acc(tl.load(BR + b * sbr_b + l * sbr_l + cols64 * sbr_d, mask=mask, other=0.0), ACC_F64)
     gate = _to_acc(tl.load(GATE + b * sg_b + cols * sg_d, mask=mask, other=0.0), ACC_F64)
-    r = (x + gate * br).to(R.dtype.element_ty)
+    r = _to_out(x + gate * br, R)
     tl.store(R + row * D + cols, r, mask=mask)
     # normalise the stored (rounded) residual: h == adaln_modulate(r) exactly, and the
     # backward, which re-reads r, sees the same values the forward normalised
@@ -173,7 +184,7 @@ def _adaln_bwd_kernel(
         rstd = tl.load(RSTD + row)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         dx = _ln_input_grad(dh, xhat, scale1, rstd, D)
-        tl.store(DX + row * D + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + row * D + cols, _to_out(dx, DX), mask=mask)
         acc_dshift += dh
         acc_dscale += dh * xhat
     out = (b * n_chunks + chunk) * D + cols
@@ -213,8 +224,8 @@ def _gated_bwd_kernel(
         rstd = tl.load(RSTD + row)
         xhat = tl.where(mask, (r - mean) * rstd, 0.0)
         dres = dr + _ln_input_grad(dh, xhat, scale1, rstd, D)
-        tl.store(DX + row * D + cols, dres.to(DX.dtype.element_ty), mask=mask)
-        tl.store(DBR + row * D + cols, (gate * dres).to(DBR.dtype.element_ty), mask=mask)
+        tl.store(DX + row * D + cols, _to_out(dres, DX), mask=mask)
+        tl.store(DBR + row * D + cols, _to_out(gate * dres, DBR), mask=mask)
         acc_dgate += dres * br
         acc_dshift += dh
         acc_dscale += dh * xhat
