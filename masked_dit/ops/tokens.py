@@ -16,8 +16,11 @@ autograd rule, so they run under ``torch.compile(fullgraph=True)`` without graph
 Varlen ids are positions *within* each sample: sample b owns packed rows
 ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32, flash-attn convention, T = cu_seqlens[-1]).
 
-Assumptions (not checked: checking needs a device sync): ids are in [0, N) and unique within a
-sample (MAE masks are permutations). With duplicates, gather is still exact, and so is
+Assumptions: ids are in [0, N) and unique within a sample (MAE masks are permutations), and
+cu_seqlens rises from 0 to T. On CPU tensors (no device sync needed) ids >= N and a bad cu_seqlens
+are one-line errors; nothing else is checked (on a GPU that would cost a device sync;
+``masked_dit.nn.masking.KeptTokens`` checks its ids once, negatives included: the torch reference
+takes -1 as the last token, as Python indexing does, the other backends read outside the sample). With duplicates, gather is still exact, and so is
 scatter's gradient (every duplicate gets the gradient at its position, on every backend), but
 scatter's output and the gradient of gather are unspecified at the duplicated positions.
 
@@ -39,12 +42,19 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # -----------------------------------------------------------------------------
 
 
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def _check_float(name: str, t: torch.Tensor) -> None:
+    _check_tensor(name, t)
     if t.dtype not in DTYPES:
         raise ValueError(f"{name} dtype {t.dtype} not supported; use float32, bfloat16, float16 (or float64)")
 
 
 def _check_ids(ids_keep: torch.Tensor, dim: int, device: torch.device) -> None:
+    _check_tensor("ids_keep", ids_keep)
     if ids_keep.dtype != torch.int64:
         raise ValueError(f"ids_keep must be int64, got {ids_keep.dtype}")
     if ids_keep.dim() != dim:
@@ -54,6 +64,7 @@ def _check_ids(ids_keep: torch.Tensor, dim: int, device: torch.device) -> None:
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int | None, device: torch.device) -> None:
+    _check_tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
@@ -65,6 +76,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int | None, device: torch
 
 
 def _check_fill(fill: torch.Tensor, x_keep: torch.Tensor, B, N, D) -> None:
+    _check_tensor("fill", fill)
     if fill.dtype != x_keep.dtype:
         raise ValueError(f"fill dtype {fill.dtype} differs from x_keep dtype {x_keep.dtype}")
     if fill.device != x_keep.device:
@@ -80,18 +92,18 @@ def _check_fill(fill: torch.Tensor, x_keep: torch.Tensor, B, N, D) -> None:
 
 
 def _check_gather(x: torch.Tensor, ids_keep: torch.Tensor) -> None:
+    _check_float("x", x)
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, D], got shape {tuple(x.shape)}")
-    _check_float("x", x)
     _check_ids(ids_keep, 2, x.device)
     if ids_keep.shape[0] != x.shape[0]:
         raise ValueError(f"batch mismatch: x has B={x.shape[0]}, ids_keep has B={ids_keep.shape[0]}")
 
 
 def _check_scatter(x_keep: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor, num_tokens: int) -> None:
+    _check_float("x_keep", x_keep)
     if x_keep.dim() != 3:
         raise ValueError(f"x_keep must be [B, K, D], got shape {tuple(x_keep.shape)}")
-    _check_float("x_keep", x_keep)
     _check_ids(ids_keep, 2, x_keep.device)
     B, K, D = x_keep.shape
     if tuple(ids_keep.shape) != (B, K):
@@ -102,17 +114,17 @@ def _check_scatter(x_keep: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Ten
 
 
 def _check_gather_varlen(x: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    _check_float("x", x)
     if x.dim() != 3:
         raise ValueError(f"x must be [B, N, D], got shape {tuple(x.shape)}")
-    _check_float("x", x)
     _check_ids(ids_keep, 1, x.device)
     _check_cu_seqlens(cu_seqlens, x.shape[0], x.device)
 
 
 def _check_scatter_varlen(x_keep, ids_keep, cu_seqlens, fill, num_tokens) -> None:
+    _check_float("x_keep", x_keep)
     if x_keep.dim() != 2:
         raise ValueError(f"x_keep must be packed [T, D], got shape {tuple(x_keep.shape)}")
-    _check_float("x_keep", x_keep)
     _check_ids(ids_keep, 1, x_keep.device)
     if ids_keep.shape[0] != x_keep.shape[0]:
         raise ValueError(f"ids_keep has {ids_keep.shape[0]} rows but x_keep has T={x_keep.shape[0]}")
@@ -120,6 +132,24 @@ def _check_scatter_varlen(x_keep, ids_keep, cu_seqlens, fill, num_tokens) -> Non
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     _check_fill(fill, x_keep, cu_seqlens.shape[0] - 1, num_tokens, x_keep.shape[1])
+
+
+class IdsOutOfRange(ValueError, IndexError):
+    """ids_keep >= N: a ValueError like every other check, and the IndexError the torch reference raised."""
+
+
+def _check_values(ids_keep: torch.Tensor, num_tokens: int, cu_seqlens: torch.Tensor | None = None) -> None:
+    """Data-dependent checks, on CPU tensors only (elsewhere they would cost a device sync). Without them the
+    Triton kernels read or wrote past x for ids >= N, and a bad cu_seqlens failed inside repeat_interleave
+    ("allocated size does not match required size"). Negative ids are left as documented (module docstring)."""
+    if ids_keep.device.type != "cpu":
+        return
+    if cu_seqlens is not None:
+        lengths = cu_seqlens.diff()
+        if cu_seqlens[0] != 0 or cu_seqlens[-1] != ids_keep.shape[0] or (lengths < 0).any():
+            raise ValueError(f"cu_seqlens must rise from 0 to T={ids_keep.shape[0]}, got {cu_seqlens.tolist()}")
+    if ids_keep.numel() and ids_keep.max() >= num_tokens:
+        raise IdsOutOfRange(f"ids_keep must lie in [0, {num_tokens}), got {int(ids_keep.max())}")
 
 
 # -----------------------------------------------------------------------------
@@ -130,6 +160,7 @@ def _check_scatter_varlen(x_keep, ids_keep, cu_seqlens, fill, num_tokens) -> Non
 @torch.library.custom_op("masked_dit::gather_tokens", mutates_args=())
 def _gather_tokens_op(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     _check_gather(x, ids_keep)
+    _check_values(ids_keep, x.shape[1])
     return dispatch.impl("gather_tokens", x.device)(x, ids_keep)
 
 
@@ -142,6 +173,7 @@ def _(x, ids_keep):
 @torch.library.custom_op("masked_dit::scatter_tokens", mutates_args=())
 def _scatter_tokens_op(x_keep: torch.Tensor, ids_keep: torch.Tensor, fill: torch.Tensor, num_tokens: int) -> torch.Tensor:
     _check_scatter(x_keep, ids_keep, fill, num_tokens)
+    _check_values(ids_keep, num_tokens)
     return dispatch.impl("scatter_tokens", x_keep.device)(x_keep, ids_keep, fill, num_tokens)
 
 
@@ -154,6 +186,7 @@ def _(x_keep, ids_keep, fill, num_tokens):
 @torch.library.custom_op("masked_dit::gather_tokens_varlen", mutates_args=())
 def _gather_tokens_varlen_op(x: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     _check_gather_varlen(x, ids_keep, cu_seqlens)
+    _check_values(ids_keep, x.shape[1], cu_seqlens)
     return dispatch.impl("gather_tokens_varlen", x.device)(x, ids_keep, cu_seqlens)
 
 
@@ -167,6 +200,7 @@ def _(x, ids_keep, cu_seqlens):
 def _scatter_tokens_varlen_op(x_keep: torch.Tensor, ids_keep: torch.Tensor, cu_seqlens: torch.Tensor,
                               fill: torch.Tensor, num_tokens: int) -> torch.Tensor:
     _check_scatter_varlen(x_keep, ids_keep, cu_seqlens, fill, num_tokens)
+    _check_values(ids_keep, num_tokens, cu_seqlens)
     return dispatch.impl("scatter_tokens_varlen", x_keep.device)(x_keep, ids_keep, cu_seqlens, fill, num_tokens)
 
 
@@ -332,6 +366,8 @@ def _call(name: str, op, check, *args) -> torch.Tensor:
     """Runs custom op ``name``; under torch.compile with the torch backend selected, its reference is
     traced inline instead, so Inductor fuses the indexing with its neighbours (an opaque op would
     run it as separate kernels). Autograd then differentiates the reference directly."""
+    if not isinstance(args[0], torch.Tensor):  # the device below needs a tensor: the check names the argument
+        check(*args)
     if dispatch.inline_reference(name, args[0].device):
         check(*args)
         return dispatch.impl(name, args[0].device)(*args)

@@ -507,6 +507,36 @@ def test_validation_errors():
             fn()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_id_and_cu_seqlens_values_checked_on_cpu(backend):
+    """On CPU tensors (no device sync) ids >= N and cu_seqlens that do not rise from 0 to T are one ValueError
+    naming the argument, on every backend: Triton read or wrote past x (or failed in its inverse map), torch
+    raised an IndexError naming no argument (still one: the error is both); a bad cu_seqlens failed in
+    repeat_interleave. (Negative ids are documented, not checked: tests/nn/test_masking.py.)"""
+    x, x_keep, fill = torch.randn(2, 5, 4), torch.randn(2, 2, 4), torch.randn(4)
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32)
+    cases = [
+        (lambda: gather_tokens(x, torch.tensor([[0, 5], [4, 1]])), r"ids_keep must lie in \[0, 5\)"),
+        (lambda: scatter_tokens(x_keep, torch.tensor([[0, 6], [4, 1]]), fill, 5), r"ids_keep must lie in \[0, 5\)"),
+        (lambda: gather_tokens_varlen(x, torch.tensor([0, 7, 4]), cu), r"ids_keep must lie in \[0, 5\)"),
+        (lambda: scatter_tokens_varlen(torch.randn(3, 4), torch.tensor([0, 5, 4]), cu, fill, 5), "ids_keep must lie"),
+        (lambda: gather_tokens_varlen(x, torch.tensor([0, 3, 4]), torch.tensor([0, 1, 2], dtype=torch.int32)),
+         r"cu_seqlens must rise from 0 to T=3, got \[0, 1, 2\]"),
+        (lambda: gather_tokens_varlen(x, torch.tensor([0, 3, 4]), torch.tensor([1, 2, 3], dtype=torch.int32)),
+         "cu_seqlens must rise from 0"),
+        (lambda: scatter_tokens_varlen(torch.randn(3, 4), torch.tensor([0, 3, 4]), torch.tensor([0, 2, 1, 3],
+                                       dtype=torch.int32), fill, 5), "cu_seqlens must rise from 0"),
+    ]
+    with use_backend(backend):
+        for fn, match in cases:
+            with pytest.raises(ValueError, match=match):
+                fn()
+        with pytest.raises(IndexError, match="ids_keep"):
+            gather_tokens(x, torch.tensor([[0, 9], [4, 1]]))
+        with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+            gather_tokens([[0.0]], torch.tensor([[0]]))
+
+
 def test_cuda_backend_unavailable_on_cpu_tensors():
     with use_backend("cuda"), pytest.raises(RuntimeError, match="unavailable"):
         gather_tokens(torch.randn(2, 5, 4), torch.tensor([[0, 3], [4, 1]]))
