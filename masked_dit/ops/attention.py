@@ -224,17 +224,39 @@ def _grid_hw(grid_size) -> tuple[int, int]:
 # Input checks (one-line errors)
 # ----------------------------------------------------------------------------------------
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, t, q: Optional[Tensor] = None) -> None:
+    """t is a tensor (on q's device, when q is given: the math path would mix devices or fail deep inside)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if q is not None and t.device != q.device:
+        raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}")
+
+
 def _check(q, k, v, cu_seqlens, max_seqlen, rel_pos_bias, positions) -> None:
     packed = cu_seqlens is not None
     want = 3 if packed else 4
     layout = "[T, H, Dh] (packed)" if packed else "[B, N, H, Dh]"
+    _check_tensor("q", q)
     for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, q)
         if x.dim() != want:
             hint = "" if packed else " (packed input needs cu_seqlens)"
             raise ValueError(f"attention: {name} must be {layout}, got shape {tuple(x.shape)}{hint}")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    # the math path casts each to its accumulate dtype (and returned integer q as integers); the kernels refuse
+    if q.dtype not in _FLOATS:
+        raise ValueError(f"attention: q must be float16/bfloat16/float32/float64, got {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"attention: {name} dtype {x.dtype} differs from q dtype {q.dtype}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"attention: head dim must be >= 1 (the scale is Dh ** -0.5), got shape {tuple(q.shape)}")
     if packed:
+        _check_tensor("cu_seqlens", cu_seqlens, q)
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
             raise ValueError(f"attention: cu_seqlens must be 1-D int32, got {cu_seqlens.dtype} "
                              f"shape {tuple(cu_seqlens.shape)}")
@@ -254,9 +276,13 @@ def _check_bias(q, packed, rel_pos_bias, positions) -> None:
     if not isinstance(rel_pos_bias, (tuple, list)) or len(rel_pos_bias) != 2:
         raise ValueError("attention: rel_pos_bias must be a (table [R, H], index [N, N]) pair")
     table, index = rel_pos_bias
+    _check_tensor("rel_pos_bias table", table, q)
+    _check_tensor("rel_pos_bias index", index, q)
     H = q.shape[-2]
     if table.dim() != 2 or table.shape[1] != H:
         raise ValueError(f"attention: rel_pos_bias table must be [R, {H}], got {tuple(table.shape)}")
+    if not table.dtype.is_floating_point:  # its own dtype may differ from q's (an fp32 parameter under autocast)
+        raise ValueError(f"attention: rel_pos_bias table must be floating point, got {table.dtype}")
     if index.dim() != 2 or index.shape[0] != index.shape[1] or index.dtype.is_floating_point:
         raise ValueError(f"attention: rel_pos_bias index must be an integer [N, N], "
                          f"got {index.dtype} {tuple(index.shape)}")
@@ -267,7 +293,9 @@ def _check_bias(q, packed, rel_pos_bias, positions) -> None:
         if q.shape[1] != index.shape[0]:
             raise ValueError(f"attention: {q.shape[1]} tokens but index is {tuple(index.shape)}; "
                              "pass positions of the kept tokens")
-    elif tuple(positions.shape) != seq_shape or positions.dtype.is_floating_point:
+    else:
+        _check_tensor("positions", positions, q)
+    if positions is not None and (tuple(positions.shape) != seq_shape or positions.dtype.is_floating_point):
         raise ValueError(f"attention: positions must be integer {list(seq_shape)}, "
                          f"got {positions.dtype} {tuple(positions.shape)}")
 
@@ -284,6 +312,11 @@ def _check_values(q, cu_seqlens, max_seqlen, rel_pos_bias, positions) -> None:
         N = rel_pos_bias[1].shape[0]
         if positions.min() < 0 or positions.max() >= N:
             raise ValueError(f"attention: positions must lie in [0, {N})")
+    if rel_pos_bias is not None and rel_pos_bias[1].numel():
+        table, index = rel_pos_bias
+        if index.min() < 0 or index.max() >= table.shape[0]:
+            raise ValueError(f"attention: rel_pos_bias index must lie in [0, {table.shape[0]}) (the table's rows), "
+                             f"got values from {int(index.min())} to {int(index.max())}")
 
 
 # ----------------------------------------------------------------------------------------

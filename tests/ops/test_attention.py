@@ -450,6 +450,35 @@ def test_bad_inputs():
             call()
 
 
+@pytest.mark.parametrize("backend", ["auto", "math"])
+def test_bad_dtypes_devices_and_table_rows(backend):
+    """One line naming the argument where the math path ran silently (mixed q/k/v dtypes or devices, integer
+    q returning integers, an integer table, a table on another device) or failed deep inside (head dim 0,
+    index rows past the table, cu_seqlens on another device)."""
+    q, k, v = qkv_views(2, 9, 2, 8, torch.float32)
+    table, index = rel_pos(3, 2)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    empty = torch.zeros(2, 9, 2, 0)
+    cases = [
+        (lambda: attention(q, k.half(), v), r"attention: k dtype torch.float16 differs from q dtype torch.float32"),
+        (lambda: attention(q, k, v.double()), "v dtype torch.float64 differs from q"),
+        (lambda: attention(q, k.to("meta"), v), "k is on meta but q is on cpu"),
+        (lambda: attention(q.long(), k.long(), v.long()), "q must be float16/bfloat16/float32/float64"),
+        (lambda: attention(empty, empty, empty), "head dim"),
+        (lambda: attention(q[0], k[0], v[0], cu_seqlens=cu.to("meta"), max_seqlen=5), "cu_seqlens is on meta"),
+        (lambda: attention(q, k, v, rel_pos_bias=(table.long(), index)), "table must be floating"),
+        (lambda: attention(q, k, v, rel_pos_bias=(table.to("meta"), index)), "table is on meta"),
+        (lambda: attention(q, k, v, rel_pos_bias=(table, index.to("meta"))), "index is on meta"),
+        (lambda: attention(q, k, v, rel_pos_bias=(table[:5], index)), r"index must lie in \[0, 5\)"),
+    ]
+    with use_attention_backend(backend):
+        for call, message in cases:
+            with pytest.raises(ValueError, match=message):
+                call()
+        with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+            attention([1.0], k, v)
+
+
 # ----------------------------------------------------------------------------------------
 # GPU: every CUDA backend vs the reference; the biased path never holds a [B, H, K, K] bias
 # ----------------------------------------------------------------------------------------
