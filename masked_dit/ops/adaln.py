@@ -169,24 +169,39 @@ def _triton():
     return adaln
 
 
+# One program holds a whole row in registers: past 16384 features (the widest the GPU tests run) the
+# kernels spill, and past 2^20 (Triton's largest block) they do not compile at all (the interpreter
+# raised "numel exceeds triton maximum tensor numel"). Wider rows run the torch reference, as the
+# CUDA backend's do past its kMaxD.
+_TRITON_MAX_D = 16384
+
+
 @dispatch.register("adaln_modulate", "triton")
 def _adaln_modulate_triton(x, shift, scale, eps, out_dtype=None):
+    if x.shape[-1] > _TRITON_MAX_D:
+        return _adaln_modulate_torch(x, shift, scale, eps, out_dtype)
     return _triton().adaln_modulate_fwd(x, shift, scale, eps, out_dtype)
 
 
 @dispatch.register("adaln_modulate_backward", "triton")
 def _adaln_modulate_backward_triton(dh, x, scale, mean, rstd):
+    if x.shape[-1] > _TRITON_MAX_D:
+        return _adaln_modulate_backward_torch(dh, x, scale, mean, rstd)
     return _triton().adaln_modulate_bwd(dh, x, scale, mean, rstd)
 
 
 @dispatch.register("gated_residual_adaln", "triton")
 def _gated_residual_adaln_triton(x, branch, gate, shift, scale, eps, out_dtype=None):
+    if x.shape[-1] > _TRITON_MAX_D:
+        return _gated_residual_adaln_torch(x, branch, gate, shift, scale, eps, out_dtype)
     return _triton().gated_residual_adaln_fwd(x, branch, gate, shift, scale, eps, _residual_dtype(x, branch, gate),
                                               out_dtype)
 
 
 @dispatch.register("gated_residual_adaln_backward", "triton")
 def _gated_residual_adaln_backward_triton(dr, dh, r, branch, gate, scale, mean, rstd):
+    if r.shape[-1] > _TRITON_MAX_D:
+        return _gated_residual_adaln_backward_torch(dr, dh, r, branch, gate, scale, mean, rstd)
     return _triton().gated_residual_adaln_bwd(dr, dh, r, branch, gate, scale, mean, rstd)
 
 

@@ -375,6 +375,25 @@ def test_fp64_accumulators_stored_in_half_types(backend):
             assert ((got.double() - ref.double()).abs() <= ulp).all(), (backend, out_dtype)
 
 
+@needs_triton
+def test_triton_backend_runs_rows_wider_than_a_block():
+    """D past Triton's largest block (2^20 elements) runs the torch reference (it raised 'numel exceeds triton
+    maximum tensor numel'), as the CUDA backend does past its kMaxD."""
+    gen = torch.Generator().manual_seed(13)
+    D = 2**20 + 3
+    x, branch = (leaf(torch.randn(1, 2, D, generator=gen)) for _ in range(2))
+    gate, shift, scale = (leaf(0.5 * torch.randn(1, D, generator=gen)) for _ in range(3))
+    inputs = [x, branch, gate, shift, scale]
+    results = {}
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            r, h = gated_residual_adaln(*inputs)
+            h2 = adaln_modulate(h, shift, scale)
+            results[backend] = (r, h, h2, *torch.autograd.grad((r, h2), inputs, (torch.ones_like(r), h2.detach())))
+    for got, want in zip(results["triton"], results["torch"]):
+        assert torch.equal(got, want)
+
+
 def test_out_dtype_is_checked():
     x = torch.randn(2, 3, 8)
     ok = torch.randn(2, 8)
