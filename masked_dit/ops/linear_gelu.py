@@ -55,6 +55,11 @@ def _(x, weight, bias):
 def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """``gelu(F.linear(x, weight, bias), approximate="tanh")`` without a gradient (one GEMM on CUDA).
     x [..., K], weight [N, K], bias [N] -> [..., N]."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"linear_gelu: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"linear_gelu: x must have a feature dim [..., K], got shape {tuple(x.shape)}")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or bias is None or bias.shape != (weight.shape[0],):
         raise ValueError(f"linear_gelu: x [..., {x.shape[-1]}], weight {tuple(weight.shape)} and bias "
                          f"{None if bias is None else tuple(bias.shape)} do not make a Linear with a bias")
@@ -63,6 +68,12 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     dtype = linear_input_dtype(x)
     if dtype is not None:
         x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    # checked after autocast's casts (which make them agree); the GEMM's own errors name no argument
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"linear_gelu: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"linear_gelu: {name} is on {t.device} but x is on {x.device}")
     if not x.is_cuda and torch.compiler.is_compiling():  # the reference, for Inductor to fuse
         return _reference(x, weight, bias)
     return _linear_gelu_op(x, weight, bias)

@@ -60,6 +60,25 @@ def test_bad_input_fails_clearly():
         ops.linear_gelu(x.requires_grad_(), w, b)
 
 
+def test_bad_dtypes_devices_and_types_name_the_argument():
+    """Mismatched dtypes / devices failed inside the GEMM ('self and mat2 must have the same dtype'), a 0-d x
+    with 'tuple index out of range', a non-tensor with an AttributeError: one line naming the argument now."""
+    x, w, b = torch.randn(2, 8), torch.randn(16, 8), torch.randn(16)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="linear_gelu: weight dtype torch.bfloat16 differs from x dtype"):
+            ops.linear_gelu(x, w.bfloat16(), b)
+        with pytest.raises(ValueError, match="linear_gelu: bias dtype torch.float64 differs from x dtype"):
+            ops.linear_gelu(x, w, b.double())
+        with pytest.raises(ValueError, match="linear_gelu: weight is on meta but x is on cpu"):
+            ops.linear_gelu(x, w.to("meta"), b)
+        with pytest.raises(ValueError, match=r"linear_gelu: x must have a feature dim \[\.\.\., K\]"):
+            ops.linear_gelu(torch.tensor(1.0), w, b)
+        with pytest.raises(TypeError, match="linear_gelu: x must be a torch.Tensor, got list"):
+            ops.linear_gelu([1.0] * 8, w, b)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts all three first: not a mismatch
+            assert ops.linear_gelu(x, w, b).dtype == torch.bfloat16
+
+
 def test_mlp_uses_it_only_without_gradient():
     torch.manual_seed(0)
     mlp, x = Mlp(8, 32), torch.randn(2, 5, 8)
