@@ -143,7 +143,8 @@ def attention_math_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o
 
 @attention_math_backward.register_fake
 def _(grad_out, q, k, v, out, lse, kv_len, table, index, positions, scale):
-    dtable = torch.empty_like(table) if table is not None else q.new_empty(0)
+    # contiguous, as the real op's (accumulated in a new buffer): empty_like would copy a transposed table's strides
+    dtable = torch.empty_like(table, memory_format=torch.contiguous_format) if table is not None else q.new_empty(0)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format), dtable)

@@ -329,6 +329,30 @@ def test_opcheck_custom_ops():
                               (torch.randn_like(out), q, k, v, out, lse, *args[3:]))
 
 
+def test_table_gradient_of_a_transposed_table_under_inductor():
+    """The backward's fake gave dtable the table's strides, the real op a contiguous tensor: a table seen
+    through a transpose (an [H, R] parameter) failed Inductor's stride assertion in the backward."""
+    q, k, v = qkv_views(2, 5, 2, 8, torch.float32)
+    table, index = rel_pos(3, 2)
+    table_t = table.t().contiguous().t()  # [R, H] with strides (1, R)
+    ids_keep = kept_ids(2, 9, 5)
+    out, lse = torch.ops.masked_dit.attention_math(q, k, v, None, table_t, index, ids_keep, 0.3)
+    torch.library.opcheck(torch.ops.masked_dit.attention_math_backward.default,
+                          (torch.randn_like(out), q, k, v, out, lse, None, table_t, index, ids_keep, 0.3))
+    param = table.t().contiguous().requires_grad_()  # [H, R]
+
+    def loss(q, param):
+        return attention(q, k, v, rel_pos_bias=(param.t(), index), positions=ids_keep).square().sum()
+
+    q = q.detach().requires_grad_()
+    with use_attention_backend("math"):
+        want = torch.autograd.grad(loss(q, param), (q, param))
+        torch._dynamo.reset()
+        got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="inductor")(q, param), (q, param))
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------
 # torch.compile(fullgraph=True): zero graph breaks, same numbers
 # ----------------------------------------------------------------------------------------
