@@ -17,12 +17,13 @@ Varlen ids are positions *within* each sample: sample b owns packed rows
 ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32, flash-attn convention, T = cu_seqlens[-1]).
 
 Assumptions: ids are in [0, N) and unique within a sample (MAE masks are permutations), and
-cu_seqlens rises from 0 to T. On CPU tensors (no device sync needed) ids >= N and a bad cu_seqlens
-are one-line errors; nothing else is checked (on a GPU that would cost a device sync;
-``masked_dit.nn.masking.KeptTokens`` checks its ids once, negatives included: the torch reference
-takes -1 as the last token, as Python indexing does, the other backends read outside the sample). With duplicates, gather is still exact, and so is
-scatter's gradient (every duplicate gets the gradient at its position, on every backend), but
-scatter's output and the gradient of gather are unspecified at the duplicated positions.
+cu_seqlens rises from 0 to T. On CPU tensors, ids >= N and a bad cu_seqlens are one-line errors;
+on a GPU nothing data-dependent is checked (it would cost a device sync per call), and
+``masked_dit.nn.masking.KeptTokens`` checks its ids once, negatives included (the torch reference
+takes -1 as the last token, as Python indexing does; the other backends would read outside the
+sample). With duplicates, gather is still exact, and so is scatter's gradient (every duplicate gets
+the gradient at its position, on every backend), but scatter's output and the gradient of gather are
+unspecified at the duplicated positions.
 
 The backward passes are custom ops too (``*_backward``), so they dispatch to the same backends:
 the ``torch`` reference (advanced indexing), ``triton`` (:mod:`.triton_kernels.tokens`) and
