@@ -10,7 +10,9 @@ gradient g_k and g_0 := g_1 (so the first difference is zero)::
     u    = (m_k / (1 - b1^k) + b2 v_k / (1 - b2^k)) / (sqrt(n_k / (1 - b3^k)) + eps)
     p   <- (p - lr u) / (1 + lr wd)                    (proximal decay; no_prox: p (1 - lr wd) - lr u)
 
-betas are the decay rates (0.98, 0.92, 0.99), as the official implementation's arguments.
+betas are the decay rates (0.98, 0.92, 0.99), as the official implementation's arguments. Each
+parameter counts its own k (the official counts one per group: the same wherever every parameter has
+a gradient at every step; a parameter that first gets one later is corrected from its own k = 1 here).
 
 Two implementations of the same step: foreach (the reference, any device and dtype) and a single-pass
 Triton kernel (masked_dit/ops/triton_kernels/adan.py: contiguous fp32 on CUDA; 11 accesses of 4 bytes
@@ -106,7 +108,9 @@ class Adan(torch.optim.Optimizer):
                 continue
             b1, b2, b3 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            fused, foreach = [], []
+            # bucketed by the parameter's own step count: one that joins later (no grad at first) gets
+            # its own bias correction, not the first parameter's
+            fused, foreach, todo = {}, {}, []
             for p in params:
                 state = self.state[p]
                 if len(state) == 0:
@@ -123,18 +127,21 @@ class Adan(torch.optim.Optimizer):
                 why = "fused=False" if self.fused is False else _fused_unsupported(t, strict=bool(self.fused))
                 if why is not None and self.fused:
                     raise RuntimeError(f"Adan(fused=True): parameter of shape {tuple(p.shape)}: {why}")
-                (foreach if why is not None else fused).append(t)
-            k = int(self.state[params[0]]["step"].item())
-            bc1, bc2, bc3 = 1 - b1 ** k, 1 - b2 ** k, 1 - b3 ** k
-            if fused:
-                from masked_dit.ops.triton_kernels.adan import adan_step_
+                todo.append((foreach if why is not None else fused, t))
+            steps = torch.stack([self.state[p]["step"] for p in params]).tolist()
+            for (bucket, t), k in zip(todo, steps):  # one host read per group, wherever the counts live
+                bucket.setdefault(int(k), []).append(t)
+            for k in sorted(set(fused) | set(foreach)):
+                bc1, bc2, bc3 = 1 - b1 ** k, 1 - b2 ** k, 1 - b3 ** k
+                if k in fused:
+                    from masked_dit.ops.triton_kernels.adan import adan_step_
 
-                for t in fused:
-                    adan_step_(*t, lr=lr, betas=(b1, b2, b3), eps=eps, bc1=bc1, bc2=bc2, bc3=bc3,
-                               weight_decay=wd, no_prox=group["no_prox"])
-            if foreach:
-                _foreach_step(*(list(x) for x in zip(*foreach)), b1=b1, b2=b2, b3=b3, lr=lr, wd=wd, eps=eps,
-                              bc1=bc1, bc2=bc2, bc3=bc3, no_prox=group["no_prox"])
+                    for t in fused[k]:
+                        adan_step_(*t, lr=lr, betas=(b1, b2, b3), eps=eps, bc1=bc1, bc2=bc2, bc3=bc3,
+                                   weight_decay=wd, no_prox=group["no_prox"])
+                if k in foreach:
+                    _foreach_step(*(list(x) for x in zip(*foreach[k])), b1=b1, b2=b2, b3=b3, lr=lr, wd=wd,
+                                  eps=eps, bc1=bc1, bc2=bc2, bc3=bc3, no_prox=group["no_prox"])
         return loss
 
 

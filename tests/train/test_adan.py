@@ -60,6 +60,26 @@ def test_adan_matches_update_equations(wd, no_prox):
     assert int(opt.state[param]["step"]) == len(grads)
 
 
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_interpreter)])
+def test_a_parameter_joining_later_is_corrected_from_its_own_first_step(fused):
+    """A parameter without a gradient for the first steps (e.g. a head trained from step 3) starts its
+    moments then: its bias correction counts its own steps. It used the first parameter's count (k = 3
+    at its first step, so 1 - b^3 in place of 1 - b: updates ~2-3x too small while the moments warm up)."""
+    dtype = torch.float32 if fused else torch.float64
+    torch.manual_seed(0)
+    early, late = torch.nn.Parameter(torch.randn(4, dtype=dtype)), torch.nn.Parameter(torch.randn(3, dtype=dtype))
+    late0 = late.detach().clone()
+    grads = [torch.randn(3, dtype=dtype) for _ in range(3)]
+    opt = Adan([early, late], lr=0.01, weight_decay=0.02, fused=fused)
+    for k in range(5):
+        early.grad = torch.randn(4, dtype=dtype)
+        late.grad = grads[k - 2].clone() if k >= 2 else None
+        opt.step()
+    ref = reference_adan(late0.double(), [g.double() for g in grads], 0.01, (0.98, 0.92, 0.99), 1e-8, 0.02, False)
+    torch.testing.assert_close(late.detach().double(), ref[-1], rtol=1e-6, atol=1e-7)
+    assert [int(opt.state[p]["step"]) for p in (early, late)] == [5, 3]
+
+
 def test_adan_first_step_is_normalised_gradient():
     # Step 1: diff = 0, so u = g / (|g| + eps): every coordinate moves by ~lr.
     p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
