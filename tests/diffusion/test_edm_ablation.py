@@ -26,6 +26,18 @@ def toy_net(x, sigma, labels):
     return x / (1 + s ** 2) + 0.3 * torch.tanh(x) * s / (1 + s) + 0.2 * shift + 0.05 * torch.roll(x, 1, dims=1)
 
 
+def ref_iddpm_levels(num_steps, sigma_min, sigma_max, M=1000, C_1=0.001, C_2=0.008):
+    """EDM's iddpm discretization step for step as its ablation sampler writes it: alpha_bar of integer
+    tensors (so float32), the float64 recursion on 0-dim tensors, and the grid index
+    ((len - 1) / (num_steps - 1)) * i rounded in float64."""
+    u = torch.zeros(M + 1, dtype=F64)
+    abar = lambda j: (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2  # noqa: E731
+    for j in torch.arange(M, 0, -1):
+        u[j - 1] = ((u[j] ** 2 + 1) / (abar(j - 1) / abar(j)).clip(min=C_1) - 1).sqrt()
+    u = u[(u >= sigma_min) & (u <= sigma_max)]
+    return u[((len(u) - 1) / max(num_steps - 1, 1) * torch.arange(num_steps, dtype=F64)).round().long()]
+
+
 def ref_ablation(net, latents, labels, noise, num_steps, solver, discretization, schedule, scaling, sigma_min=None,
                  sigma_max=None, rho=7.0, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, alpha=1.0,
                  epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000):
@@ -45,12 +57,7 @@ def ref_ablation(net, latents, labels, noise, num_steps, solver, discretization,
     elif discretization == "ve":
         levels = (sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** i).sqrt()
     elif discretization == "iddpm":
-        u = torch.zeros(M + 1, dtype=F64)
-        abar = lambda j: torch.sin(0.5 * np.pi * tt(j) / M / (C_2 + 1)) ** 2  # noqa: E731
-        for j in range(M, 0, -1):
-            u[j - 1] = ((u[j] ** 2 + 1) / (abar(j - 1) / abar(j)).clip(min=C_1) - 1).sqrt()
-        u = u[(u >= sigma_min) & (u <= sigma_max)]
-        levels = u[((len(u) - 1) * i).round().long()]
+        levels = ref_iddpm_levels(num_steps, sigma_min, sigma_max, M, C_1, C_2)
     else:
         levels = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     if schedule == "vp":
@@ -177,6 +184,24 @@ def test_grids_span_their_ranges():
     inside = [s for s in u if 0.002 <= s <= 81.0]
     assert levels[0] == inside[0] and levels[-1] == inside[-1]
     assert noise_levels(1, "ve", 0.02, 100.0) == [100.0]
+
+
+@pytest.mark.parametrize("num_steps, sigma_min, sigma_max", [(59, 0.002, 81.0), (29, 0.002, 80.0),
+                                                             (21, 0.05, 10.0), (40, 0.002, 81.0), (1, 0.01, 40.0)])
+def test_iddpm_levels_are_edms(num_steps, sigma_min, sigma_max):
+    """The iddpm grid is EDM's to the bit: its float32 alpha_bar (up to 5e-4 from a float64 one) and its
+    index order ((len - 1) / (N - 1)) * i, which picks another level than (len - 1) * (i / (N - 1)) for
+    e.g. step 29 of 59 on the default range (495.49999999999994 vs 495.5)."""
+    got = torch.tensor(noise_levels(num_steps, "iddpm", sigma_min, sigma_max), dtype=F64)
+    assert torch.equal(got, ref_iddpm_levels(num_steps, sigma_min, sigma_max))
+    if num_steps == 59:
+        inside = [s for s in iddpm_sigmas() if sigma_min <= s <= sigma_max]
+        assert got[29] == inside[495] != inside[496]
+    u64 = [0.0] * 1001  # the same recursion in float64 throughout: visibly other levels
+    abar = lambda j: math.sin(0.5 * math.pi * j / 1000 / 1.008) ** 2  # noqa: E731
+    for j in range(1000, 0, -1):
+        u64[j - 1] = math.sqrt((u64[j] ** 2 + 1) / max(abar(j - 1) / abar(j), 0.001) - 1)
+    assert max(abs(a / b - 1) for a, b in zip(iddpm_sigmas()[:-1], u64[:-1])) > 1e-4
 
 
 def test_settings_that_cannot_work_raise_one_line():
