@@ -348,8 +348,11 @@ class GaussianDiffusion:
             log_var = var_values
         elif self.model_var_type is ModelVarType.FIXED_LARGE:
             log_var = self._extract("fixed_large_log_variance", t, x).expand_as(x)
+            variance = self._extract("fixed_large_variance", t, x).expand_as(x)
         else:
             log_var = self._extract("posterior_log_variance_clipped", t, x).expand_as(x)
+            # (the table itself, as ADM: 0 at t = 0, where only the log variance is clipped)
+            variance = self._extract("posterior_variance", t, x).expand_as(x)
 
         if self.model_mean_type is ModelMeanType.START_X:
             pred_xstart = out
@@ -362,7 +365,9 @@ class GaussianDiffusion:
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return {"mean": mean, "variance": torch.exp(log_var), "log_variance": log_var,
+        if var_values is not None:
+            variance = torch.exp(log_var)
+        return {"mean": mean, "variance": variance, "log_variance": log_var,
                 "pred_xstart": pred_xstart, "model_output": out}
 
     def p_sample(self, model_fn: ModelFn, x, t, clip_denoised: bool = True, denoised_fn=None,

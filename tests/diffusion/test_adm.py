@@ -295,3 +295,20 @@ def test_space_timesteps_zero_count_skips_a_section():
         space_timesteps(1000, "0,0")
     with pytest.raises(ValueError, match="cannot divide"):
         space_timesteps(1000, "10,-1")
+
+
+def test_fixed_variance_is_the_table_not_exp_of_the_clipped_log():
+    """ADM's p_mean_variance returns the fixed variance table itself: beta-tilde is 0 at t = 0, where only
+    the log variance is clipped (to the t = 1 value); fixed_large's first entry is beta-tilde_1."""
+    d_small, d_large = _diffusion(var_type="fixed_small"), _diffusion(var_type="fixed_large")
+    x = torch.zeros(3, 1, 1, 1, dtype=F64)
+    t = torch.tensor([0, 1, 10])
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    small = d_small.p_mean_variance(zero, x, t)
+    assert small["variance"][0].item() == 0.0
+    assert small["log_variance"][0].item() == math.log(d_small.posterior_variance[1].item())
+    for d, table in ((d_small, d_small.posterior_variance), (d_large, torch.cat([d_small.posterior_variance[1:2],
+                                                                                  d_small.betas[1:]]))):
+        got = d.p_mean_variance(zero, x, t)["variance"].flatten()
+        assert torch.equal(got, table[t])
+
