@@ -387,10 +387,18 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model_fn, x, t, clip_denoised, denoised_fn, model_kwargs)
         # Re-derive eps from (possibly clipped) x0 so x0 and eps predictions are consistent.
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        ab = self._extract("alphas_cumprod", t, x)
-        ab_prev = self._extract("alphas_cumprod_prev", t, x)
+        # ADM does this arithmetic on its float32 tables in float32, also for float64 x; with float64
+        # arithmetic on the rounded tables the cancelling 1 - ab_prev - sigma^2 (eta near 1, alpha_bar
+        # near 0) would differ from it by up to 3e-4 (relative). Clamped at 0 where float32 rounding
+        # would make it negative (ADM: NaN).
+        table_dtype = self._table("alphas_cumprod", x.device, x.dtype).dtype
+        dtype = torch.float64 if table_dtype == self.coefficient_dtype == torch.float64 else torch.float32
+        ab = self._extract("alphas_cumprod", t, x).to(dtype)
+        ab_prev = self._extract("alphas_cumprod_prev", t, x).to(dtype)
         sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
-        sample = out["pred_xstart"] * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma ** 2) * eps
+        c_xstart, c_eps = torch.sqrt(ab_prev), torch.sqrt((1 - ab_prev - sigma ** 2).clamp(min=0))
+        sigma, c_xstart, c_eps = sigma.to(table_dtype), c_xstart.to(table_dtype), c_eps.to(table_dtype)
+        sample = out["pred_xstart"] * c_xstart + c_eps * eps
         if eta != 0.0 or noise is not None:
             if noise is None:
                 noise = _randn(x.shape, x, generator=generator)

@@ -312,3 +312,40 @@ def test_fixed_variance_is_the_table_not_exp_of_the_clipped_log():
         got = d.p_mean_variance(zero, x, t)["variance"].flatten()
         assert torch.equal(got, table[t])
 
+
+@pytest.mark.parametrize("respacing, eta", [("7", 1.0), ("9", 1.0), ("ddim10", 0.5), ("7", 0.0)])
+def test_ddim_coefficients_are_float32_arithmetic_as_adm(respacing, eta):
+    """ADM computes DDIM's sigma, sqrt(abar_prev) and sqrt(1 - abar_prev - sigma^2) from its float32 tables
+    in float32 arithmetic, also for float64 x. With eta 1 and alpha_bar near 0 (cosine) the last one
+    cancels: float64 arithmetic on the same rounded tables differs by up to 3e-4 (relative, 7 steps),
+    and where float32 rounds it below 0 (9 steps) ADM returns NaN; we clamp it to 0."""
+    d = create_diffusion(respacing, "squaredcos_cap_v2", learn_sigma=False)
+    keep = space_timesteps(1000, respacing)
+    ac_full = torch.cumprod(1 - cosine_beta_schedule(1000), 0)
+    betas = 1 - ac_full[keep] / torch.cat([torch.ones(1, dtype=F64), ac_full[keep][:-1]])  # ADM's respaced betas
+    ac64 = torch.cumprod(1 - betas, 0)
+    ac32 = ac64.float()                                 # its alpha_bar table, as _extract_into_tensor returns it
+    acp32 = torch.cat([torch.ones(1), ac32[:-1]])
+    g = torch.Generator().manual_seed(0)
+    xT = torch.randn(2, 3, 4, 4, generator=g, dtype=F64)
+    noise = [torch.randn(2, 3, 4, 4, generator=g, dtype=F64) for _ in range(len(keep))]
+    model = lambda x, t: torch.tanh(0.7 * x + t.to(x.dtype).view(-1, 1, 1, 1) / 1000)  # noqa: E731
+    got = d.ddim_sample_loop(model, xT.shape, noise=xT, step_noise=noise, clip_denoised=True, eta=eta)
+    want, want64, x, x64 = None, None, xT, xT
+    for n, i in enumerate(range(len(keep) - 1, -1, -1)):
+        ab, abp = ac32[i], acp32[i]
+        r, rm1 = torch.sqrt(1 / ac64[i]).float().double(), torch.sqrt(1 / ac64[i] - 1).float().double()
+        outs = []
+        for y, arith in ((x, torch.float32), (x64, F64)):
+            eps_model = model(y, torch.full((2,), keep[i]))
+            x0 = (r * y - rm1 * eps_model).clamp(-1, 1)
+            eps = (r * y - x0) / rm1
+            a, b = ab.to(arith), abp.to(arith)
+            sig = eta * torch.sqrt((1 - b) / (1 - a)) * torch.sqrt(1 - a / b)
+            c_eps = torch.sqrt((1 - b - sig ** 2).clamp(min=0))
+            outs.append(x0 * b.sqrt().double() + c_eps.double() * eps + (i != 0) * sig.double() * noise[n])
+        x, x64 = outs
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-12)
+    if respacing == "7" and eta == 1.0:  # the float64-arithmetic result is measurably another one
+        assert rel_err(x64, x) > 1e-5

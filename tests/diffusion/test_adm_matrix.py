@@ -67,6 +67,17 @@ class Ref:
     def e(self, name, t):
         return self.tabs[name][t].view(-1, 1, 1, 1)
 
+    def ddim_coef(self, t, eta):
+        """DDIM's (sqrt(abar_prev), sqrt(1 - abar_prev - sigma^2), sigma). The official code computes them
+        from its float32 tensors in float32 arithmetic (float64 x only enters the products); where that
+        rounds 1 - abar_prev - sigma^2 below 0 (eta 1, cosine, T 1000 in 9 steps) it is NaN, clamped to 0
+        here (our deliberate deviation)."""
+        ab, abp = self.e("ac", t), self.e("acp", t)
+        if self.round32:
+            ab, abp = ab.float(), abp.float()
+        sig = eta * torch.sqrt((1 - abp) / (1 - ab)) * torch.sqrt(1 - ab / abp)
+        return abp.sqrt().double(), torch.sqrt((1 - abp - sig ** 2).clamp(min=0)).double(), sig.double()
+
     def posterior(self, x0, xt, t):
         return self.e("c1", t) * x0 + self.e("c2", t) * xt, self.e("plv", t)
 
@@ -256,9 +267,8 @@ def test_ddpm_and_ddim_loops_matrix(schedule, T, respacing, mean, var):
                 t = torch.full((2,), i)
                 _, _, x0, _ = ref.p_mean_var(model(x, torch.from_numpy(ref.keep)[t]), x, t, clip)
                 eps = (ref.e("sqrt_recip", t) * x - x0) / ref.e("sqrt_recipm1", t)
-                ab, abp = ref.e("ac", t), ref.e("acp", t)
-                sig = eta * torch.sqrt((1 - abp) / (1 - ab)) * torch.sqrt(1 - ab / abp)
-                x = x0 * abp.sqrt() + torch.sqrt(1 - abp - sig ** 2) * eps + (i != 0) * sig * steps[n]
+                x = x0 * ref.ddim_coef(t, eta)[0] + ref.ddim_coef(t, eta)[1] * eps \
+                    + (i != 0) * ref.ddim_coef(t, eta)[2] * steps[n]
             assert torch.isfinite(got).all(), eta
             close(got, x, 1e-9)
 
