@@ -47,7 +47,9 @@ def sde_interval(transport: Transport, method: str, diffusion_form: str, last_st
     a trainer or CLI can check before the first sample)."""
     if method not in SDE_METHODS:
         raise ValueError(f"unknown SDE method {method!r}; expected one of {SDE_METHODS}")
-    if diffusion_form not in DIFFUSION_FORMS:
+    # SiT's compute_diffusion table spells this key "inccreasing-decreasing" (the only spelling it runs,
+    # and the one code ported from it passes); the paths accept both.
+    if diffusion_form not in DIFFUSION_FORMS and diffusion_form != "inccreasing-decreasing":
         raise ValueError(f"unknown diffusion_form {diffusion_form!r}; expected one of {DIFFUSION_FORMS}")
     if last_step not in LAST_STEPS:
         raise ValueError(f"unknown last_step {last_step!r}; expected one of {LAST_STEPS}")

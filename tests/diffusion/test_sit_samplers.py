@@ -129,6 +129,29 @@ def test_sde_options_run_and_reproduce(form, last_step):
     assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
+def test_sde_takes_sits_own_spelling_of_increasing_decreasing():
+    """SiT's diffusion table keys the form "inccreasing-decreasing" (its only runnable spelling): the SDE
+    sampler takes it as "increasing-decreasing", D(t) = norm sin(pi t)^2."""
+    tr = Transport("Linear", "velocity")
+    x = torch.randn(2, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(3, 2, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    a, b = (sample_sde(tr, sit_fixture_model, x, diffusion_form=f, diffusion_norm=0.7, num_steps=4, noise=noise)
+            for f in ("inccreasing-decreasing", "increasing-decreasing"))
+    assert torch.equal(a, b)
+    y, ts = x, torch.linspace(0, 0.96, 4, dtype=torch.float64).tolist()
+    for i in range(3):  # Euler-Maruyama by hand, then the mean last step
+        tb = torch.full((2,), ts[i], dtype=torch.float64)
+        D = 0.7 * math.sin(math.pi * ts[i]) ** 2
+        v = sit_fixture_model(y, tb)
+        drift = v + D * tr.path.score_from_velocity(v, y, tb)
+        y = y + drift * (ts[1] - ts[0]) + math.sqrt(2 * D) * noise[i] * math.sqrt(ts[1] - ts[0])
+    tb = torch.full((2,), 0.96, dtype=torch.float64)
+    v = sit_fixture_model(y, tb)
+    D = 0.7 * math.sin(math.pi * 0.96) ** 2
+    y = y + (v + D * tr.path.score_from_velocity(v, y, tb)) * 0.04
+    assert rel_err(a, y) < 1e-12
+
+
 def test_native_dopri5_accuracy_and_reverse():
     """dy/dt = -t y, y(t) = y0 exp(-t^2 / 2): the error at every output time (dense output included)
     stays within a few tolerances; integrating backwards recovers y0."""
