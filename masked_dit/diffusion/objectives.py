@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from masked_dit.diffusion.edm import edm_loss, patchify
 from masked_dit.diffusion.edm_sampling import edm_sampler
 from masked_dit.diffusion.gaussian import min_snr_weight
-from masked_dit.diffusion.guidance import ClassifierFreeGuidance, guided_channel_count, power_cosine_scale
+from masked_dit.diffusion.guidance import (ClassifierFreeGuidance, forward_with_cfg, guided_channel_count,
+                                            power_cosine_scale)
 from masked_dit.diffusion.respace import create_diffusion
 from masked_dit.diffusion.sample_settings import adm_respacing, check_adm_options_apply, check_adm_sampling
 from masked_dit.nn.masking import keep_count, random_masking, sample_mdt_mask_ratio, scheduled_mask_ratio
@@ -216,7 +217,18 @@ class TransportObjective:
         kw = {"model_kwargs": {"y": y}, "progress": progress}
         if sampler in ("auto", "ode", "euler", "heun"):
             method = ode_method if sampler in ("auto", "ode") else sampler
-            return sample_ode(self.transport, fn, noise, method=method, num_steps=steps, atol=atol, rtol=rtol, **kw)
+            if cfg_scale == 1.0:
+                return sample_ode(self.transport, fn, noise, method=method, num_steps=steps, atol=atol, rtol=rtol, **kw)
+            # SiT integrates the doubled state [z; z] with labels [y; null] through forward_with_cfg; the
+            # second half keeps the unconditional channel 3, and an adaptive solver's (dopri5's) error
+            # norm covers both halves, so the conditional half alone takes other steps (results ~1e-4
+            # apart at rtol 1e-3). Fixed-step methods give the same either way.
+            doubled = functools.partial(forward_with_cfg, model, cfg_scale=cfg_scale,
+                                        guided_channels=_guided_channels(m))
+            kw["model_kwargs"] = {"y": torch.cat([y, torch.full_like(y, m.num_classes)])}
+            out = sample_ode(self.transport, doubled, torch.cat([noise, noise]), method=method, num_steps=steps,
+                             atol=atol, rtol=rtol, **kw)
+            return out[: noise.shape[0]]
         return sample_sde(self.transport, fn, noise, method=sde_method, diffusion_form=diffusion_form,
                           diffusion_norm=diffusion_norm, last_step=last_step, last_step_size=last_step_size,
                           num_steps=steps, generator=generator, **kw)

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from masked_dit.diffusion.ode import sample_ode
+from masked_dit.diffusion.ode import integrate_ode, sample_ode
 from masked_dit.diffusion.sde import sample_sde
 from masked_dit.diffusion.transport import Transport
 
@@ -512,3 +512,45 @@ def test_sde_last_step_of_size_zero(path, prediction, last_step):
     else:
         assert rel_err(got, ref_sde(path, prediction, x, noise, method="Euler", form="sigma", norm=1.0,
                                     last_step=last_step, last_step_size=0.0, num_steps=5)) < 1e-10
+
+
+
+class _CurvedToySiT(_ToySiT):
+    """Nonlinear in x, so dopri5's step sizes depend on what its error norm sees."""
+
+    def forward(self, x, t, y):
+        tb, yb = t.view(-1, 1, 1, 1), y.view(-1, 1, 1, 1).to(x.dtype) - 4.5
+        ch = torch.arange(4, dtype=x.dtype).view(1, 4, 1, 1)
+        return torch.tanh(1.5 * x + 0.3 * yb * (1 + ch) * tb) * (1 + 2 * tb) - 0.5 * x
+
+
+@pytest.mark.parametrize("path", PATH_NAMES)
+def test_transport_objective_cfg_dopri5_steps_on_the_doubled_state(path):
+    """SiT's sample.py integrates [z; z] with dopri5: the step-size controller's error norm covers the
+    second half too (channels 0-2 guided as the first, channel 3 the unconditional model's), so the
+    guided sample is that of the doubled solve, not of a solve of the conditional half alone (which takes
+    other steps: ~1e-4 apart at rtol 1e-3 on real models)."""
+    from masked_dit.diffusion.objectives import TransportObjective
+
+    model, cfg = _CurvedToySiT(), 4.0
+    z, y = _draw(12, (3, 4, 2, 2)), torch.tensor([1, 7, 3])
+    got = TransportObjective(path).sample(model, z, y, sampler="ode", steps=5, cfg_scale=cfg)
+
+    def forward_with_cfg(x, t, yy):
+        half = x[: len(x) // 2]
+        out = model(torch.cat([half, half]), t, yy)
+        c, u = out[:, :3].chunk(2)
+        g = u + cfg * (c - u)
+        return torch.cat([torch.cat([g, g]), out[:, 3:]], dim=1)
+
+    yy = torch.cat([y, torch.full_like(y, 10)])
+    ts = torch.linspace(*Transport(path).interval(eval=True), 5, dtype=F64).tolist()
+    drift = lambda s, v: forward_with_cfg(v, torch.full((len(v),), s, dtype=F64), yy)  # noqa: E731
+    doubled = integrate_ode(drift, torch.cat([z, z]), ts, "dopri5", atol=1e-6, rtol=1e-3, backend="native")[-1]
+    assert rel_err(got, doubled[:3]) < 1e-9   # torchdiffeq (if installed) and the native solver agree to ~1e-15
+
+    def cond_half(s, v):
+        return forward_with_cfg(torch.cat([v, v]), torch.full((2 * len(v),), s, dtype=F64), yy)[: len(v)]
+
+    alone = integrate_ode(cond_half, z, ts, "dopri5", atol=1e-6, rtol=1e-3, backend="native")[-1]
+    assert rel_err(alone, doubled[:3]) > 1e-6
