@@ -50,11 +50,12 @@ _IMAGENET_RECIPES = {
         "sample.sampler": "ddpm", "sample.steps": 250, "sample.cfg_scale": 3.8,
     },
     # MaskDiT (Zheng et al.): EDM with 50% of patches removed, MAE loss 0.1, batch 1024, 2M steps,
-    # mixed precision + torch.compile; Heun 40 steps, cfg 1.5 on all channels.
+    # mixed precision + torch.compile, latents without flips (its configs' train.xflip: False; their
+    # data.random_flip is read by no code); Heun 40 steps, cfg 1.5 on all channels.
     "imagenet256-maskdit-xl2": {
         "model.name": "MaskDiT-XL/2", "objective.kind": "edm_maskdit", "objective.mask_ratio": 0.5,
         "objective.mae_loss_coef": 0.1, "train.global_batch": 1024, "train.steps": 2_000_000,
-        "parallel.precision": "bf16", "parallel.compile": True,
+        "parallel.precision": "bf16", "parallel.compile": True, "data.random_flip": False,
         "sample.sampler": "heun", "sample.steps": 40, "sample.cfg_scale": 1.5,
     },
     # MaskDiT's unmasking fine-tune: no masking, no MAE loss, lr 5e-5, from the masked run's model and EMA
@@ -63,7 +64,7 @@ _IMAGENET_RECIPES = {
     "imagenet256-maskdit-xl2-unmask": {
         "model.name": "MaskDiT-XL/2", "objective.kind": "edm_maskdit", "objective.mask_ratio": 0.0,
         "objective.mae_loss_coef": 0.0, "optim.lr": 5e-5, "train.global_batch": 1024, "train.steps": 37_500,
-        "parallel.precision": "bf16", "parallel.compile": True,
+        "parallel.precision": "bf16", "parallel.compile": True, "data.random_flip": False,
         "sample.sampler": "heun", "sample.steps": 40, "sample.cfg_scale": 1.5,
     },
     # MaskDiT's other fine-tune (configs/finetune/imagenet256-latent-cos.yaml, whose "cos4" means cosine4): the
@@ -73,7 +74,7 @@ _IMAGENET_RECIPES = {
         "model.name": "MaskDiT-XL/2", "objective.kind": "edm_maskdit", "objective.mask_ratio": 0.5,
         "objective.mask_ratio_fn": "cosine4", "objective.mask_ratio_min": 0.0, "objective.mae_loss_coef": 0.1,
         "optim.lr": 5e-5, "train.global_batch": 512, "train.steps": 100_000,
-        "parallel.precision": "bf16", "parallel.compile": True,
+        "parallel.precision": "bf16", "parallel.compile": True, "data.random_flip": False,
         "sample.sampler": "heun", "sample.steps": 40, "sample.cfg_scale": 1.5,
     },
 }

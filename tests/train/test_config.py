@@ -25,6 +25,11 @@ def test_paper_recipes():
     repa = get_preset("imagenet256-repa-sit-xl2")
     assert repa.objective.proj_coeff == 0.5 and repa.model.extra["encoder_depth"] == 8
     assert get_preset("imagenet256-dit-xl2").optim.lr == 1e-4
+    # flips: DiT, SiT and MDT flip images (before the VAE); MaskDiT (train.xflip False) and REPA do not
+    flips = {name: get_preset(name).data.random_flip for name in PRESETS if name.startswith("imagenet256")}
+    assert flips == {"imagenet256-dit-xl2": True, "imagenet256-sit-xl2": True, "imagenet256-mdtv2-xl2": True,
+                     "imagenet256-repa-sit-xl2": False, "imagenet256-maskdit-xl2": False,
+                     "imagenet256-maskdit-xl2-unmask": False, "imagenet256-maskdit-xl2-unmask-cos": False}
     assert get_preset().preset == "digits-mdtv2"
 
 
