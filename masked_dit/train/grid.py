@@ -25,7 +25,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     x = x.detach().float().cpu()
     if x.shape[1] > 3:
         x = x[:, :3]
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    # DiT's / SiT's sample_ddp.py byte for byte: clamp(127.5 x + 128, 0, 255), then the cast truncates
+    # (= round half up). Rounding (x + 1) * 127.5 to even differs on ties and, by float rounding, elsewhere.
+    return torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def save_grid(images: torch.Tensor, labels: torch.Tensor, path, per_row: int, cell: int = 48,

@@ -109,3 +109,18 @@ def test_latent_samples_without_a_vae_warn(checkpoint, tmp_path, capsys):
     assert main(_argv(checkpoint, tmp_path / "w.npz", "--num-samples", "1")) == 0
     assert ("masked-dit sample: warning: " + f"{tmp_path}/w.npz holds latent channels 0-2 as images"
             in capsys.readouterr().err)
+
+
+def test_samples_become_uint8_as_dits_sample_ddp():
+    """[-1, 1] -> uint8 exactly as DiT's (and SiT's) sample_ddp.py: clamp(127.5 x + 128, 0, 255) then a
+    truncating cast, i.e. floor(127.5 (x + 1) + 0.5). Rounding (x + 1) * 127.5 to even differed on the
+    exact ties k + 0.5 with k even (a decoder's 1/255 grid) and, by float rounding, on a few random values."""
+    from masked_dit.train.grid import to_uint8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 32, 32, generator=g) * 2.2 - 1.1  # a little out of range too, as VAE decodes are
+    ties = torch.cat([torch.arange(256) / 127.5 - 1, (torch.arange(256) + 0.5) / 127.5 - 1]).view(1, 1, 4, 128)
+    for images in (x, ties.expand(1, 3, 4, 128)):
+        dit = torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+        np.testing.assert_array_equal(to_uint8(images), dit)
+    assert to_uint8(torch.zeros(1, 1, 1, 1)).item() == 128 and to_uint8(torch.full((1, 1, 1, 1), -1.0)).item() == 0
