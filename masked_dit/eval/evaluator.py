@@ -37,7 +37,7 @@ import torch
 from masked_dit.data import folder as image_folder
 from masked_dit.eval.fid import check_finite, feature_statistics, frechet_distance
 from masked_dit.eval.inception import POOL_DIM, SPATIAL_DIM, InceptionOutputs
-from masked_dit.eval.prdc import precision_recall
+from masked_dit.eval.prdc import no_tf32, precision_recall
 
 IMAGE_EXTENSIONS = image_folder.IMAGE_EXTENSIONS  # what the training folders read (pytorch-fid's netpbm formats too)
 IS_SPLIT_SIZE = 5000
@@ -173,15 +173,7 @@ class InceptionActivations:
     logits: np.ndarray   # [N, 1008] float32
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    """Full float32 convolutions/matmuls: TF32 would perturb features at the 1e-3 level."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+_no_tf32 = no_tf32  # full float32 features: TF32 would perturb them at the 1e-3 level
 
 
 @torch.inference_mode()

@@ -3,14 +3,29 @@
 Each set's manifold is the union of balls around its points with radius = distance to the k-th
 nearest neighbour (k = 3, the point itself excluded). Precision: share of samples inside the
 reference manifold; recall: share of references inside the sample manifold. Distances are
-computed in batches on the given device (float32 squared-distance trick, as ADM).
+computed in batches on the given device (float32 squared-distance trick, as ADM), with TF32 off.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
 
 from masked_dit.eval.fid import check_finite
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full float32 CUDA convolutions/matmuls inside, the caller's settings restored after. TF32 (which
+    training scripts switch on: DiT's train.py does) keeps 10 mantissa bits: Inception features move at
+    the 1e-3 level and distances round like ADM's float16 ones, flipping borderline points."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _pairwise_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -49,6 +64,7 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, dev
     gen = torch.as_tensor(np.asarray(samples), dtype=torch.float32, device=device)
     if ref.ndim != 2 or gen.ndim != 2 or ref.shape[1] != gen.shape[1]:
         raise ValueError(f"features must be [N, F] with equal F, got {list(ref.shape)} and {list(gen.shape)}")
-    precision = _coverage(gen, ref, manifold_radii(ref, k, batch_size), batch_size)
-    recall = _coverage(ref, gen, manifold_radii(gen, k, batch_size), batch_size)
+    with no_tf32():
+        precision = _coverage(gen, ref, manifold_radii(ref, k, batch_size), batch_size)
+        recall = _coverage(ref, gen, manifold_radii(gen, k, batch_size), batch_size)
     return precision, recall

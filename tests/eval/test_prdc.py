@@ -78,3 +78,28 @@ def test_non_finite_features_and_bad_options_are_clear_errors():
         precision_recall(x, x, k=0)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         precision_recall(x, x, batch_size=0)
+
+
+def test_distances_are_full_float32_even_when_tf32_is_on(monkeypatch):
+    """A training script's TF32 switch (DiT's train.py turns it on) must not reach the distances: TF32
+    keeps 10 mantissa bits, ADM's float16 level, and flips borderline points. Checked through the flag
+    each distance batch sees (it only acts on CUDA, so this also runs on CPU), restored afterwards."""
+    from masked_dit.eval import prdc
+
+    seen = []
+    real = prdc._pairwise_sq_dists
+
+    def spy(a, b):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real(a, b)
+
+    monkeypatch.setattr(prdc, "_pairwise_sq_dists", spy)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        x = np.random.default_rng(5).standard_normal((12, 4))
+        precision_recall(x, x + 0.1, batch_size=5)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert seen and not any(flag for flags in seen for flag in flags)
