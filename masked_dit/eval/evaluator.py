@@ -173,9 +173,6 @@ class InceptionActivations:
     logits: np.ndarray   # [N, 1008] float32
 
 
-_no_tf32 = no_tf32  # full float32 features: TF32 would perturb them at the 1e-3 level
-
-
 @torch.inference_mode()
 def compute_activations(model: Callable[[torch.Tensor], InceptionOutputs], images: NpzImages | FolderImages,
                         batch_size: int = 64, device: str | torch.device = "cpu",
@@ -187,7 +184,7 @@ def compute_activations(model: Callable[[torch.Tensor], InceptionOutputs], image
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     pool, spatial, logits = [], [], []
-    with (_no_tf32() if device.type == "cuda" else contextlib.nullcontext()):
+    with (no_tf32() if device.type == "cuda" else contextlib.nullcontext()):  # features at full float32
         for batch in tqdm(images.batches(batch_size), total=-(-len(images) // batch_size), desc=desc,
                           disable=not progress):
             x = torch.from_numpy(np.array(batch)).to(device, non_blocking=True).permute(0, 3, 1, 2)

@@ -268,12 +268,12 @@ def test_forward_outputs_match_the_tf_tensors_adm_reads(random_model):
 def test_cuda_features_match_cpu_without_tf32(random_model):
     import copy
 
-    from masked_dit.eval.evaluator import _no_tf32
+    from masked_dit.eval.prdc import no_tf32
 
     x = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
     with torch.inference_mode():
         cpu = random_model(x)
-        with _no_tf32():
+        with no_tf32():
             cuda = copy.deepcopy(random_model).cuda()(x.cuda())
     for name in ("pool", "spatial", "logits"):
         torch.testing.assert_close(getattr(cuda, name).cpu(), getattr(cpu, name), rtol=1e-4, atol=1e-4)
