@@ -10,6 +10,10 @@ gradient g_k and g_0 := g_1 (so the first difference is zero)::
     u    = (m_k / (1 - b1^k) + b2 v_k / (1 - b2^k)) / (sqrt(n_k / (1 - b3^k)) + eps)
     p   <- (p - lr u) / (1 + lr wd)                    (proximal decay; no_prox: p (1 - lr wd) - lr u)
 
+``max_grad_norm`` > 0 clips as the official ``max_grad_norm`` (MDT trains with 1): before the update every
+gradient is scaled in place by ``min(max_grad_norm / (norm + eps), 1)``, ``norm`` the global L2 norm of all
+groups' gradients and ``eps`` the optimizer's (torch's clip_grad_norm_ adds 1e-6, not eps).
+
 betas are the decay rates (0.98, 0.92, 0.99), as the official implementation's arguments. Each
 parameter counts its own k (the official counts one per group: the same wherever every parameter has
 a gradient at every step; a parameter that first gets one later is corrected from its own k = 1 here).
@@ -71,8 +75,10 @@ class Adan(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.98, 0.92, 0.99), eps: float = 1e-8,
-                 weight_decay: float = 0.0, no_prox: bool = False, foreach: bool = True,
+                 weight_decay: float = 0.0, max_grad_norm: float = 0.0, no_prox: bool = False, foreach: bool = True,
                  fused: bool | None = None):
+        if not (math.isfinite(max_grad_norm) and max_grad_norm >= 0):
+            raise ValueError(f"Adan: max_grad_norm must be a finite number >= 0 (0: no clipping; got {max_grad_norm})")
         if lr < 0:
             raise ValueError(f"Adan: lr must be >= 0 (got {lr})")
         if len(betas) != 3 or not all(0.0 <= b < 1.0 for b in betas):
@@ -82,8 +88,9 @@ class Adan(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, no_prox=no_prox,
                         foreach=foreach)
         super().__init__(params, defaults)
-        # Not a group default: a group key would change the state dict (and be missing from old ones).
+        # Not group defaults: a group key would change the state dict (and be missing from old ones).
         self.fused = fused
+        self.max_grad_norm = float(max_grad_norm)
         if fused:  # fail at construction where the parameters alone rule it out (grads are checked per step)
             for i, p in enumerate(q for g in self.param_groups for q in g["params"]):
                 why = _fused_unsupported([_local(p)], strict=True)
@@ -91,10 +98,27 @@ class Adan(torch.optim.Optimizer):
                     raise RuntimeError(f"Adan(fused=True): parameter {i}: {why}")
 
     def __getstate__(self):  # Optimizer's pickles only defaults, state and param_groups: keep fused (copy, pickle)
-        return {**super().__getstate__(), "fused": self.fused}
+        return {**super().__getstate__(), "fused": self.fused, "max_grad_norm": self.max_grad_norm}
 
-    def __setstate__(self, state):
-        super().__setstate__({"fused": None, **state})  # a pickle from before fused existed: the default
+    def __setstate__(self, state):  # a pickle from before fused / max_grad_norm existed: the defaults
+        super().__setstate__({"fused": None, "max_grad_norm": 0.0, **state})
+
+    @torch.no_grad()
+    def _clip_grads(self) -> None:
+        """The official Adan's max_grad_norm: all gradients scaled by min(max / (norm + eps), 1), the
+        global norm over every group and the last group's eps (as its step); no host sync."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+        if get_total_norm is not None:  # FSDP2 DTensor shards: a DTensor, made whole below
+            norm = get_total_norm(grads, 2.0, False, None)
+        else:  # torch < 2.6
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        coef = torch.clamp(self.max_grad_norm / (norm + self.param_groups[-1]["eps"]), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -102,6 +126,8 @@ class Adan(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.max_grad_norm > 0:  # before the state is made: the first pre_grad is the clipped gradient
+            self._clip_grads()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -195,9 +221,18 @@ def build_optimizer(params, optim_cfg, fused: bool = False) -> torch.optim.Optim
             kw["fused"] = True
         return torch.optim.AdamW(params, **kw)
     if optim_cfg.name == "adan":
+        # Adan clips inside its step (``max_grad_norm``, as MDT's Adan(max_grad_norm=1)): see trainer_clip
         return Adan(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                    weight_decay=optim_cfg.weight_decay, fused=None if fused else False)
+                    weight_decay=optim_cfg.weight_decay, max_grad_norm=optim_cfg.grad_clip,
+                    fused=None if fused else False)
     raise ValueError(f"unknown optimizer {optim_cfg.name!r}; valid: adamw, adan")
+
+
+def trainer_clip(optim_cfg) -> float:
+    """The max gradient norm the training loop clips to before ``optimizer.step()``: ``grad_clip`` for
+    AdamW (torch's clip_grad_norm_, as DiT's / REPA's loops), 0 for Adan, which clips inside its step
+    with its own rule (``build_optimizer`` gives it ``grad_clip`` as ``max_grad_norm``)."""
+    return 0.0 if optim_cfg.name == "adan" else optim_cfg.grad_clip
 
 
 def lr_at(step: int, optim_cfg) -> float:

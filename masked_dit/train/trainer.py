@@ -34,7 +34,7 @@ from masked_dit.train.dist import World, init_world, shutdown
 from masked_dit.train.ema import EMA
 from masked_dit.train.grid import fixed_noise, grid_labels, save_grid
 from masked_dit.train.metrics import MetricsLog, format_record, peak_flops, training_flops_per_image
-from masked_dit.train.optim import build_optimizer, lr_at, use_fused
+from masked_dit.train.optim import build_optimizer, lr_at, trainer_clip, use_fused
 from masked_dit.train.parallel import parallelize, set_gradient_sync
 from masked_dit.train.signals import Preempted, StopRequest
 
@@ -216,7 +216,8 @@ class Trainer:
             for k, v in terms.items():
                 term = v.detach().float() / self.accum
                 sums[k] = sums[k] + term if k in sums else term
-        sums["grad_norm"] = grad_norm_and_clip(list(self.module.parameters()), cfg.optim.grad_clip)
+        # the norm before clipping; Adan clips in optimizer.step (trainer_clip)
+        sums["grad_norm"] = grad_norm_and_clip(list(self.module.parameters()), trainer_clip(cfg.optim))
         # The one host sync of the step: the skip decision below needs the values.
         values = torch.stack([v.to(w.device).reshape(()) for v in sums.values()]).tolist()
         totals = dict(zip(sums, values))

@@ -80,6 +80,34 @@ def test_a_parameter_joining_later_is_corrected_from_its_own_first_step(fused):
     assert [int(opt.state[p]["step"]) for p in (early, late)] == [5, 3]
 
 
+def test_max_grad_norm_clips_as_the_official_adan():
+    """sail-sg/Adan's max_grad_norm (MDT trains with 1) scales every gradient by min(max / (norm + eps), 1)
+    before the update: the norm over all groups, eps the optimizer's (not clip_grad_norm_'s 1e-6), and the
+    first step's previous gradient is the clipped one. Adan had no max_grad_norm (the trainer clipped with
+    clip_grad_norm_'s rule)."""
+    torch.manual_seed(0)
+    a0, b0 = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    grads = [(s * torch.randn(5, 3, dtype=torch.float64), s * torch.randn(4, dtype=torch.float64))
+             for s in (3.0, 0.05, 2.0, 5.0)]  # the second is under the max norm: left as it is
+    lr, eps, max_norm = 0.01, 1e-2, 1.0  # a large eps: clip_grad_norm_'s rule is 1% off
+    clipped = []
+    for ga, gb in grads:
+        coef = min(max_norm / (torch.cat([ga.flatten(), gb.flatten()]).norm().item() + eps), 1.0)
+        clipped.append((ga * coef, gb * coef))
+    ref_a = reference_adan(a0, [g[0] for g in clipped], lr, (0.98, 0.92, 0.99), eps, 0.0, False)
+    ref_b = reference_adan(b0, [g[1] for g in clipped], lr, (0.98, 0.92, 0.99), eps, 0.0, False)
+    pa, pb = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    opt = Adan([{"params": [pa]}, {"params": [pb]}], lr=lr, eps=eps, max_grad_norm=max_norm)
+    for k, (ga, gb) in enumerate(grads):
+        pa.grad, pb.grad = ga.clone(), gb.clone()
+        opt.step()
+        torch.testing.assert_close(pa.detach(), ref_a[k], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(pb.detach(), ref_b[k], rtol=1e-12, atol=1e-12)
+    assert copy.deepcopy(opt).max_grad_norm == max_norm
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        Adan([pa], max_grad_norm=-1.0)
+
+
 def test_adan_first_step_is_normalised_gradient():
     # Step 1: diff = 0, so u = g / (|g| + eps): every coordinate moves by ~lr.
     p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))

@@ -217,3 +217,32 @@ def test_maskdit_mask_ratio_schedule_runs_by_step_and_counts_its_flops(tmp_path)
     assert [r["mask_ratio"] for r in records] == pytest.approx(ratios, rel=1e-6)
     assert flops == [training_flops_per_image(trainer.module, cfg.objective, mask_ratio=r) for r in ratios]
     assert flops[0] < flops[-1]  # more kept patches late in the schedule
+
+
+def test_adan_runs_clip_inside_adan_with_its_eps(tmp_path):
+    """MDT's loop leaves clipping to Adan(max_grad_norm=1): gradients times min(max / (norm + eps), 1) with
+    Adan's eps. The trainer clipped with clip_grad_norm_ (norm + 1e-6) before the step instead. One step
+    equals objective -> backward -> that clip -> an unclipped Adan step."""
+    import copy
+
+    from masked_dit.train.optim import Adan
+
+    tr = Trainer(tiny_config("digits-mdtv2", tmp_path, **{"optim.grad_clip": 0.01, "optim.eps": 0.05}))
+    batch = next(tr.stream)
+    tr.stream = iter([{k: v.clone() for k, v in batch.items()}])
+    ref = copy.deepcopy(tr.module)
+    oc = tr.cfg.optim
+    opt = Adan(ref.parameters(), lr=oc.lr, betas=oc.betas, eps=oc.eps, fused=False)
+    torch.manual_seed(5)
+    totals = tr.train_step()
+    torch.manual_seed(5)
+    tr.objective(ref, batch)["loss"].backward()
+    grads = [p.grad for p in ref.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert totals["grad_norm"] == pytest.approx(norm.item(), rel=1e-5)  # logged before clipping
+    assert norm > 10 * oc.grad_clip  # every step clips
+    for g in grads:
+        g.mul_(min(oc.grad_clip / (norm.item() + oc.eps), 1.0))
+    opt.step()
+    for (n, p), q in zip(tr.module.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
