@@ -146,7 +146,7 @@ class MDTv2Objective(ADMObjective):
         m = unwrap(model)
         given_noise = noise  # a given noise (a reference replay) is used by both passes
         t, noise = self._draw(x, t, noise)
-        weight = min_snr_weight(self.diffusion.snr(t, torch.float32), self.min_snr_gamma, "eps")
+        weight = min_snr_weight(self.diffusion.min_snr_snr(t), self.min_snr_gamma, "eps")
         full = self.diffusion.training_losses(model, x, t, noise=noise, model_kwargs={"y": y}, weighting=weight)
         ids_restore = None
         if ids_keep is None:
