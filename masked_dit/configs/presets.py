@@ -34,28 +34,34 @@ _IMAGENET_RECIPES = {
     # REPA (Yu et al.): SiT-XL/2 + DINOv2-B alignment after block 8, lambda 0.5, grad clip 1,
     # sd-vae-ft-mse latents without flips, 4M steps; SDE 250 steps, cfg 1.8 in t <= 0.7.
     # DINOv2 features come with the batch (``zs``): an online encoder is not built in yet.
+    # REPA trains under accelerate's fp16 autocast (--mixed-precision fp16, its README and default) with TF32:
+    # bf16 autocast here (no loss scaler needed; the projection loss is normalised in fp32, REPA #46).
     "imagenet256-repa-sit-xl2": {
         "model.name": "REPA-SiT-XL/2", "model.extra": {"encoder_depth": 8}, "objective.kind": "repa",
         "objective.proj_coeff": 0.5, "objective.encoder": "none", "optim.grad_clip": 1.0,
-        "data.random_flip": False, "train.steps": 4_000_000,
+        "data.random_flip": False, "train.steps": 4_000_000, "parallel.precision": "bf16",
         "sample.sampler": "sde", "sample.steps": 250, "sample.cfg_scale": 1.8, "sample.guidance_high": 0.7,
     },
     # MDTv2 (Gao et al.): masked latent modelling, two passes per step, Min-SNR-5 weights,
-    # Adan lr 3e-4 betas (0.98, 0.92, 0.99), grad clip 1, fp32; cfg 3.8 with power-cosine(4).
+    # Adan lr 3e-4 betas (0.98, 0.92, 0.99), grad clip 1 (inside Adan), fp32 without TF32 matmuls (MDT's
+    # train_util sets no TF32 flag); cfg 3.8 with power-cosine(4).
     "imagenet256-mdtv2-xl2": {
         "model.name": "MDTv2-XL/2", "model.extra": {"decode_layer": 4}, "objective.kind": "mdtv2",
         "objective.mask_ratio": 0.3, "objective.mask_ratio_jitter": 0.2, "objective.min_snr_gamma": 5.0,
         "optim.name": "adan", "optim.lr": 3e-4, "optim.betas": (0.98, 0.92, 0.99), "optim.eps": 1e-8,
-        "optim.grad_clip": 1.0, "train.steps": 4_600_000,
+        "optim.grad_clip": 1.0, "train.steps": 4_600_000, "parallel.tf32": False,
         "sample.sampler": "ddpm", "sample.steps": 250, "sample.cfg_scale": 3.8,
     },
     # MaskDiT (Zheng et al.): EDM with 50% of patches removed, MAE loss 0.1, batch 1024, 2M steps,
-    # mixed precision + torch.compile, latents without flips (its configs' train.xflip: False; their
-    # data.random_flip is read by no code); Heun 40 steps, cfg 1.5 on all channels.
+    # mixed precision (its fp16 autocast as bf16) + torch.compile; Heun 40 steps, cfg 1.5 on all channels.
+    # No flips: every MaskDiT config has train.xflip False (its dataset then skips the flipped latents).
+    # Its lr ramp, lr * min(step * batch / max(lr_rampup_kimg * 1000, 1e-8), 1) with lr_rampup_kimg 0,
+    # gives a fresh run's first step lr 0 (AdamW's moments take that gradient, the weights stay): not
+    # reproduced, the lr is constant from the first step.
     "imagenet256-maskdit-xl2": {
         "model.name": "MaskDiT-XL/2", "objective.kind": "edm_maskdit", "objective.mask_ratio": 0.5,
         "objective.mae_loss_coef": 0.1, "train.global_batch": 1024, "train.steps": 2_000_000,
-        "parallel.precision": "bf16", "parallel.compile": True, "data.random_flip": False,
+        "data.random_flip": False, "parallel.precision": "bf16", "parallel.compile": True,
         "sample.sampler": "heun", "sample.steps": 40, "sample.cfg_scale": 1.5,
     },
     # MaskDiT's unmasking fine-tune: no masking, no MAE loss, lr 5e-5, from the masked run's model and EMA
@@ -64,7 +70,7 @@ _IMAGENET_RECIPES = {
     "imagenet256-maskdit-xl2-unmask": {
         "model.name": "MaskDiT-XL/2", "objective.kind": "edm_maskdit", "objective.mask_ratio": 0.0,
         "objective.mae_loss_coef": 0.0, "optim.lr": 5e-5, "train.global_batch": 1024, "train.steps": 37_500,
-        "parallel.precision": "bf16", "parallel.compile": True, "data.random_flip": False,
+        "data.random_flip": False, "parallel.precision": "bf16", "parallel.compile": True,
         "sample.sampler": "heun", "sample.steps": 40, "sample.cfg_scale": 1.5,
     },
     # MaskDiT's other fine-tune (configs/finetune/imagenet256-latent-cos.yaml, whose "cos4" means cosine4): the
@@ -74,7 +80,7 @@ _IMAGENET_RECIPES = {
         "model.name": "MaskDiT-XL/2", "objective.kind": "edm_maskdit", "objective.mask_ratio": 0.5,
         "objective.mask_ratio_fn": "cosine4", "objective.mask_ratio_min": 0.0, "objective.mae_loss_coef": 0.1,
         "optim.lr": 5e-5, "train.global_batch": 512, "train.steps": 100_000,
-        "parallel.precision": "bf16", "parallel.compile": True, "data.random_flip": False,
+        "data.random_flip": False, "parallel.precision": "bf16", "parallel.compile": True,
         "sample.sampler": "heun", "sample.steps": 40, "sample.cfg_scale": 1.5,
     },
 }

@@ -33,6 +33,19 @@ def test_paper_recipes():
     assert get_preset().preset == "digits-mdtv2"
 
 
+def test_paper_recipes_precision_and_flips():
+    """As each official loop: REPA under mixed precision (accelerate fp16 -> bf16 here), MDT in fp32 without
+    TF32 matmuls (its train_util sets no flag), DiT / SiT fp32 with TF32 (flips: test_paper_recipes)."""
+    repa = get_preset("imagenet256-repa-sit-xl2")
+    assert (repa.parallel.precision, repa.parallel.tf32, repa.data.random_flip) == ("bf16", True, False)
+    mdt = get_preset("imagenet256-mdtv2-xl2")
+    assert (mdt.parallel.precision, mdt.parallel.tf32, mdt.data.random_flip) == ("fp32", False, True)
+    for name in ("imagenet256-dit-xl2", "imagenet256-sit-xl2"):
+        cfg = get_preset(name)
+        assert (cfg.parallel.precision, cfg.parallel.tf32, cfg.data.random_flip, cfg.optim.grad_clip) == \
+            ("fp32", True, True, 0.0), name
+
+
 def test_overrides_types_and_roundtrip(tmp_path):
     cfg = apply_overrides(get_preset("digits-dit"), ["--optim.lr=3e-4", "--train.steps=1_000", "--parallel.compile=true",
                                                      "--model.extra={\"mlp_ratio\": 2.0}", "--run.resume=none",
