@@ -100,8 +100,13 @@ class Adan(torch.optim.Optimizer):
     def __getstate__(self):  # Optimizer's pickles only defaults, state and param_groups: keep fused (copy, pickle)
         return {**super().__getstate__(), "fused": self.fused, "max_grad_norm": self.max_grad_norm}
 
-    def __setstate__(self, state):  # a pickle from before fused / max_grad_norm existed: the defaults
-        super().__setstate__({"fused": None, "max_grad_norm": 0.0, **state})
+    def __setstate__(self, state):
+        # Optimizer.load_state_dict calls this with state and param_groups only: this instance's settings
+        # stay (they were reset to the defaults: a resumed run lost its clipping, fused=False became auto);
+        # a pickle from before fused / max_grad_norm existed gets the defaults.
+        super().__setstate__(state)
+        self.__dict__.setdefault("fused", None)
+        self.__dict__.setdefault("max_grad_norm", 0.0)
 
     @torch.no_grad()
     def _clip_grads(self) -> None:

@@ -108,6 +108,22 @@ def test_max_grad_norm_clips_as_the_official_adan():
         Adan([pa], max_grad_norm=-1.0)
 
 
+def test_load_state_dict_keeps_max_grad_norm_and_fused():
+    """Optimizer.load_state_dict goes through __setstate__ with state and param_groups only, which reset
+    the settings kept outside the groups: a resumed run stopped clipping and fused=False became auto."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = Adan([p], lr=0.01, max_grad_norm=1.0, fused=False)
+    p.grad = torch.randn(3)
+    opt.step()
+    resumed = Adan([torch.nn.Parameter(p.detach().clone())], lr=0.01, max_grad_norm=1.0, fused=False)
+    resumed.load_state_dict(opt.state_dict())
+    assert (resumed.max_grad_norm, resumed.fused) == (1.0, False)
+    old = {k: v for k, v in opt.__getstate__().items() if k not in ("fused", "max_grad_norm")}
+    fresh = Adan.__new__(Adan)  # a pickle from before the two existed: their defaults
+    fresh.__setstate__(old)
+    assert (fresh.max_grad_norm, fresh.fused) == (0.0, None)
+
+
 def test_adan_first_step_is_normalised_gradient():
     # Step 1: diff = 0, so u = g / (|g| + eps): every coordinate moves by ~lr.
     p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
