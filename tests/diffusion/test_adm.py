@@ -331,7 +331,7 @@ def test_ddim_coefficients_are_float32_arithmetic_as_adm(respacing, eta):
     noise = [torch.randn(2, 3, 4, 4, generator=g, dtype=F64) for _ in range(len(keep))]
     model = lambda x, t: torch.tanh(0.7 * x + t.to(x.dtype).view(-1, 1, 1, 1) / 1000)  # noqa: E731
     got = d.ddim_sample_loop(model, xT.shape, noise=xT, step_noise=noise, clip_denoised=True, eta=eta)
-    want, want64, x, x64 = None, None, xT, xT
+    x, x64 = xT, xT
     for n, i in enumerate(range(len(keep) - 1, -1, -1)):
         ab, abp = ac32[i], acp32[i]
         r, rm1 = torch.sqrt(1 / ac64[i]).float().double(), torch.sqrt(1 / ac64[i] - 1).float().double()
