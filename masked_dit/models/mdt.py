@@ -52,7 +52,7 @@ class _MDTBase(nn.Module):
         if mask_ratio is not None and not 0.0 <= float(mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must be None or in [0, 1), got {mask_ratio}")
         self.learn_sigma = learn_sigma
-        self.in_channels = in_channels
+        self.input_size, self.in_channels = input_size, in_channels  # as DiT's (sampling reads input_size)
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.patch_size = patch_size
         self.num_heads = num_heads

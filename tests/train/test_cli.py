@@ -68,6 +68,24 @@ def test_sample_official_checkpoint(tmp_path):
     assert rc == 0 and (tmp_path / "o.png").exists()
 
 
+
+def test_sample_official_mdt_checkpoint_at_its_own_input_size(tmp_path):
+    """An official MDT checkpoint at another size than the preset's 32x32 latents samples at its own
+    size (read off pos_embed); the CLI used to take the preset's 32, and the model refused the noise."""
+    import torch
+
+    from masked_dit.models import build_model
+    for name in ("MDTv2-S/2", "MDTv1-S/2"):
+        kw = {"depth": 4, "hidden_size": 32, "num_heads": 2, "num_classes": 10, "decode_layer": 2}
+        torch.manual_seed(0)
+        model = build_model(name, input_size=8, **kw)
+        assert model.input_size == 8
+        torch.save(model.state_dict(), tmp_path / "mdt.pt")
+        out = tmp_path / f"{name[:5]}.npz"
+        rc = main(["sample", str(tmp_path / "mdt.pt"), "--model", name, "--model-kwargs", json.dumps(kw),
+                   "--out", str(out), "--num-samples", "2", "--steps", "2", "--cfg-scale", "2", "--device", "cpu"])
+        assert rc == 0 and np.load(out)["arr_0"].shape == (2, 8, 8, 3), name
+
 def test_sample_an_unfinished_run_and_a_checkpoint(tmp_path):
     """Before the export exists, `sample <run>` takes the newest checkpoint's EMA weights (FID during
     training); a checkpoint folder works too; both equal sampling a model holding those weights."""
