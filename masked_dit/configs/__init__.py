@@ -99,7 +99,7 @@ class OptimConfig:
     betas: tuple = (0.9, 0.999)          # adan: three betas
     eps: float = 1e-8
     weight_decay: float = 0.0
-    grad_clip: float = 0.0               # max grad norm; 0 disables clipping (Adan: inside its step, as sail-sg/Adan)
+    grad_clip: float = 0.0               # max grad norm; 0 disables clipping (Adan: with its eps, as sail-sg/Adan)
     warmup_steps: int = 0
     ema_decay: float = 0.9999
 

@@ -35,6 +35,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def total_grad_norm(grads: list) -> torch.Tensor:
+    """Global L2 norm of ``grads`` (all ranks' shards under FSDP2): a 0-dim tensor on the device, no
+    host sync."""
+    norm = torch.nn.utils.get_total_norm(grads, 2.0, False, None)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def clip_grads_(grads: list, max_norm: float, norm: torch.Tensor, eps: float) -> None:
+    """Scales ``grads`` in place by min(max_norm / (norm + eps), 1): torch's clip_grad_norm_ with eps
+    1e-6, the official Adan's max_grad_norm with the optimizer's eps."""
+    coef = torch.clamp(max_norm / (norm + eps), max=1.0)
+    torch._foreach_mul_(grads, coef.to(grads[0].device))
+
+
 # -----------------------------------------------------------------------------
 # fused (Triton) step: where it can run
 
@@ -110,20 +124,10 @@ class Adan(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _clip_grads(self) -> None:
-        """The official Adan's max_grad_norm: all gradients scaled by min(max / (norm + eps), 1), the
-        global norm over every group and the last group's eps (as its step); no host sync."""
+        """The official Adan's max_grad_norm over every group, with the last group's eps (as its step)."""
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return
-        get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-        if get_total_norm is not None:  # FSDP2 DTensor shards: a DTensor, made whole below
-            norm = get_total_norm(grads, 2.0, False, None)
-        else:  # torch < 2.6
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        coef = torch.clamp(self.max_grad_norm / (norm + self.param_groups[-1]["eps"]), max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].device))
+        if grads:
+            clip_grads_(grads, self.max_grad_norm, total_grad_norm(grads), self.param_groups[-1]["eps"])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -226,18 +230,18 @@ def build_optimizer(params, optim_cfg, fused: bool = False) -> torch.optim.Optim
             kw["fused"] = True
         return torch.optim.AdamW(params, **kw)
     if optim_cfg.name == "adan":
-        # Adan clips inside its step (``max_grad_norm``, as MDT's Adan(max_grad_norm=1)): see trainer_clip
+        # grad_clip is applied by the training loop, with Adan's rule (clip_eps): the norm it needs anyway
+        # for its log and non-finite check is then taken once
         return Adan(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                    weight_decay=optim_cfg.weight_decay, max_grad_norm=optim_cfg.grad_clip,
-                    fused=None if fused else False)
+                    weight_decay=optim_cfg.weight_decay, fused=None if fused else False)
     raise ValueError(f"unknown optimizer {optim_cfg.name!r}; valid: adamw, adan")
 
 
-def trainer_clip(optim_cfg) -> float:
-    """The max gradient norm the training loop clips to before ``optimizer.step()``: ``grad_clip`` for
-    AdamW (torch's clip_grad_norm_, as DiT's / REPA's loops), 0 for Adan, which clips inside its step
-    with its own rule (``build_optimizer`` gives it ``grad_clip`` as ``max_grad_norm``)."""
-    return 0.0 if optim_cfg.name == "adan" else optim_cfg.grad_clip
+def clip_eps(optim_cfg) -> float:
+    """The eps of the training loop's gradient clip, min(max / (norm + eps), 1): Adan's own eps, as the
+    official Adan's max_grad_norm (MDT's loop leaves clipping to it); torch's clip_grad_norm_'s 1e-6 for
+    AdamW (DiT's / REPA's loops)."""
+    return optim_cfg.eps if optim_cfg.name == "adan" else 1e-6
 
 
 def lr_at(step: int, optim_cfg) -> float:

@@ -34,7 +34,7 @@ from masked_dit.train.dist import World, init_world, shutdown
 from masked_dit.train.ema import EMA
 from masked_dit.train.grid import fixed_noise, grid_labels, save_grid
 from masked_dit.train.metrics import MetricsLog, format_record, peak_flops, training_flops_per_image
-from masked_dit.train.optim import build_optimizer, lr_at, trainer_clip, use_fused
+from masked_dit.train.optim import build_optimizer, clip_eps, clip_grads_, lr_at, total_grad_norm, use_fused
 from masked_dit.train.parallel import parallelize, set_gradient_sync
 from masked_dit.train.signals import Preempted, StopRequest
 
@@ -69,20 +69,15 @@ def _to_device(batch: dict, device) -> dict:
     return out
 
 
-def grad_norm_and_clip(params, max_norm: float) -> torch.Tensor:
+def grad_norm_and_clip(params, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
     """Total gradient norm (all ranks' shards under FSDP2), a 0-dim tensor left on the device (no
-    host sync); clips in place when max_norm > 0."""
+    host sync); when max_norm > 0 clips in place by min(max_norm / (norm + eps), 1) (``clip_eps``)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if get_total_norm is None:  # torch < 2.6 style: clip_grad_norm_ computes and clips
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    total = get_total_norm(grads, 2.0, False, None)
-    if hasattr(total, "full_tensor"):
-        total = total.full_tensor()
+    total = total_grad_norm(grads)
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, None)
+        clip_grads_(grads, max_norm, total, eps)
     return total
 
 
@@ -216,8 +211,9 @@ class Trainer:
             for k, v in terms.items():
                 term = v.detach().float() / self.accum
                 sums[k] = sums[k] + term if k in sums else term
-        # the norm before clipping; Adan clips in optimizer.step (trainer_clip)
-        sums["grad_norm"] = grad_norm_and_clip(list(self.module.parameters()), trainer_clip(cfg.optim))
+        # the norm before clipping, clipped by the optimizer's rule (clip_eps)
+        sums["grad_norm"] = grad_norm_and_clip(list(self.module.parameters()), cfg.optim.grad_clip,
+                                               clip_eps(cfg.optim))
         # The one host sync of the step: the skip decision below needs the values.
         values = torch.stack([v.to(w.device).reshape(()) for v in sums.values()]).tolist()
         totals = dict(zip(sums, values))

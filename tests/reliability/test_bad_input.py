@@ -191,9 +191,10 @@ CASES = [
     ("cli-maskdit-option-on-dit", lambda w, m: _train(w, "--sample.S_churn=40"),
      "masked-dit train: error: --sample.S_churn=40.0 is a MaskDiT sampler option: it applies to "
      "--objective.kind=edm_maskdit only (got adm)"),
-    # ADM's DDIM eta: read by the ddim sampler only, NaN past 1, refused on the other families
+    # was an overflow inside torch.manual_seed; batch generators pack (seed, batch) into 64 bits
     ("cli-seed-beyond-32-bits", lambda w, m: _train(w, "--run.seed=4294967296"),
      "masked-dit train: error: --run.seed must be in [0, 2**32) (got 4294967296)"),
+    # ADM's DDIM eta: read by the ddim sampler only, NaN past 1, refused on the other families
     ("cli-ddim-eta-with-ddpm", lambda w, m: _train(w, "--sample.eta=0.5"),
      "masked-dit train: error: --sample.eta=0.5 is read by the ddim sampler only (this run samples with ddpm)"),
     ("cli-ddim-eta-above-one", lambda w, m: _train(w, "--sample.sampler=ddim", "--sample.eta=1.2"),

@@ -219,10 +219,10 @@ def test_maskdit_mask_ratio_schedule_runs_by_step_and_counts_its_flops(tmp_path)
     assert flops[0] < flops[-1]  # more kept patches late in the schedule
 
 
-def test_adan_runs_clip_inside_adan_with_its_eps(tmp_path):
+def test_adan_runs_clip_with_adans_eps(tmp_path):
     """MDT's loop leaves clipping to Adan(max_grad_norm=1): gradients times min(max / (norm + eps), 1) with
-    Adan's eps. The trainer clipped with clip_grad_norm_ (norm + 1e-6) before the step instead. One step
-    equals objective -> backward -> that clip -> an unclipped Adan step."""
+    Adan's eps. The trainer clipped with clip_grad_norm_'s norm + 1e-6 instead. One step equals
+    objective -> backward -> that clip -> an unclipped Adan step."""
     import copy
 
     from masked_dit.train.optim import Adan
