@@ -43,7 +43,7 @@ _IMAGENET_RECIPES = {
         "sample.sampler": "sde", "sample.steps": 250, "sample.cfg_scale": 1.8, "sample.guidance_high": 0.7,
     },
     # MDTv2 (Gao et al.): masked latent modelling, two passes per step, Min-SNR-5 weights,
-    # Adan lr 3e-4 betas (0.98, 0.92, 0.99), grad clip 1 (inside Adan), fp32 without TF32 matmuls (MDT's
+    # Adan lr 3e-4 betas (0.98, 0.92, 0.99), grad clip 1 (by Adan's rule), fp32 without TF32 matmuls (MDT's
     # train_util sets no TF32 flag); cfg 3.8 with power-cosine(4).
     "imagenet256-mdtv2-xl2": {
         "model.name": "MDTv2-XL/2", "model.extra": {"decode_layer": 4}, "objective.kind": "mdtv2",

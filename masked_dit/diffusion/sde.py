@@ -24,7 +24,7 @@ import torch
 from masked_dit import rng
 
 from .ode import batch_time, progress_bar, time_grid
-from .transport import DIFFUSION_FORMS, ModelFn, Transport
+from .transport import ModelFn, Transport, diffusion_form_name
 
 SDE_METHODS = ("Euler", "Heun")
 LAST_STEPS = ("Mean", "Tweedie", "Euler", None)
@@ -47,10 +47,7 @@ def sde_interval(transport: Transport, method: str, diffusion_form: str, last_st
     a trainer or CLI can check before the first sample)."""
     if method not in SDE_METHODS:
         raise ValueError(f"unknown SDE method {method!r}; expected one of {SDE_METHODS}")
-    # SiT's compute_diffusion table spells this key "inccreasing-decreasing" (the only spelling it runs,
-    # and the one code ported from it passes); the paths accept both.
-    if diffusion_form not in DIFFUSION_FORMS and diffusion_form != "inccreasing-decreasing":
-        raise ValueError(f"unknown diffusion_form {diffusion_form!r}; expected one of {DIFFUSION_FORMS}")
+    diffusion_form_name(diffusion_form)  # one-line error for an unknown form (SiT's spelling accepted)
     if last_step not in LAST_STEPS:
         raise ValueError(f"unknown last_step {last_step!r}; expected one of {LAST_STEPS}")
     if last_step is None:

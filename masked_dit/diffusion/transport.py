@@ -27,6 +27,17 @@ PATHS = ("Linear", "GVP", "VP")
 PREDICTIONS = ("velocity", "score", "noise")
 LOSS_WEIGHTS = (None, "velocity", "likelihood")
 DIFFUSION_FORMS = ("constant", "SBDM", "sigma", "linear", "decreasing", "increasing-decreasing")
+# SiT's compute_diffusion table spells "increasing-decreasing" "inccreasing-decreasing", the only spelling
+# its code runs (so code ported from it passes that one): the same form here.
+_SIT_SPELLINGS = {"inccreasing-decreasing": "increasing-decreasing"}
+
+
+def diffusion_form_name(form: str) -> str:
+    """The form of ``DIFFUSION_FORMS`` that ``form`` names (SiT's spelling included); one-line ValueError else."""
+    name = _SIT_SPELLINGS.get(form, form)
+    if name not in DIFFUSION_FORMS:
+        raise ValueError(f"unknown diffusion_form {form!r}; expected one of {DIFFUSION_FORMS}")
+    return name
 # Where the SBDM SDE of a Linear/GVP velocity model starts: SiT's sample_eps for the models that are
 # singular at t = 0 (its own start, sample_eps = 0, makes D(0) = score_coeff(0) infinite).
 SBDM_VELOCITY_T0 = 1e-3
@@ -74,11 +85,9 @@ class LinearPath:
         return ratio * x, ratio * sigma_t ** 2 - sigma_t * d_sigma_t
 
     def diffusion(self, x: torch.Tensor, t: torch.Tensor, form: str = "sigma", norm: float = 1.0):
-        """SDE diffusion coefficient D(t) (the SDE noise is sqrt(2 D) dW, its drift v + D * score).
-
-        "increasing-decreasing" is the form SiT lists but cannot run (its table spells the key
-        "inccreasing-decreasing"); both spellings are accepted here.
-        """
+        """SDE diffusion coefficient D(t) (the SDE noise is sqrt(2 D) dW, its drift v + D * score);
+        ``form`` as ``diffusion_form_name`` reads it."""
+        form = diffusion_form_name(form)
         t = expand_t_like_x(t, x)
         if form == "constant":
             return torch.full_like(t, float(norm))
@@ -90,9 +99,7 @@ class LinearPath:
             return norm * (1 - t)
         if form == "decreasing":
             return 0.25 * (norm * torch.cos(math.pi * t) + 1) ** 2
-        if form in ("increasing-decreasing", "inccreasing-decreasing"):
-            return norm * torch.sin(math.pi * t) ** 2
-        raise ValueError(f"unknown diffusion_form {form!r}; expected one of {DIFFUSION_FORMS}")
+        return norm * torch.sin(math.pi * t) ** 2  # increasing-decreasing
 
     # --- interpolation ------------------------------------------------------------
     def plan(self, t: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor):
