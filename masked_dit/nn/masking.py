@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from masked_dit import ops, rng
+from masked_dit.ops.tokens import check_cu_seqlens_values
 
 
 class PackedMask(NamedTuple):
@@ -218,11 +219,7 @@ class KeptTokens:
         if ids_keep.dim() != 1:
             raise ValueError(f"packed ids_keep must be 1-D [T], got {list(ids_keep.shape)}")
         if _can_check_values(cu_seqlens):
-            lengths = cu_seqlens.diff()
-            if cu_seqlens[0] != 0 or cu_seqlens[-1] != ids_keep.shape[0] or (lengths < 0).any() \
-                    or (lengths > num_tokens).any():
-                raise ValueError(f"cu_seqlens must rise from 0 to T={ids_keep.shape[0]} by at most num_tokens="
-                                 f"{num_tokens} per sample, got {cu_seqlens.tolist()}")
+            check_cu_seqlens_values(cu_seqlens, ids_keep.shape[0], max_len=num_tokens)
         if segment_ids is None:
             segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, ids_keep.shape[0])
         elif segment_ids.shape != ids_keep.shape:

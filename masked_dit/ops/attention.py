@@ -44,6 +44,7 @@ from torch import Tensor
 
 from masked_dit.ops import attention_flex, dispatch
 from masked_dit.ops.attention_math import attention_math
+from masked_dit.ops.tokens import check_cu_seqlens_values
 
 # ----------------------------------------------------------------------------------------
 # Optional libraries (feature flags fixed at import: selection must stay trace-friendly)
@@ -303,9 +304,7 @@ def _check_bias(q, packed, rel_pos_bias, positions) -> None:
 def _check_values(q, cu_seqlens, max_seqlen, rel_pos_bias, positions) -> None:
     """Data-dependent checks, only where they cost no device sync (eager, CPU)."""
     if cu_seqlens is not None:
-        lengths = cu_seqlens.diff()
-        if cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0] or (lengths < 0).any():
-            raise ValueError(f"attention: cu_seqlens must rise from 0 to T={q.shape[0]}, got {cu_seqlens.tolist()}")
+        lengths = check_cu_seqlens_values(cu_seqlens, q.shape[0], prefix="attention: ")
         if lengths.numel() and lengths.max() > max_seqlen:
             raise ValueError(f"attention: max_seqlen={max_seqlen} below the longest sequence {int(lengths.max())}")
     if positions is not None and positions.numel():

@@ -139,6 +139,19 @@ class IdsOutOfRange(ValueError, IndexError):
     """ids_keep >= N: a ValueError like every other check, and the IndexError the torch reference raised."""
 
 
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_len: int | None = None,
+                            prefix: str = "") -> torch.Tensor:
+    """Sequence lengths [B] of a packed batch, once ``cu_seqlens`` is checked to rise from 0 to ``total``
+    (by at most ``max_len`` per sample): else a one-line ValueError starting with ``prefix``. It reads the
+    values, so callers use it where that costs no device sync (CPU tensors, eager)."""
+    lengths = cu_seqlens.diff()
+    too_long = max_len is not None and bool((lengths > max_len).any())
+    if cu_seqlens[0] != 0 or cu_seqlens[-1] != total or (lengths < 0).any() or too_long:
+        by = "" if max_len is None else f" by at most num_tokens={max_len} per sample"
+        raise ValueError(f"{prefix}cu_seqlens must rise from 0 to T={total}{by}, got {cu_seqlens.tolist()}")
+    return lengths
+
+
 def _check_values(ids_keep: torch.Tensor, num_tokens: int, cu_seqlens: torch.Tensor | None = None) -> None:
     """Data-dependent checks, on CPU tensors only (elsewhere they would cost a device sync). Without them the
     Triton kernels read or wrote past x for ids >= N, and a bad cu_seqlens failed inside repeat_interleave
@@ -146,9 +159,7 @@ def _check_values(ids_keep: torch.Tensor, num_tokens: int, cu_seqlens: torch.Ten
     if ids_keep.device.type != "cpu":
         return
     if cu_seqlens is not None:
-        lengths = cu_seqlens.diff()
-        if cu_seqlens[0] != 0 or cu_seqlens[-1] != ids_keep.shape[0] or (lengths < 0).any():
-            raise ValueError(f"cu_seqlens must rise from 0 to T={ids_keep.shape[0]}, got {cu_seqlens.tolist()}")
+        check_cu_seqlens_values(cu_seqlens, ids_keep.shape[0])
     if ids_keep.numel() and ids_keep.max() >= num_tokens:
         raise IdsOutOfRange(f"ids_keep must lie in [0, {num_tokens}), got {int(ids_keep.max())}")
 
