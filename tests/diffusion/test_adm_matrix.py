@@ -267,8 +267,8 @@ def test_ddpm_and_ddim_loops_matrix(schedule, T, respacing, mean, var):
                 t = torch.full((2,), i)
                 _, _, x0, _ = ref.p_mean_var(model(x, torch.from_numpy(ref.keep)[t]), x, t, clip)
                 eps = (ref.e("sqrt_recip", t) * x - x0) / ref.e("sqrt_recipm1", t)
-                x = x0 * ref.ddim_coef(t, eta)[0] + ref.ddim_coef(t, eta)[1] * eps \
-                    + (i != 0) * ref.ddim_coef(t, eta)[2] * steps[n]
+                c_x0, c_eps, sig = ref.ddim_coef(t, eta)
+                x = x0 * c_x0 + c_eps * eps + (i != 0) * sig * steps[n]
             assert torch.isfinite(got).all(), eta
             close(got, x, 1e-9)
 
