@@ -33,7 +33,9 @@ _IMAGENET_RECIPES = {
     },
     # REPA (Yu et al.): SiT-XL/2 + DINOv2-B alignment after block 8, lambda 0.5, grad clip 1,
     # sd-vae-ft-mse latents without flips, 4M steps; SDE 250 steps, cfg 1.8 in t <= 0.7.
-    # DINOv2 features come with the batch (``zs``): an online encoder is not built in yet.
+    # DINOv2 features come with the batch (``zs``), cached beside the latents by `masked-dit extract-features
+    # --encoder dinov2-vit-b` (exact: REPA trains without flips); --objective.encoder=dinov2-vit-b with
+    # --data.source=folder encodes the images online instead, as REPA's train.py does.
     # REPA trains under accelerate's fp16 autocast (--mixed-precision fp16, its README and default) with TF32:
     # bf16 autocast here (no loss scaler needed; the projection loss is normalised in fp32, REPA #46).
     "imagenet256-repa-sit-xl2": {
