@@ -25,15 +25,17 @@ from masked_dit.nn import (FinalLayer, FusedDiTBlock, LabelEmbedder, PatchEmbed,
 
 @register_family("dit")
 class DiT(FlopsMixin, nn.Module):
-    """Diffusion transformer with adaLN-Zero blocks (Peebles & Xie, 2023)."""
+    """Diffusion transformer with adaLN-Zero blocks (Peebles & Xie, 2023). ``qk_norm`` is not DiT's: REPA's
+    option (LayerNorm on each head's q and k), off by default."""
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True):
+                 num_classes: int = 1000, learn_sigma: bool = True, qk_norm: bool = False):
         super().__init__()
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma)
+                           class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
+                           qk_norm=qk_norm)
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.learn_sigma, self.num_classes, self.num_heads = learn_sigma, num_classes, num_heads
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -43,7 +45,8 @@ class DiT(FlopsMixin, nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos positions, a frozen Parameter as in the official code (it is in the state_dict).
         self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([FusedDiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([FusedDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm)
+                                     for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 

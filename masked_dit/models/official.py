@@ -182,8 +182,8 @@ def _saved_arg(args, key: str):
 def infer_kwargs(state: dict[str, torch.Tensor], family: str, config: dict, args=None) -> dict:
     """Constructor arguments that the weights (keys already matched to ours) or the checkpoint's
     saved ``args`` determine and the registered name does not: input channels, learn_sigma, the
-    number of classes, REPA's projector widths and encoder depth, MDTv2's decoder depth, MaskDiT's
-    decoder. A checkpoint trained with any of them changed then loads by its name alone."""
+    number of classes, REPA's projector widths, encoder depth and qk_norm, MDTv2's decoder depth,
+    MaskDiT's decoder. A checkpoint trained with any of them changed then loads by its name alone."""
     pre = "model." if family == "maskdit" else ""
     get = lambda key: state.get(pre + key)  # noqa: E731
     out, patch = {}, config.get("patch_size", 2)
@@ -216,6 +216,8 @@ def infer_kwargs(state: dict[str, torch.Tensor], family: str, config: dict, args
             out["encoder_depth"] = _count(state, "blocks.")
         elif isinstance(depth := _saved_arg(args, "encoder_depth"), int):  # REPA's train.py saves its args
             out["encoder_depth"] = depth
+    if family in ("dit", "sit", "repa_sit") and any(k.endswith(".attn.q_norm.weight") for k in state):
+        out["qk_norm"] = True  # REPA's --qk-norm
     # MDTv2 layout: either list may be empty (decode_layer 0, or depth == decode_layer), not both
     if family == "mdtv2" and (_count(state, "en_inblocks.") or _count(state, "de_blocks.")):
         out["decode_layer"] = _count(state, "de_blocks.")

@@ -27,16 +27,14 @@ def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequ
 class REPASiT(DiT):
     """SiT with REPA projection heads. Arguments as REPA's constructor; ``path_type`` and
     ``use_cfg`` are recorded only (the loss/sampler use them), ``fused_attn`` is ignored (our
-    attention op picks its own kernel)."""
+    attention op picks its own kernel). ``qk_norm`` is REPA's ``--qk-norm``: timm's LayerNorm on q and
+    k (REPA's own code needs a timm from before ``norm_layer`` lost its default to run it; here it runs)."""
 
     def __init__(self, path_type: str = "edm", input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, decoder_hidden_size: int | None = None, encoder_depth: int = 8,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, use_cfg: bool = False, z_dims=(768,), projector_dim: int = 2048,
                  learn_sigma: bool = False, qk_norm: bool = False, fused_attn: bool | None = None):
-        if qk_norm:
-            # REPA's qk_norm=True path does not run with timm >= 1.0 and no released checkpoint uses it.
-            raise NotImplementedError("qk_norm=True is not supported (no official REPA checkpoint uses it)")
         if decoder_hidden_size not in (None, hidden_size):
             # REPA's final layer takes decoder_hidden_size inputs straight from a hidden_size stream:
             # only equal widths can run (its SiT-S configs get this wrong; we do not copy that).
@@ -45,7 +43,8 @@ class REPASiT(DiT):
             raise ValueError(f"encoder_depth must be in [1, depth={depth}], got {encoder_depth}")
         super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                          hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                         class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma)
+                         class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
+                         qk_norm=qk_norm)
         z_dims = [int(z) for z in z_dims]
         self.config.update(path_type=path_type, encoder_depth=encoder_depth, use_cfg=use_cfg, z_dims=z_dims,
                            projector_dim=projector_dim)

@@ -50,21 +50,31 @@ class RelativePositionBias(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection ([q; k; v] rows, head-major)."""
+    """Multi-head self-attention with a fused qkv projection ([q; k; v] rows, head-major).
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos_grid: int | None = None):
+    ``qk_norm`` (REPA's ``--qk-norm``): LayerNorm over each head's q and k before attention, timm's
+    ``Attention(qk_norm=True)`` with its LayerNorm (eps 1e-5, affine; keys ``q_norm``/``k_norm``)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos_grid: int | None = None,
+                 qk_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        if qk_norm:
+            self.q_norm, self.k_norm = nn.LayerNorm(self.head_dim), nn.LayerNorm(self.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_bias = RelativePositionBias(rel_pos_grid, num_heads) if rel_pos_grid else None
 
     def forward(self, x, *, positions=None, cu_seqlens=None, max_seqlen=None):
         lead = x.shape[:-1]  # (B, N) dense or (T,) packed
         q, k, v = self.qkv(x).reshape(*lead, 3, self.num_heads, self.head_dim).unbind(-3)
+        if self.q_norm is not None:  # autocast runs LayerNorm in fp32; attention then casts back, as SDPA does
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         out = ops.attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, rel_pos_bias=bias,
                             positions=positions if bias is not None else None)
@@ -125,17 +135,18 @@ class FusedDiTBlock(nn.Module):
 
     Options: ``cond_size`` (conditioning width, if not ``hidden_size``: MaskDiT's decoder),
     ``skip`` (MDT long skip: ``Linear(2D -> D)`` over ``cat([x, skip])`` before attention),
-    ``rel_pos_grid`` (MDT relative-position bias over a grid of that side).
+    ``rel_pos_grid`` (MDT relative-position bias over a grid of that side), ``qk_norm`` (REPA's, see
+    :class:`Attention`).
 
     Chaining (:func:`run_blocks`): ``defer=True`` returns ``(r, (branch, gate))`` without the final
     ``r + gate * branch``; the next block takes that as ``pending`` and applies it in its first fused op.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, cond_size: int | None = None,
-                 skip: bool = False, rel_pos_grid: int | None = None, eps: float = 1e-6):
+                 skip: bool = False, rel_pos_grid: int | None = None, qk_norm: bool = False, eps: float = 1e-6):
         super().__init__()
         self.hidden_size, self.eps = hidden_size, eps
-        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, rel_pos_grid=rel_pos_grid)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, rel_pos_grid=rel_pos_grid, qk_norm=qk_norm)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size or hidden_size, 6 * hidden_size))
         self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None

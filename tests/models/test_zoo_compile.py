@@ -14,7 +14,10 @@ TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, nu
 
 def _model_and_inputs(family):
     torch.manual_seed(0)
-    extra = dict(z_dims=[8], encoder_depth=1, projector_dim=16) if family == "repa_sit" else {}
+    extra = {}
+    if family.startswith("repa_sit"):  # repa_sit_qk_norm: REPA's --qk-norm
+        extra = dict(z_dims=[8], encoder_depth=1, projector_dim=16, qk_norm=family.endswith("qk_norm"))
+        family = "repa_sit"
     model = build(family, **TINY, **extra)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -26,7 +29,7 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-@pytest.mark.parametrize("family", ["dit", "sit", "repa_sit"])
+@pytest.mark.parametrize("family", ["dit", "sit", "repa_sit", "repa_sit_qk_norm"])
 @pytest.mark.parametrize("train", [False, True])
 def test_no_graph_breaks(family, train):
     model, inputs = _model_and_inputs(family)

@@ -18,15 +18,21 @@ def modulate(x, shift, scale):
 
 
 class PlainAttention(nn.Module):
-    def __init__(self, dim, num_heads):
+    """qk_norm: timm's Attention(qk_norm=True) as REPA builds it (timm's default norm_layer then was
+    nn.LayerNorm: eps 1e-5, affine), applied to [B, H, N, Dh] after the split."""
+
+    def __init__(self, dim, num_heads, qk_norm=False):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
         attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
         attn = attn.softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
@@ -42,10 +48,10 @@ class PlainMlp(nn.Module):
 
 
 class PlainDiTBlock(nn.Module):
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = PlainAttention(hidden_size, num_heads)
+        self.attn = PlainAttention(hidden_size, num_heads, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = PlainMlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -76,9 +82,9 @@ class PlainFinalLayer(nn.Module):
 D, H, N, B = 64, 4, 24, 3  # head dim 16
 
 
-def _random_plain(seed=0):
+def _random_plain(seed=0, qk_norm=False):
     torch.manual_seed(seed)
-    plain = PlainDiTBlock(D, H)
+    plain = PlainDiTBlock(D, H, qk_norm=qk_norm)
     for p in plain.parameters():  # adaLN-Zero init would hide everything: use random weights
         nn.init.normal_(p, std=1 / math.sqrt(D))
     x, c = torch.randn(B, N, D), torch.randn(B, D)
@@ -89,16 +95,21 @@ def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def test_plain_state_dict_loads_strictly():
-    plain, _, _ = _random_plain()
-    fused = FusedDiTBlock(D, H)
+QK_NORM = pytest.mark.parametrize("qk_norm", [False, True], ids=["", "qk_norm"])
+
+
+@QK_NORM
+def test_plain_state_dict_loads_strictly(qk_norm):
+    plain, _, _ = _random_plain(qk_norm=qk_norm)
+    fused = FusedDiTBlock(D, H, qk_norm=qk_norm)
     assert set(fused.state_dict()) == set(plain.state_dict())
     fused.load_state_dict(plain.state_dict(), strict=True)
 
 
-def test_fp32_matches_plain_block():
-    plain, x, c = _random_plain()
-    fused = FusedDiTBlock(D, H)
+@QK_NORM
+def test_fp32_matches_plain_block(qk_norm):
+    plain, x, c = _random_plain(qk_norm=qk_norm)
+    fused = FusedDiTBlock(D, H, qk_norm=qk_norm)
     fused.load_state_dict(plain.state_dict())
     with torch.no_grad():
         ref64 = plain.double()(x.double(), c.double())
@@ -106,9 +117,10 @@ def test_fp32_matches_plain_block():
     assert _rel(out, ref64) <= 2e-6
 
 
-def test_fp32_gradients_match_plain_block():
-    plain, x, c = _random_plain(1)
-    fused = FusedDiTBlock(D, H)
+@QK_NORM
+def test_fp32_gradients_match_plain_block(qk_norm):
+    plain, x, c = _random_plain(1, qk_norm=qk_norm)
+    fused = FusedDiTBlock(D, H, qk_norm=qk_norm)
     fused.load_state_dict(plain.state_dict())
     x1, c1 = x.clone().requires_grad_(), c.clone().requires_grad_()
     x2, c2 = x.clone().requires_grad_(), c.clone().requires_grad_()
@@ -119,17 +131,22 @@ def test_fp32_gradients_match_plain_block():
     assert _rel(c2.grad, c1.grad) <= 1e-5
     pg = dict(plain.named_parameters())
     for name, p in fused.named_parameters():
+        if name == "attn.k_norm.bias":  # a shift of every key moves each query's logits by one constant:
+            # softmax ignores it, so this gradient is 0 and both blocks hold rounding noise
+            assert max(p.grad.abs().max(), pg[name].grad.abs().max()) <= 1e-5 * x1.grad.abs().max()
+            continue
         assert _rel(p.grad, pg[name].grad) <= 1e-5, name
 
 
-def test_bf16_error_no_worse_than_plain_bf16():
+@QK_NORM
+def test_bf16_error_no_worse_than_plain_bf16(qk_norm):
     """bf16 (weights and activations): the fused block's error against a float64 reference stays
     within 2x the plain bf16 block's own error (and below 3% relative: bf16 has 8 mantissa bits)."""
-    plain, x, c = _random_plain(2)
-    fused = FusedDiTBlock(D, H)
+    plain, x, c = _random_plain(2, qk_norm=qk_norm)
+    fused = FusedDiTBlock(D, H, qk_norm=qk_norm)
     fused.load_state_dict(plain.state_dict())
     with torch.no_grad():
-        ref64 = PlainDiTBlock(D, H).double()
+        ref64 = PlainDiTBlock(D, H, qk_norm=qk_norm).double()
         ref64.load_state_dict(plain.state_dict())
         ref = ref64(x.double(), c.double())
         plain_err = _rel(plain.bfloat16()(x.bfloat16(), c.bfloat16()), ref)
@@ -336,3 +353,16 @@ def test_skip_concatenation_runs_in_the_autocast_dtype_with_the_same_results():
         results.append([out, xx.grad, ss.grad] + [p.grad for p in block.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_qk_norm_packed_tokens_equal_each_sample_dense():
+    """Packed [T, D] tokens normalise q and k per token and head, as each sample's dense forward."""
+    block = _random_blocks(1, qk_norm=True)[0]
+    lengths = [5, N, 11]
+    xs, c = [torch.randn(1, n, D) for n in lengths], torch.randn(B, D)
+    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+    seg = torch.arange(B).repeat_interleave(torch.tensor(lengths))
+    with torch.no_grad():
+        packed = block(torch.cat(xs, 1)[0], c, cu_seqlens=cu, max_seqlen=N, segment_ids=seg)
+        dense = torch.cat([block(x, c[i:i + 1])[0] for i, x in enumerate(xs)])
+    assert _rel(packed, dense) <= 1e-6
