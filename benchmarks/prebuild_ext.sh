@@ -12,8 +12,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 torch_version=${TORCH_VERSION:-2.11.0}
 archs=${ARCHS:-9.0}
-py=${PYTHON312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python 2> /dev/null | tail -1 || true)}
-[ -x "$py" ] || { echo "prebuild_ext: no python3.12 found; set PYTHON312=/path/to/python3.12" >&2; exit 2; }
+# PYTHON312 if given, else the first candidate that runs as 3.12 (a pyenv shim for a version that is not
+# selected is on PATH, and fails)
+py=
+if [ -n "${PYTHON312:-}" ]; then cands=("$PYTHON312")
+else cands=("$(command -v python3.12 || true)" "$HOME"/.pyenv/versions/3.12*/bin/python); fi
+for cand in "${cands[@]}"; do
+    if [ -x "$cand" ] && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2> /dev/null; then
+        py=$cand; break
+    fi
+done
+[ -n "$py" ] || { echo "prebuild_ext: no python3.12 found; set PYTHON312=/path/to/python3.12" >&2; exit 2; }
 venv=${VENV:-/tmp/masked-dit-py312-torch$torch_version}
 if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2> /dev/null; then
     "$py" -m venv "$venv"

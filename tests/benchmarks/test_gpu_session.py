@@ -2,6 +2,7 @@
 GPU session finally uses it) and refuses unknown stages."""
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,10 +75,13 @@ def test_stage_deadline_refuses_to_start_a_run_it_cannot_finish(tmp_path):
     assert not list(tmp_path.glob("train_step-*.json"))
 
 
-def test_prebuild_ext_without_python312_says_so_in_one_line():
-    """benchmarks/prebuild_ext.sh (the extension built here for the GPU image) names what it lacks."""
+@pytest.mark.parametrize("python", ["/nonexistent/python3.12", sys.executable if sys.version_info[:2] != (3, 12)
+                                    else "/bin/false"], ids=["missing", "not-3.12"])
+def test_prebuild_ext_without_python312_says_so_in_one_line(python):
+    """benchmarks/prebuild_ext.sh (the extension built here for the GPU image) names what it lacks: a
+    python that is missing or does not run as 3.12 (a pyenv shim of an unselected version) is refused."""
     script = SCRIPT.parent / "prebuild_ext.sh"
     proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHON312": "/nonexistent/python3.12"})
+                          env={**os.environ, "PYTHON312": python})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "prebuild_ext: no python3.12 found; set PYTHON312=/path/to/python3.12"
