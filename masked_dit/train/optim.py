@@ -35,18 +35,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def total_grad_norm(grads: list) -> torch.Tensor:
-    """Global L2 norm of ``grads`` (all ranks' shards under FSDP2): a 0-dim tensor on the device, no
-    host sync."""
-    norm = torch.nn.utils.get_total_norm(grads, 2.0, False, None)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
-def clip_grads_(grads: list, max_norm: float, norm: torch.Tensor, eps: float) -> None:
-    """Scales ``grads`` in place by min(max_norm / (norm + eps), 1): torch's clip_grad_norm_ with eps
-    1e-6, the official Adan's max_grad_norm with the optimizer's eps."""
-    coef = torch.clamp(max_norm / (norm + eps), max=1.0)
-    torch._foreach_mul_(grads, coef.to(grads[0].device))
+@torch.no_grad()
+def grad_norm_and_clip(params, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+    """Total gradient norm (all ranks' shards under FSDP2), a 0-dim tensor left on the device (no
+    host sync); when max_norm > 0 scales the gradients in place by min(max_norm / (norm + eps), 1):
+    torch's clip_grad_norm_ with eps 1e-6, the official Adan's max_grad_norm with its eps (``clip_eps``)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, 2.0, False, None)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + eps), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return total
 
 
 # -----------------------------------------------------------------------------
@@ -123,20 +126,15 @@ class Adan(torch.optim.Optimizer):
         self.__dict__.setdefault("max_grad_norm", 0.0)
 
     @torch.no_grad()
-    def _clip_grads(self) -> None:
-        """The official Adan's max_grad_norm over every group, with the last group's eps (as its step)."""
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            clip_grads_(grads, self.max_grad_norm, total_grad_norm(grads), self.param_groups[-1]["eps"])
-
-    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self.max_grad_norm > 0:  # before the state is made: the first pre_grad is the clipped gradient
-            self._clip_grads()
+            # over every group, with the last group's eps (as the official step)
+            grad_norm_and_clip([p for group in self.param_groups for p in group["params"]], self.max_grad_norm,
+                               self.param_groups[-1]["eps"])
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

@@ -34,7 +34,7 @@ from masked_dit.train.dist import World, init_world, shutdown
 from masked_dit.train.ema import EMA
 from masked_dit.train.grid import fixed_noise, grid_labels, save_grid
 from masked_dit.train.metrics import MetricsLog, format_record, peak_flops, training_flops_per_image
-from masked_dit.train.optim import build_optimizer, clip_eps, clip_grads_, lr_at, total_grad_norm, use_fused
+from masked_dit.train.optim import build_optimizer, clip_eps, grad_norm_and_clip, lr_at, use_fused
 from masked_dit.train.parallel import parallelize, set_gradient_sync
 from masked_dit.train.signals import Preempted, StopRequest
 
@@ -67,18 +67,6 @@ def _to_device(batch: dict, device) -> dict:
         else:
             out[k] = v
     return out
-
-
-def grad_norm_and_clip(params, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
-    """Total gradient norm (all ranks' shards under FSDP2), a 0-dim tensor left on the device (no
-    host sync); when max_norm > 0 clips in place by min(max_norm / (norm + eps), 1) (``clip_eps``)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = total_grad_norm(grads)
-    if max_norm > 0:
-        clip_grads_(grads, max_norm, total, eps)
-    return total
 
 
 def autocast_context(cfg: Config, world: World, fsdp_mp: bool):
