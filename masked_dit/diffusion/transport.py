@@ -38,6 +38,8 @@ def diffusion_form_name(form: str) -> str:
     if name not in DIFFUSION_FORMS:
         raise ValueError(f"unknown diffusion_form {form!r}; expected one of {DIFFUSION_FORMS}")
     return name
+
+
 # Where the SBDM SDE of a Linear/GVP velocity model starts: SiT's sample_eps for the models that are
 # singular at t = 0 (its own start, sample_eps = 0, makes D(0) = score_coeff(0) infinite).
 SBDM_VELOCITY_T0 = 1e-3
