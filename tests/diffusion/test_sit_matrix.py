@@ -514,7 +514,6 @@ def test_sde_last_step_of_size_zero(path, prediction, last_step):
                                     last_step=last_step, last_step_size=0.0, num_steps=5)) < 1e-10
 
 
-
 class _CurvedToySiT(_ToySiT):
     """Nonlinear in x, so dopri5's step sizes depend on what its error norm sees."""
 

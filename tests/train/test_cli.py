@@ -68,7 +68,6 @@ def test_sample_official_checkpoint(tmp_path):
     assert rc == 0 and (tmp_path / "o.png").exists()
 
 
-
 def test_sample_official_mdt_checkpoint_at_its_own_input_size(tmp_path):
     """An official MDT checkpoint at another size than the preset's 32x32 latents samples at its own
     size (read off pos_embed); the CLI used to take the preset's 32, and the model refused the noise."""
@@ -85,6 +84,7 @@ def test_sample_official_mdt_checkpoint_at_its_own_input_size(tmp_path):
         rc = main(["sample", str(tmp_path / "mdt.pt"), "--model", name, "--model-kwargs", json.dumps(kw),
                    "--out", str(out), "--num-samples", "2", "--steps", "2", "--cfg-scale", "2", "--device", "cpu"])
         assert rc == 0 and np.load(out)["arr_0"].shape == (2, 8, 8, 3), name
+
 
 def test_sample_an_unfinished_run_and_a_checkpoint(tmp_path):
     """Before the export exists, `sample <run>` takes the newest checkpoint's EMA weights (FID during
