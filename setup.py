@@ -49,6 +49,21 @@ def _want_extension() -> bool:
     return True
 
 
+def _cublas(root: str):
+    """Include folders, libraries and link args for cuBLASLt (csrc/kernels/mlp_gemm.cu): the toolkit's,
+    else the pip nvidia-cublas package's that torch installs (tools/cublas_headers.py)."""
+    import importlib.util
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    spec = importlib.util.spec_from_file_location("cublas_headers", os.path.join(root, "tools", "cublas_headers.py"))
+    finder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finder)
+    include = finder.include_dir(CUDA_HOME, os.path.join(root, "build"))
+    libraries, link_args = finder.link_args(CUDA_HOME)
+    return [include] if include else [], libraries, link_args
+
+
 def _extensions():
     if not _want_extension():
         return [], {}
@@ -60,11 +75,14 @@ def _extensions():
     archs = re.sub(r"[;\s]+", ",", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
     arch_define = [f"-DMASKED_DIT_CUDA_ARCHS={archs}"] if re.fullmatch(r"[\w.+,]+", archs) else []
     root = os.path.dirname(os.path.abspath(__file__))
+    includes, libraries, link_args = _cublas(root)
     sources = sorted(glob.glob(os.path.join("csrc", "bindings", "*.cpp")) + glob.glob(os.path.join("csrc", "kernels", "*.cu")))
     ext = CUDAExtension(
         name="masked_dit._C",
         sources=sources,
-        include_dirs=[os.path.join(root, "csrc")],
+        include_dirs=[os.path.join(root, "csrc"), *includes],
+        libraries=libraries,
+        extra_link_args=link_args,
         extra_compile_args={"cxx": ["-O3", *arch_define], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},  # -std from torch
         py_limited_api=False,
     )

@@ -24,6 +24,8 @@ Variants (all measured in the same run, same weights):
     eager_fused          ... ops on the 'auto' backend (fused kernels where the device has them)
     compiled             torch.compile (per block, or whole with --compile whole), torch backend
     compiled_fused       ... auto backend
+    compiled_fused_mlp   ... + the MLP as one op with its GELU in cuBLASLt epilogues (ops.mlp_gelu, opt-in;
+                         where the extension cannot run it, the same as compiled_fused)
     compiled_fused_fsdp  ... + FSDP2 fully_shard per block on a 1-rank process group (bf16 params)
 
 Batch: ``--batch N``, else (GPU) a search doubling from ``--batch-start`` until out of memory or
@@ -62,13 +64,16 @@ from masked_dit.train.parallel import COMPILE_MODES, fsdp_supported
 FAMILIES = ("dit", "sit", "mdtv2", "maskdit", "repa_sit")
 PREFIX = {"dit": "DiT", "sit": "SiT", "mdtv2": "MDTv2", "maskdit": "MaskDiT", "repa_sit": "REPA-SiT"}
 SIZES = ("S", "B", "L", "XL")
-VARIANTS = ("reference", "reference_bf16", "eager", "eager_fused", "compiled", "compiled_fused", "compiled_fused_fsdp")
+VARIANTS = ("reference", "reference_bf16", "eager", "eager_fused", "compiled", "compiled_fused", "compiled_fused_mlp",
+            "compiled_fused_fsdp")
 # Mask ratio the FLOPs are counted at: MDTv2 draws 0.3 + 0.2 U(0, 1) per step (mean 0.4), MaskDiT 0.5.
 FLOPS_MASK_RATIO = {"mdtv2": 0.4, "maskdit": 0.5}
 
 
 class VariantSkipped(Exception):
     """This torch or device cannot run the variant (recorded as status "skipped" with the reason)."""
+
+
 DINOV2_B = (256, 768)  # REPA's encoder features per image: 256 patch tokens of width 768
 
 # Toy models: hidden 64, depth 2 (MDTv2: 4 with 2 decoder blocks) on 8x8x4 latents, 10 classes.
@@ -172,10 +177,10 @@ class StepRunner:
     """One training step of a (possibly wrapped) model: objective, backward, clip, optimizer, EMA."""
 
     def __init__(self, model, objective, optimizer, ema, *, autocast_dtype=None, scaler=None, grad_clip=0.0,
-                 backend: str = "auto", device: torch.device):
+                 backend: str = "auto", opt_in: tuple = (), device: torch.device):
         self.model, self.objective, self.optimizer, self.ema = model, objective, optimizer, ema
         self.autocast_dtype, self.scaler, self.grad_clip = autocast_dtype, scaler, grad_clip
-        self.backend, self.device = backend, device
+        self.backend, self.opt_in, self.device = backend, opt_in, device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.raw_images = False  # True: the objective encodes batch['raw_image'] online (REPA's reference)
         self.host_reads = None   # reference_style.OfficialHostReads: the official loop's per-step syncs
@@ -186,7 +191,7 @@ class StepRunner:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def step(self, batch: dict) -> None:
-        with ops_backend(self.backend):
+        with ops_backend(self.backend, self.opt_in):
             reads = self.host_reads
             with self._autocast():
                 out = self.objective(self.model, batch)
@@ -213,14 +218,15 @@ class StepRunner:
 
 
 @contextlib.contextmanager
-def ops_backend(backend: str):
+def ops_backend(backend: str, opt_in: tuple = ()):
     """Fused-op backend for a step. 'torch' unfuses the elementwise ops and gathers but keeps
     attention on its automatic choice (flash/SDPA): the torch switch alone would select the chunked
-    math attention, and the variants compare fusion, not attention kernels."""
-    from masked_dit.ops import use_backend
+    math attention, and the variants compare fusion, not attention kernels. ``opt_in``: ops whose
+    opt-in backends auto may pick (``mlp_gelu``)."""
+    from masked_dit.ops import opt_in as ops_opt_in, use_backend
     from masked_dit.ops.attention import use_attention_backend
 
-    with use_backend(backend), use_attention_backend("auto"):
+    with use_backend(backend), ops_opt_in(*opt_in), use_attention_backend("auto"):
         yield
 
 
@@ -324,7 +330,9 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
     compiled = variant.startswith("compiled")
     fused = "fused" in variant
     fsdp = variant.endswith("fsdp")
-    info.update(ops_backend="auto" if fused else "torch", optimizer=recipe["optimizer"],
+    opt_in = ("mlp_gelu",) if variant.endswith("_mlp") else ()
+    info.update(ops_backend=("auto" if fused else "torch") + "".join(f" + {op} (opt-in)" for op in opt_in),
+                optimizer=recipe["optimizer"],
                 attention=attention_choice(device, kwargs, "auto" if fused else "torch"))
     if compiled:
         info["compile"] = f"{args.compile} ({args.compile_backend}" + \
@@ -346,7 +354,8 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
     optimizer = make_optimizer(recipe["optimizer"], module.parameters(),  # as the trainer
                                fused=use_fused(recipe["optimizer"], device.type, fsdp))
     runner = StepRunner(model, objective, optimizer, EMA(module), autocast_dtype=autocast_dtype,
-                        grad_clip=recipe["grad_clip"], backend="auto" if fused else "torch", device=device)
+                        grad_clip=recipe["grad_clip"], backend="auto" if fused else "torch", opt_in=opt_in,
+                        device=device)
     runner.host_reads = TrainerHostReads(module.parameters())
     info["host_reads_per_step"] = runner.host_reads.per_step()
     runner.tf32 = True  # as our trainer (--parallel.tf32): only fp32 matmuls outside autocast see it

@@ -130,7 +130,7 @@ case "$stage" in
             echo "# compiled variants at batch ${batch:-(searched)}" | tee -a "$log"
             # --warmup 10: the compile (and MDTv2's dynamic-shape recompile) happens in the first steps;
             # five more untimed steps cost seconds and keep `compiled_while_timing` at 0.
-            for variant in ${COMPILED_VARIANTS:-compiled_fused compiled compiled_fused_fsdp}; do
+            for variant in ${COMPILED_VARIANTS:-compiled_fused compiled_fused_mlp compiled compiled_fused_fsdp}; do
                 run_timed "$log" "${bench[@]}" --variants "$variant" --warmup 10 "${fixed[@]}" | tail -3
             done
         fi

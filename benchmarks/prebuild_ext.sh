@@ -38,6 +38,7 @@ so=$(ls masked_dit/_C.cpython-312-*.so)
 "$venv/bin/python" -c "
 import sys; sys.path.insert(0, '.')
 import torch, masked_dit._C as C
-assert hasattr(torch.ops.masked_dit_C, 'gather_tokens'), 'ops not registered'
+assert all(hasattr(torch.ops.masked_dit_C, op) for op in ('gather_tokens', 'adaln_modulate', 'linear_gelu_aux')), \\
+    'ops not registered'
 print('loads:', C.__file__, 'archs', getattr(C, 'cuda_archs', '?'))"
 echo "carry: $so"

@@ -42,7 +42,8 @@ README_END = "<!-- benchmark-results:end -->"
 NO_GPU_RESULTS = ("No GPU numbers yet: no GPU has been lent to this project's sessions so far "
                   "(`benchmarks/NOTES.md` has the runbook for the first one; `benchmarks/gpu_session.sh` runs "
                   "it stage by stage).")
-TRAIN_VARIANTS = ("reference", "reference_bf16", "eager", "eager_fused", "compiled", "compiled_fused", "compiled_fused_fsdp")
+TRAIN_VARIANTS = ("reference", "reference_bf16", "eager", "eager_fused", "compiled", "compiled_fused",
+                  "compiled_fused_mlp", "compiled_fused_fsdp")
 
 
 def load_results(results_dir: str | Path) -> list[dict]:

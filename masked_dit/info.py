@@ -28,7 +28,8 @@ def report() -> str:
         f"CUDA available: {torch.cuda.is_available()}"
         + (f" ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))" if torch.cuda.is_available() else ""),
         f"masked_dit._C: {'loaded' if _ext.loaded() else _ext.load_error()}",
-        f"backend request: {dispatch.ENV_VAR}={dispatch.requested()}",
+        f"backend request: {dispatch.ENV_VAR}={dispatch.requested()}, "
+        f"opted in: {dispatch.OPT_IN_ENV_VAR}={','.join(sorted(dispatch.opted_in())) or '(none)'}",
         "",
         f"{'op':<32} {'device':<6} backend  why",
     ]

@@ -84,7 +84,8 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """fc1 -> GELU(tanh) -> fc2 (timm's Mlp without dropout). Where no gradient is needed (sampling),
-    fc1 and the GELU run as one GEMM (``ops.linear_gelu``: the GELU in cuBLASLt's epilogue on CUDA)."""
+    fc1 and the GELU run as one GEMM (``ops.linear_gelu``: the GELU in cuBLASLt's epilogue on CUDA);
+    in training, the whole MLP runs as ``ops.mlp_gelu`` where its cuBLASLt backend is opted in."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -95,7 +96,9 @@ class Mlp(nn.Module):
     def forward(self, x):
         if not needs_grad(x, self.fc1.weight, self.fc1.bias):
             return self.fc2(ops.linear_gelu(x, self.fc1.weight, self.fc1.bias))
-        return self.fc2(self.act(self.fc1(x)))
+        if ops.mlp_gelu_is_fused(x.device):
+            return ops.mlp_gelu(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        return self.fc2(self.act(self.fc1(x)))  # the modules themselves, as hooks and wrappers expect
 
 
 #################################################################################

@@ -9,13 +9,16 @@ environment variable ``MASKED_DIT_BACKEND=auto|torch|triton|cuda``. ``auto`` pic
 first backend available for the tensor's device in a fixed order: cuda > triton > torch on GPU,
 torch on CPU (the Triton interpreter is a test tool, never fast). The GPU order is not measured yet
 (``benchmarks/bench_ops.py`` times each backend).
+
+Opt-in backends: a backend registered with ``auto=False`` (the cuBLASLt MLP, until a GPU shows it
+pays) is never picked by ``auto`` unless its op is opted in: ``with opt_in("mlp_gelu"): ...`` or
+``MASKED_DIT_OPT_IN=mlp_gelu`` (comma-separated op names). Requesting the backend by name also runs it.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import os
-import threading
 from typing import Callable, Iterator
 
 import torch
@@ -23,18 +26,26 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "MASKED_DIT_BACKEND"
+OPT_IN_ENV_VAR = "MASKED_DIT_OPT_IN"
 
 _IMPLS: dict[str, dict[str, Callable]] = {}
-_local = threading.local()
+_OPT_IN_ONLY: set[tuple[str, str]] = set()  # (op, backend) pairs that auto takes only when the op is opted in
+# The contexts' stacks are process-wide, not thread-local: autograd runs CUDA backward ops on its own
+# device threads, which must see the caller's choice (with thread-local stacks every GPU backward
+# silently ran the default backend; CPU backward runs on the calling thread and did not show it).
+_requests: list[str] = []
+_opt_ins: list[tuple[str, ...]] = []
 
 
-def register(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: ``fn`` implements ``op`` on ``backend``."""
+def register(op: str, backend: str, auto: bool = True) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` implements ``op`` on ``backend`` (``auto=False``: only when opted in or requested)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
 
     def deco(fn: Callable) -> Callable:
         _IMPLS.setdefault(op, {})[backend] = fn
+        if not auto:
+            _OPT_IN_ONLY.add((op, backend))
         return fn
 
     return deco
@@ -42,9 +53,8 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
 
 def requested() -> str:
     """The backend asked for right now (context manager first, then the environment)."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
+    if _requests:
+        return _requests[-1]
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in CHOICES:
         raise ValueError(f"{ENV_VAR}={value!r} is not a backend; valid: {', '.join(CHOICES)}")
@@ -56,14 +66,39 @@ def use_backend(name: str) -> Iterator[None]:
     """``with use_backend("triton"): ...`` forces a backend for ops called inside."""
     if name not in CHOICES:
         raise ValueError(f"unknown backend {name!r}; valid: {', '.join(CHOICES)}")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(name)
+    _requests.append(name)
     try:
         yield
     finally:
-        stack.pop()
+        _requests.pop()
+
+
+def _forward_name(op: str) -> str:
+    """An op's backward follows the op's opt-in: ``mlp_gelu_backward`` -> ``mlp_gelu``."""
+    return op[: -len("_backward")] if op.endswith("_backward") else op
+
+
+def opted_in() -> frozenset[str]:
+    """Ops whose opt-in backends ``auto`` may pick right now (contexts, then the environment)."""
+    names = {n.strip() for n in os.environ.get(OPT_IN_ENV_VAR, "").split(",") if n.strip()}
+    for ops in _opt_ins:
+        names.update(ops)
+    return frozenset(names)
+
+
+@contextlib.contextmanager
+def opt_in(*ops: str) -> Iterator[None]:
+    """``with opt_in("mlp_gelu"): ...`` lets ``auto`` pick the opt-in backends of ``ops`` inside."""
+    known = {_forward_name(op) for op, _ in _OPT_IN_ONLY}
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        raise ValueError(f"no opt-in backend for {', '.join(map(repr, unknown))}; ops that have one: "
+                         f"{', '.join(sorted(known))}")
+    _opt_ins.append(tuple(ops))
+    try:
+        yield
+    finally:
+        _opt_ins.pop()
 
 
 def triton_importable() -> bool:
@@ -103,13 +138,16 @@ def select(op: str, device_type: str) -> tuple[str, str]:
     req = requested()
     if req == "auto":
         order = ("cuda", "triton", "torch") if device_type == "cuda" else ("torch",)
-        reasons = []
+        reasons, skipped = [], []
         for backend in order:
             if backend not in impls:
                 continue
+            if (op, backend) in _OPT_IN_ONLY and _forward_name(op) not in opted_in():
+                skipped.append(f"{backend} is opt-in: {OPT_IN_ENV_VAR}={op}")
+                continue
             ok, why = availability(backend, device_type)
             if ok:
-                return backend, f"auto: {why}"
+                return backend, f"auto: {why}" + "".join(f" ({note})" for note in skipped)
             reasons.append(f"{backend}: {why}")
         if not impls:
             raise RuntimeError(f"no backend registered for op {op!r}")
@@ -139,6 +177,11 @@ def inline_reference(op: str, device: torch.device) -> bool:
     reference's separate kernels inside the graph; inline, Inductor fuses it with its neighbours.
     Decided when the graph is traced (the backend request of that moment, without a guard)."""
     return torch.compiler.is_compiling() and _selects_torch(op, device.type)
+
+
+def backends_of(op: str) -> tuple[str, ...]:
+    """The backends ``op`` has (registered), in BACKENDS order."""
+    return tuple(b for b in BACKENDS if b in _IMPLS.get(op, {}))
 
 
 def registered_ops() -> list[str]:

@@ -19,9 +19,11 @@ def train_results(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def train_results_compiled(tmp_path_factory):
-    """DiT: reference_bf16, per-block compiled (aot_eager: no C++ build on CPU) and FSDP2 on one rank."""
+    """DiT: reference_bf16, per-block compiled (aot_eager: no C++ build on CPU), with the opt-in MLP op, and
+    FSDP2 on one rank."""
     out = tmp_path_factory.mktemp("train_step_compiled")
-    path = bench_train_step.main(TOY + ["--families", "dit", "--variants", "reference_bf16,compiled,compiled_fused_fsdp",
+    path = bench_train_step.main(TOY + ["--families", "dit", "--variants",
+                                        "reference_bf16,compiled,compiled_fused_mlp,compiled_fused_fsdp",
                                         "--compile-backend", "aot_eager", "--out-dir", str(out)])
     return path, json.loads(path.read_text())
 

@@ -112,7 +112,7 @@ def test_compiled_and_fsdp_variants(train_results_compiled):
         assert [(r["status"], r["reason"]) for r in skipped] == [("skipped", why)]
         results = [r for r in results if r not in skipped]
     rows = {r["variant"]: r for r in _ok_rows({"results": results})}
-    assert set(rows) == {"reference_bf16", "compiled"} | ({"compiled_fused_fsdp"} if fsdp_ok else set())
+    assert set(rows) == {"reference_bf16", "compiled", "compiled_fused_mlp"} | ({"compiled_fused_fsdp"} if fsdp_ok else set())
     assert rows["compiled"]["compile"] == "block (aot_eager)"
     # DiT's blocks are alike: a few graphs, no break, no eager fallback; with --warmup 0 every graph
     # was compiled inside the timed loop, and the row says so
@@ -121,6 +121,9 @@ def test_compiled_and_fsdp_variants(train_results_compiled):
     assert dyn["compiled_while_timing"] == dyn["unique_graphs"]
     assert "speedup_vs_reference_bf16" in rows["compiled"]
     assert rows["compiled"]["ops_backend"] == "torch"
+    # the opt-in MLP op is asked for; on the CPU the op has only its reference, so the step is compiled_fused's
+    assert rows["compiled_fused_mlp"]["ops_backend"] == "auto + mlp_gelu (opt-in)"
+    assert rows["compiled_fused_mlp"]["dynamo"]["graph_breaks"] == 0
     if fsdp_ok:
         assert rows["compiled_fused_fsdp"]["precision"].startswith("FSDP2")
         assert rows["compiled_fused_fsdp"]["ops_backend"] == "auto"

@@ -50,7 +50,7 @@ def test_unknown_stage_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_train_stage_runs_every_variant_into_one_file(tmp_path):
-    """References + eager in one process, each compiled variant in its own at eager's batch: all seven
+    """References + eager in one process, each compiled variant in its own at eager's batch: all eight
     rows end in the day's file, and the report computes the compiled rows' ratios from the merged rows."""
     import json
 
@@ -60,7 +60,7 @@ def test_train_stage_runs_every_variant_into_one_file(tmp_path):
     assert len(files) == 1, proc.stdout[-2000:]
     rows = {r["variant"]: r for r in json.loads(files[0].read_text())["results"]}
     assert set(rows) == {"reference", "reference_bf16", "eager", "eager_fused", "compiled", "compiled_fused",
-                         "compiled_fused_fsdp"}
+                         "compiled_fused_mlp", "compiled_fused_fsdp"}
     assert rows["compiled_fused"]["status"] == "ok", rows["compiled_fused"].get("reason")
     assert rows["compiled_fused"]["batch"] == rows["eager"]["batch"]
     assert "# compiled variants at batch" in (tmp_path / "train_dit_XL.log").read_text()

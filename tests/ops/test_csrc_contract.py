@@ -19,7 +19,12 @@ from masked_dit.ops import tokens  # noqa: F401  (registers the masked_dit::* to
 
 ROOT = Path(__file__).resolve().parents[2]
 BINDINGS = ROOT / "csrc" / "bindings"
-PY_FRONTS = [ROOT / "masked_dit" / "ops" / "tokens.py", ROOT / "masked_dit" / "ops" / "adaln.py"]
+PY_FRONTS = [ROOT / "masked_dit" / "ops" / "tokens.py", ROOT / "masked_dit" / "ops" / "adaln.py",
+             ROOT / "masked_dit" / "ops" / "mlp.py"]
+# Extension ops with no Python op of their own: the cuBLASLt GEMMs that ops.mlp_gelu composes (mlp.py
+# calls them as ``_lt_ops().<name>(...)``).
+BUILDING_BLOCKS = ("linear_gelu_aux", "dgelu_bgrad")
+_CALL = r"(?:torch\.ops\.masked_dit_C|_lt_ops\(\))\.(\w+)"
 
 
 def _cpp_defs() -> dict[str, torch._C.FunctionSchema]:
@@ -51,18 +56,18 @@ def _signature(schema: torch._C.FunctionSchema):
 
 def test_bindings_define_and_implement_the_same_ops():
     defs = _cpp_defs()
-    assert len(defs) == 12, sorted(defs)
+    assert len(defs) == 14, sorted(defs)
     assert _cpp_impls() == set(defs)
 
 
 def test_every_extension_op_the_python_fronts_call_is_defined():
     called = set()
     for path in PY_FRONTS:
-        called.update(re.findall(r"torch\.ops\.masked_dit_C\.(\w+)", path.read_text()))
+        called.update(re.findall(_CALL, path.read_text()))
     # tokens.py registers its cuda backend from a tuple of op names: each must be bound
     loop = re.search(r"for _name in \((.*?)\):", PY_FRONTS[0].read_text(), re.S)
     called.update(re.findall(r'"(\w+)"', loop.group(1)))
-    assert len(called) == 12, sorted(called)
+    assert len(called) == 14, sorted(called)
     assert called <= set(_cpp_defs()), called - set(_cpp_defs())
 
 
@@ -71,7 +76,7 @@ def test_every_extension_op_the_python_fronts_call_is_defined():
 PYTHON_ONLY_ARGS = {"adaln_modulate": ("out_dtype",), "gated_residual_adaln": ("out_dtype",)}
 
 
-@pytest.mark.parametrize("name", sorted(_cpp_defs()))
+@pytest.mark.parametrize("name", sorted(set(_cpp_defs()) - set(BUILDING_BLOCKS)))
 def test_binding_schema_matches_python_op(name):
     """Same argument names, order, types (SymInt == int), no mutation, same returns."""
     cpp = _cpp_defs()[name]
@@ -83,6 +88,16 @@ def test_binding_schema_matches_python_op(name):
         py_args = py_args[:-len(extra)]
     assert _signature(cpp) == (py_args, py_returns), f"\nC++:    {cpp}\nPython: {py}"
     assert not any(w for _, _, w in _signature(cpp)[0]), f"{name} must not mutate its inputs"
+
+
+@pytest.mark.parametrize("name", BUILDING_BLOCKS)
+def test_building_block_calls_match_their_schemas(name):
+    """mlp.py passes the arguments the binding declares, in its order (tensors only, nothing mutated)."""
+    cpp = _cpp_defs()[name]
+    (call,) = re.findall(rf"_lt_ops\(\)\.{name}\(([^)]*)\)", (ROOT / "masked_dit" / "ops" / "mlp.py").read_text())
+    assert [a.strip() for a in call.split(",")] == [a.name for a in cpp.arguments], cpp
+    assert all(str(a.type) == "Tensor" and a.alias_info is None for a in cpp.arguments), cpp
+    assert [str(r.type) for r in cpp.returns] == ["Tensor", "Tensor"], cpp
 
 
 def test_built_extension_registers_the_parsed_ops_with_cuda_kernels():
