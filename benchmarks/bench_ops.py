@@ -11,8 +11,9 @@ Shapes (batch 256, 256 tokens, 128 kept, as in masked DiT training at mask ratio
 Ops: gather_tokens / scatter_tokens (mask token [D]) and their packed varlen forms (kept counts
 vary around 128 per sample), adaln_modulate and gated_residual_adaln over all 256 tokens,
 attention over 256 tokens, attention over the 128 kept tokens with MDT's relative-position
-bias (``positions=ids_keep``), and linear_gelu (the MLP's fc1 + GELU as sampling runs it: forward only,
-cuBLASLt's epilogue on CUDA; TFLOP/s reported).
+bias (``positions=ids_keep``), linear_gelu (the MLP's fc1 + GELU as sampling runs it: forward only,
+cuBLASLt's epilogue on CUDA; TFLOP/s reported) and mlp_gelu (the whole MLP as training runs it: its
+``backend:cuda`` row is the opt-in cuBLASLt epilogue op, ``reference:compile`` Inductor's fused GELU).
 
 Implementations per op, forward and forward+backward:
 
@@ -61,7 +62,7 @@ SIZES = {
     "xl2": dict(B=256, N=256, K=128, D=1152, H=16, grid=16),
 }
 OPS = ("gather_tokens", "scatter_tokens", "gather_tokens_varlen", "scatter_tokens_varlen", "adaln_modulate",
-       "adaln_modulate_to_bf16", "gated_residual_adaln", "attention", "attention_mdt_bias", "linear_gelu")
+       "adaln_modulate_to_bf16", "gated_residual_adaln", "attention", "attention_mdt_bias", "linear_gelu", "mlp_gelu")
 MODES = ("fwd", "fwd+bwd")
 EPS = 1e-6
 
@@ -82,7 +83,8 @@ class Case:
     bytes_bwd: int
     backends: tuple                             # ("dispatch", op names) or ("attention", biased)
     shape: dict = field(default_factory=dict)
-    flops_fwd: float | None = None              # attention only
+    flops_fwd: float | None = None              # attention and the MLP GEMMs
+    flops_bwd_ratio: float = 2.5                # backward FLOPs / forward (attention 2.5, GEMMs 2)
 
     def grad_inputs(self) -> list:
         return [t for t in self.inputs.values() if t.is_floating_point()]
@@ -229,6 +231,18 @@ def build_cases(size: str, dtype: torch.dtype, device: torch.device, wanted) -> 
             bytes_fwd=(B * N * D + 4 * D * D + 4 * D + 4 * B * N * D) * e, bytes_bwd=0,
             backends=("forward_only", "cuBLASLt GELU epilogue" if device.type == "cuda" else "the reference"),
             shape=dict(B=B, L=N, D=D, hidden=4 * D), flops_fwd=2.0 * B * N * D * 4 * D))
+    if "mlp_gelu" in wanted:  # the whole MLP with a derivative (training); its cuda backend is opt-in
+        tokens, weights = B * N * D, 2 * 4 * D * D + 5 * D
+        cases.append(Case(
+            "mlp_gelu", dict(x=rnd(B, N, D), w1=rnd(4 * D, D) * D ** -0.5, b1=rnd(4 * D),
+                             w2=rnd(D, 4 * D) * (4 * D) ** -0.5, b2=rnd(D)),
+            lambda x, w1, b1, w2, b2: ops.mlp_gelu(x, w1, b1, w2, b2),
+            lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2),
+            # forward: x and the weights in, out and the two saved [M, 4D] activations out; backward: dout, x,
+            # the weights and the saved activations in, dx and the weight gradients out
+            bytes_fwd=(2 * tokens + weights + 8 * tokens) * e, bytes_bwd=(3 * tokens + 2 * weights + 8 * tokens) * e,
+            backends=("dispatch", "mlp_gelu"), shape=dict(B=B, L=N, D=D, hidden=4 * D),
+            flops_fwd=2 * 2.0 * B * N * D * 4 * D, flops_bwd_ratio=2.0))
     return cases
 
 
@@ -324,7 +338,7 @@ def measure(case: Case, size: str, device: torch.device, dtype: torch.dtype, arg
             gbps = nbytes / (ms * 1e-3) / 1e9
             row.update(status="ok", reason=None, ms=ms, gbps=gbps, pct_copy_bw=100.0 * gbps / copy_gbps, bytes=nbytes)
             if case.flops_fwd:
-                flops = case.flops_fwd * (3.5 if mode == "fwd+bwd" else 1.0)
+                flops = case.flops_fwd * (1.0 + case.flops_bwd_ratio if mode == "fwd+bwd" else 1.0)
                 row["tflops"] = flops / (ms * 1e-3) / 1e12
             print(f"{size:4s} {case.op:22s} {mode:7s} {impl:20s} {ms:9.4f} ms {gbps:9.1f} GB/s "
                   f"({row['pct_copy_bw']:5.1f}% of copy)", flush=True)

@@ -43,3 +43,18 @@ def test_results_are_written_after_every_op(tmp_path, monkeypatch):
                         "--ops", "gather_tokens,adaln_modulate"])
     (path,) = tmp_path.glob("ops-*.json")
     assert {r["op"] for r in json.loads(path.read_text())["results"]} == {"gather_tokens"}
+
+
+def test_mlp_gelu_case_counts_gemm_flops_and_names_its_backends(tmp_path):
+    path = bench_ops.main(["--size", "toy", "--device", "cpu", "--out-dir", str(tmp_path), "--ops", "mlp_gelu"])
+    rows = json.loads(path.read_text())["results"]
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    for mode in bench_ops.MODES:
+        assert by[("backend:torch", mode)]["status"] == "ok"
+        assert "has no triton backend" in by[("backend:triton", mode)]["reason"]
+        assert by[("backend:cuda", mode)]["status"] == "skipped"
+        ref = by[("reference:eager", mode)]
+        # two GEMMs of 2*M*D*4D each forward; the backward's four GEMMs twice that
+        s = ref["shape"]
+        flops = 2 * 2.0 * s["B"] * s["L"] * s["D"] * s["hidden"] * (3.0 if mode == "fwd+bwd" else 1.0)
+        assert ref["tflops"] == pytest.approx(flops / (ref["ms"] * 1e-3) / 1e12)
