@@ -4,7 +4,7 @@
     python benchmarks/roofline_step.py --size toy --families dit --out-dir /tmp/r      # seconds, for tests
 
 Runs real training steps of bench_train_step's variants (reference, eager, eager_fused, compiled,
-compiled_fused; same models, objectives, step) on the CPU under a TorchDispatchMode that records every
+compiled_fused, compiled_fused_mlp; same models, objectives, step) on the CPU under a TorchDispatchMode that records every
 op below autograd and autocast: its FLOPs (matmul class: torch.utils.flop_counter's formulas;
 attention: our own, below) and its bytes (each input tensor's viewed elements read once, each
 output written once; views and no-op aliases cost 0). The step is set up as the GPU runs it
@@ -14,7 +14,8 @@ counted without running it (:func:`adan_records`), so MDTv2-XL/2 fits on a 24 GB
 ops (torch.ops.masked_dit.*) are one unit at the dispatch level: counted once (inputs read once,
 outputs written once) for eager_fused, as the GPU kernels run them; for eager (torch backend) their
 Python body is traced op by op, as the GPU runs the torch reference. Attention custom ops and
-``linear_gelu`` (a GEMM) stay one unit always (on the GPU: flash/flex, cuBLASLt). Compiled variants
+``linear_gelu`` and ``mlp_gelu`` (GEMMs with cuBLASLt epilogues) stay one unit always (on the GPU:
+flash/flex, cuBLASLt; ``mlp_gelu`` with its GEMMs' FLOPs, taken on the CPU where only its body can run). Compiled variants
 (per-block torch.compile, Inductor on the CPU as a proxy for the GPU's fusion): the blocks' non-matmul
 ops are replaced by the kernels Inductor generated for them (roofline_inductor.py).
 
@@ -53,9 +54,10 @@ from benchmarks import common
 from benchmarks.bench_train_step import (FAMILIES, FLOPS_MASK_RATIO, SIZES, add_reference_args, build_runner,
                                          make_batch, make_optimizer, model_kwargs)
 from benchmarks.reference_style import RECIPES
+from masked_dit.ops import mlp as mlp_ops
 
-VARIANTS = ("reference", "eager", "eager_fused", "compiled", "compiled_fused")
-COMPILED_VARIANTS = ("compiled", "compiled_fused")
+VARIANTS = ("reference", "eager", "eager_fused", "compiled", "compiled_fused", "compiled_fused_mlp")
+COMPILED_VARIANTS = ("compiled", "compiled_fused", "compiled_fused_mlp")
 TOP_OPS = 12  # ops listed per row by bytes moved
 
 
@@ -88,7 +90,11 @@ ATTENTION_OPS = ("_scaled_dot_product", "_flash_attention", "_efficient_attentio
                  "flex_attention", "varlen_attn")
 GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "_convolution", "convolution_backward",
             "cudnn_convolution", "convolution_overrideable", "_slow_conv2d_forward",
-            "masked_dit.linear_gelu"}  # one cuBLASLt GEMM with its GELU epilogue on the GPU
+            "masked_dit.linear_gelu",  # one cuBLASLt GEMM with its GELU epilogue on the GPU
+            # the opt-in training MLP: its GEMMs with GELU, GELU' and fc1's bias gradient in cuBLASLt epilogues.
+            # One unit: the FLOPs of its GEMMs, and the bytes of the op's inputs and outputs, where the GEMMs
+            # also re-read act / dpre (compute-bound GEMMs: a floor term of FLOPs, not of bytes)
+            "masked_dit.mlp_gelu", "masked_dit.mlp_gelu_backward"}
 # Ops the CPU runs in bf16 under autocast where CUDA's autocast runs fp32 (its fp32 list): reported, since
 # such an op moves half the bytes on the CPU. Our residual stream is fp32 anyway (checked in the tests).
 CUDA_AUTOCAST_FP32 = {"native_layer_norm", "_softmax", "_log_softmax", "logsumexp", "group_norm"}
@@ -226,6 +232,8 @@ class RooflineMode(TorchDispatchMode):
             flops = attention_flops(name, args)
         elif name == "masked_dit.linear_gelu":  # x [..., K] @ weight.T -> out [..., N]
             flops = 2.0 * out.numel() * args[0].shape[-1]
+        elif name in ("masked_dit.mlp_gelu", "masked_dit.mlp_gelu_backward"):
+            flops = mlp_gelu_flops(name, args)
         elif cat == "gemm" and func._overloadpacket in flop_registry:
             flops = float(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
         read, written = op_bytes(func, args, kwargs, out)
@@ -419,6 +427,17 @@ def _phased(mode: RooflineMode, fn):
     return wrapper
 
 
+def mlp_gelu_flops(name: str, args) -> float:
+    """fc1 (x [M, K] @ w1.T, w1 [H, K]) and fc2 (w2 [N, H]): 2MH(K + N) forward; the backward's four GEMMs
+    (fc2's input and weight gradients, fc1's) twice that."""
+    if name == "masked_dit.mlp_gelu":
+        x, w1, _b1, w2 = args[:4]
+    else:
+        _dout, x, w1, w2 = args[:4]
+    fwd = 2.0 * x.shape[0] * w1.shape[0] * (w1.shape[1] + w2.shape[0])
+    return fwd if name == "masked_dit.mlp_gelu" else 2.0 * fwd
+
+
 def trace_step(runner, data: dict, tagger=None) -> tuple[list[tuple], int]:
     """One training step under the counting mode: (records, ops CUDA autocast would run in fp32)."""
     mode = RooflineMode(decompose_fused=runner.backend == "torch", tagger=tagger)
@@ -494,10 +513,13 @@ def count_variant(variant: str, family: str, kwargs: dict, base_state: dict | No
         torch.manual_seed(args.seed)
         data = make_batch(family, kwargs, b, device, runner.raw_images)
         t0 = time.perf_counter()
-        if compiled:
-            traces[b], mism, matmuls[b] = trace_compiled_step(runner, data)
-        else:
-            traces[b], mism = trace_step(runner, data)
+        with ExitStack() as stack:
+            if "mlp_gelu" in getattr(runner, "opt_in", ()):  # the CPU has no cuBLASLt: the op runs its torch body, counted as
+                stack.enter_context(mock.patch.object(mlp_ops, "_runs_fused", lambda device_type: True))  # a unit
+            if compiled:
+                traces[b], mism, matmuls[b] = trace_compiled_step(runner, data)
+            else:
+                traces[b], mism = trace_step(runner, data)
         seconds += time.perf_counter() - t0
         mismatch = max(mismatch, mism)
     if compiled:

@@ -1,6 +1,7 @@
 // fc1 + GELU(tanh) and its backward as cuBLASLt GEMMs with epilogues; see mlp_gemm.h for the layouts.
 #include "kernels/mlp_gemm.h"
 
+#include <cstdint>
 #include <mutex>
 
 namespace masked_dit {
@@ -41,8 +42,18 @@ struct Gemm {
   const void* aux;   // the pre-activation [m x n], leading dimension m: written or read
 };
 
+// The largest power of two (at most 256) that divides the address: the heuristic assumes 256-byte aligned
+// matrices unless told otherwise, and would pick kernels a view at a smaller offset cannot run.
+uint32_t alignment(const void* ptr) {
+  const auto address = reinterpret_cast<uintptr_t>(ptr);
+  uint32_t align = 256;
+  while (align > 1 && address % align != 0) align /= 2;
+  return align;
+}
+
 cublasStatus_t run(cublasLtHandle_t handle, Dtype dtype, const Gemm& g, void* workspace, size_t workspace_size,
                    cudaStream_t stream) {
+  if (reinterpret_cast<uintptr_t>(workspace) % 256 != 0) return CUBLAS_STATUS_INVALID_VALUE;  // cuBLAS needs 256
   const cudaDataType_t type = dtype == Dtype::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
   MatmulDesc op;
   MASKED_DIT_LT_TRY(cublasLtMatmulDescCreate(&op.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -68,6 +79,15 @@ cublasStatus_t run(cublasLtHandle_t handle, Dtype dtype, const Gemm& g, void* wo
   MASKED_DIT_LT_TRY(cublasLtMatmulPreferenceCreate(&pref.desc));
   MASKED_DIT_LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.desc, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                          &workspace_size, sizeof(workspace_size)));
+  const uint32_t align_a = alignment(g.a), align_b = alignment(g.b), align_d = alignment(g.d);
+  MASKED_DIT_LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.desc, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                         &align_a, sizeof(align_a)));
+  MASKED_DIT_LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.desc, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                         &align_b, sizeof(align_b)));
+  MASKED_DIT_LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.desc, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                         &align_d, sizeof(align_d)));  // C is D (beta 0)
+  MASKED_DIT_LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.desc, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                         &align_d, sizeof(align_d)));
   cublasLtMatmulHeuristicResult_t best = {};
   int found = 0;
   MASKED_DIT_LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, op.desc, a.desc, b.desc, d.desc, d.desc, pref.desc, 1,

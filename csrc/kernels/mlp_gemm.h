@@ -16,8 +16,9 @@
 // its n columns (the M tokens). The dgrad is (w2 viewed H x N) * (dout viewed N x M): m = H,
 // n = M, k = N, no transposes.
 // Both return the first failing cublasStatus_t (CUBLAS_STATUS_NOT_SUPPORTED when the heuristic
-// offers no algorithm, e.g. misaligned pointers). The aux leading dimension H must be a multiple
-// of 8; callers also keep K, N, H multiples of 8 and pointers 16-byte aligned (the fast kernels).
+// offers no algorithm for these operands; the heuristic is told each matrix pointer's actual
+// alignment). The aux leading dimension H must be a multiple of 8; callers also keep K, N, H
+// multiples of 8 and pointers 16-byte aligned (the fast kernels); the workspace 256-byte aligned.
 #pragma once
 
 #include <cstddef>

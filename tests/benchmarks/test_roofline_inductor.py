@@ -72,10 +72,10 @@ def test_compiled_toy_step_counts_inductor_kernels_for_the_blocks():
     base = build("dit", **kwargs)
     analytic = flops_per_image(base, mask_ratio=FLOPS_MASK_RATIO.get("dit", 0.0), training=True)
     rows = {}
-    for variant in ("eager_fused", "compiled_fused", "compiled"):
+    for variant in ("eager_fused", "compiled_fused", "compiled", "compiled_fused_mlp"):
         c = R.count_variant(variant, "dit", kwargs, base.state_dict(), [2, 3], args)
         rows[variant] = R.make_row(name, "dit", "toy", variant, c, analytic, 256, "h100")
-    for variant in ("compiled_fused", "compiled"):
+    for variant in ("compiled_fused", "compiled", "compiled_fused_mlp"):
         row = rows[variant]
         m = row["in_block_matmuls"]
         assert m["eager"] == m["inductor"] > 0, m  # both counts describe the same step
@@ -89,3 +89,9 @@ def test_compiled_toy_step_counts_inductor_kernels_for_the_blocks():
     assert rows["compiled_fused"]["bytes_per_image"]["fused_ops"] == \
         pytest.approx(rows["eager_fused"]["bytes_per_image"]["fused_ops"], rel=0.05)
     assert rows["compiled"]["bytes_per_image"]["fused_ops"] == 0
+    # the opt-in MLP op: its GEMMs counted whole (the same matmul FLOPs: its FLOPs are counted, the CPU body's
+    # matmuls are not), the GELU passes gone from the compiled blocks
+    nonmatmul = lambda r: sum(v for c, v in r["bytes_per_image"].items() if c not in R.MATMUL)  # noqa: E731
+    mlp, fused = rows["compiled_fused_mlp"], rows["compiled_fused"]
+    assert mlp["counted_matmul_flops_per_image"] == pytest.approx(fused["counted_matmul_flops_per_image"], rel=1e-6)
+    assert nonmatmul(mlp) < nonmatmul(fused)
