@@ -143,7 +143,7 @@ def select(op: str, device_type: str) -> tuple[str, str]:
             if backend not in impls:
                 continue
             if (op, backend) in _OPT_IN_ONLY and _forward_name(op) not in opted_in():
-                skipped.append(f"{backend} is opt-in: {OPT_IN_ENV_VAR}={op}")
+                skipped.append(f"{backend} is opt-in: {OPT_IN_ENV_VAR}={_forward_name(op)}")
                 continue
             ok, why = availability(backend, device_type)
             if ok:
