@@ -39,7 +39,7 @@ def reference(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tens
 # ----------------------------------------------------------------------------------------
 
 def _linear_grads(dout, x, w1, act, dpre, db1):
-    """The four plain GEMMs and fc2's bias gradient, shared by both backends."""
+    """What follows dpre in both backends: three plain GEMMs (dx, dw1, dw2) and fc2's bias gradient."""
     return dpre @ w1, dpre.t() @ x, db1, dout.t() @ act, dout.sum(0)
 
 
