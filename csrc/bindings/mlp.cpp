@@ -51,9 +51,16 @@ LtCall prepare(const at::Tensor& like, const char* op) {
   return call;
 }
 
-// x [M, K], w1 [H, K], b1 [H] -> (act, pre) [M, H] each.
-std::tuple<at::Tensor, at::Tensor> linear_gelu_aux(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1) {
+void check_algo(int64_t algo, const char* op) {
+  TORCH_CHECK(algo >= 0 && algo < mlp::kMaxAlgos, "masked_dit_C::", op, ": algo must be in [0, ", mlp::kMaxAlgos,
+              "), got ", algo);
+}
+
+// x [M, K], w1 [H, K], b1 [H] -> (act, pre) [M, H] each; algo: the heuristic's candidate to run (0: its best).
+std::tuple<at::Tensor, at::Tensor> linear_gelu_aux(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                                   int64_t algo) {
   const char* op = "linear_gelu_aux";
+  check_algo(algo, op);
   TORCH_CHECK(x.dim() == 2 && w1.dim() == 2, "masked_dit_C::", op, ": x and w1 must be 2-D, got ", x.sizes(), " and ",
               w1.sizes());
   const int64_t M = x.size(0), K = x.size(1), H = w1.size(0);
@@ -68,15 +75,17 @@ std::tuple<at::Tensor, at::Tensor> linear_gelu_aux(const at::Tensor& x, const at
   if (M == 0) return {act, pre};
   LtCall call = prepare(x, op);
   check_status(mlp::linear_gelu_aux(call.handle, dtype, M, H, K, x.data_ptr(), w1.data_ptr(), b1.data_ptr(),
-                                    act.data_ptr(), pre.data_ptr(), call.workspace.data_ptr(),
+                                    act.data_ptr(), pre.data_ptr(), static_cast<int>(algo), call.workspace.data_ptr(),
                                     static_cast<size_t>(call.workspace.numel()), call.stream),
                op);
   return {act, pre};
 }
 
 // dout [M, N], w2 [N, H], pre [M, H] -> (dpre [M, H], db1 [H]).
-std::tuple<at::Tensor, at::Tensor> dgelu_bgrad(const at::Tensor& dout, const at::Tensor& w2, const at::Tensor& pre) {
+std::tuple<at::Tensor, at::Tensor> dgelu_bgrad(const at::Tensor& dout, const at::Tensor& w2, const at::Tensor& pre,
+                                               int64_t algo) {
   const char* op = "dgelu_bgrad";
+  check_algo(algo, op);
   TORCH_CHECK(dout.dim() == 2 && w2.dim() == 2, "masked_dit_C::", op, ": dout and w2 must be 2-D, got ", dout.sizes(),
               " and ", w2.sizes());
   const int64_t M = dout.size(0), N = dout.size(1), H = w2.size(1);
@@ -91,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> dgelu_bgrad(const at::Tensor& dout, const at:
   at::Tensor db1 = at::empty({H}, dout.options());
   LtCall call = prepare(dout, op);
   check_status(mlp::dgelu_bgrad(call.handle, dtype, M, H, N, dout.data_ptr(), w2.data_ptr(), pre.data_ptr(),
-                                dpre.data_ptr(), db1.data_ptr(), call.workspace.data_ptr(),
+                                dpre.data_ptr(), db1.data_ptr(), static_cast<int>(algo), call.workspace.data_ptr(),
                                 static_cast<size_t>(call.workspace.numel()), call.stream),
                op);
   return {dpre, db1};
@@ -100,8 +109,8 @@ std::tuple<at::Tensor, at::Tensor> dgelu_bgrad(const at::Tensor& dout, const at:
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(masked_dit_C, m) {
-  m.def("linear_gelu_aux(Tensor x, Tensor w1, Tensor b1) -> (Tensor, Tensor)");
-  m.def("dgelu_bgrad(Tensor dout, Tensor w2, Tensor pre) -> (Tensor, Tensor)");
+  m.def("linear_gelu_aux(Tensor x, Tensor w1, Tensor b1, int algo) -> (Tensor, Tensor)");
+  m.def("dgelu_bgrad(Tensor dout, Tensor w2, Tensor pre, int algo) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(masked_dit_C, CUDA, m) {

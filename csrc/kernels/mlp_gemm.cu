@@ -51,8 +51,9 @@ uint32_t alignment(const void* ptr) {
   return align;
 }
 
-cublasStatus_t run(cublasLtHandle_t handle, Dtype dtype, const Gemm& g, void* workspace, size_t workspace_size,
-                   cudaStream_t stream) {
+cublasStatus_t run(cublasLtHandle_t handle, Dtype dtype, const Gemm& g, int algo, void* workspace,
+                   size_t workspace_size, cudaStream_t stream) {
+  if (algo < 0 || algo >= kMaxAlgos) return CUBLAS_STATUS_INVALID_VALUE;
   if (reinterpret_cast<uintptr_t>(workspace) % 256 != 0) return CUBLAS_STATUS_INVALID_VALUE;  // cuBLAS needs 256
   const cudaDataType_t type = dtype == Dtype::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
   MatmulDesc op;
@@ -88,14 +89,15 @@ cublasStatus_t run(cublasLtHandle_t handle, Dtype dtype, const Gemm& g, void* wo
                                                          &align_d, sizeof(align_d)));  // C is D (beta 0)
   MASKED_DIT_LT_TRY(cublasLtMatmulPreferenceSetAttribute(pref.desc, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
                                                          &align_d, sizeof(align_d)));
-  cublasLtMatmulHeuristicResult_t best = {};
+  cublasLtMatmulHeuristicResult_t candidates[kMaxAlgos] = {};
   int found = 0;
-  MASKED_DIT_LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, op.desc, a.desc, b.desc, d.desc, d.desc, pref.desc, 1,
-                                                   &best, &found));
+  MASKED_DIT_LT_TRY(cublasLtMatmulAlgoGetHeuristic(handle, op.desc, a.desc, b.desc, d.desc, d.desc, pref.desc,
+                                                   algo + 1, candidates, &found));
   if (found == 0) return CUBLAS_STATUS_NOT_SUPPORTED;
+  const cublasLtMatmulHeuristicResult_t& chosen = candidates[algo < found ? algo : found - 1];
   const float alpha = 1.0f, beta = 0.0f;  // beta 0: D is write-only, C is D's own layout
   return cublasLtMatmul(handle, op.desc, &alpha, g.a, a.desc, g.b, b.desc, &beta, g.d, d.desc, g.d, d.desc,
-                        &best.algo, workspace, workspace_size, stream);
+                        &chosen.algo, workspace, workspace_size, stream);
 }
 
 constexpr int kMaxDevices = 64;
@@ -122,21 +124,21 @@ cublasStatus_t handle_for_device(int device, cublasLtHandle_t* handle) {
 }
 
 cublasStatus_t linear_gelu_aux(cublasLtHandle_t handle, Dtype dtype, int64_t M, int64_t H, int64_t K,
-                               const void* x, const void* w1, const void* b1, void* act, void* pre,
+                               const void* x, const void* w1, const void* b1, void* act, void* pre, int algo,
                                void* workspace, size_t workspace_size, cudaStream_t stream) {
   if (M <= 0 || H <= 0 || K <= 0) return CUBLAS_STATUS_INVALID_VALUE;
   const Gemm g{CUBLAS_OP_T, CUBLAS_OP_N, /*m=*/H, /*n=*/M, /*k=*/K, w1, /*lda=*/K, x, /*ldb=*/K, act,
                CUBLASLT_EPILOGUE_GELU_AUX_BIAS, b1, pre};
-  return run(handle, dtype, g, workspace, workspace_size, stream);
+  return run(handle, dtype, g, algo, workspace, workspace_size, stream);
 }
 
 cublasStatus_t dgelu_bgrad(cublasLtHandle_t handle, Dtype dtype, int64_t M, int64_t H, int64_t N,
-                           const void* dout, const void* w2, const void* pre, void* dpre, void* db1,
+                           const void* dout, const void* w2, const void* pre, void* dpre, void* db1, int algo,
                            void* workspace, size_t workspace_size, cudaStream_t stream) {
   if (M <= 0 || H <= 0 || N <= 0) return CUBLAS_STATUS_INVALID_VALUE;
   const Gemm g{CUBLAS_OP_N, CUBLAS_OP_N, /*m=*/H, /*n=*/M, /*k=*/N, w2, /*lda=*/H, dout, /*ldb=*/N, dpre,
                CUBLASLT_EPILOGUE_DGELU_BGRAD, db1, pre};
-  return run(handle, dtype, g, workspace, workspace_size, stream);
+  return run(handle, dtype, g, algo, workspace, workspace_size, stream);
 }
 
 }  // namespace mlp

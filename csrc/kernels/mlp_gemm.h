@@ -39,12 +39,16 @@ size_t workspace_bytes(int device);
 // the library is thread safe with a shared handle when every call brings its own workspace).
 cublasStatus_t handle_for_device(int device, cublasLtHandle_t* handle);
 
+// `algo`: which of the heuristic's candidates to run, best first (0); past the last one offered, the last.
+// The first is not always the fastest for epilogue GEMMs (flash-attn found some slow): a GPU picks by timing.
+constexpr int kMaxAlgos = 8;
+
 cublasStatus_t linear_gelu_aux(cublasLtHandle_t handle, Dtype dtype, int64_t M, int64_t H, int64_t K,
-                               const void* x, const void* w1, const void* b1, void* act, void* pre,
+                               const void* x, const void* w1, const void* b1, void* act, void* pre, int algo,
                                void* workspace, size_t workspace_size, cudaStream_t stream);
 
 cublasStatus_t dgelu_bgrad(cublasLtHandle_t handle, Dtype dtype, int64_t M, int64_t H, int64_t N,
-                           const void* dout, const void* w2, const void* pre, void* dpre, void* db1,
+                           const void* dout, const void* w2, const void* pre, void* dpre, void* db1, int algo,
                            void* workspace, size_t workspace_size, cudaStream_t stream);
 
 }  // namespace mlp

@@ -19,6 +19,8 @@ There is no Triton backend: Inductor's ``max-autotune`` GEMM templates are that 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -28,6 +30,8 @@ from masked_dit.ops.linear_gelu import linear_input_dtype
 
 OP = "mlp_gelu"
 _LT_DTYPES = (torch.bfloat16, torch.float16)
+ALGO_ENV_VAR = "MASKED_DIT_LT_ALGO"  # which of cuBLASLt's heuristic candidates the epilogue GEMMs run
+MAX_ALGOS = 8                        # csrc/kernels/mlp_gemm.h kMaxAlgos
 
 
 def reference(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
@@ -64,6 +68,15 @@ def _cublaslt_ok(*tensors: Tensor) -> bool:
             and all(t.is_contiguous() and t.shape[-1] % 8 == 0 and t.data_ptr() % 16 == 0 for t in tensors))
 
 
+def lt_algo() -> int:
+    """``MASKED_DIT_LT_ALGO`` (default 0: the heuristic's first choice, not always the fastest for epilogue
+    GEMMs; ``bench_ops.py --ops mlp_gelu`` under each value finds the best on a GPU)."""
+    value = os.environ.get(ALGO_ENV_VAR, "0").strip() or "0"
+    if not value.isdigit() or int(value) >= MAX_ALGOS:
+        raise ValueError(f"{ALGO_ENV_VAR}={value!r} is not a cuBLASLt candidate index; valid: 0..{MAX_ALGOS - 1}")
+    return int(value)
+
+
 def _lt_ops():
     """The extension's cuBLASLt ops (a function, so that CPU tests can stand in for them)."""
     return torch.ops.masked_dit_C
@@ -73,7 +86,7 @@ def _lt_ops():
 def _mlp_gelu_cuda(x, w1, b1, w2, b2):
     if not _cublaslt_ok(x, w1, b1, w2):
         return _mlp_gelu_torch(x, w1, b1, w2, b2)
-    act, pre = _lt_ops().linear_gelu_aux(x, w1, b1)
+    act, pre = _lt_ops().linear_gelu_aux(x, w1, b1, lt_algo())
     return F.linear(act, w2, b2), pre, act
 
 
@@ -82,7 +95,7 @@ def _mlp_gelu_backward_cuda(dout, x, w1, w2, pre, act):
     dout = dout.contiguous()
     if not _cublaslt_ok(dout, w2, pre):
         return _mlp_gelu_backward_torch(dout, x, w1, w2, pre, act)
-    dpre, db1 = _lt_ops().dgelu_bgrad(dout, w2, pre)
+    dpre, db1 = _lt_ops().dgelu_bgrad(dout, w2, pre, lt_algo())
     return _linear_grads(dout, x, w1, act, dpre, db1)
 
 

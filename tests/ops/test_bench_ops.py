@@ -59,8 +59,11 @@ def test_unavailable_backends_reported_as_skipped(toy_results):
     cuda_rows = [r for r in rows if r["impl"] == "backend:cuda"]
     assert cuda_rows and all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in cuda_rows)
     triton_ok, _ = dispatch.availability("triton", "cpu")  # TRITON_INTERPRET=1 from tests/conftest.py
-    triton_rows = [r for r in rows if r["impl"] == "backend:triton"]
-    assert all((r["status"] == "ok") == triton_ok for r in triton_rows)
+    triton_rows = [r for r in rows if r["impl"] == "backend:triton" and r["op"] != "mlp_gelu"]
+    assert triton_rows and all((r["status"] == "ok") == triton_ok for r in triton_rows)
+    # an op without a Triton backend (the MLP: Inductor's GEMM templates are that) says so
+    (mlp,) = [r for r in rows if r["impl"] == "backend:triton" and r["op"] == "mlp_gelu" and r["mode"] == "fwd"]
+    assert mlp["status"] == "skipped" and mlp["reason"] == "op 'mlp_gelu' has no triton backend"
     compiled = [r for r in rows if r["impl"] == "reference:compile"]
     assert compiled and all(r["status"] == "skipped" for r in compiled)  # off on CPU by default
 

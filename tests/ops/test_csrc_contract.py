@@ -94,9 +94,11 @@ def test_binding_schema_matches_python_op(name):
 def test_building_block_calls_match_their_schemas(name):
     """mlp.py passes the arguments the binding declares, in its order (tensors only, nothing mutated)."""
     cpp = _cpp_defs()[name]
-    (call,) = re.findall(rf"_lt_ops\(\)\.{name}\(([^)]*)\)", (ROOT / "masked_dit" / "ops" / "mlp.py").read_text())
-    assert [a.strip() for a in call.split(",")] == [a.name for a in cpp.arguments], cpp
-    assert all(str(a.type) == "Tensor" and a.alias_info is None for a in cpp.arguments), cpp
+    (call,) = re.findall(rf"_lt_ops\(\)\.{name}\((.*)\)\s*$", (ROOT / "masked_dit" / "ops" / "mlp.py").read_text(), re.M)
+    # the last argument is the heuristic candidate, read by lt_algo()
+    assert [a.strip() for a in call.split(",")] == [a.name for a in cpp.arguments[:-1]] + ["lt_algo()"], cpp
+    assert [str(a.type) for a in cpp.arguments] == ["Tensor"] * 3 + ["int"], cpp
+    assert all(a.alias_info is None for a in cpp.arguments), cpp
     assert [str(r.type) for r in cpp.returns] == ["Tensor", "Tensor"], cpp
 
 

@@ -69,13 +69,13 @@ class _LtStandIn:
     def __init__(self):
         self.calls = []
 
-    def linear_gelu_aux(self, x, w1, b1):
-        self.calls.append("linear_gelu_aux")
+    def linear_gelu_aux(self, x, w1, b1, algo):
+        self.calls.append(("linear_gelu_aux", algo))
         pre = F.linear(x.float(), w1.float(), b1.float())
         return F.gelu(pre, approximate="tanh").to(x.dtype), pre.to(x.dtype)
 
-    def dgelu_bgrad(self, dout, w2, pre):
-        self.calls.append("dgelu_bgrad")
+    def dgelu_bgrad(self, dout, w2, pre, algo):
+        self.calls.append(("dgelu_bgrad", algo))
         dpre = torch.ops.aten.gelu_backward(dout.float() @ w2.float(), pre.float(), approximate="tanh")
         return dpre.to(dout.dtype), dpre.sum(0).to(dout.dtype)
 
@@ -90,7 +90,7 @@ def test_cuda_backend_glue_with_a_stand_in_for_the_extension(monkeypatch):
     weights = [w.detach() for w in _weights(dtype=torch.bfloat16)]
     out, pre, act = mlp_op._mlp_gelu_cuda(x, *weights)
     grads = mlp_op._mlp_gelu_backward_cuda(dout.t().contiguous().t(), x, weights[0], weights[2], pre, act)
-    assert lt.calls == ["linear_gelu_aux", "dgelu_bgrad"]
+    assert lt.calls == [("linear_gelu_aux", 0), ("dgelu_bgrad", 0)]
     ref_out, ref_grads = _grads(mlp_op.reference, x.double(), [w.double() for w in weights], dout.double())
     for got, ref in zip([out, *grads], [ref_out, *ref_grads]):
         assert got.dtype == torch.bfloat16 and got.shape == ref.shape
@@ -102,6 +102,13 @@ def test_cuda_backend_glue_with_a_stand_in_for_the_extension(monkeypatch):
     mlp_op._mlp_gelu_backward_cuda(dout.float(), x.float(), weights[0].float(), weights[2].float(), pre.float(),
                                    act.float())
     assert lt.calls == []
+    # the heuristic candidate to run comes from the environment, checked in one line
+    monkeypatch.setenv(mlp_op.ALGO_ENV_VAR, "3")
+    mlp_op._mlp_gelu_cuda(x, *weights)
+    assert lt.calls == [("linear_gelu_aux", 3)]
+    monkeypatch.setenv(mlp_op.ALGO_ENV_VAR, "8")
+    with pytest.raises(ValueError, match=r"MASKED_DIT_LT_ALGO='8' is not a cuBLASLt candidate index; valid: 0\.\.7"):
+        mlp_op._mlp_gelu_cuda(x, *weights)
 
 
 def test_custom_op_registrations():
