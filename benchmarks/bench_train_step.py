@@ -331,6 +331,14 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
     fused = "fused" in variant
     fsdp = variant.endswith("fsdp")
     opt_in = ("mlp_gelu",) if variant.endswith("_mlp") else ()
+    if opt_in:  # the row says what ran: on a GPU without the extension it would be compiled_fused's step
+        from masked_dit.ops import dispatch
+
+        with ops_backend("auto", opt_in):
+            backend, why = dispatch.select("mlp_gelu", device.type)
+        if device.type == "cuda" and backend != "cuda":
+            raise VariantSkipped(f"the cuBLASLt MLP cannot run here: {why}")
+        info["mlp_gelu_backend"] = f"{backend} ({why})"
     info.update(ops_backend=("auto" if fused else "torch") + "".join(f" + {op} (opt-in)" for op in opt_in),
                 optimizer=recipe["optimizer"],
                 attention=attention_choice(device, kwargs, "auto" if fused else "torch"))

@@ -12,7 +12,7 @@ kernels=(csrc/kernels/*.cu)
 CUDA_HOME_NVCC=$(dirname "$(dirname "$(readlink -f "$(command -v "$NVCC")")")")
 # cuBLASLt's headers (mlp_gemm.cu): the toolkit's, a pip install's, or (CI: nvcc without cuBLAS) fetched
 # once from the nvidia-cublas wheel into ~/.cache/masked-dit; a folder of the cuBLAS headers alone
-cublas_inc=$(python tools/cublas_headers.py --cuda-home "$CUDA_HOME_NVCC" --build-dir "$out" --download)
+cublas_inc=$(python tools/cublas_headers.py --cuda-home "$CUDA_HOME_NVCC" --build-dir "$out" --download --nvcc "$NVCC")
 cublas_flag=(); [ -n "$cublas_inc" ] && cublas_flag=(-I"$cublas_inc")
 # the flags torch's CUDAExtension adds to every nvcc call (-D__CUDA_NO_HALF_OPERATORS__ and friends):
 # without them half/bfloat16 operators and implicit conversions compile here but break setup.py

@@ -5,7 +5,7 @@ the device image) has them under site-packages/nvidia/<cu13|cu12|cublas>/. Those
 also hold CUDA runtime headers of another minor version than nvcc's, so the build never puts them
 on the include path: it gets a folder with links to the cuBLAS headers alone.
 
-    python tools/cublas_headers.py [--cuda-home DIR] [--download]   # prints the folder to add ('' if none needed)
+    python tools/cublas_headers.py [--cuda-home DIR] [--download [--nvcc NVCC]]   # the folder to add ('' if none)
 
 ``--download`` (CI, which has nvcc but no cuBLAS): when nothing is installed, fetch the
 nvidia-cublas wheel of nvcc's CUDA major version with pip and keep only its headers, in a cache.
@@ -37,8 +37,11 @@ def _package_roots() -> list[str]:
 
 
 def _link_headers(include: str, out: str) -> str:
-    """``out`` with a link to each cuBLAS header of ``include`` (and nothing else)."""
+    """``out`` with a link to each cuBLAS header of ``include`` (and nothing else: links an earlier build
+    left there go first)."""
     os.makedirs(out, exist_ok=True)
+    for old in glob.glob(os.path.join(out, "*.h")):
+        os.remove(old)
     for src in glob.glob(os.path.join(include, "cublas*.h")):
         dst = os.path.join(out, os.path.basename(src))
         if os.path.lexists(dst):
@@ -57,31 +60,40 @@ def nvcc_cuda_major(nvcc: str = "nvcc") -> int | None:
 
 
 def _download_headers(major: int, cache: str) -> str:
-    """The cuBLAS headers of the nvidia-cublas wheel for CUDA ``major``, extracted into ``cache``."""
+    """The cuBLAS headers of the nvidia-cublas wheel for CUDA ``major``, extracted into ``cache`` (a folder
+    of its own per run, renamed into place: concurrent runs sharing the cache each finish or find it done)."""
     out = os.path.join(cache, f"cublas-cu{major}-include")
     if os.path.isfile(os.path.join(out, HEADER)):
         return out
     package = "nvidia-cublas" if major >= 13 else f"nvidia-cublas-cu{major}"
-    with tempfile.TemporaryDirectory() as tmp:
+    os.makedirs(cache, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", tmp,
                f"{package}=={major}.*"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = glob.glob(os.path.join(tmp, "*.whl"))
         if done.returncode != 0 or not wheels:
-            raise SystemExit(f"cublas_headers: `{' '.join(cmd[2:])}` failed: {done.stderr.strip().splitlines()[-1:]}")
-        os.makedirs(out + ".part", exist_ok=True)
+            last = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise SystemExit(f"cublas_headers: `pip download {package}=={major}.*` failed: {last}")
+        part = os.path.join(tmp, "include")
+        os.makedirs(part)
         with zipfile.ZipFile(wheels[0]) as whl:
             for name in whl.namelist():
                 if re.fullmatch(r"nvidia/[^/]+/include/cublas[^/]*\.h", name):
-                    with open(os.path.join(out + ".part", os.path.basename(name)), "wb") as f:
+                    with open(os.path.join(part, os.path.basename(name)), "wb") as f:
                         f.write(whl.read(name))
-    if not os.path.isfile(os.path.join(out + ".part", HEADER)):
-        raise SystemExit(f"cublas_headers: the {package} wheel has no {HEADER}")
-    os.replace(out + ".part", out)
+        if not os.path.isfile(os.path.join(part, HEADER)):
+            raise SystemExit(f"cublas_headers: the {package} wheel has no {HEADER}")
+        try:
+            os.rename(part, out)
+        except OSError:  # another run put it there first
+            if not os.path.isfile(os.path.join(out, HEADER)):
+                raise
     return out
 
 
-def include_dir(cuda_home: str | None, build_dir: str, download: bool = False, cache: str | None = None) -> str:
+def include_dir(cuda_home: str | None, build_dir: str, download: bool = False, cache: str | None = None,
+                nvcc: str = "nvcc") -> str:
     """'' when the toolkit at ``cuda_home`` has the headers, else a folder holding only them.
     Raises SystemExit with one line when they are nowhere to be found."""
     if cuda_home and os.path.isfile(os.path.join(cuda_home, "include", HEADER)):
@@ -90,9 +102,9 @@ def include_dir(cuda_home: str | None, build_dir: str, download: bool = False, c
     if roots:
         return _link_headers(os.path.join(roots[0], "include"), os.path.join(build_dir, "cublas_include"))
     if download:
-        major = nvcc_cuda_major()
+        major = nvcc_cuda_major(nvcc)
         if major is None:
-            raise SystemExit("cublas_headers: no nvcc to read the CUDA version from")
+            raise SystemExit(f"cublas_headers: no {nvcc} to read the CUDA version from")
         return _download_headers(major, cache or os.path.join(os.path.expanduser("~"), ".cache", "masked-dit"))
     raise SystemExit(f"masked-dit: {HEADER} not found in {cuda_home or 'CUDA_HOME (unset)'}/include nor in a pip "
                      "nvidia-cublas package; install one (pip install nvidia-cublas) or set MASKED_DIT_BUILD_EXT=0")
@@ -117,9 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cuda-home", default=os.environ.get("CUDA_HOME"))
     parser.add_argument("--build-dir", default=None, help="where the header links go (default: a temp folder)")
     parser.add_argument("--download", action="store_true", help="fetch the headers when none are installed")
+    parser.add_argument("--nvcc", default="nvcc", help="the nvcc whose CUDA version the fetched headers match")
     args = parser.parse_args(argv)
     build_dir = args.build_dir or tempfile.mkdtemp(prefix="masked-dit-cublas-")
-    print(include_dir(args.cuda_home, build_dir, download=args.download))
+    print(include_dir(args.cuda_home, build_dir, download=args.download, nvcc=args.nvcc))
 
 
 if __name__ == "__main__":

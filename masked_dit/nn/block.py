@@ -96,7 +96,7 @@ class Mlp(nn.Module):
     def forward(self, x):
         if not needs_grad(x, self.fc1.weight, self.fc1.bias):
             return self.fc2(ops.linear_gelu(x, self.fc1.weight, self.fc1.bias))
-        if ops.mlp_gelu_is_fused(x.device):
+        if ops.mlp_gelu_is_fused(x, self.fc1.weight, self.fc2.weight):
             return ops.mlp_gelu(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))  # the modules themselves, as hooks and wrappers expect
 

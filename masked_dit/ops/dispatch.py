@@ -33,8 +33,9 @@ _OPT_IN_ONLY: set[tuple[str, str]] = set()  # (op, backend) pairs that auto take
 # The contexts' stacks are process-wide, not thread-local: autograd runs CUDA backward ops on its own
 # device threads, which must see the caller's choice (with thread-local stacks every GPU backward
 # silently ran the default backend; CPU backward runs on the calling thread and did not show it).
-_requests: list[str] = []
-_opt_ins: list[tuple[str, ...]] = []
+# Each context removes its own entry (by identity), so contexts of overlapping threads cannot pop another's.
+_requests: list[list[str]] = []
+_opt_ins: list[list[str]] = []
 
 
 def register(op: str, backend: str, auto: bool = True) -> Callable[[Callable], Callable]:
@@ -54,7 +55,7 @@ def register(op: str, backend: str, auto: bool = True) -> Callable[[Callable], C
 def requested() -> str:
     """The backend asked for right now (context manager first, then the environment)."""
     if _requests:
-        return _requests[-1]
+        return _requests[-1][0]
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in CHOICES:
         raise ValueError(f"{ENV_VAR}={value!r} is not a backend; valid: {', '.join(CHOICES)}")
@@ -66,11 +67,12 @@ def use_backend(name: str) -> Iterator[None]:
     """``with use_backend("triton"): ...`` forces a backend for ops called inside."""
     if name not in CHOICES:
         raise ValueError(f"unknown backend {name!r}; valid: {', '.join(CHOICES)}")
-    _requests.append(name)
+    entry = [name]  # a new object per context, whatever its contents
+    _requests.append(entry)
     try:
         yield
     finally:
-        _requests.pop()
+        _remove(_requests, entry)
 
 
 def _forward_name(op: str) -> str:
@@ -78,9 +80,17 @@ def _forward_name(op: str) -> str:
     return op[: -len("_backward")] if op.endswith("_backward") else op
 
 
+def _opt_in_ops() -> set[str]:
+    return {_forward_name(op) for op, _ in _OPT_IN_ONLY}
+
+
 def opted_in() -> frozenset[str]:
     """Ops whose opt-in backends ``auto`` may pick right now (contexts, then the environment)."""
-    names = {n.strip() for n in os.environ.get(OPT_IN_ENV_VAR, "").split(",") if n.strip()}
+    names = {n.strip().lower() for n in os.environ.get(OPT_IN_ENV_VAR, "").split(",") if n.strip()}
+    unknown = sorted(names - _opt_in_ops())
+    if unknown:
+        raise ValueError(f"{OPT_IN_ENV_VAR} names {', '.join(map(repr, unknown))}, which has no opt-in backend; "
+                         f"ops that have one: {', '.join(sorted(_opt_in_ops()))}")
     for ops in _opt_ins:
         names.update(ops)
     return frozenset(names)
@@ -89,16 +99,25 @@ def opted_in() -> frozenset[str]:
 @contextlib.contextmanager
 def opt_in(*ops: str) -> Iterator[None]:
     """``with opt_in("mlp_gelu"): ...`` lets ``auto`` pick the opt-in backends of ``ops`` inside."""
-    known = {_forward_name(op) for op, _ in _OPT_IN_ONLY}
+    known = _opt_in_ops()
     unknown = [op for op in ops if op not in known]
     if unknown:
         raise ValueError(f"no opt-in backend for {', '.join(map(repr, unknown))}; ops that have one: "
                          f"{', '.join(sorted(known))}")
-    _opt_ins.append(tuple(ops))
+    entry = list(ops)  # a new object per context, whatever its contents
+    _opt_ins.append(entry)
     try:
         yield
     finally:
-        _opt_ins.pop()
+        _remove(_opt_ins, entry)
+
+
+def _remove(stack: list, entry) -> None:
+    """Drops ``entry`` itself (the last element that *is* it), wherever other contexts left theirs."""
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is entry:
+            del stack[i]
+            return
 
 
 def triton_importable() -> bool:
@@ -177,6 +196,11 @@ def inline_reference(op: str, device: torch.device) -> bool:
     reference's separate kernels inside the graph; inline, Inductor fuses it with its neighbours.
     Decided when the graph is traced (the backend request of that moment, without a guard)."""
     return torch.compiler.is_compiling() and _selects_torch(op, device.type)
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """``op``'s implementation on ``backend`` as registered (no availability check: the caller chose it)."""
+    return _IMPLS[op][backend]
 
 
 def backends_of(op: str) -> tuple[str, ...]:

@@ -40,11 +40,16 @@ def reference(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tens
 
 # ----------------------------------------------------------------------------------------
 # Backends: forward -> (out, pre, act); backward -> (dx, dw1, db1, dw2, db2). 2-D x [M, K].
+# The backward computes dx only if ``need_x`` and the weight gradients only if ``need_w`` (a frozen
+# MLP: two GEMMs fewer); what it skips it returns as empty tensors.
 # ----------------------------------------------------------------------------------------
 
-def _linear_grads(dout, x, w1, act, dpre, db1):
+def _linear_grads(dout, x, w1, act, dpre, db1, need_x, need_w):
     """What follows dpre in both backends: three plain GEMMs (dx, dw1, dw2) and fc2's bias gradient."""
-    return dpre @ w1, dpre.t() @ x, db1, dout.t() @ act, dout.sum(0)
+    dx = dpre @ w1 if need_x else x.new_empty(0)
+    if not need_w:
+        return (dx, *(x.new_empty(0) for _ in range(4)))
+    return dx, dpre.t() @ x, db1, dout.t() @ act, dout.sum(0)
 
 
 @dispatch.register(OP, "torch")
@@ -55,9 +60,9 @@ def _mlp_gelu_torch(x, w1, b1, w2, b2):
 
 
 @dispatch.register(OP + "_backward", "torch")
-def _mlp_gelu_backward_torch(dout, x, w1, w2, pre, act):
+def _mlp_gelu_backward_torch(dout, x, w1, w2, pre, act, need_x, need_w):
     dpre = torch.ops.aten.gelu_backward(dout @ w2, pre, approximate="tanh")
-    return _linear_grads(dout, x, w1, act, dpre, dpre.sum(0))
+    return _linear_grads(dout, x, w1, act, dpre, dpre.sum(0) if need_w else None, need_x, need_w)
 
 
 def _cublaslt_ok(*tensors: Tensor) -> bool:
@@ -91,21 +96,30 @@ def _mlp_gelu_cuda(x, w1, b1, w2, b2):
 
 
 @dispatch.register(OP + "_backward", "cuda", auto=False)
-def _mlp_gelu_backward_cuda(dout, x, w1, w2, pre, act):
+def _mlp_gelu_backward_cuda(dout, x, w1, w2, pre, act, need_x, need_w):
     dout = dout.contiguous()
     if not _cublaslt_ok(dout, w2, pre):
-        return _mlp_gelu_backward_torch(dout, x, w1, w2, pre, act)
+        return _mlp_gelu_backward_torch(dout, x, w1, w2, pre, act, need_x, need_w)
     dpre, db1 = _lt_ops().dgelu_bgrad(dout, w2, pre, lt_algo())
-    return _linear_grads(dout, x, w1, act, dpre, db1)
+    return _linear_grads(dout, x, w1, act, dpre, db1, need_x, need_w)
 
 
 # ----------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------
 
+def _backend(device_type: str) -> str:
+    """The backend the op runs now: dispatch's choice, or the reference where the requested backend is one
+    the MLP does not have (``triton``: Inductor's GEMM templates are that alternative)."""
+    req = dispatch.requested()
+    if req != "auto" and req not in dispatch.backends_of(OP):
+        return "torch"
+    return dispatch.select(OP, device_type)[0]
+
+
 @torch.library.custom_op("masked_dit::mlp_gelu", mutates_args=())
 def _mlp_gelu_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.impl(OP, x.device)(x, w1, b1, w2, b2)
+    return dispatch.implementation(OP, _backend(x.device.type))(x, w1, b1, w2, b2)
 
 
 @_mlp_gelu_op.register_fake
@@ -115,25 +129,33 @@ def _(x, w1, b1, w2, b2):
 
 
 @torch.library.custom_op("masked_dit::mlp_gelu_backward", mutates_args=())
-def _mlp_gelu_backward_op(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor,
-                          act: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return dispatch.impl(OP + "_backward", x.device)(dout, x, w1, w2, pre, act)
+def _mlp_gelu_backward_op(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, pre: Tensor, act: Tensor, backend: str,
+                          need_x: bool, need_w: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return dispatch.implementation(OP + "_backward", backend)(dout, x, w1, w2, pre, act, need_x, need_w)
 
 
 @_mlp_gelu_backward_op.register_fake
-def _(dout, x, w1, w2, pre, act):
-    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]), w2.new_empty(w2.shape),
-            w2.new_empty(w2.shape[0]))
+def _(dout, x, w1, w2, pre, act, backend, need_x, need_w):
+    if not need_w:
+        return (x.new_empty(x.shape if need_x else 0), *(x.new_empty(0) for _ in range(4)))
+    return (x.new_empty(x.shape if need_x else 0), w1.new_empty(w1.shape), w1.new_empty(w1.shape[0]),
+            w2.new_empty(w2.shape), w2.new_empty(w2.shape[0]))
 
 
 def _setup(ctx, inputs, output):
     x, w1, _b1, w2, _b2 = inputs
     _out, pre, act = output
     ctx.save_for_backward(x, w1, w2, pre, act)
+    # the backward runs the forward's backend, not what a context says when (and on the thread where)
+    # autograd runs it
+    ctx.backend = _backend(x.device.type)
 
 
 def _grad(ctx, dout, _dpre, _dact):  # pre and act are saved activations, never used downstream
-    return _mlp_gelu_backward_op(dout, *ctx.saved_tensors)
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+    need_w = need_w1 or need_b1 or need_w2 or need_b2
+    grads = _mlp_gelu_backward_op(dout, *ctx.saved_tensors, ctx.backend, need_x, need_w)
+    return (grads[0] if need_x else None, *(g if need_w else None for g in grads[1:]))
 
 
 _mlp_gelu_op.register_autograd(_grad, setup_context=_setup)
@@ -145,15 +167,19 @@ _mlp_gelu_op.register_autograd(_grad, setup_context=_setup)
 
 @torch._dynamo.assume_constant_result
 def _runs_fused(device_type: str) -> bool:
-    req = dispatch.requested()
-    if req != "auto" and req not in dispatch.backends_of(OP):  # e.g. "triton": the MLP has none, so the reference
-        return False
-    return dispatch.select(OP, device_type)[0] != "torch"
+    return _backend(device_type) != "torch"
 
 
-def mlp_gelu_is_fused(device: torch.device) -> bool:
-    """Whether :func:`mlp_gelu` on ``device`` runs a fused backend now (else the plain reference)."""
-    return _runs_fused(device.type)
+def _fusable(dtype: torch.dtype, w1: Tensor, w2: Tensor) -> bool:
+    """What the fused backend needs that is known before it runs: half precision, widths a multiple of 8
+    (pointer alignment is checked when it runs). Else the op would run its reference body as one opaque
+    op, where compile could not fuse it."""
+    return dtype in _LT_DTYPES and w1.shape[0] % 8 == 0 and w1.shape[1] % 8 == 0 and w2.shape[0] % 8 == 0
+
+
+def mlp_gelu_is_fused(x: Tensor, w1: Tensor, w2: Tensor) -> bool:
+    """Whether :func:`mlp_gelu` of these operands runs a fused backend now (else the plain reference)."""
+    return _runs_fused(x.device.type) and _fusable(linear_input_dtype(x) or x.dtype, w1, w2)
 
 
 def mlp_gelu(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
@@ -172,7 +198,7 @@ def mlp_gelu(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tenso
             raise ValueError(f"mlp_gelu: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
         if t.device != x.device:
             raise ValueError(f"mlp_gelu: {name} is on {t.device} but x is on {x.device}")
-    if not mlp_gelu_is_fused(x.device):
+    if not mlp_gelu_is_fused(x, w1, w2):
         return reference(x, w1, b1, w2, b2)
     if dtype is not None:
         x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))

@@ -123,6 +123,7 @@ def test_compiled_and_fsdp_variants(train_results_compiled):
     assert rows["compiled"]["ops_backend"] == "torch"
     # the opt-in MLP op is asked for; on the CPU the op has only its reference, so the step is compiled_fused's
     assert rows["compiled_fused_mlp"]["ops_backend"] == "auto + mlp_gelu (opt-in)"
+    assert rows["compiled_fused_mlp"]["mlp_gelu_backend"].startswith("torch (auto: ")
     assert rows["compiled_fused_mlp"]["dynamo"]["graph_breaks"] == 0
     if fsdp_ok:
         assert rows["compiled_fused_fsdp"]["precision"].startswith("FSDP2")

@@ -36,6 +36,7 @@ def _op(x, w1, b1, w2, b2):  # the custom op itself (torch backend on CPU), as t
 def fused(monkeypatch):
     """Make the public function and Mlp take the custom-op path (on CPU: its torch backend)."""
     monkeypatch.setattr(mlp_op, "_runs_fused", lambda device_type: True)
+    monkeypatch.setattr(mlp_op, "_fusable", lambda dtype, w1, w2: True)  # fp32 too (the cuda backend: bf16/fp16)
 
 
 def test_custom_op_gradients_match_autograd_of_the_reference():
@@ -89,7 +90,7 @@ def test_cuda_backend_glue_with_a_stand_in_for_the_extension(monkeypatch):
     x, dout = torch.randn(6, 16, dtype=torch.bfloat16), torch.randn(6, 24, dtype=torch.bfloat16)
     weights = [w.detach() for w in _weights(dtype=torch.bfloat16)]
     out, pre, act = mlp_op._mlp_gelu_cuda(x, *weights)
-    grads = mlp_op._mlp_gelu_backward_cuda(dout.t().contiguous().t(), x, weights[0], weights[2], pre, act)
+    grads = mlp_op._mlp_gelu_backward_cuda(dout.t().contiguous().t(), x, weights[0], weights[2], pre, act, True, True)
     assert lt.calls == [("linear_gelu_aux", 0), ("dgelu_bgrad", 0)]
     ref_out, ref_grads = _grads(mlp_op.reference, x.double(), [w.double() for w in weights], dout.double())
     for got, ref in zip([out, *grads], [ref_out, *ref_grads]):
@@ -100,7 +101,7 @@ def test_cuda_backend_glue_with_a_stand_in_for_the_extension(monkeypatch):
     mlp_op._mlp_gelu_cuda(x.float(), *[w.float() for w in weights])
     mlp_op._mlp_gelu_cuda(x[:, :12], weights[0][:, :12], *weights[1:])
     mlp_op._mlp_gelu_backward_cuda(dout.float(), x.float(), weights[0].float(), weights[2].float(), pre.float(),
-                                   act.float())
+                                   act.float(), True, True)
     assert lt.calls == []
     # the heuristic candidate to run comes from the environment, checked in one line
     monkeypatch.setenv(mlp_op.ALGO_ENV_VAR, "3")
@@ -117,18 +118,19 @@ def test_custom_op_registrations():
     torch.library.opcheck(torch.ops.masked_dit.mlp_gelu.default, (x, w1, b1, w2, b2))
     out, pre, act = torch.ops.masked_dit.mlp_gelu(x, w1, b1, w2, b2)
     dout = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.masked_dit.mlp_gelu_backward.default,
-                          (dout, x, w1.detach(), w2.detach(), pre.detach(), act.detach()),
-                          test_utils=("test_schema", "test_faketensor"))
+    for need_x, need_w in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.masked_dit.mlp_gelu_backward.default,
+                              (dout, x, w1.detach(), w2.detach(), pre.detach(), act.detach(), "torch", need_x, need_w),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_public_function_is_the_reference_where_not_fused():
     torch.manual_seed(0)
     x, weights = torch.randn(2, 5, 16), [w.float() for w in _weights()]
-    assert not ops.mlp_gelu_is_fused(x.device)
+    assert not ops.mlp_gelu_is_fused(x, weights[0], weights[2])
     torch.testing.assert_close(ops.mlp_gelu(x, *weights), mlp_op.reference(x, *weights), rtol=0, atol=0)
     with dispatch.use_backend("triton"):  # the MLP has no Triton backend: the reference, not an error
-        assert not ops.mlp_gelu_is_fused(x.device)
+        assert not ops.mlp_gelu_is_fused(x, weights[0], weights[2])
         torch.testing.assert_close(ops.mlp_gelu(x, *weights), mlp_op.reference(x, *weights), rtol=0, atol=0)
 
 
@@ -141,6 +143,7 @@ def test_fused_path_matches_the_module_path(monkeypatch, shape, autocast):
 
     def run(fused):
         monkeypatch.setattr(mlp_op, "_runs_fused", lambda device_type: fused)
+        monkeypatch.setattr(mlp_op, "_fusable", lambda dtype, w1, w2: True)
         mlp.zero_grad(set_to_none=False)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out, (dx,) = _grads(lambda x: mlp(x), x, [], dout)
@@ -152,6 +155,44 @@ def test_fused_path_matches_the_module_path(monkeypatch, shape, autocast):
     tol = dict(rtol=1e-2, atol=1e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("frozen", ["weights", "input"])
+def test_backward_skips_the_gradients_nobody_needs(fused, monkeypatch, frozen):
+    """A frozen MLP (fine-tuning around it) skips the weight-gradient GEMMs; an input that needs no
+    gradient skips dx. What is computed equals autograd of the reference."""
+    calls = []
+    real = mlp_op._mlp_gelu_backward_torch
+    monkeypatch.setitem(dispatch._IMPLS["mlp_gelu_backward"], "torch",
+                        lambda *a: calls.append(a[-2:]) or real(*a))
+    torch.manual_seed(0)
+    mlp, x = Mlp(16, 64), torch.randn(3, 16, requires_grad=frozen == "weights")
+    if frozen == "weights":
+        mlp.requires_grad_(False)
+    ref = Mlp(16, 64)
+    ref.load_state_dict(mlp.state_dict())
+    ref.requires_grad_(frozen != "weights")
+    x_ref = x.detach().clone().requires_grad_(x.requires_grad)
+    mlp(x).sum().backward()
+    ref.fc2(ref.act(ref.fc1(x_ref))).sum().backward()
+    assert calls == [(frozen == "weights", frozen == "input")]
+    if frozen == "weights":
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        assert all(p.grad is None for p in mlp.parameters())
+    else:
+        for p, q in zip(mlp.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_backward_runs_the_forwards_backend(fused):
+    """The backend is the forward's: a backward under another request (here one the MLP lacks, which made
+    the backward op fail) runs what the forward ran."""
+    mlp, x = Mlp(16, 64), torch.randn(3, 16, requires_grad=True)
+    with dispatch.use_backend("torch"):
+        out = mlp(x)
+    with dispatch.use_backend("triton"):
+        out.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in mlp.parameters())
 
 
 def test_mlp_calls_the_op_only_when_fused(fused, monkeypatch):
@@ -213,12 +254,37 @@ def test_cuda_backend_is_opt_in(monkeypatch):
         with dispatch.use_backend("cuda"):  # asked for by name: runs
             assert dispatch.select(op, "cuda")[0] == "cuda"
     assert dispatch.select("adaln_modulate", "cuda")[0] == "cuda"  # other ops: auto as before
-    monkeypatch.setenv(dispatch.OPT_IN_ENV_VAR, " mlp_gelu , other")
+    monkeypatch.setenv(dispatch.OPT_IN_ENV_VAR, " MLP_gelu ,")
     assert dispatch.select("mlp_gelu_backward", "cuda")[0] == "cuda"
-    assert dispatch.opted_in() == {"mlp_gelu", "other"}
+    assert dispatch.opted_in() == {"mlp_gelu"}
+    monkeypatch.setenv(dispatch.OPT_IN_ENV_VAR, "mlp-gelu")  # a typo is an error, not silently nothing
+    with pytest.raises(ValueError, match="MASKED_DIT_OPT_IN names 'mlp-gelu', which has no opt-in backend; "
+                                         "ops that have one: mlp_gelu"):
+        dispatch.select("mlp_gelu", "cuda")
     with pytest.raises(ValueError, match="no opt-in backend for 'adaln_modulate'; ops that have one: mlp_gelu"):
         with dispatch.opt_in("adaln_modulate"):
             pass
+
+
+def test_overlapping_contexts_of_two_threads_each_remove_their_own(monkeypatch):
+    """Process-wide stacks: a context that ends removes its own entry, not the newest one (thread A's
+    ``torch`` ending while thread B's ``triton`` is open must leave B on ``triton``)."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    b_entered, a_left, seen = threading.Event(), threading.Event(), []
+
+    def thread_b():
+        with dispatch.use_backend("triton"):
+            b_entered.set()
+            a_left.wait(5)
+            seen.append(dispatch.requested())
+
+    b = threading.Thread(target=thread_b)
+    with dispatch.use_backend("torch"):
+        b.start()
+        b_entered.wait(5)
+    a_left.set()
+    b.join()
+    assert seen == ["triton"] and dispatch.requested() == "auto"
 
 
 def test_backend_contexts_reach_other_threads(monkeypatch):
@@ -263,7 +329,7 @@ def test_cuda_epilogues_match_float64(dtype, M, K, H, N):
     assert mlp_op._cublaslt_ok(x, *weights[:3])
     dout = torch.randn(M, N, device="cuda", dtype=dtype)
     with dispatch.opt_in("mlp_gelu"):
-        assert ops.mlp_gelu_is_fused(x.device)
+        assert ops.mlp_gelu_is_fused(x, weights[0], weights[2])
         out, grads = _grads(ops.mlp_gelu, x, weights, dout)
     ref_out, ref_grads = _grads(mlp_op.reference, x.double(), [w.double() for w in weights], dout.double())
     with dispatch.use_backend("torch"):
@@ -288,11 +354,21 @@ def test_cuda_path_under_compile_and_fallbacks():
         compiled = torch.compile(mlp, fullgraph=True)(x)
     # the same cuBLASLt calls, kept whole (other buffer alignments may let the heuristic pick another algorithm)
     torch.testing.assert_close(compiled, eager)
-    # fp32 and widths that are not multiples of 8 run the reference inside the op
+    # fp32 and widths that are not multiples of 8 keep Mlp's own modules (compile fuses those); operands the
+    # op gets that cuBLASLt cannot take (here: misaligned) run the reference inside it
     for mlp_, x_ in ((Mlp(64, 256).cuda(), torch.randn(3, 64, device="cuda")),
                      (Mlp(20, 84).cuda().bfloat16(), torch.randn(3, 20, device="cuda", dtype=torch.bfloat16))):
         with dispatch.opt_in("mlp_gelu"):
+            assert not ops.mlp_gelu_is_fused(x_, mlp_.fc1.weight, mlp_.fc2.weight)
             out = mlp_(x_)
+        with dispatch.use_backend("torch"):
+            torch.testing.assert_close(out, mlp_(x_))
+    mlp_ = Mlp(64, 256).cuda().bfloat16()
+    x_ = torch.randn(3 * 64 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(3, 64)  # a 2-byte offset
+    assert not mlp_op._cublaslt_ok(x_, mlp_.fc1.weight)
+    with dispatch.opt_in("mlp_gelu"):
+        assert ops.mlp_gelu_is_fused(x_, mlp_.fc1.weight, mlp_.fc2.weight)
+        out = mlp_(x_)
         with dispatch.use_backend("torch"):
             torch.testing.assert_close(out, mlp_(x_))
 
