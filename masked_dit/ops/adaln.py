@@ -335,7 +335,7 @@ def _adaln_modulate_grad(ctx, dh, _dmean, _drstd):
     return dx, dshift.to(ctx.shift_dtype), dscale, None, None
 
 
-_adaln_modulate_op.register_autograd(_adaln_modulate_grad, setup_context=_adaln_modulate_setup)
+dispatch.register_autograd_following_request(_adaln_modulate_op, _adaln_modulate_grad, _adaln_modulate_setup)
 
 
 @torch.library.custom_op("masked_dit::gated_residual_adaln", mutates_args=())
@@ -381,7 +381,8 @@ def _gated_residual_adaln_grad(ctx, dr, dh, _dmean, _drstd):
     return dx.to(ctx.x_dtype), dbranch, dgate, dshift.to(ctx.shift_dtype), dscale, None, None
 
 
-_gated_residual_adaln_op.register_autograd(_gated_residual_adaln_grad, setup_context=_gated_residual_adaln_setup)
+dispatch.register_autograd_following_request(_gated_residual_adaln_op, _gated_residual_adaln_grad,
+                                             _gated_residual_adaln_setup)
 
 
 # -----------------------------------------------------------------------------

@@ -112,6 +112,22 @@ def opt_in(*ops: str) -> Iterator[None]:
         _remove(_opt_ins, entry)
 
 
+def register_autograd_following_request(op, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd`` with a backward that runs under the backend request current at the forward:
+    ``with use_backend("triton"): y = op(x)`` then ``y.sum().backward()`` outside it runs the Triton
+    backward, not whatever is requested when (and on whichever thread) autograd runs it. (Compiled graphs
+    call the backward ops directly: they follow the request current when they run.)"""
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.backend_request = requested()
+
+    def grad(ctx, *grads):
+        with use_backend(ctx.backend_request):
+            return backward(ctx, *grads)
+
+    op.register_autograd(grad, setup_context=setup)
+
+
 def _remove(stack: list, entry) -> None:
     """Drops ``entry`` itself (the last element that *is* it), wherever other contexts left theirs."""
     for i in range(len(stack) - 1, -1, -1):

@@ -360,14 +360,16 @@ def _scatter_varlen_backward_bwd(ctx, grad_keep, grad_fill):
     return _scatter_tokens_varlen_op(grad_keep, ids_keep, cu_seqlens, grad_fill, ctx.num_tokens), None, None, None
 
 
-_gather_tokens_op.register_autograd(_gather_bwd, setup_context=_setup_gather)
-_gather_tokens_varlen_op.register_autograd(_gather_varlen_bwd, setup_context=_setup_gather)
-_scatter_tokens_op.register_autograd(_scatter_bwd, setup_context=_setup_scatter)
-_scatter_tokens_varlen_op.register_autograd(_scatter_varlen_bwd, setup_context=_setup_scatter)
-_gather_tokens_backward_op.register_autograd(_gather_backward_bwd, setup_context=_setup_gather_backward)
-_gather_tokens_varlen_backward_op.register_autograd(_gather_varlen_backward_bwd, setup_context=_setup_gather_backward)
-_scatter_tokens_backward_op.register_autograd(_scatter_backward_bwd, setup_context=_setup_scatter_backward)
-_scatter_tokens_varlen_backward_op.register_autograd(_scatter_varlen_backward_bwd, setup_context=_setup_scatter_backward)
+for _op, _bwd, _setup in (
+        (_gather_tokens_op, _gather_bwd, _setup_gather),
+        (_gather_tokens_varlen_op, _gather_varlen_bwd, _setup_gather),
+        (_scatter_tokens_op, _scatter_bwd, _setup_scatter),
+        (_scatter_tokens_varlen_op, _scatter_varlen_bwd, _setup_scatter),
+        (_gather_tokens_backward_op, _gather_backward_bwd, _setup_gather_backward),
+        (_gather_tokens_varlen_backward_op, _gather_varlen_backward_bwd, _setup_gather_backward),
+        (_scatter_tokens_backward_op, _scatter_backward_bwd, _setup_scatter_backward),
+        (_scatter_tokens_varlen_backward_op, _scatter_varlen_backward_bwd, _setup_scatter_backward)):
+    dispatch.register_autograd_following_request(_op, _bwd, _setup)
 
 # -----------------------------------------------------------------------------
 # Public API

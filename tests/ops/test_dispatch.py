@@ -58,3 +58,25 @@ def test_info_lists_every_op():
     assert "torch " in text and "masked_dit._C" in text
     for op in dispatch.registered_ops():
         assert op in text
+
+
+@pytest.mark.parametrize("op", ["adaln_modulate", "gather_tokens"])
+def test_backward_runs_under_the_forwards_request(monkeypatch, op):
+    """``with use_backend(b): y = f(x)`` then ``y.backward()`` outside the block runs b's backward (it ran
+    auto's before: on a GPU the CUDA kernels, on the CPU the reference)."""
+    ok, why = dispatch.availability("triton", "cpu")
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    calls = []
+    real = dispatch._IMPLS[op + "_backward"]["triton"]
+    monkeypatch.setitem(dispatch._IMPLS[op + "_backward"], "triton", lambda *a: calls.append(op) or real(*a))
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    with dispatch.use_backend("triton"):
+        if op == "adaln_modulate":
+            y = ops.adaln_modulate(x, torch.zeros(2, 8), torch.zeros(2, 8))
+        else:
+            y = ops.gather_tokens(x, torch.tensor([[0, 3], [5, 1]]))
+    assert dispatch.requested() == "auto"
+    y.square().sum().backward()
+    assert calls == [op] and x.grad is not None
