@@ -52,6 +52,7 @@ from benchmarks import common
 from benchmarks.reference_style import RelPosBias, gather_tokens as official_gather, modulate
 from masked_dit import ops
 from masked_dit.ops import dispatch
+from masked_dit.ops.mlp import reference as mlp_reference
 
 # the module (masked_dit.ops exports the function under the same name)
 attention_mod = importlib.import_module("masked_dit.ops.attention")
@@ -237,7 +238,7 @@ def build_cases(size: str, dtype: torch.dtype, device: torch.device, wanted) -> 
             "mlp_gelu", dict(x=rnd(B, N, D), w1=rnd(4 * D, D) * D ** -0.5, b1=rnd(4 * D),
                              w2=rnd(D, 4 * D) * (4 * D) ** -0.5, b2=rnd(D)),
             lambda x, w1, b1, w2, b2: ops.mlp_gelu(x, w1, b1, w2, b2),
-            lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2),
+            mlp_reference,  # fc1, GELU, fc2 as the official blocks run them
             # forward: x and the weights in, out and the two saved [M, 4D] activations out; backward: dout, x,
             # the weights and the saved activations in, dx and the weight gradients out
             bytes_fwd=(2 * tokens + weights + 8 * tokens) * e, bytes_bwd=(3 * tokens + 2 * weights + 8 * tokens) * e,

@@ -67,12 +67,8 @@ def use_backend(name: str) -> Iterator[None]:
     """``with use_backend("triton"): ...`` forces a backend for ops called inside."""
     if name not in CHOICES:
         raise ValueError(f"unknown backend {name!r}; valid: {', '.join(CHOICES)}")
-    entry = [name]  # a new object per context, whatever its contents
-    _requests.append(entry)
-    try:
+    with _pushed(_requests, [name]):
         yield
-    finally:
-        _remove(_requests, entry)
 
 
 def _forward_name(op: str) -> str:
@@ -104,36 +100,39 @@ def opt_in(*ops: str) -> Iterator[None]:
     if unknown:
         raise ValueError(f"no opt-in backend for {', '.join(map(repr, unknown))}; ops that have one: "
                          f"{', '.join(sorted(known))}")
-    entry = list(ops)  # a new object per context, whatever its contents
-    _opt_ins.append(entry)
-    try:
+    with _pushed(_opt_ins, list(ops)):
         yield
-    finally:
-        _remove(_opt_ins, entry)
 
 
 def register_autograd_following_request(op, backward: Callable, setup_context: Callable) -> None:
-    """``op.register_autograd`` with a backward that runs under the backend request current at the forward:
-    ``with use_backend("triton"): y = op(x)`` then ``y.sum().backward()`` outside it runs the Triton
-    backward, not whatever is requested when (and on whichever thread) autograd runs it. (Compiled graphs
-    call the backward ops directly: they follow the request current when they run.)"""
+    """``op.register_autograd`` with a backward that runs under the backend request (and opt-ins) current at
+    the forward: ``with use_backend("triton"): y = op(x)`` then ``y.sum().backward()`` outside it runs the
+    Triton backward, not whatever is requested when (and on whichever thread) autograd runs it. (Compiled
+    graphs call the backward ops directly: they follow the request current when they run.)"""
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, output)
-        ctx.backend_request = requested()
+        ctx.backend_request = requested(), tuple(opted_in())
 
     def grad(ctx, *grads):
-        with use_backend(ctx.backend_request):
+        request, ops = ctx.backend_request
+        with use_backend(request), opt_in(*ops):
             return backward(ctx, *grads)
 
     op.register_autograd(grad, setup_context=setup)
 
 
-def _remove(stack: list, entry) -> None:
-    """Drops ``entry`` itself (the last element that *is* it), wherever other contexts left theirs."""
-    for i in range(len(stack) - 1, -1, -1):
-        if stack[i] is entry:
-            del stack[i]
-            return
+@contextlib.contextmanager
+def _pushed(stack: list, entry: list) -> Iterator[None]:
+    """``entry`` on ``stack`` for the block; on exit that entry itself goes (the last element that *is* it),
+    wherever other threads' contexts left theirs. Each context passes a new list, so identity is its own."""
+    stack.append(entry)
+    try:
+        yield
+    finally:
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is entry:
+                del stack[i]
+                break
 
 
 def triton_importable() -> bool:

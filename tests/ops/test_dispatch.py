@@ -80,3 +80,28 @@ def test_backward_runs_under_the_forwards_request(monkeypatch, op):
     assert dispatch.requested() == "auto"
     y.square().sum().backward()
     assert calls == [op] and x.grad is not None
+
+
+def test_backward_sees_the_forwards_request_and_opt_ins(monkeypatch):
+    """The shared mechanism snapshots both parts of a request at the forward: the backend and the opt-ins."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.delenv(dispatch.OPT_IN_ENV_VAR, raising=False)
+    seen = []
+
+    @torch.library.custom_op("masked_dit_test::twice", mutates_args=())
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    twice.register_fake(lambda x: torch.empty_like(x))
+
+    def backward(ctx, grad):
+        seen.append((dispatch.requested(), dispatch.opted_in()))
+        return 2 * grad
+
+    dispatch.register_autograd_following_request(twice, backward, lambda ctx, inputs, output: None)
+    x = torch.ones(3, requires_grad=True)
+    with dispatch.use_backend("torch"), dispatch.opt_in("mlp_gelu"):
+        y = twice(x)
+    y.sum().backward()
+    assert seen == [("torch", {"mlp_gelu"})] and (dispatch.requested(), dispatch.opted_in()) == ("auto", frozenset())
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
