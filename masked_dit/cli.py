@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (default: MDTv2 on the embedded digits)",
-                       description="Train from a preset or a config.json; override any field with --section.key=value.")
+                       description="Train from a preset or a config.json; override any field with "
+                       "--section.key=value (or --section.key value).")
     t.add_argument("--preset", default=None, help=f"named recipe (default {DEFAULT_PRESET}; --list-presets)")
     t.add_argument("--config", help="a config.json (e.g. from a run folder) instead of a preset")
     t.add_argument("--resume", help="'latest' or a checkpoint folder (same as --run.resume=...)")
@@ -559,6 +560,21 @@ def _info(args, _overrides) -> int:
     return info_main([]) or 0
 
 
+def _join_spaced_overrides(argv: list) -> list:
+    """``--section.key value`` -> ``--section.key=value`` (argparse style), when a value follows."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        dotted = a.startswith("--") and "=" not in a and "." in a
+        if dotted and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -568,13 +584,15 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print("masked-dit eval: interrupted", file=sys.stderr)
             return 130
+    if argv[:1] == ["train"]:
+        argv = _join_spaced_overrides(argv)
     args, rest = parser.parse_known_args(argv)
     # Only `train` takes --section.key=value overrides; anything else left over is an error.
     overrides = [a for a in rest if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
     unknown = [a for a in rest if a not in overrides]
     valueless = [a for a in unknown if a.startswith("--") and "." in a and "=" not in a]
     if valueless and args.command == "train":
-        parser.error(f"override {valueless[0]} needs its value after '=': {valueless[0]}=VALUE")
+        parser.error(f"override {valueless[0]} needs a value: {valueless[0]}=VALUE")
     if unknown or (overrides and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     # OSError: a path that is a file where a folder is needed (or the reverse), no permission, ...;

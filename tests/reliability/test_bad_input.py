@@ -550,12 +550,22 @@ def test_bad_input_is_one_line(case, material, tmp_path, capsys):
 
 
 def test_override_without_value_is_argparse_error(capsys):
-    """``--train.steps 3`` (a space, not '='): the error says how to write it."""
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--train.steps", "3"])
-    assert exc.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "masked-dit: error: override --train.steps needs its value after '=': --train.steps=VALUE")
+    """``--train.steps`` with nothing after it: the error says how to write it."""
+    for argv in (["train", "--train.steps"], ["train", "--train.steps", "--run.name=x"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "masked-dit: error: override --train.steps needs a value: --train.steps=VALUE")
+
+
+def test_override_with_a_space_is_taken_as_with_equals(capsys):
+    """``--train.steps 3 --run.name x`` (argparse style) resolves like ``--train.steps=3 --run.name=x``."""
+    assert main(["train", "--train.steps", "3", "--optim.lr", "2e-4", "--print-config"]) == 0
+    spaced = capsys.readouterr().out
+    assert main(["train", "--train.steps=3", "--optim.lr=2e-4", "--print-config"]) == 0
+    assert capsys.readouterr().out == spaced
+    assert '"steps": 3' in spaced
 
 
 def test_unknown_option_is_argparse_error(capsys):
