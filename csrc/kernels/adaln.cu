@@ -353,7 +353,10 @@ static_assert(kMaxD == 32 * kMaxThreads, "with_items covers D up to kMaxD");
 
 int64_t backward_num_chunks(int64_t B, int64_t L, int device) {
   int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 108;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+    (void)cudaGetLastError();  // else the next launch's cudaGetLastError() reports this query's error
+    sms = 108;
+  }
   // a few blocks per SM: enough to hide the per-row block reductions, few partial rows to sum
   const int64_t target = 8 * static_cast<int64_t>(sms);
   const int64_t chunks = (target + std::max<int64_t>(B, 1) - 1) / std::max<int64_t>(B, 1);

@@ -67,10 +67,12 @@ def _mlp_gelu_backward_torch(dout, x, w1, w2, pre, act, need_x, need_w):
 
 def _cublaslt_ok(*tensors: Tensor) -> bool:
     """Whether cuBLASLt's epilogue GEMMs take these operands (else the reference runs): half
-    precision, contiguous, rows of a multiple of 8 elements, 16-byte aligned, at least one row."""
+    precision, contiguous, rows of a multiple of 8 elements, 16-byte aligned, no empty dimension
+    (cuBLASLt refuses a zero width, where the reference gives GELU of the bias)."""
     first = tensors[0]
-    return (first.dtype in _LT_DTYPES and first.shape[0] > 0
-            and all(t.is_contiguous() and t.shape[-1] % 8 == 0 and t.data_ptr() % 16 == 0 for t in tensors))
+    return (first.dtype in _LT_DTYPES
+            and all(t.is_contiguous() and t.numel() > 0 and t.shape[-1] % 8 == 0 and t.data_ptr() % 16 == 0
+                    for t in tensors))
 
 
 def lt_algo() -> int:
@@ -174,7 +176,8 @@ def _fusable(dtype: torch.dtype, w1: Tensor, w2: Tensor) -> bool:
     """What the fused backend needs that is known before it runs: half precision, widths a multiple of 8
     (pointer alignment is checked when it runs). Else the op would run its reference body as one opaque
     op, where compile could not fuse it."""
-    return dtype in _LT_DTYPES and w1.shape[0] % 8 == 0 and w1.shape[1] % 8 == 0 and w2.shape[0] % 8 == 0
+    return (dtype in _LT_DTYPES and w1.numel() > 0 and w2.numel() > 0
+            and w1.shape[0] % 8 == 0 and w1.shape[1] % 8 == 0 and w2.shape[0] % 8 == 0)
 
 
 def mlp_gelu_is_fused(x: Tensor, w1: Tensor, w2: Tensor) -> bool:

@@ -407,3 +407,17 @@ def test_cuda_training_steps_track_the_unfused_ones():
     (fused_losses, fused_w), (losses, w) = train(True), train(False)
     assert fused_losses == pytest.approx(losses, rel=2e-2)
     torch.testing.assert_close(fused_w, w, rtol=2e-2, atol=2e-3)
+
+
+def test_empty_widths_are_not_given_to_cublaslt():
+    """cuBLASLt refuses a zero dimension (an empty tensor's data_ptr is 0, so alignment alone passes it):
+    such operands run the reference, which gives GELU of the bias for K = 0."""
+    bf = dict(dtype=torch.bfloat16)
+    full = (torch.zeros(16, 8, **bf), torch.zeros(32, 8, **bf), torch.zeros(32, **bf), torch.zeros(8, 32, **bf))
+    assert mlp_op._cublaslt_ok(*full)
+    for M, K, H in [(0, 8, 32), (16, 0, 32), (16, 8, 0)]:
+        x, w1, b1 = torch.zeros(M, K, **bf), torch.zeros(H, K, **bf), torch.zeros(H, **bf)
+        assert not mlp_op._cublaslt_ok(x, w1, b1), (M, K, H)
+    assert not mlp_op._fusable(torch.bfloat16, torch.zeros(32, 0, **bf), torch.zeros(8, 32, **bf))
+    assert not mlp_op._fusable(torch.bfloat16, torch.zeros(32, 8, **bf), torch.zeros(0, 32, **bf))
+    assert mlp_op._fusable(torch.bfloat16, full[1], full[3])
