@@ -87,7 +87,7 @@ def _stem_macs(model: nn.Module) -> tuple[int, float]:
     macs = float(n * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1])
     t_mlp = model.t_embedder.mlp
     macs += linear_macs(t_mlp[0], 1) + linear_macs(t_mlp[2], 1)
-    table = model.y_embedder.embedding_table
+    table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)  # None: unconditional
     if isinstance(table, nn.Linear):  # MaskDiT's one-hot labels are a real matmul
         macs += linear_macs(table, 1)
     return n, macs
@@ -121,7 +121,9 @@ def _dit_like(model, keep, masked=None) -> FlopCount:
     # MaskDiT: a decoder (own width) over all tokens after the encoder on kept tokens.
     if getattr(m, "decoder_blocks", None) is not None:
         parts["decoder"] = _final_macs(getattr(m, "decoder_layer", None), k) + _blocks_macs(m.decoder_blocks, n)
-    parts["final"] = _final_macs(m.final_layer, n)
+        parts["final"] = _final_macs(m.final_layer, n)
+    else:  # the head on the kept tokens (MaskDiT without a decoder zero-fills the removed ones after it)
+        parts["final"] = _final_macs(m.final_layer, k)
     return FlopCount(sum(parts.values()), parts)
 
 
@@ -180,18 +182,18 @@ def forward_flops(model: nn.Module | str, mask_ratio: float = 0.0, *, tokens_kep
 def flops_per_image(model: nn.Module | str, mask_ratio: float = 0.0, training: bool = True) -> float:
     """FLOPs per image: a forward, or (``training``) a whole training step ``= 3 x forward``.
 
-    MDT trains with two forwards per step (full and masked, same batch): both are counted, so
-    ``mask_ratio`` is the masked pass's ratio. MaskDiT and the others: one forward at
-    ``mask_ratio``. Frozen networks outside the model (VAE, REPA's DINOv2 encoder) are not counted.
+    MDT trains with two forwards per step (full, and masked with its side-interpolater, same batch):
+    both are counted, so ``mask_ratio`` is the masked pass's ratio (at 0 it keeps every token and still
+    runs the side-interpolater). MaskDiT and the others: one forward at ``mask_ratio``. Frozen networks
+    outside the model (VAE, REPA's DINOv2 encoder) are not counted.
     """
     if isinstance(model, str):
         model = meta_model(model)
-    fwd = forward_flops(model, mask_ratio).flops
     if not training:
-        return fwd
-    if getattr(model, "family", None) in ("mdtv1", "mdtv2") and mask_ratio > 0:
-        fwd += forward_flops(model, 0.0).flops
-    return 3.0 * fwd
+        return forward_flops(model, mask_ratio).flops
+    if getattr(model, "family", None) in ("mdtv1", "mdtv2"):
+        return 3.0 * (forward_flops(model, mask_ratio, masked=True).flops + forward_flops(model, 0.0).flops)
+    return 3.0 * forward_flops(model, mask_ratio).flops
 
 
 class FlopsMixin:

@@ -32,7 +32,7 @@ def training_flops_per_image(model, objective_cfg, mask_ratio: float | None = No
     """Model FLOPs of one training image (forward + backward), from masked_dit.models.flops; MaskDiT at
     ``mask_ratio`` when given (its scheduled ratio of the step), else at the config's."""
     try:
-        from masked_dit.models.flops import flops_per_image, forward_flops
+        from masked_dit.models.flops import flops_per_image
     except ImportError:
         return None
     ratio = 0.0
@@ -40,11 +40,7 @@ def training_flops_per_image(model, objective_cfg, mask_ratio: float | None = No
         ratio = objective_cfg.mask_ratio + objective_cfg.mask_ratio_jitter / 2  # mean of the drawn ratio
     elif objective_cfg.kind == "edm_maskdit":
         ratio = objective_cfg.mask_ratio if mask_ratio is None else mask_ratio
-    try:
-        if objective_cfg.kind == "mdtv2":
-            # the objective's two passes, the masked one even at ratio 0 (every token kept, side-interpolater
-            # included: flops_per_image would count a ratio-0 step as one pass)
-            return 3.0 * float(forward_flops(model, ratio, masked=True).flops + forward_flops(model).flops)
+    try:  # MDT: flops_per_image counts the objective's two passes
         return float(flops_per_image(model, mask_ratio=ratio, training=True))
     except (ValueError, AttributeError, TypeError):
         return None

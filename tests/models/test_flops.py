@@ -114,3 +114,27 @@ def test_dit_xl2_attention_share_matches_the_notes():
     d, n = 1152, 256
     share = 28 * 2 * n * n * d / forward_flops("DiT-XL/2").macs
     assert share == pytest.approx(0.0356, abs=0.0005)
+
+
+def test_mdt_step_at_ratio_zero_counts_both_passes():
+    """MDTv2 masks at ratio 0 too (it draws 0 + 0.2 U): a training step is still a full and a masked pass."""
+    mdt = meta_model("MDTv2-S/2")
+    both = 3 * (forward_flops(mdt, masked=True).flops + forward_flops(mdt).flops)
+    assert flops_per_image(mdt, 0.0, training=True) == pytest.approx(both, rel=1e-12)
+    assert flops_per_image(mdt, 0.0, training=False) == forward_flops(mdt).flops
+
+
+def test_maskdit_without_decoder_and_unconditional():
+    """Without a decoder the head runs on the kept tokens only (removed ones are zero-filled after it);
+    an unconditional MaskDiT (num_classes=0, no label embedder) is counted without the label matmul."""
+    kw = dict(input_size=16, patch_size=2, hidden_size=64, depth=2, num_heads=4)
+    plain = meta_model("MaskDiT-S/2", **kw, num_classes=10, use_decoder=False)
+    n, k = 64, kept_tokens(64, 0.5)
+    head = plain.model.final_layer.linear
+    per_token = head.in_features * head.out_features
+    full, masked = forward_flops(plain, 0.0), forward_flops(plain, 0.5)
+    assert full.parts["final"] - masked.parts["final"] == (n - k) * per_token
+    uncond = meta_model("MaskDiT-S/2", **kw, num_classes=0, use_decoder=False)
+    assert uncond.model.y_embedder is None
+    assert forward_flops(uncond, 0.5).macs == masked.macs - 10 * 64  # one-hot labels: a [10 -> 64] matmul
+    assert uncond.flops_per_image(0.5) == pytest.approx(3 * forward_flops(uncond, 0.5).flops)
