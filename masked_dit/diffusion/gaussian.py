@@ -495,9 +495,13 @@ class GaussianDiffusion:
             return weighting.to(x_start.dtype)
         if weighting is None or weighting == "constant":
             return None
-        if isinstance(weighting, str) and weighting.startswith("min_snr"):
-            gamma = 5.0 if weighting == "min_snr" else float(weighting[len("min_snr_"):])
-            return min_snr_weight(self.min_snr_snr(t), gamma, self.model_mean_type)
+        if isinstance(weighting, str) and (weighting == "min_snr" or weighting.startswith("min_snr_")):
+            try:
+                gamma = 5.0 if weighting == "min_snr" else float(weighting[len("min_snr_"):])
+            except ValueError:
+                gamma = None
+            if gamma is not None:
+                return min_snr_weight(self.min_snr_snr(t), gamma, self.model_mean_type)
         raise ValueError(f"unknown weighting {weighting!r}; use None, 'min_snr', 'min_snr_<gamma>' or a [B] tensor")
 
     def training_losses(self, model_fn: ModelFn, x_start, t=None, noise=None, model_kwargs: dict | None = None,

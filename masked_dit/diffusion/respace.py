@@ -5,6 +5,7 @@ alpha_bar equal the original alpha_bar on S; the network still receives original
 """
 from __future__ import annotations
 
+import operator
 from typing import Iterable, Sequence
 
 import torch
@@ -41,7 +42,11 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
             raise ValueError(f"timestep_respacing {section_counts!r} is not 'ddimN' or comma-separated ints") from None
     elif isinstance(section_counts, int):
         section_counts = [section_counts]
-    section_counts = list(section_counts)
+    try:
+        section_counts = [operator.index(c) for c in section_counts]  # ints (numpy's too), not floats
+    except TypeError:
+        raise ValueError(f"timestep_respacing must be 'ddimN', 'a,b,c', an int or a list of ints; "
+                         f"got {section_counts!r}") from None
     if not section_counts:
         raise ValueError("section_counts is empty")
 

@@ -107,6 +107,10 @@ def test_space_timesteps_errors():
         space_timesteps(10, "6,1")
     with pytest.raises(ValueError, match="timestep_respacing"):
         space_timesteps(10, "abc")
+    for bad in (2.5, [2.5, 1], None):
+        with pytest.raises(ValueError, match="timestep_respacing must be"):
+            space_timesteps(10, bad)
+    assert space_timesteps(10, (2,)) == space_timesteps(10, "2") == space_timesteps(10, 2)
 
 
 def test_respaced_alphas_cumprod_match_original():
@@ -244,6 +248,9 @@ def test_bad_inputs_raise():
         GaussianDiffusion(get_named_beta_schedule("linear", 100), model_mean_type="score")
     with pytest.raises(ValueError, match="step_noise"):
         create_diffusion("5").p_sample_loop(analytic_model, (2, 4, 2, 2), step_noise=[torch.zeros(2, 4, 2, 2)])
+    for bad in ("min_snr_x", "min_snrX", "minsnr"):
+        with pytest.raises(ValueError, match="unknown weighting"):
+            d.training_losses(analytic_model, x0, torch.tensor([1, 2]), weighting=bad)
 
 
 def _sampling_calls(d, dev, g, x0):

@@ -135,5 +135,7 @@ def test_wrapper_output_kinds_and_errors():
         ClassifierFreeGuidance(toy_model, 2.0)(x, t, y)
     with pytest.raises(ValueError, match="class label"):
         ClassifierFreeGuidance(toy_model, 2.0, null_label=NULL)(x, t)
+    with pytest.raises(ValueError, match="needs class labels as a tensor, got NoneType"):
+        ClassifierFreeGuidance(toy_model, 2.0, null_label=NULL)(x, t, None)
     with pytest.raises(ValueError, match="even batch"):
         forward_with_cfg(toy_model, x[:1], t[:1], y[:1], 2.0)
