@@ -127,12 +127,13 @@ def _adaln_modulate_torch(x, shift, scale, eps, out_dtype=None):
 
 
 @dispatch.register("adaln_modulate_backward", "torch")
-def _adaln_modulate_backward_torch(dh, x, scale, mean, rstd):
+def _adaln_modulate_backward_torch(dh, x, scale, mean, rstd, shift_dtype=None):
     acc = mean.dtype
     xhat = (x.to(acc) - mean[..., None]) * rstd[..., None]
     dhf = dh.to(acc)
     dx = _layer_norm_input_grad(dhf, xhat, scale.to(acc), rstd)
-    return _contiguous(dx.to(x.dtype), dhf.sum(dim=1).to(scale.dtype), (dhf * xhat).sum(dim=1).to(scale.dtype))
+    return _contiguous(dx.to(x.dtype), dhf.sum(dim=1).to(shift_dtype or scale.dtype),
+                       (dhf * xhat).sum(dim=1).to(scale.dtype))
 
 
 @dispatch.register("gated_residual_adaln", "torch")
@@ -145,7 +146,7 @@ def _gated_residual_adaln_torch(x, branch, gate, shift, scale, eps, out_dtype=No
 
 
 @dispatch.register("gated_residual_adaln_backward", "torch")
-def _gated_residual_adaln_backward_torch(dr, dh, r, branch, gate, scale, mean, rstd):
+def _gated_residual_adaln_backward_torch(dr, dh, r, branch, gate, scale, mean, rstd, shift_dtype=None):
     acc = mean.dtype
     xhat = (r.to(acc) - mean[..., None]) * rstd[..., None]
     dhf = dh.to(acc)
@@ -154,7 +155,7 @@ def _gated_residual_adaln_backward_torch(dr, dh, r, branch, gate, scale, mean, r
         dres.to(r.dtype),
         (gate.to(acc)[:, None] * dres).to(branch.dtype),
         (dres * branch.to(acc)).sum(dim=1).to(gate.dtype),
-        dhf.sum(dim=1).to(scale.dtype),
+        dhf.sum(dim=1).to(shift_dtype or scale.dtype),
         (dhf * xhat).sum(dim=1).to(scale.dtype),
     )
 
@@ -184,10 +185,10 @@ def _adaln_modulate_triton(x, shift, scale, eps, out_dtype=None):
 
 
 @dispatch.register("adaln_modulate_backward", "triton")
-def _adaln_modulate_backward_triton(dh, x, scale, mean, rstd):
+def _adaln_modulate_backward_triton(dh, x, scale, mean, rstd, shift_dtype=None):
     if x.shape[-1] > _TRITON_MAX_D:
-        return _adaln_modulate_backward_torch(dh, x, scale, mean, rstd)
-    return _triton().adaln_modulate_bwd(dh, x, scale, mean, rstd)
+        return _adaln_modulate_backward_torch(dh, x, scale, mean, rstd, shift_dtype)
+    return _triton().adaln_modulate_bwd(dh, x, scale, mean, rstd, shift_dtype)
 
 
 @dispatch.register("gated_residual_adaln", "triton")
@@ -199,10 +200,10 @@ def _gated_residual_adaln_triton(x, branch, gate, shift, scale, eps, out_dtype=N
 
 
 @dispatch.register("gated_residual_adaln_backward", "triton")
-def _gated_residual_adaln_backward_triton(dr, dh, r, branch, gate, scale, mean, rstd):
+def _gated_residual_adaln_backward_triton(dr, dh, r, branch, gate, scale, mean, rstd, shift_dtype=None):
     if r.shape[-1] > _TRITON_MAX_D:
-        return _gated_residual_adaln_backward_torch(dr, dh, r, branch, gate, scale, mean, rstd)
-    return _triton().gated_residual_adaln_bwd(dr, dh, r, branch, gate, scale, mean, rstd)
+        return _gated_residual_adaln_backward_torch(dr, dh, r, branch, gate, scale, mean, rstd, shift_dtype)
+    return _triton().gated_residual_adaln_bwd(dr, dh, r, branch, gate, scale, mean, rstd, shift_dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -219,9 +220,12 @@ def _cuda_unsupported(act: Tensor) -> bool:
     return act.dtype == torch.float64 or act.shape[-1] > _CUDA_MAX_D
 
 
-def _cuda_modulation(*mods: Tensor) -> tuple[Tensor, ...]:
-    # fp64 modulation with non-fp64 activations: the reference computes in fp32 too, so cast
-    if all(m.dtype == mods[0].dtype for m in mods) and mods[0].dtype != torch.float64:
+def _cuda_modulation(*mods: Tensor, grad_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, ...]:
+    # fp64 modulation with non-fp64 activations: the reference computes in fp32 too, so cast.
+    # grad_dtype: a gradient the kernel stores in the modulation dtype but that is wanted in another
+    # (dshift for a shift wider than scale): fp32 then, so it is rounded once, to its own dtype
+    if (all(m.dtype == mods[0].dtype for m in mods) and mods[0].dtype != torch.float64
+            and grad_dtype in (None, mods[0].dtype)):
         return mods
     return tuple(m.float() for m in mods)
 
@@ -251,14 +255,14 @@ def _adaln_modulate_cuda(x, shift, scale, eps, out_dtype=None):
 
 
 @dispatch.register("adaln_modulate_backward", "cuda")
-def _adaln_modulate_backward_cuda(dh, x, scale, mean, rstd):
+def _adaln_modulate_backward_cuda(dh, x, scale, mean, rstd, shift_dtype=None):
     if _cuda_unsupported(x):
-        return _adaln_modulate_backward_torch(dh, x, scale, mean, rstd)
+        return _adaln_modulate_backward_torch(dh, x, scale, mean, rstd, shift_dtype)
     if _lossy_grad(dh, x.dtype):
-        return _adaln_modulate_backward_triton(dh, x, scale, mean, rstd)
-    (scale_c,) = _cuda_modulation(scale)
+        return _adaln_modulate_backward_triton(dh, x, scale, mean, rstd, shift_dtype)
+    (scale_c,) = _cuda_modulation(scale, grad_dtype=shift_dtype)
     dx, dshift, dscale = torch.ops.masked_dit_C.adaln_modulate_backward(dh.to(x.dtype), x, scale_c, mean, rstd)
-    return dx, dshift.to(scale.dtype), dscale.to(scale.dtype)
+    return dx, dshift.to(shift_dtype or scale.dtype), dscale.to(scale.dtype)
 
 
 @dispatch.register("gated_residual_adaln", "cuda")
@@ -275,15 +279,16 @@ def _gated_residual_adaln_cuda(x, branch, gate, shift, scale, eps, out_dtype=Non
 
 
 @dispatch.register("gated_residual_adaln_backward", "cuda")
-def _gated_residual_adaln_backward_cuda(dr, dh, r, branch, gate, scale, mean, rstd):
+def _gated_residual_adaln_backward_cuda(dr, dh, r, branch, gate, scale, mean, rstd, shift_dtype=None):
     if _cuda_unsupported(r):
-        return _gated_residual_adaln_backward_torch(dr, dh, r, branch, gate, scale, mean, rstd)
+        return _gated_residual_adaln_backward_torch(dr, dh, r, branch, gate, scale, mean, rstd, shift_dtype)
     if _lossy_grad(dr, r.dtype) or _lossy_grad(dh, r.dtype):
-        return _gated_residual_adaln_backward_triton(dr, dh, r, branch, gate, scale, mean, rstd)
-    gate_c, scale_c = _cuda_modulation(gate, scale)
+        return _gated_residual_adaln_backward_triton(dr, dh, r, branch, gate, scale, mean, rstd, shift_dtype)
+    gate_c, scale_c = _cuda_modulation(gate, scale, grad_dtype=shift_dtype)
     dx, dbranch, dgate, dshift, dscale = torch.ops.masked_dit_C.gated_residual_adaln_backward(
         dr.to(r.dtype), dh.to(r.dtype), r, branch.to(r.dtype), gate_c, scale_c, mean, rstd)
-    return dx, dbranch.to(branch.dtype), dgate.to(gate.dtype), dshift.to(scale.dtype), dscale.to(scale.dtype)
+    return (dx, dbranch.to(branch.dtype), dgate.to(gate.dtype), dshift.to(shift_dtype or scale.dtype),
+            dscale.to(scale.dtype))
 
 
 # -----------------------------------------------------------------------------
@@ -310,15 +315,16 @@ def _(x, shift, scale, eps, out_dtype=None):
 
 @torch.library.custom_op("masked_dit::adaln_modulate_backward", mutates_args=())
 def _adaln_modulate_backward_op(
-    dh: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor
+    dh: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor, shift_dtype: Optional[torch.dtype] = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return dispatch.impl("adaln_modulate_backward", x.device)(dh, x, scale, mean, rstd)
+    """(dx, dshift, dscale); dshift in ``shift_dtype`` (default scale's): shift may be wider than scale."""
+    return dispatch.impl("adaln_modulate_backward", x.device)(dh, x, scale, mean, rstd, shift_dtype)
 
 
 @_adaln_modulate_backward_op.register_fake
-def _(dh, x, scale, mean, rstd):
+def _(dh, x, scale, mean, rstd, shift_dtype=None):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            scale.new_empty(scale.shape), scale.new_empty(scale.shape))
+            scale.new_empty(scale.shape, dtype=shift_dtype or scale.dtype), scale.new_empty(scale.shape))
 
 
 def _adaln_modulate_setup(ctx, inputs, output):
@@ -331,8 +337,8 @@ def _adaln_modulate_setup(ctx, inputs, output):
 
 def _adaln_modulate_grad(ctx, dh, _dmean, _drstd):
     x, scale, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = _adaln_modulate_backward_op(dh, x, scale, mean, rstd)
-    return dx, dshift.to(ctx.shift_dtype), dscale, None, None
+    dx, dshift, dscale = _adaln_modulate_backward_op(dh, x, scale, mean, rstd, ctx.shift_dtype)
+    return dx, dshift, dscale, None, None
 
 
 dispatch.register_autograd_following_request(_adaln_modulate_op, _adaln_modulate_grad, _adaln_modulate_setup)
@@ -355,16 +361,20 @@ def _(x, branch, gate, shift, scale, eps, out_dtype=None):
 
 @torch.library.custom_op("masked_dit::gated_residual_adaln_backward", mutates_args=())
 def _gated_residual_adaln_backward_op(
-    dr: Tensor, dh: Tensor, r: Tensor, branch: Tensor, gate: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor
+    dr: Tensor, dh: Tensor, r: Tensor, branch: Tensor, gate: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor,
+    shift_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return dispatch.impl("gated_residual_adaln_backward", r.device)(dr, dh, r, branch, gate, scale, mean, rstd)
+    """(dx, dbranch, dgate, dshift, dscale); dshift in ``shift_dtype`` (default scale's)."""
+    return dispatch.impl("gated_residual_adaln_backward", r.device)(dr, dh, r, branch, gate, scale, mean, rstd,
+                                                                    shift_dtype)
 
 
 @_gated_residual_adaln_backward_op.register_fake
-def _(dr, dh, r, branch, gate, scale, mean, rstd):
+def _(dr, dh, r, branch, gate, scale, mean, rstd, shift_dtype=None):
     return (torch.empty_like(r, memory_format=torch.contiguous_format),
             torch.empty(r.shape, dtype=branch.dtype, device=r.device),
-            gate.new_empty(gate.shape), scale.new_empty(scale.shape), scale.new_empty(scale.shape))
+            gate.new_empty(gate.shape), scale.new_empty(scale.shape, dtype=shift_dtype or scale.dtype),
+            scale.new_empty(scale.shape))
 
 
 def _gated_residual_adaln_setup(ctx, inputs, output):
@@ -377,8 +387,9 @@ def _gated_residual_adaln_setup(ctx, inputs, output):
 
 def _gated_residual_adaln_grad(ctx, dr, dh, _dmean, _drstd):
     r, branch, gate, scale, mean, rstd = ctx.saved_tensors
-    dx, dbranch, dgate, dshift, dscale = _gated_residual_adaln_backward_op(dr, dh, r, branch, gate, scale, mean, rstd)
-    return dx.to(ctx.x_dtype), dbranch, dgate, dshift.to(ctx.shift_dtype), dscale, None, None
+    dx, dbranch, dgate, dshift, dscale = _gated_residual_adaln_backward_op(dr, dh, r, branch, gate, scale, mean, rstd,
+                                                                           ctx.shift_dtype)
+    return dx.to(ctx.x_dtype), dbranch, dgate, dshift, dscale, None, None
 
 
 dispatch.register_autograd_following_request(_gated_residual_adaln_op, _gated_residual_adaln_grad,

@@ -289,6 +289,45 @@ def test_opcheck(kind, backend):
                 torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["adaln", "gated"])
+def test_opcheck_backward_with_wider_shift(kind, backend):
+    """The backward ops take shift's dtype for dshift (fp32 shift, bf16 scale): the fake agrees."""
+    with use_backend(backend):
+        (_, _), (op, args) = _op_cases(kind, torch.bfloat16)
+        torch.library.opcheck(op, (*args, torch.float32))
+        assert op(*args, torch.float32)[-2].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["adaln", "gated"])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_shift_gradient_keeps_its_own_dtype(kind, backend, scale_dtype):
+    """An fp32 shift beside a half-precision scale gets its gradient summed and stored in fp32: it was
+    rounded through scale's dtype (fp16: inf past 65504; bf16: 8 bits), unlike autograd of the reference."""
+    torch.manual_seed(0)
+    B, L, D = 2, 64, 8
+    x = torch.randn(B, L, D)
+    branch, gate = torch.randn(B, L, D), torch.rand(B, D)
+    shift = torch.zeros(B, D, requires_grad=True)
+    scale = torch.zeros(B, D, dtype=scale_dtype, requires_grad=True)
+    weight = 2000 * (1 + torch.rand(B, L, D))  # dshift ~ 64 * 3000 = 1.9e5 > fp16's max
+
+    def run(fn, *inputs):
+        shift.grad = scale.grad = None
+        h = fn(*inputs, shift, scale) if kind == "adaln" else fn(*inputs, gate, shift, scale)[1]
+        (h.float() * weight).sum().backward()
+        return shift.grad.clone(), scale.grad.clone()
+
+    args = (x,) if kind == "adaln" else (x, branch)
+    fn = adaln_modulate if kind == "adaln" else gated_residual_adaln
+    with use_backend(backend):
+        dshift, dscale = run(fn, *args)
+    assert dshift.dtype == torch.float32 and dscale.dtype == scale_dtype
+    torch.testing.assert_close(dshift, weight.sum(1), rtol=1e-6, atol=0)  # d(h)/d(shift) = 1
+    assert torch.isfinite(dshift).all() and dshift.abs().max() > 65504
+
+
 def _out_dtype_matches_cast(kind, backend, device="cpu", D=24, dtypes=(torch.bfloat16, torch.float16)):
     """out_dtype stores h as its cast would: the same values, and the same gradients for every input
     (dh then arrives in out_dtype; the kernels read it in fp32, as the cast's backward made it)."""
@@ -619,6 +658,14 @@ def test_cuda_backend_wrappers_normalise_dtypes(cpu_extension_stand_in, mixed):
     assert h2.dtype == bf16 and mean2.dtype == torch.float32
     dx, dshift, dscale = adaln_mod._adaln_modulate_backward_cuda(dh.to(bf16), branch, scale, mean2, rstd2)
     assert (dx.dtype, dshift.dtype, dscale.dtype) == (bf16, bf16, bf16)
+    # a wider shift: its gradient leaves the extension in fp32 (the modulation cast to fp32), not bf16
+    dx, dshift32, dscale32 = adaln_mod._adaln_modulate_backward_cuda(dh.to(bf16), branch, scale, mean2, rstd2,
+                                                                     f32)
+    assert (dx.dtype, dshift32.dtype, dscale32.dtype) == (bf16, f32, bf16)
+    torch.testing.assert_close(dshift32, dh.to(bf16).float().sum(1), rtol=1e-6, atol=1e-6)
+    grads32 = adaln_mod._gated_residual_adaln_backward_cuda(dr, dh, r, branch, gate, scale, mean, rstd, f32)
+    assert grads32[3].dtype == f32
+    torch.testing.assert_close(grads32[3], dh.to(r.dtype).float().sum(1), rtol=1e-6, atol=1e-6)
     # fp64 never reaches the extension (it has no fp64 kernels): the torch reference runs
     x64 = x.double()
     out64 = adaln_mod._adaln_modulate_cuda(x64, shift.double(), scale.double(), EPS)

@@ -72,8 +72,10 @@ def test_every_extension_op_the_python_fronts_call_is_defined():
 
 
 # Trailing optional arguments of a Python op that its cuda wrapper handles itself (the kernels store h
-# in the activation dtype; another out_dtype goes to the Triton kernel or a cast): not in the binding.
-PYTHON_ONLY_ARGS = {"adaln_modulate": ("out_dtype",), "gated_residual_adaln": ("out_dtype",)}
+# in the activation dtype; another out_dtype goes to the Triton kernel or a cast; dshift in a shift dtype
+# wider than the modulation's: fp32 modulation and a cast): not in the binding.
+PYTHON_ONLY_ARGS = {"adaln_modulate": ("out_dtype",), "gated_residual_adaln": ("out_dtype",),
+                    "adaln_modulate_backward": ("shift_dtype",), "gated_residual_adaln_backward": ("shift_dtype",)}
 
 
 @pytest.mark.parametrize("name", sorted(set(_cpp_defs()) - set(BUILDING_BLOCKS)))

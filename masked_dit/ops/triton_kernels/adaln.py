@@ -261,7 +261,7 @@ def adaln_modulate_fwd(x, shift, scale, eps, out_dtype=None):
     return h, mean, rstd
 
 
-def adaln_modulate_bwd(dh, x, scale, mean, rstd):
+def adaln_modulate_bwd(dh, x, scale, mean, rstd, shift_dtype=None):
     B, L, D = x.shape
     dx = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
     n_chunks = _num_chunks(B, L, x.device)
@@ -277,7 +277,7 @@ def adaln_modulate_bwd(dh, x, scale, mean, rstd):
                 BLOCK_D=block_d, ACC_F64=mean.dtype == torch.float64, num_warps=_num_warps(block_d, 4),
             )
     # stage 2: [B, chunks, D] -> [B, D]
-    return dx, partial[0].sum(dim=1).to(scale.dtype), partial[1].sum(dim=1).to(scale.dtype)
+    return dx, partial[0].sum(dim=1).to(shift_dtype or scale.dtype), partial[1].sum(dim=1).to(scale.dtype)
 
 
 def gated_residual_adaln_fwd(x, branch, gate, shift, scale, eps, r_dtype, out_dtype=None):
@@ -299,7 +299,7 @@ def gated_residual_adaln_fwd(x, branch, gate, shift, scale, eps, r_dtype, out_dt
     return r, h, mean, rstd
 
 
-def gated_residual_adaln_bwd(dr, dh, r, branch, gate, scale, mean, rstd):
+def gated_residual_adaln_bwd(dr, dh, r, branch, gate, scale, mean, rstd, shift_dtype=None):
     B, L, D = r.shape
     dx = torch.empty((B, L, D), dtype=r.dtype, device=r.device)
     dbranch = torch.empty((B, L, D), dtype=branch.dtype, device=r.device)
@@ -316,4 +316,4 @@ def gated_residual_adaln_bwd(dr, dh, r, branch, gate, scale, mean, rstd):
             )
     # stage 2: [B, chunks, D] -> [B, D]
     dgate, dshift, dscale = (partial[i].sum(dim=1) for i in range(3))
-    return dx, dbranch, dgate.to(gate.dtype), dshift.to(scale.dtype), dscale.to(scale.dtype)
+    return dx, dbranch, dgate.to(gate.dtype), dshift.to(shift_dtype or scale.dtype), dscale.to(scale.dtype)
