@@ -151,14 +151,16 @@ def _auto_order(packed: bool, biased: bool) -> tuple[str, ...]:
     return ("flash", "xformers", "sdpa")
 
 
-def attention_backend(q, *, packed: bool = False, biased: bool = False) -> tuple[str, str]:
-    """(backend, reason) that :func:`attention` uses for tensors like ``q`` and this form.
+def attention_backend(q, *, packed: bool = False, biased: bool = False,
+                      requires_grad: bool | None = None) -> tuple[str, str]:
+    """(backend, reason) that :func:`attention` uses for tensors like ``q`` and this form; ``requires_grad``:
+    whether any input needs a gradient (default: whether q does).
 
     ``q`` may also be a device ("cpu", "cuda"): then a bf16, head-dim-72 training call is assumed.
     """
     if isinstance(q, Tensor):
         return select_backend(q.device.type, q.dtype, q.shape[-1], packed=packed, biased=biased,
-                              requires_grad=q.requires_grad)
+                              requires_grad=requires_grad if requires_grad is not None else q.requires_grad)
     return select_backend(torch.device(q).type, torch.bfloat16, 72, packed=packed, biased=biased)
 
 
@@ -258,8 +260,8 @@ def _check(q, k, v, cu_seqlens, max_seqlen, rel_pos_bias, positions) -> None:
         raise ValueError(f"attention: head dim must be >= 1 (the scale is Dh ** -0.5), got shape {tuple(q.shape)}")
     if packed:
         _check_tensor("cu_seqlens", cu_seqlens, q)
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-            raise ValueError(f"attention: cu_seqlens must be 1-D int32, got {cu_seqlens.dtype} "
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+            raise ValueError(f"attention: cu_seqlens must be 1-D int32 [num_seqs + 1], got {cu_seqlens.dtype} "
                              f"shape {tuple(cu_seqlens.shape)}")
         if not isinstance(max_seqlen, int) or max_seqlen < 1:
             raise ValueError(f"attention: packed input needs max_seqlen as a positive int, got {max_seqlen!r}")
@@ -273,6 +275,9 @@ def _check(q, k, v, cu_seqlens, max_seqlen, rel_pos_bias, positions) -> None:
         _check_values(q, cu_seqlens, max_seqlen, rel_pos_bias, positions)
 
 
+_INDEX_DTYPES = (torch.int32, torch.int64)  # bool / uint8 would index as masks, int8/16 not at all
+
+
 def _check_bias(q, packed, rel_pos_bias, positions) -> None:
     if not isinstance(rel_pos_bias, (tuple, list)) or len(rel_pos_bias) != 2:
         raise ValueError("attention: rel_pos_bias must be a (table [R, H], index [N, N]) pair")
@@ -284,8 +289,8 @@ def _check_bias(q, packed, rel_pos_bias, positions) -> None:
         raise ValueError(f"attention: rel_pos_bias table must be [R, {H}], got {tuple(table.shape)}")
     if not table.dtype.is_floating_point:  # its own dtype may differ from q's (an fp32 parameter under autocast)
         raise ValueError(f"attention: rel_pos_bias table must be floating point, got {table.dtype}")
-    if index.dim() != 2 or index.shape[0] != index.shape[1] or index.dtype.is_floating_point:
-        raise ValueError(f"attention: rel_pos_bias index must be an integer [N, N], "
+    if index.dim() != 2 or index.shape[0] != index.shape[1] or index.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"attention: rel_pos_bias index must be an int32/int64 [N, N], "
                          f"got {index.dtype} {tuple(index.shape)}")
     seq_shape = tuple(q.shape[:-2])  # (B, K) or (T,)
     if positions is None:
@@ -296,8 +301,8 @@ def _check_bias(q, packed, rel_pos_bias, positions) -> None:
                              "pass positions of the kept tokens")
     else:
         _check_tensor("positions", positions, q)
-    if positions is not None and (tuple(positions.shape) != seq_shape or positions.dtype.is_floating_point):
-        raise ValueError(f"attention: positions must be integer {list(seq_shape)}, "
+    if positions is not None and (tuple(positions.shape) != seq_shape or positions.dtype not in _INDEX_DTYPES):
+        raise ValueError(f"attention: positions must be int32/int64 {list(seq_shape)}, "
                          f"got {positions.dtype} {tuple(positions.shape)}")
 
 
@@ -329,7 +334,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Optional[Tensor] =
     packed, biased = cu_seqlens is not None, rel_pos_bias is not None
     table, index = rel_pos_bias if biased else (None, None)
     scale = q.shape[-1] ** -0.5
-    backend, _ = attention_backend(q, packed=packed, biased=biased)
+    grad = any(t is not None and t.requires_grad for t in (q, k, v, table))
+    backend, _ = attention_backend(q, packed=packed, biased=biased, requires_grad=grad)
 
     if backend == "math":
         if packed:

@@ -56,8 +56,10 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """``gelu(F.linear(x, weight, bias), approximate="tanh")`` without a gradient (one GEMM on CUDA).
     x [..., K], weight [N, K], bias [N] -> [..., N]."""
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and not isinstance(t, Tensor):
+        if (t is not None or name != "bias") and not isinstance(t, Tensor):
             raise TypeError(f"linear_gelu: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"linear_gelu: x must be floating point, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"linear_gelu: x must have a feature dim [..., K], got shape {tuple(x.shape)}")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or bias is None or bias.shape != (weight.shape[0],):

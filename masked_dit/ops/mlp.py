@@ -191,6 +191,8 @@ def mlp_gelu(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tenso
     for name, t in (("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if not isinstance(t, Tensor):
             raise TypeError(f"mlp_gelu: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"mlp_gelu: x must be floating point, got {x.dtype}")
     if x.dim() == 0 or w1.dim() != 2 or w2.dim() != 2 or x.shape[-1] != w1.shape[1] or w2.shape[1] != w1.shape[0] \
             or b1.shape != (w1.shape[0],) or b2.shape != (w2.shape[0],):
         raise ValueError(f"mlp_gelu: x [..., {x.shape[-1] if x.dim() else '?'}], w1 {tuple(w1.shape)}, b1 {tuple(b1.shape)}, "

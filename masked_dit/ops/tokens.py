@@ -17,11 +17,11 @@ Varlen ids are positions *within* each sample: sample b owns packed rows
 ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32, flash-attn convention, T = cu_seqlens[-1]).
 
 Assumptions: ids are in [0, N) and unique within a sample (MAE masks are permutations), and
-cu_seqlens rises from 0 to T. On CPU tensors, ids >= N and a bad cu_seqlens are one-line errors;
-on a GPU nothing data-dependent is checked (it would cost a device sync per call), and
-``masked_dit.nn.masking.KeptTokens`` checks its ids once, negatives included (the torch reference
-takes -1 as the last token, as Python indexing does; the other backends would read outside the
-sample). With duplicates, gather is still exact, and so is scatter's gradient (every duplicate gets
+cu_seqlens rises from 0 to T. On CPU tensors, ids outside [0, N) and a bad cu_seqlens are one-line
+errors; on a GPU nothing data-dependent is checked (it would cost a device sync per call), and
+``masked_dit.nn.masking.KeptTokens`` checks its ids once, negatives included (unchecked, the torch
+reference would take -1 as the last token, as Python indexing does; the other backends would read
+outside the sample). With duplicates, gather is still exact, and so is scatter's gradient (every duplicate gets
 the gradient at its position, on every backend), but scatter's output and the gradient of gather are
 unspecified at the duplicated positions.
 
@@ -155,13 +155,15 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_len: int |
 def _check_values(ids_keep: torch.Tensor, num_tokens: int, cu_seqlens: torch.Tensor | None = None) -> None:
     """Data-dependent checks, on CPU tensors only (elsewhere they would cost a device sync). Without them the
     Triton kernels read or wrote past x for ids >= N, and a bad cu_seqlens failed inside repeat_interleave
-    ("allocated size does not match required size"). Negative ids are left as documented (module docstring)."""
+    ("allocated size does not match required size"), and negative ids before x's row."""
     if ids_keep.device.type != "cpu":
         return
     if cu_seqlens is not None:
         check_cu_seqlens_values(cu_seqlens, ids_keep.shape[0])
-    if ids_keep.numel() and ids_keep.max() >= num_tokens:
-        raise IdsOutOfRange(f"ids_keep must lie in [0, {num_tokens}), got {int(ids_keep.max())}")
+    if ids_keep.numel():
+        lo, hi = int(ids_keep.min()), int(ids_keep.max())
+        if lo < 0 or hi >= num_tokens:
+            raise IdsOutOfRange(f"ids_keep must lie in [0, {num_tokens}), got {lo if lo < 0 else hi}")
 
 
 # -----------------------------------------------------------------------------

@@ -448,6 +448,28 @@ def test_backend_choice_cpu(monkeypatch):
             pass
 
 
+def test_flex_on_cpu_refuses_any_input_needing_a_gradient():
+    """FlexAttention's CPU fallback has no backward: a k, v or bias table that needs a gradient (q not)
+    gets the one-line refusal too, not torch's error from inside the backward."""
+    from masked_dit.ops import attention_flex
+
+    if not attention_flex.AVAILABLE:
+        pytest.skip("FlexAttention not in this torch")
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    table, index = rel_pos(2, 2)
+    with use_attention_backend("flex"):
+        assert attention(q, k, v).shape == q.shape  # forward only: the fallback runs
+        for grads in ((k,), (v,)):
+            for t in grads:
+                t.requires_grad_(True)
+            with pytest.raises(RuntimeError, match="requested but unusable"):
+                attention(q, k, v)
+            for t in grads:
+                t.requires_grad_(False)
+        with pytest.raises(RuntimeError, match="requested but unusable"):
+            attention(q, k, v, rel_pos_bias=(table.requires_grad_(True), index))
+
+
 def test_bad_inputs():
     q, k, v = qkv_views(2, 9, 2, 8, torch.float32)
     table, index = rel_pos(3, 2)
@@ -461,10 +483,15 @@ def test_bad_inputs():
         (lambda: attention(q[0, :8], k[0, :8], v[0, :8], cu_seqlens=cu, max_seqlen=5), "cu_seqlens must rise"),
         (lambda: attention(q, k, v, positions=torch.zeros(2, 9, dtype=torch.long)), "without rel_pos_bias"),
         (lambda: attention(q, k, v, rel_pos_bias=(table[:, :1], index)), r"table must be \[R, 2\]"),
-        (lambda: attention(q, k, v, rel_pos_bias=(table, index.float())), "index must be an integer"),
+        (lambda: attention(q, k, v, rel_pos_bias=(table, index.float())), "index must be an int32/int64"),
+        (lambda: attention(q, k, v, rel_pos_bias=(table, index.bool())), "index must be an int32/int64"),
+        (lambda: attention(q, k, v, rel_pos_bias=(table, index.to(torch.int8))), "index must be an int32/int64"),
+        (lambda: attention(q[0], k[0], v[0], cu_seqlens=cu[:0], max_seqlen=5), r"\[num_seqs \+ 1\]"),
         (lambda: attention(q[:, :5], k[:, :5], v[:, :5], rel_pos_bias=(table, index)), "pass positions"),
         (lambda: attention(q, k, v, rel_pos_bias=(table, index), positions=torch.zeros(2, 5, dtype=torch.long)),
-         "positions must be integer"),
+         "positions must be int32/int64"),
+        (lambda: attention(q, k, v, rel_pos_bias=(table, index), positions=torch.zeros(2, 9, dtype=torch.bool)),
+         "positions must be int32/int64"),
         (lambda: attention(q, k, v, rel_pos_bias=(table, index), positions=torch.full((2, 9), 9)), r"\[0, 9\)"),
         (lambda: attention(q[0], k[0], v[0], cu_seqlens=cu, max_seqlen=5, rel_pos_bias=(table, index)),
          "needs positions"),

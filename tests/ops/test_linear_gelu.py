@@ -75,6 +75,10 @@ def test_bad_dtypes_devices_and_types_name_the_argument():
             ops.linear_gelu(torch.tensor(1.0), w, b)
         with pytest.raises(TypeError, match="linear_gelu: x must be a torch.Tensor, got list"):
             ops.linear_gelu([1.0] * 8, w, b)
+        with pytest.raises(TypeError, match="linear_gelu: weight must be a torch.Tensor, got NoneType"):
+            ops.linear_gelu(x, None, b)
+        with pytest.raises(ValueError, match="linear_gelu: x must be floating point, got torch.int64"):
+            ops.linear_gelu(x.long(), w.long(), b.long())
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts all three first: not a mismatch
             assert ops.linear_gelu(x, w, b).dtype == torch.bfloat16
 

@@ -234,6 +234,8 @@ def test_bad_input_fails_clearly():
         ops.mlp_gelu(x, w1, b1, w2.to("meta"), b2)
     with pytest.raises(TypeError, match="mlp_gelu: b1 must be a torch.Tensor, got NoneType"):
         ops.mlp_gelu(x, w1, None, w2, b2)
+    with pytest.raises(ValueError, match="mlp_gelu: x must be floating point, got torch.int64"):
+        ops.mlp_gelu(x.long(), w1.long(), b1.long(), w2.long(), b2.long())
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts every operand: not a mismatch
         assert ops.mlp_gelu(x, w1, b1, w2.bfloat16(), b2).dtype == torch.bfloat16
 

@@ -512,13 +512,16 @@ def test_id_and_cu_seqlens_values_checked_on_cpu(backend):
     """On CPU tensors (no device sync) ids >= N and cu_seqlens that do not rise from 0 to T are one ValueError
     naming the argument, on every backend: Triton read or wrote past x (or failed in its inverse map), torch
     raised an IndexError naming no argument (still one: the error is both); a bad cu_seqlens failed in
-    repeat_interleave. (Negative ids are documented, not checked: tests/nn/test_masking.py.)"""
+    repeat_interleave; negative ids too (Triton read before x's row; torch took -1 as the last token)."""
     x, x_keep, fill = torch.randn(2, 5, 4), torch.randn(2, 2, 4), torch.randn(4)
     cu = torch.tensor([0, 1, 3], dtype=torch.int32)
     cases = [
         (lambda: gather_tokens(x, torch.tensor([[0, 5], [4, 1]])), r"ids_keep must lie in \[0, 5\)"),
         (lambda: scatter_tokens(x_keep, torch.tensor([[0, 6], [4, 1]]), fill, 5), r"ids_keep must lie in \[0, 5\)"),
         (lambda: gather_tokens_varlen(x, torch.tensor([0, 7, 4]), cu), r"ids_keep must lie in \[0, 5\)"),
+        (lambda: gather_tokens(x, torch.tensor([[0, -1], [4, 1]])), r"ids_keep must lie in \[0, 5\), got -1"),
+        (lambda: scatter_tokens(x_keep, torch.tensor([[0, -2], [4, 1]]), fill, 5), r"\[0, 5\), got -2"),
+        (lambda: gather_tokens_varlen(x, torch.tensor([0, -1, 4]), cu), r"ids_keep must lie in \[0, 5\)"),
         (lambda: scatter_tokens_varlen(torch.randn(3, 4), torch.tensor([0, 5, 4]), cu, fill, 5), "ids_keep must lie"),
         (lambda: gather_tokens_varlen(x, torch.tensor([0, 3, 4]), torch.tensor([0, 1, 2], dtype=torch.int32)),
          r"cu_seqlens must rise from 0 to T=3, got \[0, 1, 2\]"),
