@@ -334,6 +334,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Optional[Tensor] =
     packed, biased = cu_seqlens is not None, rel_pos_bias is not None
     table, index = rel_pos_bias if biased else (None, None)
     scale = q.shape[-1] ** -0.5
+    if packed and q.shape[0] == 0:  # no tokens at all: FlexAttention's block mask fails on an empty sequence
+        return q + k + v  # [0, H, Dh], connected to the inputs for autograd
     grad = any(t is not None and t.requires_grad for t in (q, k, v, table))
     backend, _ = attention_backend(q, packed=packed, biased=biased, requires_grad=grad)
 

@@ -448,6 +448,26 @@ def test_backend_choice_cpu(monkeypatch):
             pass
 
 
+@pytest.mark.parametrize("backend", ["auto", "math", "flex"])
+def test_packed_without_tokens(backend):
+    """Every sequence empty (T = 0): an empty output on every backend (flex's block mask failed on it)."""
+    from masked_dit.ops import attention_flex
+
+    if backend == "flex" and not attention_flex.AVAILABLE:
+        pytest.skip("FlexAttention not in this torch")
+    q, k, v = (torch.randn(0, 2, 8, requires_grad=backend != "flex") for _ in range(3))
+    table, index = rel_pos(2, 2)
+    cu = torch.zeros(3, dtype=torch.int32)
+    with use_attention_backend(backend):
+        for bias in (None, (table, index)):
+            pos = torch.zeros(0, dtype=torch.long) if bias else None
+            out = attention(q, k, v, cu_seqlens=cu, max_seqlen=1, rel_pos_bias=bias, positions=pos)
+            assert out.shape == (0, 2, 8)
+            if q.requires_grad:
+                out.sum().backward()
+                assert q.grad.shape == q.shape
+
+
 def test_flex_on_cpu_refuses_any_input_needing_a_gradient():
     """FlexAttention's CPU fallback has no backward: a k, v or bias table that needs a gradient (q not)
     gets the one-line refusal too, not torch's error from inside the backward."""
