@@ -45,6 +45,18 @@ DEFAULT_OBJECTIVE = {"dit": "adm", "mdtv2": "mdtv2", "mdtv1": "mdtv2", "sit": "t
                      "repa_sit": "repa"}
 
 
+def _under_ddp(model: torch.nn.Module) -> bool:
+    """Whether a DistributedDataParallel wrapper is among ``model``'s wrappers (see :func:`unwrap`)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while not isinstance(model, DistributedDataParallel):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            return False
+        model = inner
+    return True
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The user module under DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
     while True:
@@ -287,6 +299,11 @@ class EDMMaskDiTObjective:
                          patch_size=m.model.patch_size, mae_loss_coef=self.mae_loss_coef if mask is not None else 0.0,
                          mask=mask, net_kwargs=net_kwargs, rnd_normal=rnd_normal, noise=noise)
         out = {"loss": terms["loss"].mean()}
+        mask_token = getattr(m.model, "mask_token", None)
+        if mask is None and mask_token is not None and _under_ddp(model):
+            # a step that removes no patch leaves the mask token out of the graph, and DDP (which expects
+            # every parameter's gradient) fails the next step: a zero gradient keeps it in
+            out["loss"] = out["loss"] + 0.0 * mask_token.sum()
         if "mae" in terms:
             out["mae"] = terms["mae"].mean()
         if self.mask_ratio_fn != "constant":  # logged beside the loss

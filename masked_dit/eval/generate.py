@@ -29,7 +29,12 @@ from masked_dit.train.grid import to_uint8
 
 
 def sample_labels(num: int, num_classes: int, seed: int, classes=None) -> torch.Tensor:
-    """``num`` labels: uniform over the classes from ``seed``, or ``classes`` repeated in order."""
+    """``num`` labels: uniform over the classes from ``seed``, or ``classes`` repeated in order. An
+    unconditional model (``num_classes=0``, MaskDiT) ignores labels: all 0, as its grids label them."""
+    if num_classes <= 0:
+        if classes and any(int(c) != 0 for c in classes):
+            raise ValueError(f"--classes {list(classes)}: the model is unconditional (num_classes=0); leave them out")
+        return torch.zeros(num, dtype=torch.long)
     if classes:
         bad = [c for c in classes if not 0 <= int(c) < num_classes]
         if bad:

@@ -335,3 +335,34 @@ def test_maskdit_mask_ratio_schedule_follows_the_progress():
     assert torch.equal(out["loss"], plain["loss"])
     with pytest.raises(ValueError, match="unknown mask ratio schedule"):
         EDMMaskDiTObjective(mask_ratio_fn="cos4")
+
+
+def test_maskdit_step_without_masking_keeps_the_mask_token_under_ddp(tmp_path):
+    """A scheduled ratio that removes no patch (cosine / linear to 0) leaves the mask token out of the
+    graph: DDP then failed the next step ("Expected to have finished reduction in the prior iteration").
+    The objective gives it a zero gradient under DDP; the loss value is unchanged."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from masked_dit.models import build
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = build("maskdit", input_size=8, patch_size=2, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+                    decoder_hidden_size=32, decoder_depth=1, decoder_num_heads=2)
+        ddp = DistributedDataParallel(net, broadcast_buffers=False)
+        objective = EDMMaskDiTObjective(mask_ratio=0.5, mask_ratio_fn="linear", mask_ratio_min=0.0)
+        batch = {"x": torch.randn(2, 4, 8, 8), "y": torch.tensor([1, 2])}
+        for progress in (0.0, 1.0, 0.0, 0.0):
+            objective.progress = progress
+            torch.manual_seed(1)
+            loss = objective(ddp, batch)["loss"]
+            torch.manual_seed(1)
+            assert torch.equal(loss, objective(net, batch)["loss"])  # no wrapper: no extra term
+            loss.backward()
+            if objective.current_mask_ratio() == 0:
+                assert torch.equal(net.model.mask_token.grad, torch.zeros_like(net.model.mask_token))
+            net.zero_grad(set_to_none=True)
+    finally:
+        dist.destroy_process_group()

@@ -124,3 +124,22 @@ def test_samples_become_uint8_as_dits_sample_ddp():
         dit = torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
         np.testing.assert_array_equal(to_uint8(images), dit)
     assert to_uint8(torch.zeros(1, 1, 1, 1)).item() == 128 and to_uint8(torch.full((1, 1, 1, 1), -1.0)).item() == 0
+
+
+def test_unconditional_maskdit_to_npz(tmp_path, capsys):
+    """An unconditional model (num_classes=0) samples to an .npz with labels 0 (torch.randint(0, 0) raised);
+    classes other than 0 for it are a one-line error."""
+    kwargs = {"input_size": 8, "patch_size": 4, "in_channels": 4, "hidden_size": 32, "depth": 1, "num_heads": 2,
+              "num_classes": 0, "decoder_hidden_size": 32, "decoder_depth": 1, "decoder_num_heads": 2}
+    torch.manual_seed(0)
+    path = tmp_path / "uncond.safetensors"
+    save_file(build_model("MaskDiT-S/2", **kwargs).state_dict(), str(path))
+    argv = ["sample", str(path), "--model", "MaskDiT-S/2", "--model-kwargs", json.dumps(kwargs), "--num-samples",
+            "3", "--steps", "2", "--cfg-scale", "1", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "u.npz")]) == 0
+    with np.load(tmp_path / "u.npz") as f:
+        assert f["arr_0"].shape == (3, 8, 8, 3) and f["arr_1"].tolist() == [0, 0, 0]
+    assert torch.equal(generate.sample_labels(4, 0, seed=0, classes=[0]), torch.zeros(4, dtype=torch.long))
+    assert main([*argv, "--out", str(tmp_path / "v.npz"), "--classes", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "masked-dit sample: error: --classes [1]: the model is unconditional (num_classes=0); leave them out")
