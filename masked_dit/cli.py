@@ -129,7 +129,7 @@ def _sample(args, _overrides) -> int:
     from masked_dit.configs import (ADM_SAMPLE_KEYS, FAMILY_ONLY_SAMPLE_KEYS, FAMILY_SAMPLE_KEYS, GUIDANCE_KEYS,
                                     check_guidance, foreign_sample_option)
     from masked_dit.diffusion.objectives import build_objective
-    from masked_dit.diffusion.sample_settings import check_family_sampling, check_sample_steps
+    from masked_dit.diffusion.sample_settings import check_family_sampling, check_options_read, check_sample_steps
     from masked_dit.eval.generate import generate_npz, sample_batch, sample_labels, weights_fingerprint
     from masked_dit.rng import check_seed
     from masked_dit.train.dist import init_world, shutdown
@@ -184,10 +184,13 @@ def _sample(args, _overrides) -> int:
         keys = FAMILY_SAMPLE_KEYS.get(kind, ())
         given = [k for k in keys if getattr(args, k) is not None]
         kw.update({k: getattr(sc, k) if getattr(args, k) is None else getattr(args, k) for k in keys})
+        if kw.get("last_step") == "None":  # given as None (no last step), not left out: argparse kept the word
+            kw["last_step"] = None
         if keys is ADM_SAMPLE_KEYS and kw["sampler"] != "ddim":
             kw["eta"] = 0.0  # the run's DDIM eta, not given here: DDPM has none
         check_family_sampling(cfg.objective, kw["sampler"], kw["steps"], {k: kw[k] for k in keys}, given, flag,
                               lambda key: f"{flag(key)} {kw[key]}")
+        check_options_read(kind, kw, given + [k for k in GUIDANCE_KEYS if getattr(args, k) is not None], flag)
         if kw["cfg_scale"] != 1 and not _has_null_class(model):
             raise ValueError(f"--cfg-scale {kw['cfg_scale']} needs a null class, which this model lacks (trained "
                              f"with class_dropout_prob=0): sample with --cfg-scale 1")
@@ -249,7 +252,7 @@ def _likelihood(args, _overrides) -> int:
     from masked_dit.configs import SIT_SAMPLE_KEYS
     from masked_dit.data.latents import write_json_atomic
     from masked_dit.diffusion.objectives import build_objective
-    from masked_dit.diffusion.sample_settings import check_sit_sampling
+    from masked_dit.diffusion.sample_settings import check_options_read, check_sit_sampling
     from masked_dit.eval.generate import PartsFolder, weights_fingerprint
     from masked_dit.eval.nll import likelihood_data, score_batches, summarize
     from masked_dit.rng import check_seed
@@ -284,6 +287,8 @@ def _likelihood(args, _overrides) -> int:
     options = {k: getattr(cfg.sample, k) for k in SIT_SAMPLE_KEYS}
     options.update({k: getattr(args, k) for k in ("ode_method", "atol", "rtol") if getattr(args, k) is not None})
     check_sit_sampling(cfg.objective, "ode", options, lambda key: f"--{key.replace('_', '-')} {options[key]}")
+    check_options_read("transport", {**options, "cfg_scale": 1.0},
+                       [k for k in ("atol", "rtol") if getattr(args, k) is not None], lambda key: "--" + key)
     dataset, what = likelihood_data(cfg.data, cfg.model, args.split)
     num = len(dataset) if args.num is None else min(args.num, len(dataset))
     if num == 0:
@@ -454,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     sit.add_argument("--diffusion-form", help="SDE diffusion: constant, SBDM, sigma, linear, decreasing, "
                                                 "increasing-decreasing (SiT: sigma)")
     sit.add_argument("--diffusion-norm", type=float, help="scale of the SDE diffusion (SiT: 1)")
-    sit.add_argument("--last-step", type=lambda v: None if v in ("None", "none") else v,
+    sit.add_argument("--last-step", type=lambda v: "None" if v == "none" else v,  # "None": mapped once given
                      help="SDE last step: Mean, Tweedie, Euler or None (SiT: Mean)")
     sit.add_argument("--last-step-size", type=float, help="SiT: 0.04")
     adm = s.add_argument_group("DiT / MDT sampling (ADM diffusion; default: the run's --sample.* values)")

@@ -138,3 +138,39 @@ def check_family_sampling(objective_cfg, sampler: str, steps: int, options: dict
         check_adm_sampling(options, spelled)
     elif kind == "edm_maskdit":
         check_edm_sampling(options, steps, spelled)
+
+
+# Where each of these is read (beside the family check above, which names the sampler): given on the
+# command line where nothing reads it, it would be silently ignored.
+GUIDANCE_READERS = {"scale_pow": ("mdtv2", "MDT's power-cosine schedule"),
+                    "guidance_low": ("repa", "REPA's guidance interval"),
+                    "guidance_high": ("repa", "REPA's guidance interval")}
+
+
+def check_options_read(kind: str, options: dict, given, flag) -> None:
+    """Options set on purpose (``given``) that the resolved settings (``options``: the sampler's options
+    and the guidance keys) never read: guidance schedules of another family or without guidance,
+    REPA's scales below 1 (its sampler guides only above 1), tolerances of a fixed-step ODE method,
+    the Karras exponent of another grid, churn bounds without churn."""
+    from masked_dit.diffusion.ode import ADAPTIVE_TORCHDIFFEQ
+
+    given = set(given)
+    for key, (reader, what) in GUIDANCE_READERS.items():
+        if key in given and kind != reader:
+            raise ValueError(f"{flag(key)} sets {what}: it applies to that family only (objective {kind})")
+        if key in given and options["cfg_scale"] == 1:
+            raise ValueError(f"{flag(key)} sets {what}, which --cfg-scale 1 (no guidance) never reads")
+    if kind == "repa" and options["cfg_scale"] < 1:
+        raise ValueError(f"--cfg-scale {options['cfg_scale']}: REPA's sampler guides only for a scale > 1 "
+                         f"(below 1 it samples as 1); use 1 for no guidance")
+    if kind == "transport" and given & {"atol", "rtol"} and options["ode_method"] not in ADAPTIVE_TORCHDIFFEQ:
+        key = "atol" if "atol" in given else "rtol"
+        raise ValueError(f"{flag(key)} is a step-size tolerance: --ode-method {options['ode_method']} takes "
+                         f"fixed steps (adaptive: {', '.join(ADAPTIVE_TORCHDIFFEQ)})")
+    if kind == "edm_maskdit":
+        if "rho" in given and options["discretization"] != "edm":
+            raise ValueError(f"{flag('rho')} is the Karras grid's exponent: --discretization "
+                             f"{options['discretization']} does not read it")
+        unread = [k for k in ("S_min", "S_max", "S_noise") if k in given]
+        if unread and options["S_churn"] == 0:
+            raise ValueError(f"{flag(unread[0])} bounds or scales churn, which --S-churn 0 turns off")

@@ -309,3 +309,29 @@ def test_sit_sample_steps_need_two_time_points():
     check_sample_steps("transport", "ode", 2, 1000, "--steps 2")
     with pytest.raises(ValueError, match=r"^--steps 1: SiT's samplers need at least 2 time points"):
         check_sample_steps("transport", "sde", 1, 1000, "--steps 1")
+
+
+def test_options_nothing_reads_are_refused():
+    """Given on purpose, an option the resolved settings never read is a one-line error (it was ignored)."""
+    from masked_dit.diffusion.sample_settings import check_options_read
+
+    flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
+    guided = {"cfg_scale": 2.0}
+    check_options_read("mdtv2", guided, ["scale_pow"], flag)
+    check_options_read("repa", guided, ["guidance_low", "guidance_high"], flag)
+    check_options_read("repa", {"cfg_scale": 1.0}, [], flag)
+    for kind, options, given, message in [
+            ("adm", guided, ["scale_pow"], "--scale-pow sets MDT's power-cosine schedule: it applies to that family"),
+            ("mdtv2", {"cfg_scale": 1.0}, ["scale_pow"], "which --cfg-scale 1 \\(no guidance\\) never reads"),
+            ("edm_maskdit", {**guided, "discretization": "edm", "S_churn": 0.0}, ["guidance_low"],
+             "REPA's guidance interval: it applies to that family only \\(objective edm_maskdit\\)"),
+            ("repa", {"cfg_scale": 0.5}, [], "REPA's sampler guides only for a scale > 1"),
+            ("repa", {"cfg_scale": 0.0}, [], "REPA's sampler guides only for a scale > 1"),
+            ("transport", {"cfg_scale": 1.0, "ode_method": "heun3"}, ["atol"], "--atol is a step-size tolerance"),
+            ("edm_maskdit", {"cfg_scale": 1.0, "discretization": "iddpm", "S_churn": 0.0}, ["rho"], "--rho"),
+            ("edm_maskdit", {"cfg_scale": 1.0, "discretization": "edm", "S_churn": 0.0}, ["S_max"], "--S-max")]:
+        with pytest.raises(ValueError, match=message):
+            check_options_read(kind, options, given, flag)
+    check_options_read("transport", {"cfg_scale": 1.0, "ode_method": "dopri5"}, ["atol", "rtol"], flag)
+    check_options_read("edm_maskdit", {"cfg_scale": 1.0, "discretization": "edm", "S_churn": 1.0},
+                       ["rho", "S_min", "S_max", "S_noise"], flag)

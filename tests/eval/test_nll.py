@@ -184,6 +184,10 @@ def test_likelihood_command_scores_a_sit_run(tmp_path, capsys):
     assert score("euler2", "--ode-method", "euler", "--steps", "8") == euler  # same seed: the same draws
     assert euler["ode_method"] == "euler" and euler["bits_per_dim"] != first["bits_per_dim"]
     assert score("seed", "--ode-method", "euler", "--steps", "8", "--seed", "1")["bits_per_dim"] != euler["bits_per_dim"]
+    capsys.readouterr()
+    assert main(["likelihood", str(run), "--out", str(tmp_path / "t.json"), "--device", "cpu", "--ode-method", "euler",
+                 "--atol", "1e-2"]) == 2  # a fixed-step method: the tolerance would be ignored (and recorded)
+    assert capsys.readouterr().err.strip().startswith("masked-dit likelihood: error: --atol is a step-size tolerance")
 
 
 KWARGS = {"depth": 1, "hidden_size": 32, "num_heads": 2, "input_size": 8, "in_channels": 3, "num_classes": 2}

@@ -161,6 +161,8 @@ def test_sample_takes_sits_ode_and_sde_options(tmp_path):
     assert np.array_equal(sde, draw("sde-defaults", "--sampler", "sde", "--sde-method", "Euler", "--diffusion-form",
                                     "sigma", "--last-step", "Mean", "--last-step-size", "0.04"))
     assert not np.array_equal(sde, draw("sde-sbdm", "--sampler", "sde", "--diffusion-form", "SBDM", "--last-step", "None"))
+    # "None" given is SDE's no-last-step (it used to read as "not given": the run's Mean)
+    assert not np.array_equal(sde, draw("sde-none", "--sampler", "sde", "--last-step", "None"))
 
 
 def test_sample_takes_maskdits_edm_sampler_options(tmp_path, capsys):
@@ -182,6 +184,11 @@ def test_sample_takes_maskdits_edm_sampler_options(tmp_path, capsys):
                  "--S-max", "1"]) == 2
     assert capsys.readouterr().err.strip() == ("masked-dit sample: error: --S-min 5.0 must be <= --S-max 1.0 (churn "
                                                "applies for sigma in [S_min, S_max])")
+    for options, message in [(["--discretization", "vp", "--rho", "3"],
+                              "--rho is the Karras grid's exponent: --discretization vp does not read it"),
+                             (["--S-noise", "1.003"], "--S-noise bounds or scales churn, which --S-churn 0 turns off")]:
+        assert main(["sample", str(run), "--out", str(tmp_path / "g.png"), "--device", "cpu", *options]) == 2
+        assert capsys.readouterr().err.strip() == f"masked-dit sample: error: {message}"
 
 
 def test_sample_takes_ddim_eta(tmp_path):
@@ -208,7 +215,16 @@ def test_sit_options_the_sampler_does_not_read_are_refused(tmp_path, capsys):
                              (["--sampler", "ode", "--diffusion-form", "SBDM"],
                               "--diffusion-form is read by the sde sampler only (this run samples with ode)"),
                              (["--sampler", "sde", "--atol", "1e-5"],
-                              "--atol is read by the ode sampler only (this run samples with sde)")]:
+                              "--atol is read by the ode sampler only (this run samples with sde)"),
+                             (["--sampler", "ode", "--last-step", "None"],
+                              "--last-step is read by the sde sampler only (this run samples with ode)"),
+                             (["--sampler", "ode", "--ode-method", "euler", "--rtol", "1e-2"],
+                              "--rtol is a step-size tolerance: --ode-method euler takes fixed steps (adaptive: "
+                              "dopri5, dopri8, bosh3, fehlberg2, adaptive_heun)"),
+                             (["--cfg-scale", "2", "--scale-pow", "1"], "--scale-pow sets MDT's power-cosine "
+                              "schedule: it applies to that family only (objective transport)"),
+                             (["--cfg-scale", "2", "--guidance-high", "0.7"], "--guidance-high sets REPA's guidance "
+                              "interval: it applies to that family only (objective transport)")]:
         assert main([*base, *options]) == 2
         assert capsys.readouterr().err.strip() == f"masked-dit sample: error: {message}"
     assert not (tmp_path / "g.png").exists()
