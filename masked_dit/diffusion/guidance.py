@@ -181,7 +181,8 @@ class ClassifierFreeGuidance:
             raise ValueError(f"ClassifierFreeGuidance needs the class label as the third argument or {self.label_key}=")
         B = x.shape[0]
         if not isinstance(y, torch.Tensor):
-            raise ValueError(f"classifier-free guidance (cfg_scale != 1) needs class labels as a tensor, got {type(y).__name__}")
+            raise ValueError("classifier-free guidance (cfg_scale != 1) needs class labels as a tensor, got "
+                             f"{type(y).__name__}")
         if y.shape[0] != B:
             raise ValueError(f"labels have batch {y.shape[0]}, x has {B}")
         scale = _resolve_scale(self.cfg_scale, self.schedule, t)
