@@ -431,6 +431,9 @@ def _validate_sample(cfg: Config) -> None:
         key, family, kinds = foreign
         raise ConfigError(f"--sample.{key}={getattr(sc, key)!r} is a {family} sampler option: it applies to "
                           f"--objective.kind={kinds} only (got {cfg.objective.kind})")
+    if sc.cfg_scale != 1 and cfg.objective.kind == "edm_maskdit" and cfg.model.num_classes == 0:
+        raise ConfigError(f"--sample.cfg_scale={sc.cfg_scale} guides with class labels, which an unconditional "
+                          f"MaskDiT (--model.num_classes=0) lacks: set --sample.cfg_scale=1")
     # Without label dropout the model has no null-class row for the unconditional half of CFG
     # (MaskDiT's null label is the zero one-hot vector, which needs no row).
     if (sc.cfg_scale != 1 and cfg.model.class_dropout_prob == 0 and cfg.objective.kind != "edm_maskdit"

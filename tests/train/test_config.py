@@ -132,6 +132,16 @@ def test_maskdit_sampler_options_roundtrip_with_an_unbounded_churn_window(tmp_pa
         apply_overrides(cfg, ["--sample.schedule=cosine"])
 
 
+def test_unconditional_maskdit_refuses_guided_grids_before_training():
+    """The presets guide their grids (cfg_scale 1.5-4): with num_classes=0 that failed at the first grid,
+    after the training steps had run. Now the config says so up front; cfg_scale 1 trains."""
+    base = get_preset("digits-maskdit")
+    with pytest.raises(ConfigError, match=r"^--sample.cfg_scale=4.0 guides with class labels, which an "
+                                          r"unconditional MaskDiT \(--model.num_classes=0\) lacks"):
+        apply_overrides(base, ["--model.num_classes=0"])
+    assert apply_overrides(base, ["--model.num_classes=0", "--sample.cfg_scale=1"]).model.num_classes == 0
+
+
 def test_sit_time_cutoffs_reach_the_transport_where_sit_reads_them():
     """SiT's --train-eps / --sample-eps: a VP (or noise / score) model's [eps, 1 - eps]; refused where SiT
     would ignore them (Linear / GVP velocity) and on other objectives."""
