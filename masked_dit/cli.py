@@ -287,8 +287,8 @@ def _likelihood(args, _overrides) -> int:
     options = {k: getattr(cfg.sample, k) for k in SIT_SAMPLE_KEYS}
     options.update({k: getattr(args, k) for k in ("ode_method", "atol", "rtol") if getattr(args, k) is not None})
     check_sit_sampling(cfg.objective, "ode", options, lambda key: f"--{key.replace('_', '-')} {options[key]}")
-    check_options_read("transport", {**options, "cfg_scale": 1.0},
-                       [k for k in ("atol", "rtol") if getattr(args, k) is not None], lambda key: "--" + key)
+    check_options_read("transport", options, [k for k in ("atol", "rtol") if getattr(args, k) is not None],
+                       lambda key: "--" + key)
     dataset, what = likelihood_data(cfg.data, cfg.model, args.split)
     num = len(dataset) if args.num is None else min(args.num, len(dataset))
     if num == 0:

@@ -45,27 +45,30 @@ DEFAULT_OBJECTIVE = {"dit": "adm", "mdtv2": "mdtv2", "mdtv1": "mdtv2", "sit": "t
                      "repa_sit": "repa"}
 
 
-def _under_ddp(model: torch.nn.Module) -> bool:
-    """Whether a DistributedDataParallel wrapper is among ``model``'s wrappers (see :func:`unwrap`)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    while not isinstance(model, DistributedDataParallel):
-        inner = getattr(model, "_orig_mod", None)
-        if inner is None:
-            return False
-        model = inner
-    return True
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The user module under DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
+def _wrappers(model: torch.nn.Module):
+    """``model``, then each module it wraps (DDP's ``.module``, torch.compile's ``._orig_mod``), innermost last."""
     while True:
+        yield model
         if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
         else:
-            return model
+            return
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user module under DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
+    for model in _wrappers(model):
+        pass
+    return model
+
+
+def _under_ddp(model: torch.nn.Module) -> bool:
+    """Whether a DistributedDataParallel wrapper is among ``model``'s wrappers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return any(isinstance(m, DistributedDataParallel) for m in _wrappers(model))
 
 
 def _guided_channels(m) -> int:

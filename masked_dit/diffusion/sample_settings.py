@@ -148,8 +148,8 @@ GUIDANCE_READERS = {"scale_pow": ("mdtv2", "MDT's power-cosine schedule"),
 
 
 def check_options_read(kind: str, options: dict, given, flag) -> None:
-    """Options set on purpose (``given``) that the resolved settings (``options``: the sampler's options
-    and the guidance keys) never read: guidance schedules of another family or without guidance,
+    """Options set on purpose (``given``) that the resolved settings (``options``: the sampler's options,
+    and ``cfg_scale`` where guidance or REPA is checked) never read: guidance schedules of another family or without guidance,
     REPA's scales below 1 (its sampler guides only above 1), tolerances of a fixed-step ODE method,
     the Karras exponent of another grid, churn bounds without churn."""
     from masked_dit.diffusion.ode import ADAPTIVE_TORCHDIFFEQ

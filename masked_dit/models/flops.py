@@ -119,11 +119,11 @@ def _dit_like(model, keep, masked=None) -> FlopCount:
     if projectors is not None:  # REPA's projection heads run in every forward (it returns zs)
         parts["projectors"] = sum(linear_macs(l, k) for p in projectors for l in p if isinstance(l, nn.Linear))
     # MaskDiT: a decoder (own width) over all tokens after the encoder on kept tokens.
-    if getattr(m, "decoder_blocks", None) is not None:
+    decoder = getattr(m, "decoder_blocks", None) is not None
+    if decoder:
         parts["decoder"] = _final_macs(getattr(m, "decoder_layer", None), k) + _blocks_macs(m.decoder_blocks, n)
-        parts["final"] = _final_macs(m.final_layer, n)
-    else:  # the head on the kept tokens (MaskDiT without a decoder zero-fills the removed ones after it)
-        parts["final"] = _final_macs(m.final_layer, k)
+    # the head runs on all tokens after a decoder, else on the kept ones (the removed are zero-filled after it)
+    parts["final"] = _final_macs(m.final_layer, n if decoder else k)
     return FlopCount(sum(parts.values()), parts)
 
 

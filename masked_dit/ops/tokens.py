@@ -139,6 +139,14 @@ class IdsOutOfRange(ValueError, IndexError):
     """ids_keep >= N: a ValueError like every other check, and the IndexError the torch reference raised."""
 
 
+def check_ids_values(ids_keep: torch.Tensor, num_tokens: int) -> None:
+    """IdsOutOfRange unless every id lies in [0, num_tokens) (reads the values: a device sync off the CPU)."""
+    if ids_keep.numel():
+        lo, hi = int(ids_keep.min()), int(ids_keep.max())
+        if lo < 0 or hi >= num_tokens:
+            raise IdsOutOfRange(f"ids_keep must lie in [0, {num_tokens}), got min {lo}, max {hi}")
+
+
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_len: int | None = None,
                             prefix: str = "") -> torch.Tensor:
     """Sequence lengths [B] of a packed batch, once ``cu_seqlens`` is checked to rise from 0 to ``total``
@@ -160,10 +168,7 @@ def _check_values(ids_keep: torch.Tensor, num_tokens: int, cu_seqlens: torch.Ten
         return
     if cu_seqlens is not None:
         check_cu_seqlens_values(cu_seqlens, ids_keep.shape[0])
-    if ids_keep.numel():
-        lo, hi = int(ids_keep.min()), int(ids_keep.max())
-        if lo < 0 or hi >= num_tokens:
-            raise IdsOutOfRange(f"ids_keep must lie in [0, {num_tokens}), got {lo if lo < 0 else hi}")
+    check_ids_values(ids_keep, num_tokens)
 
 
 # -----------------------------------------------------------------------------
