@@ -7,6 +7,9 @@ resumed run continues with exactly the batches the interrupted one would have se
 """
 from __future__ import annotations
 
+import atexit
+import weakref
+
 import torch
 
 
@@ -58,10 +61,16 @@ def _worker_ignores_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _close_stream(ref) -> None:
-    stream = ref()
-    if stream is not None:
-        stream.close()
+# Loader iterators with live workers, stopped by one exit hook registered after multiprocessing's (so it
+# runs first). Kept by iterator, not by stream: an iterator can outlive its stream (a frame or a traceback
+# that holds it), and its ignoring workers would then hang multiprocessing's exit hook.
+_LIVE_ITERATORS = weakref.WeakSet()
+_EXIT_HOOK = []
+
+
+def _stop_live_workers() -> None:
+    for it in list(_LIVE_ITERATORS):
+        it._shutdown_workers()
 
 
 class BatchStream:
@@ -107,17 +116,16 @@ class BatchStream:
                                              generator=g,
                                              worker_init_fn=_worker_ignores_stop_signals if self.num_workers else None)
         self._it = iter(loader)
-        if self.num_workers and not getattr(self, "_closes_at_exit", False):
-            import atexit
-            import weakref
-
-            # registered after torch and multiprocessing: runs before their exit hooks
-            atexit.register(_close_stream, weakref.ref(self))
-            self._closes_at_exit = True
+        if self.num_workers:
+            _LIVE_ITERATORS.add(self._it)
+            if not _EXIT_HOOK:  # registered once the workers run, after multiprocessing's own hook
+                _EXIT_HOOK.append(atexit.register(_stop_live_workers))
 
     def close(self) -> None:
         """Stops the loader's workers (idempotent; a later ``next`` starts them again at the position)."""
         it, self._it = self._it, None
+        if it is not None:
+            _LIVE_ITERATORS.discard(it)
         shutdown = getattr(it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()

@@ -231,6 +231,27 @@ def test_closed_stream_restarts_at_its_position():
         assert torch.equal(got, want)
 
 
+_ORPHANED_ITERATOR = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from masked_dit.data import BatchStream
+from tests.reliability.test_preempt import _Numbers
+stream = BatchStream(_Numbers(), 2, num_workers=2)
+next(stream)
+kept = stream._it  # as a frame or a traceback can keep it
+del stream
+print("exiting", flush=True)
+"""
+
+
+def test_interpreter_exits_when_a_loader_iterator_outlives_its_stream():
+    """The workers ignore SIGTERM, so multiprocessing's exit hook cannot stop them: the loader's own
+    exit hook has to, for every live iterator, including one whose stream was collected."""
+    proc = subprocess.run([sys.executable, "-c", _ORPHANED_ITERATOR.format(repo=str(REPO))], capture_output=True,
+                          text=True, env=child_env(), timeout=60, start_new_session=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "exiting", proc.stderr[-2000:]
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.exists() else []
