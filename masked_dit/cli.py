@@ -138,9 +138,17 @@ def _sample(args, _overrides) -> int:
     out = Path(args.out)
     if out.suffix not in (".npz", ".png"):
         raise ValueError(f"--out {out}: must end in .npz (samples for FID) or .png (a grid)")
-    if args.batch_size < 1 or args.num < 1:
-        raise ValueError(f"--batch-size ({args.batch_size}) and --num-samples ({args.num}) must be >= 1")
-    _check_positive(args, "steps", "per_class")
+    _check_positive(args, "batch_size", "steps", "per_class")
+    if args.num is not None and args.num < 1:
+        raise ValueError(f"--num-samples must be >= 1 (got {args.num})")
+    # each output reads one of the two counts: the other, given, would be silently ignored
+    if out.suffix == ".png" and args.num is not None:
+        raise ValueError(f"--num-samples is read for .npz output; the grid --out {out} has --per-class columns "
+                         "per class: use --per-class")
+    if out.suffix == ".npz" and args.per_class is not None:
+        raise ValueError(f"--per-class sets the columns of a .png grid; the .npz --out {out} holds --num-samples "
+                         "samples: use --num-samples")
+    num, per_class = args.num or 50_000, args.per_class or 8
     check_seed(args.seed, "--seed")
     flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
     check_guidance({k: getattr(args, k) for k in GUIDANCE_KEYS}, flag)  # before the model loads
@@ -218,7 +226,7 @@ def _sample(args, _overrides) -> int:
 
         shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
         if out.suffix == ".npz":
-            labels = sample_labels(args.num, cfg.model.num_classes, args.seed, args.classes)
+            labels = sample_labels(num, cfg.model.num_classes, args.seed, args.classes)
             settings = dict(source=str(Path(args.source).resolve()), model=args.model, weights=weights,
                             vae=args.vae, precision=args.precision, classes=args.classes, **kw)
             n = generate_npz(draw, labels, out, shape=shape, batch_size=args.batch_size, seed=args.seed,
@@ -229,11 +237,11 @@ def _sample(args, _overrides) -> int:
                     print(f"masked-dit sample: warning: {out} holds latent channels 0-2 as images, not decoded "
                           "images: pass --vae (e.g. stabilityai/sd-vae-ft-ema) for FID", file=sys.stderr)
             return 0
-        labels = grid_labels(cfg.model.num_classes, args.per_class, args.classes)
+        labels = grid_labels(cfg.model.num_classes, per_class, args.classes)
         images = [sample_batch(draw, labels[i:i + args.batch_size].to(world.device), shape, args.seed,
                                i // args.batch_size, decode if vae else None) for i in range(0, len(labels), args.batch_size)]
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(torch.cat(images), labels, out, per_row=args.per_class)
+        save_grid(torch.cat(images), labels, out, per_row=per_class)
         print(f"wrote {out} ({len(labels)} samples)")
         return 0
     finally:
@@ -439,9 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-kwargs", help="JSON constructor overrides for --model (e.g. '{\"num_classes\": 10}')")
     s.add_argument("--out", default="samples.png", help="*.png grid or *.npz (uint8 NHWC 'arr_0', labels 'arr_1')")
     # --num-samples, not --num, under torchrun: its parser takes "--num" for an abbreviation of --numa-binding.
-    s.add_argument("--num-samples", "--num", dest="num", type=int, default=50_000,
-                   help="samples for .npz output (batches land in <out>.parts/: a re-run resumes; torchrun shards)")
-    s.add_argument("--per-class", type=int, default=8, help="grid columns per class")
+    s.add_argument("--num-samples", "--num", dest="num", type=int,
+                   help="samples for .npz output (default 50000; batches land in <out>.parts/: a re-run resumes; "
+                   "torchrun shards)")
+    s.add_argument("--per-class", type=int, help="grid columns per class, for .png output (default 8)")
     s.add_argument("--classes", type=int, nargs="*", help="class labels (default: grid 0-9, npz uniform)")
     s.add_argument("--sampler", choices=["ddpm", "ddim", "heun", "euler", "ode", "sde"])
     s.add_argument("--steps", type=int)

@@ -396,6 +396,14 @@ CASES = [
      "masked-dit sample: error: --steps must be >= 1 (got 0)"),
     ("sample-per-class-negative", lambda w, m: _sample(w, m, "--per-class", "-1"),
      "masked-dit sample: error: --per-class must be >= 1 (got -1)"),
+    # were ignored: each output reads one count
+    ("sample-num-samples-with-grid", lambda w, m: _sample(w, m, "--num-samples", "16"),
+     "masked-dit sample: error: --num-samples is read for .npz output; the grid --out {work}/g.png has "
+     "--per-class columns per class: use --per-class"),
+    ("sample-per-class-with-npz", lambda w, m: ["sample", str(m / "runs/digits-dit"), "--out", str(w / "s.npz"),
+                                                "--per-class", "2"],
+     "masked-dit sample: error: --per-class sets the columns of a .png grid; the .npz --out {work}/s.npz holds "
+     "--num-samples samples: use --num-samples"),
     ("sample-classes-empty", lambda w, m: _sample(w, m, "--classes"),
      "masked-dit sample: error: --classes needs at least one class label (or leave it out)"),
     ("sample-out-is-folder", lambda w, m: (os.makedirs(w / "o.npz"), ["sample", str(m / "runs/digits-dit"),
