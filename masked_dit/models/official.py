@@ -203,7 +203,11 @@ def infer_kwargs(state: dict[str, torch.Tensor], family: str, config: dict, args
                 out["mae_loss_coef"] = 0.0
     elif (table := get("y_embedder.embedding_table.weight")) is not None:
         classes, dropout = config.get("num_classes", 1000), config.get("class_dropout_prob", 0.1)
-        rows = table.shape[0]
+        rows, saved = table.shape[0], _saved_arg(args, "num_classes")  # DiT / SiT / REPA save their args
+        if ("num_classes" not in config and type(saved) is int and saved != classes  # noqa: E721 (not bool)
+                and rows in (saved, saved + 1)):
+            # the table alone cannot tell 10 classes from 9 + the null row: the run's own count can
+            out["num_classes"] = classes = saved
         if rows == classes and dropout > 0:  # no null row: trained without label dropout
             out["class_dropout_prob"] = 0.0
         elif rows != classes + (dropout > 0):

@@ -212,6 +212,29 @@ def test_load_official_reads_what_the_weights_fix(tmp_path, name, trained):
         load_official(path, name, **size, in_channels=5)
 
 
+@pytest.mark.parametrize("name", ["DiT-S/2", "SiT-S/2", "REPA-SiT-S/2"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_load_official_reads_num_classes_from_the_saved_args(tmp_path, name, dropout):
+    """A 10-row label table is 10 classes without label dropout or 9 plus the null row; DiT's, SiT's and
+    REPA's train.py save their args, whose num_classes tells which. Without args the null row is assumed."""
+    import argparse
+
+    size = dict(hidden_size=32, depth=1, num_heads=2, input_size=8)
+    extra = dict(z_dims=[16], projector_dim=16, encoder_depth=1) if name.startswith("REPA") else {}
+    src = build_model(name, num_classes=10 - (dropout > 0), class_dropout_prob=dropout, **size, **extra)
+    assert src.state_dict()["y_embedder.embedding_table.weight"].shape[0] == 10
+    path = tmp_path / "ckpt.pt"
+    args = argparse.Namespace(num_classes=10 - (dropout > 0), encoder_depth=1)
+    torch.save({"ema": src.state_dict(), "args": args}, path)
+    model = load_official(path, name, **size)
+    assert model.y_embedder.num_classes == 10 - (dropout > 0)
+    assert (model.y_embedder.dropout_prob > 0) == (dropout > 0)
+    torch.save({"ema": src.state_dict(), "args": argparse.Namespace(encoder_depth=1)}, path)
+    assert load_official(path, name, **size).y_embedder.num_classes == 9  # the table alone: 9 + null
+    # what the caller passes wins over the saved args
+    assert load_official(path, name, **size, num_classes=10, class_dropout_prob=0.0).y_embedder.num_classes == 10
+
+
 @pytest.mark.parametrize("depth,decode_layer", [(2, 2), (6, 6), (3, 1)])
 def test_load_official_reads_mdtv2_decode_layer_without_encoder_blocks(tmp_path, depth, decode_layer):
     """depth == decode_layer leaves MDTv2 without en_inblocks/en_outblocks keys: decode_layer is still
