@@ -409,6 +409,9 @@ def _extract_features(args, _overrides) -> int:
     _check_min_image_size(args)
     device = _device(args.device)
     min_size = manifest.get("min_image_size") if args.min_image_size is None else args.min_image_size
+    if manifest.get("min_image_size", min_size) != min_size:  # the rows must be the latents' images
+        raise ValueError(f"--min-image-size {min_size}: the latents in {args.latents} were extracted with "
+                         f"--min-image-size {manifest['min_image_size']}; leave it out")
     dataset = ImageFolderDataset(args.images, image_size, args.on_bad_image, min_size)
     features = load_encoder_features(args.encoder, token_grid=args.token_grid, device=device,
                                      image_size=args.encoder_image_size, resolution=image_size,
@@ -548,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     f.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="encoder autocast")
     f.add_argument("--on-bad-image", choices=["stop", "skip"], default="stop", help="as given to extract-latents")
-    f.add_argument("--min-image-size", type=int, help="default: as extract-latents recorded it")
+    f.add_argument("--min-image-size", type=int, help="default (and required): as extract-latents recorded it; "
+                   "for latents whose manifest predates the record")
     f.add_argument("--device", default="auto")
     f.set_defaults(func=_extract_features)
 

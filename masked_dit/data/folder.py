@@ -43,12 +43,15 @@ def center_crop_arr(pil_image, image_size: int) -> np.ndarray:
 
 def to_rgb(pil_image):
     """RGB as torchvision's loader (``convert('RGB')``), but 16-bit grayscale keeps its high byte:
-    PIL's convert clips 'I;16' values to 255, so a 16-bit PNG/TIFF came out nearly all white."""
+    PIL's convert clips 'I;16' values to 255, so a 16-bit PNG/TIFF came out nearly all white. PIL
+    opens some 16-bit files as 32-bit 'I' (PGM with maxval 65535; PNG in older Pillow), which does not
+    say the bit depth: values above 255 are read as 16-bit (clipped to 65535), others as 8-bit."""
     from PIL import Image
 
-    if pil_image.mode.startswith("I;16"):
-        arr = np.asarray(pil_image).astype(np.uint16)  # native order whatever the file's ('I;16B')
-        pil_image = Image.fromarray((arr >> 8).astype(np.uint8), mode="L")
+    if pil_image.mode.startswith("I;16") or pil_image.mode == "I":
+        arr = np.asarray(pil_image).astype(np.int64)  # native order whatever the file's ('I;16B')
+        if pil_image.mode != "I" or arr.max(initial=0) > 255:
+            pil_image = Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), mode="L")
     return pil_image.convert("RGB")
 
 

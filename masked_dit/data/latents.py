@@ -103,6 +103,8 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
     if manifest_path.exists():
         old = read_own_manifest(manifest_path)
         mismatched = [k for k in header if old.get(k) != header[k]]
+        # which images a skip or an upscale put in each row: checked when both runs know it
+        mismatched += [k for k in ("min_image_size",) if k in recorded and old.get(k, recorded[k]) != recorded[k]]
         if mismatched:
             raise ValueError(f"{manifest_path} was made with different settings ({', '.join(mismatched)}); "
                              "use a new output folder")

@@ -298,6 +298,20 @@ def test_extract_features_beside_latents_and_read_back(encoder, latents_dir):
     assert isinstance(LatentsWithFeatures(LatentDataset(latents_dir), [out, out])[0]["zs"], list)
 
 
+def test_features_take_the_images_the_latents_took(encoder, latents_dir):
+    """Rows are matched to the latents by index: a dataset with another minimum image size (which image
+    an upscale or a skip's neighbour puts in a row) is refused, naming the latents' value."""
+    manifest = json.loads((latents_dir / "manifest.json").read_text())
+    (latents_dir / "manifest.json").write_text(json.dumps({**manifest, "min_image_size": 0}))
+    data = _Images()
+    data.min_image_size = 16
+    with pytest.raises(ValueError, match=r"short side >= 16px .* took >= 0px: pass min_image_size=0"):
+        extract_encoder_features(data, latents_dir, EncoderFeatures(encoder, token_grid=2), progress=False)
+    data.min_image_size = 0
+    assert extract_encoder_features(data, latents_dir, EncoderFeatures(encoder, token_grid=2), name="t",
+                                    batch_size=2, progress=False)["complete"]
+
+
 def test_extraction_resumes_and_checks_settings(encoder, latents_dir):
     data = _Images()
     feats = _Counting(encoder, token_grid=2)

@@ -136,6 +136,24 @@ def test_16bit_grayscale_keeps_its_range(tmp_path):
     assert float(x.mean()) < 0.5  # not the clipped, nearly white image
 
 
+def test_16bit_grayscale_opened_as_32bit_keeps_its_range(tmp_path):
+    """PIL opens a 16-bit PGM (and, in older Pillow, a 16-bit PNG) as 32-bit 'I', which convert('RGB')
+    clips the same way; an 'I' image of 8-bit values is left as convert reads it."""
+    from masked_dit.data.folder import to_rgb
+
+    (tmp_path / "a").mkdir()
+    gray16 = (np.random.RandomState(1).rand(45, 37) * 65535).astype(np.uint16)
+    as_int32 = Image.fromarray(gray16.astype(np.int32), mode="I")
+    as_int32.save(tmp_path / "a" / "0.pgm")
+    want = np.asarray(Image.fromarray((gray16 >> 8).astype(np.uint8)).convert("RGB"))
+    assert np.array_equal(np.asarray(to_rgb(as_int32)), want)
+    x = ImageFolderDataset(str(tmp_path), 16)[0]["x"]
+    ref = _adm_reference(Image.fromarray((gray16 >> 8).astype(np.uint8)).convert("RGB"), 16)
+    np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), ref / 127.5 - 1, atol=1e-6)
+    gray8 = Image.fromarray((gray16 >> 8).astype(np.int32), mode="I")
+    assert np.array_equal(np.asarray(to_rgb(gray8)), np.asarray(gray8.convert("RGB")))
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK"])
 def test_other_modes_read_as_rgb_then_crop(tmp_path, mode):
     """Grayscale, alpha, palette and CMYK files: converted to RGB as torchvision's loader, then

@@ -65,6 +65,11 @@ def test_extract_with_min_image_size_records_it(tiny_vae_dir, tmp_path):
     assert main(args + ["--min-image-size", "0"]) == 0
     manifest = json.loads((tmp_path / "lat" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["num_images"] == 4 and manifest["min_image_size"] == 0
+    # a resume with another minimum would put other images (upscaled, or a skip's neighbour) in rows
+    (tmp_path / "lat" / "shard_00000.mean.npy").unlink()
+    with pytest.raises(ValueError, match=r"different settings \(min_image_size\)"):
+        extract_latents(ImageFolderDataset(str(tmp_path / "img"), 16, "skip"), tmp_path / "lat", None,
+                        vae_name=str(tiny_vae_dir), shard_size=4, batch_size=2, progress=False)
 
 
 def test_extraction_resumes(tiny_vae_dir, images_dir, tmp_path):

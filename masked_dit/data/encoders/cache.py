@@ -65,6 +65,10 @@ def extract_encoder_features(dataset, latents_dir, features: EncoderFeatures, *,
     if digest and latents.get("images_sha1", digest) != digest:  # rows are matched to latents by index
         raise ValueError(f"the images in {getattr(dataset, 'root', 'the dataset')} are not the ones the latents in "
                          f"{str(root)!r} were extracted from (other files or order): pass that image folder")
+    min_size = getattr(dataset, "min_image_size", None)  # which image a skip or an upscale put in each row
+    if min_size is not None and latents.get("min_image_size", min_size) != min_size:
+        raise ValueError(f"the dataset takes images of short side >= {min_size}px but the latents in {str(root)!r} "
+                         f"took >= {latents['min_image_size']}px: pass min_image_size={latents['min_image_size']}")
     if batch_size < 1 or latents["shard_size"] % batch_size:
         raise ValueError(f"batch_size ({batch_size}) must divide the latents' shard_size ({latents['shard_size']})")
     enc = features.encoders[0]
