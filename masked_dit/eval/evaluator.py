@@ -240,7 +240,7 @@ def read_statistics(path: str | Path,
             if mu_key not in keys or sigma_key not in keys:
                 raise ValueError(f"{path} has '{mu_key if mu_key in keys else sigma_key}' but not "
                                  f"'{sigma_key if mu_key in keys else mu_key}'")
-            mu, sigma = npz[mu_key], npz[sigma_key]
+            mu, sigma = _read_member(npz, path, mu_key), _read_member(npz, path, sigma_key)
             dim = dims[metric] if dims else (mu.shape[0] if mu.ndim == 1 else -1)
             if mu.shape != (dim,) or sigma.shape != (dim, dim):
                 raise ValueError(f"{path}: '{mu_key}' / '{sigma_key}' must have shapes ({dim},) / ({dim}, {dim}), "
@@ -249,6 +249,19 @@ def read_statistics(path: str | Path,
                 check_finite(value, f"{path}: '{key}'")
             stats[metric] = (mu.astype(np.float64), sigma.astype(np.float64))
     return stats
+
+
+def _read_member(npz, path: Path, key: str) -> np.ndarray:
+    """A statistics array of the .npz: real numbers, one line naming it when damaged or of another type."""
+    try:
+        value = npz[key]
+    except (zipfile.BadZipFile, zlib.error, EOFError) as err:  # damaged bytes: CRC / deflate / short member
+        raise ValueError(f"{path}['{key}'] is corrupt ({type(err).__name__}: {err})") from None
+    except ValueError:  # numpy refuses pickled object arrays
+        raise ValueError(f"{path}['{key}'] must hold real numbers, got pickled objects") from None
+    if value.dtype.kind not in "biuf":  # complex would lose its imaginary part, strings cannot be read
+        raise ValueError(f"{path}['{key}'] must hold real numbers, got dtype {value.dtype}")
+    return value
 
 
 @dataclass

@@ -242,6 +242,27 @@ def test_damaged_files_name_themselves(batches, tmp_path):
             evaluate(ref_path, tmp_path / name, StubFeatures(), **STUB)
 
 
+@pytest.mark.parametrize("sigma, match", [
+    (None, r"\['sigma'\] is corrupt \((BadZipFile|error): "),  # one flipped byte
+    (np.full((2, 2), "x"), r"\['sigma'\] must hold real numbers, got dtype <U1"),
+    (np.eye(2) * (1 + 1j), r"\['sigma'\] must hold real numbers, got dtype complex128"),  # was cast to real
+    (np.array([[None, 1], [1, None]], dtype=object), r"\['sigma'\] must hold real numbers, got pickled objects"),
+])
+def test_damaged_or_non_numeric_statistics_name_themselves(tmp_path, sigma, match):
+    """Precomputed mu / sigma (ADM reference batches) are read with the same one-line errors as arr_0."""
+    from masked_dit.eval.evaluator import read_statistics
+
+    path = tmp_path / "ref.npz"
+    np.savez(path, mu=np.zeros(2), sigma=np.eye(64) if sigma is None else sigma)
+    if sigma is None:
+        data = bytearray(path.read_bytes())
+        start = data.index(b"sigma.npy") + 2000  # inside sigma's 32 kB of data
+        data[start] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=match):
+        read_statistics(path, dims=None)
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--device", "tpu:7"], "--device"),

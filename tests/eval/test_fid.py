@@ -79,6 +79,24 @@ def test_methods_agree_on_full_rank_statistics():
                                                              rel=1e-10)
 
 
+def test_ill_conditioned_covariances_keep_their_small_terms():
+    """Post-ReLU features with rarely active units give covariances of condition ~1e20: the trace of
+    the root, from the eigenvalues of the product (condition squared), lost ~1e-5 absolute. Reference:
+    Tr((S1 S2)^(1/2)) = nuclear norm of Ac Bc^T / sqrt((n1 - 1)(n2 - 1)) of the centred features."""
+    rng = np.random.default_rng(0)
+    f = 128
+    offset = np.concatenate([np.zeros(f // 2), np.linspace(2.5, 4.0, f // 2)])  # half rarely fire
+    scale = np.concatenate([np.full(f // 2, 3.0), np.full(f // 2, 0.05)])
+    mix = rng.normal(size=(f, f)) * 0.05 + np.eye(f)
+    a = np.maximum(rng.normal(size=(3000, f)) @ mix - offset, 0) * scale
+    b = np.maximum(rng.normal(size=(2000, f)) @ mix * 1.02 - offset, 0) * scale
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    nuclear = np.linalg.svd(ac @ bc.T, compute_uv=False).sum() / np.sqrt((len(a) - 1) * (len(b) - 1))
+    d = a.mean(0) - b.mean(0)
+    want = d @ d + (ac ** 2).sum() / (len(a) - 1) + (bc ** 2).sum() / (len(b) - 1) - 2 * nuclear
+    assert abs(frechet_distance_from_features(a, b) - want) < 1e-9
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="differ in shape"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
