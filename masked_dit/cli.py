@@ -258,7 +258,7 @@ def _likelihood(args, _overrides) -> int:
     import torch
 
     from masked_dit.configs import SIT_SAMPLE_KEYS
-    from masked_dit.data.latents import write_json_atomic
+    from masked_dit.data.shards import write_json_atomic
     from masked_dit.diffusion.objectives import build_objective
     from masked_dit.diffusion.sample_settings import check_options_read, check_sit_sampling
     from masked_dit.eval.generate import PartsFolder, weights_fingerprint
@@ -355,6 +355,22 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
+def _extraction_world(name: str):
+    """(World, device) under torchrun, where each rank takes its share of the shards on its own GPU
+    (--device auto / cuda / cpu); (None, the device) in one process."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, _device(name)
+    if name not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"--device {name}: under torchrun each rank takes the GPU of its LOCAL_RANK; pass "
+                         "--device cuda (or auto, cpu)")
+    from masked_dit.train.dist import init_world
+
+    world = init_world(name)
+    return world, str(world.device)
+
+
 def _check_out_dir(out: str) -> None:
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"output folder {out} is a file")
@@ -385,15 +401,26 @@ def _extract(args, _overrides) -> int:
     if args.shard_size % args.batch_size:  # checked before the VAE loads, in the options' names
         raise ValueError(f"--shard-size {args.shard_size} must be a multiple of --batch-size {args.batch_size}")
     _check_out_dir(args.out)
-    device = _device(args.device)
     _check_min_image_size(args)
-    dataset = ImageFolderDataset(args.images, args.image_size, args.on_bad_image, args.min_image_size)
-    vae = load_vae(args.vae, device)
-    manifest = extract_latents(dataset, args.out, vae, vae_name=args.vae, batch_size=args.batch_size,
-                               shard_size=args.shard_size, flip=args.flip, dtype=args.dtype, device=device)
-    print(f"{manifest['num_images']} images -> {args.out} ({len(manifest['shards'])} shards, latent "
-          f"{manifest['latent_shape']})")
+    world, device = _extraction_world(args.device)
+    try:
+        dataset = ImageFolderDataset(args.images, args.image_size, args.on_bad_image, args.min_image_size)
+        vae = load_vae(args.vae, device)
+        manifest = extract_latents(dataset, args.out, vae, vae_name=args.vae, batch_size=args.batch_size,
+                                   shard_size=args.shard_size, flip=args.flip, dtype=args.dtype, device=device,
+                                   world=world)
+    finally:
+        _end_world(world)
+    if world is None or world.is_main:
+        print(f"{manifest['num_images']} images -> {args.out} ({len(manifest['shards'])} shards, latent "
+              f"{manifest['latent_shape']})")
     return 0
+
+
+def _end_world(world) -> None:
+    if world is not None:
+        from masked_dit.train.dist import shutdown
+        shutdown(world)
 
 
 def _extract_features(args, _overrides) -> int:
@@ -407,18 +434,23 @@ def _extract_features(args, _overrides) -> int:
         raise ValueError(f"latents {args.latents}: manifest.json has no image_size: re-run extract-latents")
     _check_positive(args, "batch_size", "encoder_image_size", "token_grid")
     _check_min_image_size(args)
-    device = _device(args.device)
     min_size = manifest.get("min_image_size") if args.min_image_size is None else args.min_image_size
     if manifest.get("min_image_size", min_size) != min_size:  # the rows must be the latents' images
         raise ValueError(f"--min-image-size {min_size}: the latents in {args.latents} were extracted with "
                          f"--min-image-size {manifest['min_image_size']}; leave it out")
-    dataset = ImageFolderDataset(args.images, image_size, args.on_bad_image, min_size)
-    features = load_encoder_features(args.encoder, token_grid=args.token_grid, device=device,
-                                     image_size=args.encoder_image_size, resolution=image_size,
-                                     autocast_dtype="bf16" if args.precision == "bf16" else None)
-    name = args.name or feature_dir_name(args.encoder)
-    manifest = extract_encoder_features(dataset, args.latents, features, name=name, batch_size=args.batch_size,
-                                        dtype=args.dtype)
+    world, device = _extraction_world(args.device)
+    try:
+        dataset = ImageFolderDataset(args.images, image_size, args.on_bad_image, min_size)
+        features = load_encoder_features(args.encoder, token_grid=args.token_grid, device=device,
+                                         image_size=args.encoder_image_size, resolution=image_size,
+                                         autocast_dtype="bf16" if args.precision == "bf16" else None)
+        name = args.name or feature_dir_name(args.encoder)
+        manifest = extract_encoder_features(dataset, args.latents, features, name=name,
+                                            batch_size=args.batch_size, dtype=args.dtype, world=world)
+    finally:
+        _end_world(world)
+    if world is not None and not world.is_main:
+        return 0
     print(f"{manifest['num_images']} images -> {Path(args.latents) / 'features' / name} (features "
           f"{manifest['feature_shape']}); train with --data.features={name}")
     return 0

@@ -10,17 +10,19 @@ Layout of an extracted folder::
     shard_00000.flip_mean.npy / .flip_std.npy  (with --flip: moments of the mirrored image)
 
 A shard is written under a temporary name, verified (shape, finiteness) and renamed, then the
-manifest is rewritten: an interrupted extraction resumes at the first missing shard. Training
+manifest is rewritten: an interrupted extraction resumes at the first missing shard. Under torchrun
+each rank encodes every world-size-th missing shard (``data/shards.py``). Training
 draws ``z = (mean + std * eps) * 0.18215`` with a fresh ``eps`` each step.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from masked_dit.data.shards import ShardProgress, read_own_manifest, save_npy_atomic
 
 MANIFEST = "manifest.json"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -60,21 +62,15 @@ def check_vae_factor(vae, image_size: int) -> None:
                          f"{image_size // factor * factor}px)")
 
 
-def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
-    """``np.save`` to a temporary name, then rename: a kill leaves the old file or none, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: int = 32, shard_size: int = 1024,
-                    flip: bool = False, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> dict:
+                    flip: bool = False, dtype: str = "float32", device: str = "cpu", progress: bool = True,
+                    world=None) -> dict:
     """Encodes ``dataset`` (items ``{'x': [3,H,W] in [-1,1], 'y'}``) into shards under ``out_dir``.
 
     ``vae`` is an AutoencoderKL (or anything whose ``encode(x).latent_dist`` has ``mean`` and
-    ``std``). Re-running with the same arguments resumes; different arguments are an error.
+    ``std``). Re-running with the same arguments resumes; different arguments are an error. Under
+    torchrun (``world``: ``masked_dit.train.dist.World``) each rank encodes its share of the shards.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"latent dtype must be float16 or float32 (got {dtype!r})")
@@ -99,7 +95,7 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
     if getattr(dataset, "min_image_size", None) is not None:  # extract-features takes the same images
         recorded["min_image_size"] = int(dataset.min_image_size)
     manifest_path = out / MANIFEST
-    shards = []
+    old = None
     if manifest_path.exists():
         old = read_own_manifest(manifest_path)
         mismatched = [k for k in header if old.get(k) != header[k]]
@@ -111,17 +107,16 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
         if digest and old.get("images_sha1", digest) != digest:
             raise ValueError(f"{manifest_path} was made from other images (same count, other files or order); "
                              "use a new output folder")
-        shards = [s for s in old["shards"] if all((out / f).exists() for f in s["files"].values())]
-    done = {s["index"] for s in shards}
+    done = ShardProgress(manifest_path, old, world)
     num_shards = (n + shard_size - 1) // shard_size
-    latent_shape = shards[0]["latent_shape"] if shards else None
+    latent_shape = done.shards[0]["latent_shape"] if done.shards else None
+    todo = done.share([si for si in range(num_shards) if si not in done.done])
     bar = None
-    if progress:
+    if progress and done.rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=num_shards, initial=len(done), desc="extract-latents", unit="shard")
-    for si in range(num_shards):
-        if si in done:
-            continue
+        bar = tqdm(total=len(todo) + len(done.done) * (done.size == 1), initial=len(done.done) * (done.size == 1),
+                   desc="extract-latents" + (f" (rank 0 of {done.size})" if done.size > 1 else ""), unit="shard")
+    for si in todo:
         start, stop = si * shard_size, min(n, (si + 1) * shard_size)
         parts = {"mean": [], "std": [], "labels": [], "flip_mean": [], "flip_std": []}
         for b in range(start, stop, batch_size):
@@ -151,36 +146,21 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
             fname = f"shard_{si:05d}.{key}.npy"
             save_npy_atomic(out / fname, arr)
             files[key] = fname
-        shards.append({"index": si, "start": start, "count": stop - start, "files": files, "latent_shape": latent_shape})
-        shards.sort(key=lambda s: s["index"])
-        write_json_atomic(manifest_path, {**header, **recorded, "latent_shape": latent_shape, "shards": shards})
+        done.add({"index": si, "start": start, "count": stop - start, "files": files, "latent_shape": latent_shape},
+                 {**header, **recorded, "latent_shape": latent_shape})
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    manifest = {**header, **recorded, "latent_shape": latent_shape, "shards": shards, "complete": True}
-    write_json_atomic(manifest_path, manifest)
-    return manifest
+    return done.finish(lambda shards: {**header, **recorded, "latent_shape": _one_shape(shards)}, num_shards)
 
 
-def read_own_manifest(path: Path) -> dict:
-    """The manifest a resumed run wrote itself; one line naming it when damaged (a copy cut short,
-    a hand edit): JSON's own message named no file, and a missing 'shards' was a KeyError."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): delete the folder's files or use a new output "
-                         "folder") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise ValueError(f"{path} lists no shards (not one this tool wrote): delete the folder's files or use a "
-                         "new output folder")
-    return manifest
-
-
-def write_json_atomic(path: Path, manifest: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+def _one_shape(shards: list[dict]) -> list[int]:
+    """The latent shape every shard has (ranks encode shards apart: checked when they are merged)."""
+    shapes = {tuple(s["latent_shape"]) for s in shards}
+    if len(shapes) != 1:
+        raise ValueError(f"shards have different latent shapes {sorted(shapes)}")
+    return list(shapes.pop())
 
 
 #################################################################################

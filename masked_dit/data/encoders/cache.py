@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from masked_dit.data.encoders.features import EncoderFeatures
-from masked_dit.data.latents import read_manifest, read_own_manifest
-from masked_dit.data.latents import save_npy_atomic as _save_shard
-from masked_dit.data.latents import write_json_atomic as _write_json
+from masked_dit.data.latents import read_manifest
+from masked_dit.data.shards import ShardProgress, read_own_manifest, save_npy_atomic
 from masked_dit.data.encoders.specs import _REPA_NAME
 
 #################################################################################
@@ -41,12 +40,14 @@ def feature_dir_name(spec: str) -> str:
 
 @torch.no_grad()
 def extract_encoder_features(dataset, latents_dir, features: EncoderFeatures, *, name: Optional[str] = None,
-                             batch_size: int = 32, dtype: str = "float16", progress: bool = True) -> dict:
+                             batch_size: int = 32, dtype: str = "float16", progress: bool = True,
+                             world=None) -> dict:
     """Caches ``features`` of ``dataset``'s images beside the latents extracted from the same dataset.
 
     ``dataset`` items ``{'x': [3, H, W] in [-1, 1] (or uint8), ...}`` in the order used by
     ``extract_latents``; ``features`` holds one encoder. Writes ``<latents_dir>/features/<name>``
-    and returns its manifest. Re-running resumes; different settings are an error.
+    and returns its manifest. Re-running resumes; different settings are an error. Under torchrun
+    (``world``: ``masked_dit.train.dist.World``) each rank computes its share of the shards.
     """
     if len(features.encoders) != 1:
         raise ValueError(f"cache one encoder at a time ({features.name} has {len(features.encoders)})")
@@ -79,20 +80,21 @@ def extract_encoder_features(dataset, latents_dir, features: EncoderFeatures, *,
     header = {"encoder": enc.name, "image_size": enc.image_size, "token_grid": int(shape[0] ** 0.5 + 0.5),
               "feature_shape": shape, "dtype": dtype, "num_images": n, "shard_size": latents["shard_size"],
               "flip": bool(latents["flip"]), "autocast": str(features.autocast_dtype or "float32")}
-    shards = []
+    old = None
     if (out / _MANIFEST).exists():
         old = read_own_manifest(out / _MANIFEST)
         mismatched = [k for k in header if old.get(k) != header[k]]
         if mismatched:
             raise ValueError(f"{out / _MANIFEST} was made with different settings ({', '.join(mismatched)}); "
                              "pass another name=")
-        shards = [s for s in old["shards"] if all((out / f).exists() for f in s["files"].values())]
-    done = {s["index"] for s in shards}
-    todo = [s for s in latents["shards"] if s["index"] not in done]
+    done = ShardProgress(out / _MANIFEST, old, world)
+    todo = done.share([s for s in latents["shards"] if s["index"] not in done.done])
     bar = None
-    if progress:
+    if progress and done.rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=len(latents["shards"]), initial=len(done), desc=f"extract-features {name}", unit="shard")
+        bar = tqdm(total=len(todo) + len(done.done) * (done.size == 1), initial=len(done.done) * (done.size == 1),
+                   desc=f"extract-features {name}" + (f" (rank 0 of {done.size})" if done.size > 1 else ""),
+                   unit="shard")
     for shard in todo:
         start, count = shard["start"], shard["count"]
         views = {"z": []}
@@ -113,18 +115,14 @@ def extract_encoder_features(dataset, latents_dir, features: EncoderFeatures, *,
                 raise ValueError(f"non-finite {key} features in shard {shard['index']} (images {start}.."
                                  f"{start + count - 1}; float16 overflow? use dtype='float32')")
             fname = f"shard_{shard['index']:05d}.{'npy' if key == 'z' else 'flip.npy'}"
-            _save_shard(out / fname, arr)
+            save_npy_atomic(out / fname, arr)
             files[key] = fname
-        shards.append({"index": shard["index"], "start": start, "count": count, "files": files})
-        shards.sort(key=lambda s: s["index"])
-        _write_json(out / _MANIFEST, {**header, "shards": shards})
+        done.add({"index": shard["index"], "start": start, "count": count, "files": files}, header)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    manifest = {**header, "shards": shards, "complete": True}
-    _write_json(out / _MANIFEST, manifest)
-    return manifest
+    return done.finish(lambda shards: header, len(latents["shards"]))
 
 
 class EncoderFeatureDataset(torch.utils.data.Dataset):
