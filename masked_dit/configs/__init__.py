@@ -298,6 +298,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--optim.betas needs {n_betas} values for {cfg.optim.name} (got {list(cfg.optim.betas)})")
     if not 0 <= cfg.objective.mask_ratio < 1:
         raise ConfigError(f"--objective.mask_ratio must be in [0, 1) (got {cfg.objective.mask_ratio})")
+    if cfg.train.peak_tflops is not None and not (math.isfinite(cfg.train.peak_tflops) and cfg.train.peak_tflops > 0):
+        raise ConfigError(f"--train.peak_tflops must be a finite number > 0 (the GPU's peak, for MFU), or none for "
+                          f"the GPU name table (got {cfg.train.peak_tflops})")
+    _validate_loss_terms(cfg.objective)
+
     _validate_encoder(cfg.objective.encoder)
     _validate_transport_eps(cfg.objective)
     _validate_mask_ratio_schedule(cfg.objective)
@@ -357,6 +362,20 @@ def foreign_sample_option(kind: str, given) -> Optional[tuple]:
         if owners and key not in own:
             return key, SAMPLE_FAMILY[owners[0]], " or ".join(owners)
     return None
+
+
+def _validate_loss_terms(oc: ObjectiveConfig) -> None:
+    """Numbers every step's loss is made of: a zero, negative or non-finite one makes every step
+    non-finite (skipped) or trains on a sign-flipped term, silently."""
+    ranges = {"sigma_data": (0.0, False), "P_std": (0.0, True), "min_snr_gamma": (0.0, False),
+              "mae_loss_coef": (0.0, True), "proj_coeff": (0.0, True)}
+    for key, (low, closed) in ranges.items():
+        value = getattr(oc, key)
+        if not (math.isfinite(value) and (value >= low if closed else value > low)):
+            raise ConfigError(f"--objective.{key} must be a finite number {'>=' if closed else '>'} {low:g} "
+                              f"(got {value})")
+    if not math.isfinite(oc.P_mean):
+        raise ConfigError(f"--objective.P_mean must be a finite number (got {oc.P_mean})")
 
 
 def check_guidance(values: dict, flag) -> None:
@@ -522,7 +541,7 @@ def _coerce(section: str, key: str, hint, value):
             return tuple(seq) if hint is tuple else list(seq)
         if hint is dict or origin is dict:
             return dict(json.loads(value) if isinstance(value, str) else value)
-    except (ValueError, TypeError, json.JSONDecodeError):
+    except (ValueError, TypeError, OverflowError, json.JSONDecodeError):  # OverflowError: int(inf)
         pass
     else:
         return value

@@ -122,13 +122,18 @@ def resolve_resume(resume: str | None, ckpt_root, world_size: int | None = None)
     if not resume:
         return None
     if resume == "latest":
-        for path in reversed(list_checkpoints(ckpt_root)):
+        found, newest_problem = list_checkpoints(ckpt_root), None
+        for path in reversed(found):
             try:
                 verify_checkpoint(path, world_size)
             except ValueError as exc:
                 warnings.warn(f"skipping {exc}", stacklevel=2)
+                newest_problem = newest_problem or str(exc)
                 continue
             return path
+        if found:  # starting over would set the run's checkpoints and metrics aside: the user decides
+            raise ValueError(f"--resume latest: every checkpoint in {ckpt_root} is damaged ({len(found)}; newest: "
+                             f"{newest_problem}); move them aside to start anew, or restore one")
         return None
     path = Path(resume)
     if not (path / "meta.json").exists():

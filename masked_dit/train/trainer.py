@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from masked_dit.configs import FAMILY_SAMPLE_KEYS, Config, validate
+from masked_dit.configs import FAMILY_SAMPLE_KEYS, Config, ConfigError, validate
 from masked_dit.data import BatchStream, build_dataset, sample_posterior
 from masked_dit.diffusion.objectives import build_objective, unwrap
 from masked_dit.rng import derived_seed
@@ -52,8 +52,8 @@ def batch_sizes(cfg: Config, world: World) -> tuple[int, int]:
     tc = cfg.train
     micro = tc.micro_batch or tc.global_batch // world.size
     if micro <= 0 or micro * world.size > tc.global_batch or tc.global_batch % (micro * world.size):
-        raise ValueError(f"--train.global_batch={tc.global_batch} must be a multiple of micro_batch ({micro}) x "
-                         f"world size ({world.size})")
+        raise ConfigError(f"--train.global_batch={tc.global_batch} must be a multiple of micro_batch ({micro}) x "
+                          f"world size ({world.size})")  # the same on every rank: said once
     return micro, tc.global_batch // (micro * world.size)
 
 
@@ -142,7 +142,16 @@ class Trainer:
         self.stop = StopRequest()  # the signal handlers are installed by fit()
         self.stop_signum = None  # a stop signal every rank has agreed on (see _agree)
         if resume is not None:
+            configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
             extra = ckpt.load_checkpoint(resume, self.module, self.optimizer, self.ema, w, model_name=self.model_name)
+            # the saved param_groups came back with the state: this run's --optim.* values win (its
+            # config.json says so), as lr's schedule does; a change is said once
+            changed = sorted({k for g, c in zip(self.optimizer.param_groups, configured) for k in c
+                              if k != "lr" and g.get(k) != c[k]})
+            for group, values in zip(self.optimizer.param_groups, configured):
+                group.update(values)
+            if changed:
+                self._log(f"optimizer {', '.join(changed)}: this run's settings, not the checkpoint's")
             if extra.pop("rng_restored", True) is False:
                 # Another world size: this rank's saved stream cannot be reused. Still seeded with the
                 # step: reseeding as at step 0 would replay the first steps' noise, timesteps, masks and
@@ -411,10 +420,13 @@ class Trainer:
         model = self.ema_model()
         self.sample_grid(self.run_dir / "samples.png", model)
         evaluation = self.evaluate_digits(model)
-        if w.is_main:
+        if w.is_main and (self.run_dir / "metrics.jsonl").is_file():  # none when nothing was logged
             from masked_dit.eval.plots import plot_run
 
             plot_run(self.run_dir)  # loss_curves.png, metric_curves.png
+        if self.nonfinite_total == self.step:  # fewer steps than max_nonfinite_steps, every one skipped
+            self._log(f"warning: all {self.step} steps had a non-finite loss or gradient and were skipped: the "
+                      f"weights are the initial ones")
         self._log(f"done: {self.run_dir}")
         return {"step": self.step, "last": last, "export": str(export) if export else None, "eval": evaluation,
                 "run_dir": str(self.run_dir) if w.is_main else None}

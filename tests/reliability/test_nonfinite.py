@@ -88,3 +88,14 @@ def test_raises_in_process(tmp_path):
     _poison(t, {1, 2})
     with pytest.raises(NonFiniteError, match="stopped at step 2: 2 consecutive steps"):
         t.fit()
+
+
+def test_a_run_whose_every_step_was_skipped_ends_with_a_warning_not_a_wrong_error(tmp_path):
+    """Fewer steps than max_nonfinite_steps, all non-finite: the run ended with exit 2 and "metrics.jsonl:
+    no metrics file in the run folder" (plotting what was never logged) after its checkpoint and export."""
+    proc = run_cli(cli_args(tmp_path, **{"train.steps": 2, "train.max_nonfinite_steps": 3, "sample.eval_num": 0}),
+                   nan_steps="1,2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("warning: all 2 steps had a non-finite loss or gradient and were skipped: the weights are the initial "
+            "ones") in proc.stderr
+    assert (tmp_path / "digits-dit" / "export" / "ema.safetensors").is_file()

@@ -69,6 +69,20 @@ def test_overrides_types_and_roundtrip(tmp_path):
     ("train.steps=3", "overrides look like --section.key=value"),
     ("--objective.weighting=sigmoid", "choose one of: uniform, lognormal"),
     ("--data.min_image_size=-1", "--data.min_image_size must be >= 0, or none for --data.image_size"),
+    # were an OverflowError traceback (int(inf))
+    ("--train.steps=inf", "--train.steps='inf' is not a valid int"),
+    ("--train.global_batch=1e400", "--train.global_batch='1e400' is not a valid int"),
+    # were accepted: a negative or NaN MFU in metrics.jsonl (NaN is not JSON), 0 silently meant "unset"
+    ("--train.peak_tflops=-5", "--train.peak_tflops must be a finite number > 0 (the GPU's peak, for MFU)"),
+    ("--train.peak_tflops=nan", "--train.peak_tflops must be a finite number > 0"),
+    ("--train.peak_tflops=0", "--train.peak_tflops must be a finite number > 0"),
+    # were accepted: every step non-finite (skipped), or a loss term with its sign flipped
+    ("--objective.sigma_data=0", "--objective.sigma_data must be a finite number > 0 (got 0.0)"),
+    ("--objective.proj_coeff=nan", "--objective.proj_coeff must be a finite number >= 0 (got nan)"),
+    ("--objective.mae_loss_coef=-0.1", "--objective.mae_loss_coef must be a finite number >= 0"),
+    ("--objective.min_snr_gamma=0", "--objective.min_snr_gamma must be a finite number > 0"),
+    ("--objective.P_std=-1", "--objective.P_std must be a finite number >= 0"),
+    ("--objective.P_mean=inf", "--objective.P_mean must be a finite number (got inf)"),
 ])
 def test_bad_overrides_give_one_line_errors(override, message):
     with pytest.raises(ConfigError) as err:
@@ -169,3 +183,15 @@ def test_maskdit_mask_ratio_schedule_settings():
     assert (cfg.objective.mask_ratio, cfg.objective.mask_ratio_fn, cfg.objective.mask_ratio_min) == (0.5, "cosine4", 0)
     with pytest.raises(ConfigError, match=r"^--objective.mask_ratio_min must be in \[0, --objective.mask_ratio=0.5\]"):
         apply_overrides(get_preset("digits-maskdit"), ["--objective.mask_ratio_fn=linear", "--objective.mask_ratio_min=0.7"])
+
+
+def test_a_batch_geometry_error_is_said_by_rank_0_only(tmp_path, monkeypatch, capsys):
+    """It is the same on every torchrun rank: eight ranks printed the same line eight times."""
+    from masked_dit.cli import main
+
+    argv = ["train", "--preset", "digits-dit", "--train.global_batch=8", "--train.micro_batch=3",
+            f"--run.out_dir={tmp_path}", "--train.device=cpu"]
+    assert main(argv) == 2
+    assert "--train.global_batch=8 must be a multiple of micro_batch (3)" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")
+    assert main(argv) == 2 and capsys.readouterr().err == ""

@@ -80,6 +80,41 @@ def test_latest_skips_a_checkpoint_whose_rank_file_is_unreadable(tmp_path, damag
     assert resumed.step == 2
 
 
+def test_latest_with_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
+    """With none usable, --resume latest started over at step 0: the run's metrics were cut to nothing
+    and its checkpoints set aside as superseded, on a warning per checkpoint."""
+    over = {"train.steps": 4, "train.ckpt_every": 2}
+    Trainer(tiny_config("digits-dit", tmp_path, **over)).fit()
+    root = tmp_path / "digits-dit" / "checkpoints"
+    for step in (2, 4):
+        (root / f"step_{step:08d}" / "rank_00000.pt").write_bytes(b"")
+    metrics = (tmp_path / "digits-dit" / "metrics.jsonl").read_text()
+    with pytest.warns(UserWarning, match="is damaged"), pytest.raises(ValueError, match=(
+            r"--resume latest: every checkpoint in .* is damaged \(2; newest: .*step_00000004 is damaged: "
+            r"rank_00000.pt is unreadable.*\); move them aside to start anew, or restore one")):
+        Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
+    assert (tmp_path / "digits-dit" / "metrics.jsonl").read_text() == metrics
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000004"]
+
+
+@pytest.mark.parametrize("preset,betas", [("digits-dit", (0.5, 0.6)), ("digits-mdtv2", (0.5, 0.6, 0.7))])
+def test_resume_applies_this_runs_optimizer_settings(tmp_path, capsys, preset, betas):
+    """The checkpoint's param_groups came back with its state: a resume with another weight decay, betas or
+    eps recorded them in config.json but kept the saved ones (Adan's gradient clip then used the new eps)."""
+    over = {"train.steps": 4, "train.ckpt_every": 2}
+    Trainer(tiny_config(preset, tmp_path, **over)).fit(stop_at=2)
+    same = Trainer(tiny_config(preset, tmp_path, **{**over, "run.resume": "latest"}))
+    assert "this run's settings" not in capsys.readouterr().err  # unchanged: nothing to say
+    new = {"optim.weight_decay": 0.1, "optim.betas": betas, "optim.eps": 1e-3}
+    changed = Trainer(tiny_config(preset, tmp_path, **{**over, **new, "run.resume": "latest"}))
+    assert "optimizer betas, eps, weight_decay: this run's settings, not the checkpoint's" in capsys.readouterr().err
+    for group in changed.optimizer.param_groups:
+        assert (group["weight_decay"], tuple(group["betas"]), group["eps"]) == (0.1, betas, 1e-3)
+    # the moments are the checkpoint's all the same
+    a, b = same.optimizer.state_dict()["state"], changed.optimizer.state_dict()["state"]
+    assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i] if torch.is_tensor(a[i][k]))
+
+
 def test_save_syncs_the_small_files_and_the_rename(tmp_path, monkeypatch):
     """DCP fsyncs its shards; the rank files, meta.json and the folder renames must reach the disk
     before the checkpoint counts as complete, or a node crash can keep the name without the bytes."""
