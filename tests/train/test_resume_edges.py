@@ -115,6 +115,26 @@ def test_resume_applies_this_runs_optimizer_settings(tmp_path, capsys, preset, b
     assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i] if torch.is_tensor(a[i][k]))
 
 
+def test_an_open_log_window_resumed_on_another_world_size_averages_every_old_rank(tmp_path):
+    """The window's sums are per rank; resumed on another world size every rank took rank 0's, so the
+    record closing the window was not the mean over ranks of the same steps. Two old ranks are made by
+    giving the checkpoint a second rank file with other sums."""
+    import json
+
+    over = {"train.steps": 4, "train.ckpt_every": 2, "train.log_every": 4}
+    Trainer(tiny_config("digits-dit", tmp_path, **over)).fit(stop_at=2)
+    step = tmp_path / "digits-dit" / "checkpoints" / "step_00000002"
+    rank0 = torch.load(step / "rank_00000.pt", weights_only=False)
+    rank1 = {**rank0, "metrics": {**rank0["metrics"], "sums": {k: v * 3 for k, v in rank0["metrics"]["sums"].items()}}}
+    torch.save(rank1, step / "rank_00001.pt")
+    meta = json.loads((step / "meta.json").read_text())
+    (step / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+    resumed = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
+    assert resumed.metrics.count == rank0["metrics"]["count"] == 2
+    for key, value in rank0["metrics"]["sums"].items():
+        assert resumed.metrics.sums[key] == pytest.approx(2 * value)  # (1 + 3) / 2 of rank 0's
+
+
 def test_save_syncs_the_small_files_and_the_rename(tmp_path, monkeypatch):
     """DCP fsyncs its shards; the rank files, meta.json and the folder renames must reach the disk
     before the checkpoint counts as complete, or a node crash can keep the name without the bytes."""
