@@ -55,7 +55,8 @@ _IMAGENET_RECIPES = {
         "sample.sampler": "ddpm", "sample.steps": 250, "sample.cfg_scale": 3.8,
     },
     # MaskDiT (Zheng et al.): EDM with 50% of patches removed, MAE loss 0.1, batch 1024, 2M steps,
-    # mixed precision (its fp16 autocast as bf16) + torch.compile; Heun 40 steps, cfg 1.5 on all channels.
+    # mixed precision (its fp16 autocast as bf16; its config's tf32: False) + torch.compile; Heun 40 steps,
+    # cfg 1.5 on all channels.
     # No flips: every MaskDiT config has train.xflip False (its dataset then skips the flipped latents).
     # Its lr ramp, lr * min(step * batch / max(lr_rampup_kimg * 1000, 1e-8), 1) with lr_rampup_kimg 0,
     # gives a fresh run's first step lr 0 (AdamW's moments take that gradient, the weights stay): not
@@ -63,7 +64,7 @@ _IMAGENET_RECIPES = {
     "imagenet256-maskdit-xl2": {
         "model.name": "MaskDiT-XL/2", "objective.kind": "edm_maskdit", "objective.mask_ratio": 0.5,
         "objective.mae_loss_coef": 0.1, "train.global_batch": 1024, "train.steps": 2_000_000,
-        "data.random_flip": False, "parallel.precision": "bf16", "parallel.compile": True,
+        "data.random_flip": False, "parallel.precision": "bf16", "parallel.tf32": False, "parallel.compile": True,
         "sample.sampler": "heun", "sample.steps": 40, "sample.cfg_scale": 1.5,
     },
     # MaskDiT's unmasking fine-tune: no masking, no MAE loss, lr 5e-5, from the masked run's model and EMA
@@ -77,12 +78,13 @@ _IMAGENET_RECIPES = {
     },
     # MaskDiT's other fine-tune (configs/finetune/imagenet256-latent-cos.yaml, whose "cos4" means cosine4): the
     # mask ratio falls from 0.5 to 0 as cos(pi x / 2)^4 over the run's steps, MAE loss kept; lr 5e-5, batch
-    # 512, 100K steps, from the masked run (--run.init_from), as the official config.
+    # 512, 100K steps, fp32 with TF32 (its amp: False, tf32: True), from the masked run (--run.init_from), as
+    # the official config.
     "imagenet256-maskdit-xl2-unmask-cos": {
         "model.name": "MaskDiT-XL/2", "objective.kind": "edm_maskdit", "objective.mask_ratio": 0.5,
         "objective.mask_ratio_fn": "cosine4", "objective.mask_ratio_min": 0.0, "objective.mae_loss_coef": 0.1,
         "optim.lr": 5e-5, "train.global_batch": 512, "train.steps": 100_000,
-        "data.random_flip": False, "parallel.precision": "bf16", "parallel.compile": True,
+        "data.random_flip": False, "parallel.precision": "fp32", "parallel.tf32": True, "parallel.compile": True,
         "sample.sampler": "heun", "sample.steps": 40, "sample.cfg_scale": 1.5,
     },
 }

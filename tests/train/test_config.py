@@ -38,6 +38,12 @@ def test_paper_recipes_precision_and_flips():
     TF32 matmuls (its train_util sets no flag), DiT / SiT fp32 with TF32 (flips: test_paper_recipes)."""
     repa = get_preset("imagenet256-repa-sit-xl2")
     assert (repa.parallel.precision, repa.parallel.tf32, repa.data.random_flip) == ("bf16", True, False)
+    # MaskDiT: configs/train/imagenet256-latent.yaml tf32 False, amp True (fp16 -> bf16);
+    # configs/finetune/imagenet256-latent-cos.yaml tf32 True, amp False
+    maskdit = get_preset("imagenet256-maskdit-xl2")
+    assert (maskdit.parallel.precision, maskdit.parallel.tf32) == ("bf16", False)
+    cos = get_preset("imagenet256-maskdit-xl2-unmask-cos")
+    assert (cos.parallel.precision, cos.parallel.tf32) == ("fp32", True)
     mdt = get_preset("imagenet256-mdtv2-xl2")
     assert (mdt.parallel.precision, mdt.parallel.tf32, mdt.data.random_flip) == ("fp32", False, True)
     for name in ("imagenet256-dit-xl2", "imagenet256-sit-xl2"):
