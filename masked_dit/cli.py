@@ -199,6 +199,11 @@ def _sample(args, _overrides) -> int:
         check_family_sampling(cfg.objective, kw["sampler"], kw["steps"], {k: kw[k] for k in keys}, given, flag,
                               lambda key: f"{flag(key)} {kw[key]}")
         check_options_read(kind, kw, given + [k for k in GUIDANCE_KEYS if getattr(args, k) is not None], flag)
+        if cfg.model.num_classes == 0:  # unconditional: nothing to guide (the run's grid default is moot)
+            if args.cfg_scale not in (None, 1):
+                raise ValueError(f"--cfg-scale {args.cfg_scale}: the model is unconditional (num_classes=0), there is "
+                                 f"nothing to guide: leave it out")
+            kw["cfg_scale"] = 1.0
         if kw["cfg_scale"] != 1 and not _has_null_class(model):
             raise ValueError(f"--cfg-scale {kw['cfg_scale']} needs a null class, which this model lacks (trained "
                              f"with class_dropout_prob=0): sample with --cfg-scale 1")
@@ -228,6 +233,7 @@ def _sample(args, _overrides) -> int:
         if out.suffix == ".npz":
             labels = sample_labels(num, cfg.model.num_classes, args.seed, args.classes)
             settings = dict(source=str(Path(args.source).resolve()), model=args.model, weights=weights,
+                            model_kwargs=_model_kwargs(args),
                             vae=args.vae, precision=args.precision, classes=args.classes, **kw)
             n = generate_npz(draw, labels, out, shape=shape, batch_size=args.batch_size, seed=args.seed,
                              settings=settings, world=world, decode=decode if vae else None)
@@ -253,8 +259,6 @@ def _sample(args, _overrides) -> int:
 #################################################################################
 
 def _likelihood(args, _overrides) -> int:
-    import shutil
-
     import torch
 
     from masked_dit.configs import SIT_SAMPLE_KEYS
@@ -302,6 +306,7 @@ def _likelihood(args, _overrides) -> int:
     if num == 0:
         raise ValueError(f"{what}: no items to score")
     settings = dict(source=str(Path(args.source).resolve()), model=args.model, weights=weights_fingerprint(model),
+                    model_kwargs=_model_kwargs(args),
                     data=what, num=num, ode_method=options["ode_method"], steps=args.steps, atol=options["atol"],
                     rtol=options["rtol"], batch_size=args.batch_size, seed=args.seed, precision=args.precision)
     world = init_world(args.device)
@@ -322,13 +327,19 @@ def _likelihood(args, _overrides) -> int:
         result = {**summarize(logp, (first["x"] if "x" in first else first["mean"]).numel()), **settings}
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, result)
-        shutil.rmtree(parts.root, ignore_errors=True)
+        parts.remove()
         stderr = result["bits_per_dim_stderr"]
         print(f"{result['bits_per_dim']:.4f}{'' if stderr is None else f' ± {stderr:.4f}'} bits/dim over "
               f"{num} {what} ({options['ode_method']}); wrote {out}")
         return 0
     finally:
         shutdown(world)
+
+
+def _model_kwargs(args) -> dict | None:
+    """--model-kwargs as parsed (checked by _load_for_sampling): part of a parts folder's settings, since
+    some (MDTv1's decode_layer, num_classes without a null row) change the network, not its weights."""
+    return json.loads(args.model_kwargs) if args.model_kwargs else None
 
 
 def _check_out_outside(out: Path, source: Path) -> None:

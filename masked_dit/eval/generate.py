@@ -41,7 +41,9 @@ def sample_labels(num: int, num_classes: int, seed: int, classes=None) -> torch.
             raise ValueError(f"--classes {bad} are outside [0, {num_classes - 1}]")
         reps = (num + len(classes) - 1) // len(classes)
         return torch.tensor([int(c) for c in classes], dtype=torch.long).repeat(reps)[:num]
-    return torch.randint(0, num_classes, (num,), generator=torch.Generator().manual_seed(seed))
+    # a stream of its own, next to (not among) this seed's batch streams on the CPU
+    g = torch.Generator().manual_seed((_mix32(seed) - 1) & 0xFFFFFFFF)
+    return torch.randint(0, num_classes, (num,), generator=g)
 
 
 def batch_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
@@ -49,7 +51,20 @@ def batch_generator(seed: int, index: int, device: torch.device) -> torch.Genera
     check_seed(seed, "seed")
     if not 0 <= index < 1 << 24:  # the low 24 bits of the packed seed
         raise ValueError(f"batch index {index} is outside [0, 2**24): use a larger --batch-size")
-    return torch.Generator(device=device).manual_seed(seed << 24 | index)
+    g = torch.Generator(device=device)
+    if g.device.type == "cpu":  # mt19937 keeps the low 32 bits of a seed: seed << 24 | index would repeat
+        return g.manual_seed((_mix32(seed) + index) & 0xFFFFFFFF)  # every 256 seeds (0 and 256 alike)
+    return g.manual_seed(seed << 24 | index)  # Philox takes all 64 bits
+
+
+def _mix32(x: int) -> int:
+    """A bijection of 32-bit integers (lowbias32): each seed's run of CPU batch seeds starts far from
+    its neighbours'."""
+    x ^= x >> 16
+    x = x * 0x7FEB352D & 0xFFFFFFFF
+    x ^= x >> 15
+    x = x * 0x846CA68B & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
 
 def sample_batch(draw: Callable, y: torch.Tensor, shape: tuple, seed: int, index: int,
@@ -95,8 +110,11 @@ class PartsFolder:
                 old = json.loads(path.read_text())
             except ValueError:
                 pass
-        if path.exists() and old != self.settings and any(self.root.glob("batch_*.npz")):
-            diff = sorted(k for k in set(self.settings) | set(old or {}) if (old or {}).get(k) != self.settings.get(k))
+        if old != self.settings and any(self.root.glob("batch_*.npz")):
+            if old is None:  # a clean-up cut short, or a hand edit: which settings made them is unknown
+                raise ValueError(f"{self.root} holds batches but no readable settings.json: remove it or choose "
+                                 f"another --out")
+            diff = sorted(k for k in set(self.settings) | set(old) if old.get(k) != self.settings.get(k))
             raise ValueError(f"{self.root} holds batches made with other settings ({', '.join(diff)} differ): "
                              f"remove it or choose another --out")
         if old != self.settings and is_main:
@@ -143,8 +161,14 @@ class PartsFolder:
         tmp = out.with_name(out.stem + ".tmp.npz")
         np.savez(tmp, arr_0=arr, arr_1=labels)
         tmp.replace(out)
-        shutil.rmtree(self.root, ignore_errors=True)
+        self.remove()
         return len(arr)
+
+    def remove(self) -> None:
+        """Deletes the folder, its batches first: a kill midway leaves settings.json with what remains."""
+        for batch in self.root.glob("batch_*"):
+            batch.unlink(missing_ok=True)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def run_batches(num_batches: int, compute: Callable[[int], None], *, parts: Optional[PartsFolder] = None,

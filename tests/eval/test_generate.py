@@ -77,10 +77,23 @@ def test_killed_run_resumes_with_the_same_samples(reference, checkpoint, tmp_pat
     assert err == (f"masked-dit sample: error: {tmp_path}/c.npz.parts holds batches made with other settings "
                    "(cfg_scale differ): remove it or choose another --out")
 
+    # --model-kwargs change the network without changing its weights (MDTv1's decode_layer, a label table
+    # read as N classes): they are settings too
+    assert main(_argv(checkpoint, out, "--model-kwargs", json.dumps({**KWARGS, "class_dropout_prob": 0.1}))) == 2
+    assert "(model_kwargs differ)" in capsys.readouterr().err
+    # batches without settings.json (a clean-up killed after deleting it first) are not taken as this run's
+    settings = (tmp_path / "c.npz.parts" / "settings.json").read_bytes()
+    (tmp_path / "c.npz.parts" / "settings.json").unlink()
+    assert main(_argv(checkpoint, out)) == 2
+    assert capsys.readouterr().err.strip() == (f"masked-dit sample: error: {tmp_path}/c.npz.parts holds batches but "
+                                               "no readable settings.json: remove it or choose another --out")
+    (tmp_path / "c.npz.parts" / "settings.json").write_bytes(settings)
+
     resumed = []
     monkeypatch.setattr(generate, "sample_batch", lambda *a, **k: (resumed.append(a[4]), real(*a, **k))[1])
     assert main(_argv(checkpoint, out)) == 0
     assert resumed == [1, 2]
+    assert not (tmp_path / "c.npz.parts").exists()
     with np.load(out) as f:
         assert np.array_equal(f["arr_0"], reference[0]) and np.array_equal(f["arr_1"], reference[1])
 
@@ -143,3 +156,26 @@ def test_unconditional_maskdit_to_npz(tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "v.npz"), "--classes", "1"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "masked-dit sample: error: --classes [1]: the model is unconditional (num_classes=0); leave them out")
+    # without --cfg-scale: no guidance (the MaskDiT preset's 1.5 needs labels), not a late error
+    unguided = [a for a in argv if a not in ("--cfg-scale", "1")]
+    assert main([*unguided, "--out", str(tmp_path / "w.npz")]) == 0
+    with np.load(tmp_path / "u.npz") as u, np.load(tmp_path / "w.npz") as w:
+        assert np.array_equal(u["arr_0"], w["arr_0"])
+    assert main([*unguided, "--out", str(tmp_path / "x.npz"), "--cfg-scale", "1.5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "masked-dit sample: error: --cfg-scale 1.5: the model is unconditional (num_classes=0), there is nothing "
+        "to guide: leave it out")
+    assert not (tmp_path / "x.npz.parts").exists()
+
+
+def test_labels_and_cpu_batches_have_streams_of_their_own():
+    """At seed 0 the labels were drawn from batch 0's noise generator (seed << 24 | 0 == seed); and a CPU
+    generator keeps the low 32 bits of its seed, so seed << 24 | index repeated every 256 seeds."""
+    cpu = torch.device("cpu")
+    draw = lambda g: torch.randint(0, 10, (64,), generator=g)  # noqa: E731
+    labels = generate.sample_labels(64, 10, seed=0)
+    assert not torch.equal(labels, draw(generate.batch_generator(0, 0, cpu)))
+    assert torch.equal(labels, generate.sample_labels(64, 10, seed=0))  # still a function of the seed
+    streams = {(s, b): draw(generate.batch_generator(s, b, cpu)) for s in (0, 1, 256, 2**24) for b in (0, 1, 255)}
+    assert len({tuple(v.tolist()) for v in streams.values()}) == len(streams)
+    assert torch.equal(streams[(256, 1)], draw(generate.batch_generator(256, 1, cpu)))

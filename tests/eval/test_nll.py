@@ -130,6 +130,7 @@ def test_score_batches_same_figures_for_any_ranks_and_across_a_resume(tmp_path):
 
     out = tmp_path / "n.json"
     rank = lambda r: SimpleNamespace(rank=r, size=2, is_main=r == 0, distributed=False)  # noqa: E731
+    PartsFolder(out, {"k": 1}).open(is_main=True)  # rank 0's settings.json precedes every batch (a barrier)
     assert score_batches(obj, net, dataset, 5, parts=PartsFolder(out, {"k": 1}), world=rank(1), **kw) is None
     parts = PartsFolder(out, {"k": 1})
     assert parts.done(1) and not parts.done(0) and not parts.done(2)
