@@ -52,12 +52,15 @@ def test_samplers_and_losses_draw_from_the_generator_for_data_on_another_device(
 
 
 def test_batch_generators_refuse_seeds_that_would_alias():
-    """(seed, batch) pack into one 64-bit seed: seed 2**32 used to draw what seed 0 draws."""
-    from masked_dit.eval.generate import batch_generator
+    """(seed, batch) pack into one 64-bit seed on CUDA (Philox keeps 64 bits): seed 2**32 used to draw what
+    seed 0 draws. A CPU generator keeps the low 32 bits, so there the seed is mixed first: mix32(seed) + batch."""
+    from masked_dit.eval.generate import _mix32, batch_generator
 
     last = batch_generator((1 << 32) - 1, (1 << 24) - 1, torch.device("cpu"))
-    assert last.initial_seed() == (1 << 56) - 1
+    assert last.initial_seed() == (_mix32((1 << 32) - 1) + (1 << 24) - 1) & 0xFFFFFFFF
     assert batch_generator(1, 0, torch.device("cpu")).initial_seed() != batch_generator(0, 1, "cpu").initial_seed()
+    assert batch_generator(256, 0, "cpu").initial_seed() != batch_generator(0, 0, "cpu").initial_seed()
+    assert len({_mix32(x) for x in range(1 << 16)}) == 1 << 16  # one-to-one: no two seeds share a start
     for seed, index in (((1 << 32), 0), (-1, 0)):
         with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
             batch_generator(seed, index, torch.device("cpu"))

@@ -24,9 +24,9 @@ from masked_dit.data.encoders import EncoderFeatures, extract_encoder_features
 from masked_dit.train.dist import init_world, shutdown
 from tests.data.test_latents import _PoolEncoder
 images, out, vae = sys.argv[1:4]
+world = init_world("cpu")  # one process group for both (the CLI uses it and leaves it up)
 assert main(["extract-latents", images, out, "--vae", vae, "--image-size", "16", "--flip", "--shard-size", "2",
              "--batch-size", "2", "--device", "cpu"]) == 0
-world = init_world("cpu")
 extract_encoder_features(ImageFolderDataset(images, 16), out, EncoderFeatures(_PoolEncoder()), name="pool",
                          batch_size=2, dtype="float32", progress=False, world=world)
 shutdown(world)
