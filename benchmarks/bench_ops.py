@@ -213,7 +213,7 @@ def build_cases(size: str, dtype: torch.dtype, device: torch.device, wanted) -> 
             # MDT: explicit softmax, bias gathered to [B, H, K, K] at the kept tokens
             bias = torch.func.functional_call(bias_module, {"relative_position_bias_table": table}, (ids_keep,))
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-            attn = (q * scale) @ k.transpose(-2, -1) + bias
+            attn = (q @ k.transpose(-2, -1)) * scale + bias  # MDT scales the [B, H, K, K] scores
             return (attn.softmax(dim=-1) @ v).transpose(1, 2)
 
         io = B * K * H * Dh * e

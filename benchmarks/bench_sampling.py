@@ -24,7 +24,8 @@ that a run stopped by a time limit keeps what it measured.
 ``--steps N`` (fewer than the published steps, to save device time) is recorded as such: every row
 has ``steps`` (what ran) and ``published_steps``; when they differ it also has
 ``img_per_s_at_published_steps`` = img/s x steps / published_steps, an *estimate* (each step costs the
-same network call; the fixed per-run cost is not rescaled), and ``published_steps_estimate: true``.
+same network call; the fixed per-run cost, rescaled with the steps, makes it err low), and
+``published_steps_estimate: true``.
 The file key includes ``steps``, so a shortened run never replaces (or reads as) a full one.
 CUDA-graph rows record ``cudagraph_skips`` (Inductor's count of graphs it did not capture: > 0 means
 that row ran at least partly without CUDA graphs).
@@ -91,7 +92,8 @@ def build_sampling_model(family: str, size: str, device: torch.device) -> tuple[
         kwargs = {k: v for k, v in TOY_KWARGS[family].items() if k != "mask_ratio"}  # inference model
         return f"{PREFIX[family]}-toy", build(family, **kwargs).to(device).eval()
     name = f"{PREFIX[family]}-{size}/2"
-    return name, build_model(name).to(device).eval()
+    with torch.device(device):  # built where it runs: an XL model built on the host took seconds to move
+        return name, build_model(name).eval()
 
 
 def wrap_variant(model: nn.Module, variant: str, device: torch.device, args) -> nn.Module:

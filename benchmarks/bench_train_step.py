@@ -204,6 +204,8 @@ class StepRunner:
             else:
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else None
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, which .tolist() refuses
+                grad_norm = grad_norm.full_tensor()
             if reads is not None:
                 reads.before_step(out, grad_norm)
             if self.scaler is not None:
@@ -300,17 +302,19 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
         raw_images = getattr(objective, "encoder", None) is not None  # the batch carries images, not features
         host_reads = None if getattr(args, "ref_no_host_reads", False) else OfficialHostReads(family, ref.parameters())
         info["host_reads_per_step"] = host_reads.per_step() if host_reads else "0 (--ref-no-host-reads)"
-        if variant == "reference_bf16":
-            optimizer = make_optimizer(recipe["optimizer"], ref.parameters(), fused=False)
+        fused_optimizer = recipe["fused_optimizer"] and device.type == "cuda"  # the recipe's, in both rows
+        if variant == "reference_bf16":  # the same code as `reference`, only the precision differs
+            optimizer = make_optimizer(recipe["optimizer"], ref.parameters(), fused=fused_optimizer)
             info.update(precision="bf16 autocast (TF32 matmuls)", attention=args.ref_attention or recipe["attention"],
-                        optimizer=recipe["optimizer"], ops_backend="reference modules")
+                        optimizer=recipe["optimizer"], fused_optimizer=fused_optimizer,
+                        cudnn_benchmark=recipe["cudnn_benchmark"], ops_backend="reference modules")
             runner = StepRunner(ref, objective, optimizer, ReferenceEMA(ref), autocast_dtype=torch.bfloat16,
                                 grad_clip=recipe["grad_clip"], backend="torch", device=device)
             runner.tf32, runner.raw_images, runner.host_reads = True, raw_images, host_reads
+            runner.cudnn_benchmark = recipe["cudnn_benchmark"]
             return runner, info
         fp16 = recipe["precision"] == "fp16"
         scaler = torch.amp.GradScaler(device.type) if fp16 and device.type == "cuda" else None
-        fused_optimizer = recipe["fused_optimizer"] and device.type == "cuda"
         optimizer = make_optimizer(recipe["optimizer"], ref.parameters(), fused=fused_optimizer)
         info.update(precision=("fp16 autocast + GradScaler" if fp16 else "fp32") +
                     (" (TF32 matmuls)" if recipe["tf32"] else ""), cudnn_benchmark=recipe["cudnn_benchmark"],

@@ -80,17 +80,20 @@ def _version(dist: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout the benchmark runs from ('+dirty' when the tree has changes), or None."""
+    """HEAD of the checkout the benchmark runs from ('+dirty' when the tree has changes); else
+    MASKED_DIT_COMMIT (the device tool copies the working tree without .git: its run command sets it),
+    else None."""
     root = Path(__file__).resolve().parent.parent
+    given = os.environ.get("MASKED_DIT_COMMIT") or None
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if head.returncode:
-            return None
+            return given
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10)
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return given
 
 
 def device_name(device: torch.device) -> str:

@@ -73,7 +73,10 @@ def summarize(events, steps: int, wall_ms: float, on_device: bool) -> dict:
     intervals = []
     for e in events:
         if on_device:
-            if e.device_type == DeviceType.CPU:
+            # user-annotation spans on the GPU timeline (Optimizer.step#..., Inductor's "## Call
+            # CompiledFxGraph ##", "Torch-Compiled Region") cover kernels counted on their own: as torch's
+            # own tables do, leave them out (they double the time and hide the launch gaps)
+            if e.device_type == DeviceType.CPU or getattr(e, "is_user_annotation", False):
                 continue
             us = e.time_range.elapsed_us()
             intervals.append((e.time_range.start, e.time_range.end))

@@ -131,6 +131,28 @@ def test_compiled_and_fsdp_variants(train_results_compiled):
         assert rows["compiled_fused_fsdp"]["ops_backend"] == "auto"
 
 
+def test_fsdp_variant_of_a_clipping_family(tmp_path):
+    """MDTv2 and REPA clip gradients: under FSDP2 clip_grad_norm_ returns a DTensor, which the step's
+    one host read (.tolist()) refused, after the compile (minutes at XL)."""
+    import json
+
+    from masked_dit.train.parallel import fsdp_supported
+
+    if not fsdp_supported("cpu")[0]:
+        pytest.skip(f"FSDP2 on CPU: {fsdp_supported('cpu')[1]}")
+    path = bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0", "--families",
+                                  "mdtv2", "--variants", "eager,compiled_fused_fsdp", "--compile-backend", "aot_eager",
+                                  "--out-dir", str(tmp_path)])
+    rows = {r["variant"]: r for r in json.loads(path.read_text())["results"]}
+    assert rows["compiled_fused_fsdp"]["status"] == "ok", rows["compiled_fused_fsdp"]
+    # the reference rows differ only in precision: the same (the recipe's) optimizer and cudnn flags
+    ref = bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0", "--families",
+                                 "maskdit", "--variants", "reference,reference_bf16", "--out-dir", str(tmp_path / "r")])
+    rows = {r["variant"]: r for r in json.loads(ref.read_text())["results"]}
+    for key in ("fused_optimizer", "cudnn_benchmark", "optimizer"):
+        assert rows["reference"][key] == rows["reference_bf16"][key], key
+
+
 def test_bad_options_fail_clearly():
     with pytest.raises(SystemExit):
         bench_train_step.parse_args(["--families", "dit,nope"])

@@ -91,3 +91,16 @@ def test_environment_names_allocator_and_cudnn_settings(monkeypatch):
     env = c.environment(torch.device("cpu"))
     assert env["pytorch_cuda_alloc_conf"] == "expandable_segments:True"
     assert env["cudnn_benchmark"] is bool(torch.backends.cudnn.benchmark)
+
+
+def test_commit_comes_from_the_environment_without_git(monkeypatch):
+    """The device tool copies the working tree without .git: the run command names the commit."""
+    import subprocess
+
+    from benchmarks import common
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "not a repo"))
+    monkeypatch.setenv("MASKED_DIT_COMMIT", "d0c6916")
+    assert common.git_commit() == "d0c6916"
+    monkeypatch.delenv("MASKED_DIT_COMMIT")
+    assert common.git_commit() is None

@@ -46,6 +46,25 @@ def test_busy_time_is_the_union_of_intervals():
     assert profiling._union_us([(20, 30), (0, 10)]) == 20
 
 
+def test_device_user_annotations_are_not_counted():
+    """Optimizer.step#..., Inductor's "## Call CompiledFxGraph ##" and "Torch-Compiled Region" spans sit on
+    the GPU timeline over kernels counted on their own (torch's tables leave them out too)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, start, end, annotation=False):
+        span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=span, is_user_annotation=annotation)
+
+    events = [event("sm90_xmma_gemm_bf16", 0, 100), event("triton_poi_fused_add_0", 150, 200),
+              event("## Call CompiledFxGraph fabc ##", 0, 200, annotation=True),
+              event("Optimizer.step#AdamW.step", 150, 200, annotation=True)]
+    out = profiling.summarize(events, steps=1, wall_ms=0.3, on_device=True)
+    assert out["busy_ms_per_step"] == pytest.approx(0.15)  # the 50 us gap stays idle
+    assert {row["name"] for row in out["top"]} == {"sm90_xmma_gemm_bf16", "triton_poi_fused_add_0"}
+
+
 def test_bench_train_step_profile_and_trace(tmp_path):
     path = bench_train_step.main(["--size", "toy", "--device", "cpu", "--steps", "1", "--warmup", "1",
                                   "--families", "maskdit", "--variants", "eager", "--profile", "1", "--trace",
