@@ -111,11 +111,7 @@ def extract_latents(dataset, out_dir, vae, *, vae_name: str = "", batch_size: in
     num_shards = (n + shard_size - 1) // shard_size
     latent_shape = done.shards[0]["latent_shape"] if done.shards else None
     todo = done.share([si for si in range(num_shards) if si not in done.done])
-    bar = None
-    if progress and done.rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo) + len(done.done) * (done.size == 1), initial=len(done.done) * (done.size == 1),
-                   desc="extract-latents" + (f" (rank 0 of {done.size})" if done.size > 1 else ""), unit="shard")
+    bar = done.progress_bar("extract-latents", todo) if progress else None
     for si in todo:
         start, stop = si * shard_size, min(n, (si + 1) * shard_size)
         parts = {"mean": [], "std": [], "labels": [], "flip_mean": [], "flip_std": []}

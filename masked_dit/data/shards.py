@@ -54,10 +54,7 @@ class ShardProgress:
     def __init__(self, manifest_path: Path, old: dict | None, world=None):
         self.path, self.out = Path(manifest_path), Path(manifest_path).parent
         self.rank, self.size = (world.rank, world.size) if world is not None else (0, 1)
-        records = list(old["shards"]) if old else []
-        if old:
-            records += [s for p in self._rank_files() for s in read_own_manifest(p)["shards"]]
-        self.shards = self._finished(records)
+        self.shards = self._finished(old["shards"] + self._rank_records()) if old else []
         self._barrier()  # every rank has read the records before rank 0 removes stale ones
         if self.rank == 0 and not old:
             for p in self._rank_files():
@@ -72,6 +69,17 @@ class ShardProgress:
         """This rank's part of the shards still to do."""
         return todo[self.rank::self.size]
 
+    def progress_bar(self, desc: str, todo: list):
+        """A tqdm bar over ``todo`` (this rank's share) on rank 0, else None; one process counts the
+        shards done before from the start, as a resumed run's bar does."""
+        if self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        before = len(self.done) if self.size == 1 else 0
+        desc += f" (rank 0 of {self.size})" if self.size > 1 else ""
+        return tqdm(total=len(todo) + before, initial=before, desc=desc, unit="shard")
+
     def add(self, entry: dict, header: dict) -> None:
         """Records a finished shard (its files written): rank 0 in the manifest (with ``header``)."""
         self.shards = self._finished(self.shards + [entry])
@@ -85,8 +93,7 @@ class ShardProgress:
         ``header(shards)``: the manifest's other fields, which may depend on every rank's shards."""
         self._barrier()
         if self.rank == 0:
-            shards = self._finished(self.shards + [s for p in self._rank_files()
-                                                   for s in read_own_manifest(p)["shards"]])
+            shards = self._finished(self.shards + self._rank_records())
             missing = sorted(set(range(num_shards)) - {s["index"] for s in shards})
             if missing:
                 raise ValueError(f"{self.out}: shards {missing[:8]} were not written by any rank; re-run to finish")
@@ -100,6 +107,10 @@ class ShardProgress:
         """One record per index, those whose files are all there, in index order."""
         by_index = {s["index"]: s for s in records if all((self.out / f).exists() for f in s["files"].values())}
         return [by_index[i] for i in sorted(by_index)]
+
+    def _rank_records(self) -> list[dict]:
+        """The shards the other ranks recorded (``manifest.rank<r>.json``)."""
+        return [s for p in self._rank_files() for s in read_own_manifest(p)["shards"]]
 
     def _rank_file(self, rank: int) -> Path:
         return self.path.with_name(f"{self.path.stem}.rank{rank}.json")

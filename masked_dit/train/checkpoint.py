@@ -273,13 +273,13 @@ def load_checkpoint(path, model, optimizer, ema, world, model_name: str | None =
     elif (path / "rank_00000.pt").exists():
         # Another world size: the RNG streams are per rank and start afresh, but the data position is
         # global (every rank holds the same) and BatchStream converts it to the new batch geometry.
-        extra = torch.load(path / "rank_00000.pt", map_location="cpu", weights_only=False)
+        saved = [torch.load(f, map_location="cpu", weights_only=False) for f in sorted(path.glob("rank_*.pt"))]
+        extra = saved[0]  # rank_00000.pt
         extra.pop("rng", None)
         extra["rng_restored"] = False  # the caller reseeds (the run's seed, rank and step)
         # The open log window's sums are per rank: every new rank takes their mean over the old ranks,
         # so the record that closes it is still the mean over all ranks of the same steps.
-        windows = [torch.load(f, map_location="cpu", weights_only=False).get("metrics")
-                   for f in sorted(path.glob("rank_*.pt"))]
+        windows = [rank.get("metrics") for rank in saved]
         if all(windows):
             sums = {k: sum(w["sums"][k] for w in windows) / len(windows) for k in windows[0]["sums"]}
             extra["metrics"] = {"count": windows[0]["count"], "sums": sums}

@@ -89,12 +89,7 @@ def extract_encoder_features(dataset, latents_dir, features: EncoderFeatures, *,
                              "pass another name=")
     done = ShardProgress(out / _MANIFEST, old, world)
     todo = done.share([s for s in latents["shards"] if s["index"] not in done.done])
-    bar = None
-    if progress and done.rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo) + len(done.done) * (done.size == 1), initial=len(done.done) * (done.size == 1),
-                   desc=f"extract-features {name}" + (f" (rank 0 of {done.size})" if done.size > 1 else ""),
-                   unit="shard")
+    bar = done.progress_bar(f"extract-features {name}", todo) if progress else None
     for shard in todo:
         start, count = shard["start"], shard["count"]
         views = {"z": []}
