@@ -282,7 +282,7 @@ def load_checkpoint(path, model, optimizer, ema, world, model_name: str | None =
         windows = [rank.get("metrics") for rank in saved]
         if all(windows):
             sums = {k: sum(w["sums"][k] for w in windows) / len(windows) for k in windows[0]["sums"]}
-            extra["metrics"] = {"count": windows[0]["count"], "sums": sums}
+            extra["metrics"] = {"count": windows[0]["count"], "sums": sums, "last": windows[0].get("last", {})}
     extra["step"] = meta["step"]
     return extra
 

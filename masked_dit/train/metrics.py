@@ -47,13 +47,18 @@ def training_flops_per_image(model, objective_cfg, mask_ratio: float | None = No
 
 
 class MetricsLog:
-    """Accumulates per-step values between log points; rank 0 writes ``metrics.jsonl``."""
+    """Accumulates per-step values between log points; rank 0 writes ``metrics.jsonl``. Values are
+    averaged over the window, except ``LAST_VALUE_KEYS`` (the schedule's learning rate), which are
+    the window's last step's: the lr a record shows is the one its step ran with."""
+
+    LAST_VALUE_KEYS = ("lr",)
 
     def __init__(self, path: Path | None, flops_per_image: float | None, peak: float | None,
                  tensorboard_dir: Path | None = None):
         self.path, self.flops_per_image, self.peak = path, flops_per_image, peak
         self.tensorboard = _tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None else None
         self.sums: dict[str, float] = {}
+        self.last: dict[str, float] = {}
         self.count = 0
         self.images = 0
         self.flops = 0.0  # this rank's model FLOPs since the clock started
@@ -62,7 +67,10 @@ class MetricsLog:
     def add(self, values: dict, images: int, flops_per_image: float | None = None) -> None:
         """``flops_per_image``: this step's, where it varies (MaskDiT's scheduled mask ratio)."""
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            if k in self.LAST_VALUE_KEYS:
+                self.last[k] = float(v)
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
         self.count += 1
         self.images += images
         self.flops += images * ((self.flops_per_image or 0.0) if flops_per_image is None else flops_per_image)
@@ -70,11 +78,17 @@ class MetricsLog:
     def state_dict(self) -> dict:
         """The open log window (this rank's sums since the last record): saved in each checkpoint, so
         a record whose window spans a resume averages the same steps as in one run."""
-        return {"sums": dict(self.sums), "count": self.count}
+        return {"sums": dict(self.sums), "last": dict(self.last), "count": self.count}
 
     def load_state_dict(self, state: dict | None) -> None:
         if state:
             self.sums, self.count = dict(state["sums"]), int(state["count"])
+            # checkpoints from before "last" summed the lr with the other values
+            self.last = dict(state.get("last", {}))
+            for k in self.LAST_VALUE_KEYS:
+                if k in self.sums:
+                    total = self.sums.pop(k)
+                    self.last.setdefault(k, total / max(self.count, 1))
 
     def reset_clock(self) -> None:
         self.t0 = time.perf_counter()
@@ -89,7 +103,7 @@ class MetricsLog:
         means = all_reduce_mean({k: v / self.count for k, v in self.sums.items()}, world)
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         img_s = self.images * world.size / elapsed
-        record = {"step": step, **means, **extra, "img_per_s": img_s}
+        record = {"step": step, **means, **self.last, **extra, "img_per_s": img_s}
         if self.flops_per_image:
             tflops = self.flops / elapsed / 1e12  # per device
             record["tflops_per_device"] = tflops
@@ -101,7 +115,7 @@ class MetricsLog:
             torch.cuda.reset_peak_memory_stats(world.device)
         if world.is_main:
             self.write(record)
-        self.sums, self.count = {}, 0
+        self.sums, self.last, self.count = {}, {}, 0
         self.reset_clock()
         return record
 

@@ -114,3 +114,20 @@ def test_tflops_count_each_steps_own_flops(tmp_path, monkeypatch):
     log.add({"loss": 1.0}, images=4, flops_per_image=1e12)    # 4 x 1e12
     record = log.flush(2, _world(), {})
     assert record["tflops_per_device"] == 12e12 / 2.0 / 1e12 and record["mfu"] == 0.6
+
+
+def test_lr_is_the_last_steps_not_the_windows_mean(tmp_path):
+    """During warm-up the window's mean lr was below every step's but the last: a record shows the lr
+    its step ran with. The open window survives a checkpoint, also one written before "last" existed."""
+    log = metrics.MetricsLog(tmp_path / "metrics.jsonl", flops_per_image=None, peak=None)
+    log.add({"loss": 1.0, "lr": 1e-4}, images=2)
+    log.add({"loss": 3.0, "lr": 2e-4}, images=2)
+    resumed = metrics.MetricsLog(None, flops_per_image=None, peak=None)
+    resumed.load_state_dict(log.state_dict())
+    resumed.add({"loss": 5.0, "lr": 3e-4}, images=2)
+    record = resumed.flush(3, _world(), {})
+    assert record["lr"] == 3e-4 and record["loss"] == 3.0
+    old = metrics.MetricsLog(None, flops_per_image=None, peak=None)
+    old.load_state_dict({"sums": {"loss": 4.0, "lr": 3e-4}, "count": 2})  # an older checkpoint's window
+    assert old.flush(2, _world(), {})["lr"] == 1.5e-4
+    assert resumed.flush(4, _world(), {}) is None and resumed.last == {}
