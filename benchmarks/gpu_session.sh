@@ -16,7 +16,7 @@
 # process gets `timeout` = the time left. `train` runs the reference and eager variants in one process
 # (they search the batch), then each compiled variant in its own process at the batch eager found
 # (`--batch`: no compile per probed batch), compiled_fused first: a variant cut off by the deadline
-# loses only its own row (bench_train_step.py writes its JSON at the end of a process), and rows of
+# loses only its own row (bench_train_step.py rewrites its JSON after every variant), and rows of
 # every process merge into the day's file. A variant that no longer has MIN_SECONDS (default 90) left
 # is not started and is named in the log. COMPILED_VARIANTS="compiled_fused" keeps a long stage
 # (MDTv2/MaskDiT at XL, ~2-4 min of compile per compiled variant) to the headline variant;

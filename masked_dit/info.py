@@ -53,6 +53,10 @@ def report() -> str:
                 except Exception as exc:  # noqa: BLE001
                     name, why = "-", str(exc)
                 lines.append(f"{'attention (' + form + ')':<32} {device:<6} {name:<8} {why}")
+    # linear_gelu is no dispatched op: a fixed rule (masked_dit/ops/linear_gelu.py), said here too
+    lines.append(f"{'linear_gelu (no-grad forwards)':<32} {'cpu':<6} {'torch':<8} F.linear then gelu")
+    lines.append(f"{'linear_gelu (no-grad forwards)':<32} {'cuda':<6} {'cublasLt':<8} "
+                 "torch._addmm_activation: GELU in the GEMM epilogue")
     return "\n".join(lines)
 
 

@@ -58,6 +58,8 @@ def test_info_lists_every_op():
     assert "torch " in text and "masked_dit._C" in text
     for op in dispatch.registered_ops():
         assert op in text
+    for op in ("attention (dense)", "attention (packed)", "attention (rel-pos bias)", "linear_gelu"):
+        assert op in text  # the ops chosen outside the dispatcher too
 
 
 @pytest.mark.parametrize("op", ["adaln_modulate", "gather_tokens"])
