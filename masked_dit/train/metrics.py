@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,9 +61,7 @@ class MetricsLog:
         self.sums: dict[str, float] = {}
         self.last: dict[str, float] = {}
         self.count = 0
-        self.images = 0
-        self.flops = 0.0  # this rank's model FLOPs since the clock started
-        self.t0 = time.perf_counter()
+        self.reset_clock()  # images, and this rank's model FLOPs, since the clock started
 
     def add(self, values: dict, images: int, flops_per_image: float | None = None) -> None:
         """``flops_per_image``: this step's, where it varies (MaskDiT's scheduled mask ratio)."""
@@ -92,7 +91,21 @@ class MetricsLog:
 
     def reset_clock(self) -> None:
         self.t0 = time.perf_counter()
+        self.paused_s = 0.0
         self.images, self.flops = 0, 0.0
+
+    @contextmanager
+    def paused(self):
+        """Time that is not training (sample grids, evaluations, checkpoints) stays out of the window's
+        img/s and MFU: the record after a grid showed a fraction of the real rate. The GPU's queued
+        work of the last step is finished first, so it stays in."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
 
     def flush(self, step: int, world, extra: dict) -> dict | None:
         """Averages over the window and ranks; returns the record (rank 0 writes it)."""
@@ -101,7 +114,7 @@ class MetricsLog:
         if self.count == 0:
             return None
         means = all_reduce_mean({k: v / self.count for k, v in self.sums.items()}, world)
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        elapsed = max(time.perf_counter() - self.t0 - self.paused_s, 1e-9)
         img_s = self.images * world.size / elapsed
         record = {"step": step, **means, **self.last, **extra, "img_per_s": img_s}
         if self.flops_per_image:

@@ -372,7 +372,8 @@ class Trainer:
         tc = cfg.train
         last = None
         if self.sample_owed:  # preempted at a grid step: its grid and digits record, as one run makes them
-            self._periodic_samples()
+            with self.metrics.paused():
+                self._periodic_samples()
             self.sample_owed = False
         while self.step < tc.steps and (stop_at is None or self.step < stop_at):
             values = self.train_step()
@@ -391,10 +392,12 @@ class Trainer:
             if self.stop_signum is not None and self.step < tc.steps:
                 self._stop_on_signal(bar)  # saves and raises: no grid now, the deadline is near
             if self.step % tc.sample_every == 0 and self.step < tc.steps:
-                self._periodic_samples()  # before this step's checkpoint: a kill in between re-does both
+                with self.metrics.paused():  # not training time: out of img/s and MFU
+                    self._periodic_samples()  # before this step's checkpoint: a kill in between re-does both
             # No checkpoint during a non-finite streak: the newest one stays the last good step.
             if self.step % tc.ckpt_every == 0 and self.step < tc.steps and self.nonfinite_streak == 0:
-                self.save()
+                with self.metrics.paused():
+                    self.save()
         return last
 
     def fit(self, stop_at: int | None = None) -> dict:

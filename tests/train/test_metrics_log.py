@@ -131,3 +131,18 @@ def test_lr_is_the_last_steps_not_the_windows_mean(tmp_path):
     old.load_state_dict({"sums": {"loss": 4.0, "lr": 3e-4}, "count": 2})  # an older checkpoint's window
     assert old.flush(2, _world(), {})["lr"] == 1.5e-4
     assert resumed.flush(4, _world(), {}) is None and resumed.last == {}
+
+
+def test_paused_time_stays_out_of_the_rate(tmp_path, monkeypatch):
+    """A grid or checkpoint between log points is not training: img/s and MFU leave it out (the record
+    after a grid showed a fraction of the rate)."""
+    clock = iter([0.0, 1.0, 11.0, 12.0, 13.0, 113.0, 114.0])  # reset, pause 1..11, flush at 12; then 13..113
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    log = metrics.MetricsLog(None, flops_per_image=1e12, peak=4e12)
+    log.add({"loss": 1.0}, images=8)
+    with log.paused():
+        pass
+    record = log.flush(1, _world(), {})
+    assert record["img_per_s"] == 4.0 and record["mfu"] == 1.0  # 8 images in 2 s of training
+    log.add({"loss": 1.0}, images=8)  # the next window starts with nothing paused
+    assert log.flush(2, _world(), {})["img_per_s"] == 8 / 100
