@@ -178,8 +178,69 @@ def read_manifest(root: Path, name: str, what: str, first: str, rerun: str) -> d
     return manifest
 
 
-class LatentDataset(torch.utils.data.Dataset):
+def open_shard(root: Path, name: str, what: str) -> np.ndarray:
+    """``root/name`` memory-mapped; one line naming it when it is missing or not a .npy array (numpy's
+    own messages, 'EOF: reading array header ...', name no file)."""
+    file = root / name
+    if not file.is_file():
+        raise ValueError(f"{what} {root}: shard file {name} is missing")
+    try:
+        return np.load(file, mmap_mode="r")
+    except Exception:  # noqa: BLE001 - numpy raises ValueError/OSError/EOFError for broken files
+        raise ValueError(f"{what} {root}: shard file {name} is truncated or not a .npy array") from None
+
+
+def check_shards(root: Path, what: str, manifest: dict, row_shapes: dict[str, list]) -> None:
+    """The shards of a finished extraction (latents, encoder features), checked before training reads
+    them: they hold rows 0..num_images in order, and each lists a file per key of ``row_shapes`` that is
+    there, readable and ``[count, *row_shapes[key]]`` (headers only). A hand-edited manifest.json
+    otherwise failed at some step with a KeyError or an IndexError."""
+    bad = f"{what} {root}: {MANIFEST}"
+    shards, num_images = manifest["shards"], manifest["num_images"]
+    if not isinstance(shards, list) or not isinstance(num_images, int):
+        raise ValueError(f"{bad} needs a list of shards and an integer num_images")
+    end = 0
+    for si, shard in enumerate(shards):
+        if not (isinstance(shard, dict) and isinstance(shard.get("start"), int)
+                and isinstance(shard.get("count"), int) and isinstance(shard.get("files"), dict)):
+            raise ValueError(f"{bad}: shard {si} needs an integer start and count and a dict of files")
+        if shard["start"] != end:  # rows are found by start: each shard begins where the one before ends
+            raise ValueError(f"{bad}: shard {si} starts at row {shard['start']}, expected {end}")
+        end += shard["count"]
+        for key, shape in row_shapes.items():
+            name = shard["files"].get(key)
+            if not isinstance(name, str):
+                raise ValueError(f"{bad}: shard {si} lists no {key} file")
+            got, want = list(open_shard(root, name, what).shape), [shard["count"], *shape]
+            if got != want:
+                raise ValueError(f"{what} {root}: {name} has shape {got}, expected {want}")
+    if end != num_images:
+        raise ValueError(f"{bad}: its shards hold {end} images but num_images is {num_images}")
+
+
+class ShardedRows(torch.utils.data.Dataset):
+    """Rows of the memory-mapped shards ``self.shards`` under ``self.root`` (latents, encoder features);
+    ``what`` names them in errors."""
+    what = "shards"
+
+    def _array(self, si: int, key: str) -> np.ndarray:
+        if (si, key) not in self._maps:  # opened lazily so DataLoader workers each map their own
+            self._maps[(si, key)] = open_shard(self.root, self.shards[si]["files"][key], self.what)
+        return self._maps[(si, key)]
+
+    def _row(self, si: int, key: str, row: int) -> torch.Tensor:
+        """Row ``row`` as float32. NaN/inf is an error naming the file: training would skip every step
+        as non-finite and end with its initial weights."""
+        value = torch.from_numpy(np.array(self._array(si, key)[row], dtype=np.float32))
+        if not torch.isfinite(value).all():
+            name = self.shards[si]["files"][key]
+            raise ValueError(f"{self.what} {self.root}: non-finite values in {name} row {row}")
+        return value
+
+
+class LatentDataset(ShardedRows):
     """Memory-mapped moments; items ``{'mean', 'std', 'y'}`` (the flipped moments when the key flips)."""
+    what = "latents"
 
     def __init__(self, root):
         self.root = Path(root)
@@ -189,52 +250,33 @@ class LatentDataset(torch.utils.data.Dataset):
             self.num_classes = self.manifest.get("num_classes", 0)
             self.latent_shape = tuple(self.manifest["latent_shape"])
             self.shards = self.manifest["shards"]
-            self.starts = np.array([s["start"] for s in self.shards])
-        except (KeyError, TypeError) as exc:  # a hand-edited or foreign manifest.json
+            int(self.manifest["num_images"])
+        except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or foreign manifest.json
             raise ValueError(f"latents {self.root}: {MANIFEST} is not one extract-latents wrote (bad or missing "
                              f"{exc}): re-run extract-latents") from None
         self._maps: dict[tuple[int, str], np.ndarray] = {}
         self.max_label = self._check_shards()
+        self.starts = np.array([s["start"] for s in self.shards])
 
     def _check_shards(self) -> int:
-        """Every shard file is there, readable and of the manifest's shape (headers only); returns the
-        largest label. Values are checked for NaN/inf as they are read (``__getitem__``)."""
-        max_label = -1
-        for shard in self.shards:
-            for key, name in shard["files"].items():
-                file = self.root / name
-                if not file.is_file():
-                    raise ValueError(f"latents {self.root}: shard file {name} is missing")
-                try:
-                    arr = np.load(file, mmap_mode="r")
-                except Exception:  # noqa: BLE001 - numpy raises ValueError/OSError/EOFError for broken files
-                    raise ValueError(f"latents {self.root}: shard file {name} is truncated or not a .npy array") from None
-                want = [shard["count"]] + ([] if key == "labels" else list(self.latent_shape))
-                if list(arr.shape) != want:
-                    raise ValueError(f"latents {self.root}: {name} has shape {list(arr.shape)}, expected {want}")
-                if key == "labels" and len(arr):
-                    max_label = max(max_label, int(arr.max()))
-                del arr
-        return max_label
+        """The manifest's shards and every file they need (the flipped moments when it says flip) are
+        consistent (``check_shards``); returns the largest label. Values are checked for NaN/inf as they
+        are read (``__getitem__``)."""
+        moments = ["mean", "std"] + (["flip_mean", "flip_std"] if self.has_flip else [])
+        check_shards(self.root, self.what, self.manifest, {**dict.fromkeys(moments, list(self.latent_shape)),
+                                                           "labels": []})
+        labels = (np.load(self.root / s["files"]["labels"], mmap_mode="r") for s in self.shards)
+        return max((int(a.max()) for a in labels if len(a)), default=-1)
 
     def __len__(self) -> int:
         return int(self.manifest["num_images"])
-
-    def _array(self, si: int, key: str) -> np.ndarray:
-        if (si, key) not in self._maps:  # opened lazily so DataLoader workers each map their own
-            self._maps[(si, key)] = np.load(self.root / self.shards[si]["files"][key], mmap_mode="r")
-        return self._maps[(si, key)]
 
     def __getitem__(self, key):
         index, flip = key if isinstance(key, tuple) else (key, False)
         si = int(np.searchsorted(self.starts, index, side="right") - 1)
         row = index - self.shards[si]["start"]
         prefix = "flip_" if flip and self.has_flip else ""
-        mean = torch.from_numpy(np.array(self._array(si, prefix + "mean")[row], dtype=np.float32))
-        std = torch.from_numpy(np.array(self._array(si, prefix + "std")[row], dtype=np.float32))
-        for key, value in ((prefix + "mean", mean), (prefix + "std", std)):
-            if not torch.isfinite(value).all():
-                raise ValueError(f"latents {self.root}: non-finite values in {self.shards[si]['files'][key]} row {row}")
+        mean, std = self._row(si, prefix + "mean", row), self._row(si, prefix + "std", row)
         return {"mean": mean, "std": std, "y": torch.tensor(int(self._array(si, "labels")[row]))}
 
 

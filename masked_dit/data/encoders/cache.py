@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from masked_dit.data.encoders.features import EncoderFeatures
-from masked_dit.data.latents import read_manifest
+from masked_dit.data.latents import ShardedRows, check_shards, read_manifest
 from masked_dit.data.shards import ShardProgress, read_own_manifest, save_npy_atomic
 from masked_dit.data.encoders.specs import _REPA_NAME
 
@@ -86,7 +86,7 @@ def extract_encoder_features(dataset, latents_dir, features: EncoderFeatures, *,
         mismatched = [k for k in header if old.get(k) != header[k]]
         if mismatched:
             raise ValueError(f"{out / _MANIFEST} was made with different settings ({', '.join(mismatched)}); "
-                             "pass another name=")
+                             "pass another --name")
     done = ShardProgress(out / _MANIFEST, old, world)
     todo = done.share([s for s in latents["shards"] if s["index"] not in done.done])
     bar = done.progress_bar(f"extract-features {name}", todo) if progress else None
@@ -120,8 +120,9 @@ def extract_encoder_features(dataset, latents_dir, features: EncoderFeatures, *,
     return done.finish(lambda shards: header, len(latents["shards"]))
 
 
-class EncoderFeatureDataset(torch.utils.data.Dataset):
+class EncoderFeatureDataset(ShardedRows):
     """Cached features, memory-mapped; ``ds[i]`` or ``ds[(i, flip)]`` -> float32 [T, z]."""
+    what = "features"
 
     def __init__(self, root):
         self.root = Path(root)
@@ -131,24 +132,18 @@ class EncoderFeatureDataset(torch.utils.data.Dataset):
             self.has_flip = bool(self.manifest["flip"])
             self.feature_shape = tuple(self.manifest["feature_shape"])
             self.shards = self.manifest["shards"]
-            self.starts = np.array([s["start"] for s in self.shards])
             int(self.manifest["num_images"])
         except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or foreign manifest.json, as LatentDataset
             raise ValueError(f"features {self.root}: {_MANIFEST} is not one extract-features wrote (bad or missing "
                              f"{exc}): re-run extract-features") from None
         self._maps: dict[tuple[int, str], np.ndarray] = {}
+        # every shard file there and of the right shape now, not a missing or truncated one at some step
+        keys = ["z"] + (["flip"] if self.has_flip else [])
+        check_shards(self.root, self.what, self.manifest, dict.fromkeys(keys, list(self.feature_shape)))
+        self.starts = np.array([s["start"] for s in self.shards])
 
     def __len__(self) -> int:
         return int(self.manifest["num_images"])
-
-    def _array(self, si: int, key: str) -> np.ndarray:
-        if (si, key) not in self._maps:  # opened lazily so DataLoader workers each map their own
-            arr = np.load(self.root / self.shards[si]["files"][key], mmap_mode="r")
-            if arr.shape != (self.shards[si]["count"], *self.feature_shape):
-                raise ValueError(f"{self.shards[si]['files'][key]} holds {list(arr.shape)}, expected "
-                                 f"{[self.shards[si]['count'], *self.feature_shape]}")
-            self._maps[(si, key)] = arr
-        return self._maps[(si, key)]
 
     def __getitem__(self, key) -> torch.Tensor:
         index, flip = key if isinstance(key, tuple) else (key, False)
@@ -156,8 +151,7 @@ class EncoderFeatureDataset(torch.utils.data.Dataset):
             raise IndexError(f"feature index {index} out of range for {len(self)} images")
         si = int(np.searchsorted(self.starts, index, side="right") - 1)
         row = index - self.shards[si]["start"]
-        arr = self._array(si, "flip" if flip and self.has_flip else "z")
-        return torch.from_numpy(np.array(arr[row], dtype=np.float32))
+        return self._row(si, "flip" if flip and self.has_flip else "z", row)
 
 
 class LatentsWithFeatures(torch.utils.data.Dataset):
