@@ -19,7 +19,7 @@ import pickle
 import torch
 import torch.nn as nn
 
-from masked_dit.models.registry import MODEL_CONFIGS, build_model
+from masked_dit.models.registry import MODEL_CONFIGS, build_model, check_model_name
 
 _PREFERRED = ("ema", "model", "state_dict", "module")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -89,6 +89,16 @@ def pick_weights(obj: dict, path, prefer=_PREFERRED) -> dict[str, torch.Tensor]:
             raise ValueError(f"{os.fspath(path)}: no weights found; top-level keys are {sorted(map(str, obj))} "
                              f"(expected tensors or one of {list(prefer)})")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def saved_model_name(path: str | os.PathLike) -> str | None:
+    """The model name our exports record in their safetensors metadata (``{'model': 'DiT-S/2'}``), or None."""
+    if not os.fspath(path).endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), "pt") as f:
+        return (f.metadata() or {}).get("model")
 
 
 def load_official_state_dict(path: str | os.PathLike, weights_only: bool = True) -> dict[str, torch.Tensor]:
@@ -232,6 +242,29 @@ def infer_kwargs(state: dict[str, torch.Tensor], family: str, config: dict, args
 #                                 Public API                                    #
 #################################################################################
 
+class ModelArgumentError(TypeError, ValueError):
+    """Constructor arguments a model cannot be built with. A TypeError, as an unknown argument is, so
+    that callers which know where the arguments came from (``sample --model-kwargs``) say so; a
+    ValueError (one line) for the others."""
+
+
+def error_line(exc: BaseException, limit: int = 200) -> str:
+    """``exc``'s first line, cut to ``limit`` characters (a value echoed back may be long)."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _build(name: str, given: dict, **kwargs) -> nn.Module:
+    try:
+        return build_model(name, **kwargs)
+    except TypeError as exc:  # an argument the constructor does not take: the message names it
+        raise ModelArgumentError(error_line(exc)) from None
+    except (ValueError, RuntimeError) as exc:  # e.g. a negative or fractional width: name what was given
+        args = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ModelArgumentError(f"with {args or 'its registered arguments'}: {type(exc).__name__}: "
+                                 f"{error_line(exc)}") from None
+
+
 def load_official(path: str | os.PathLike, name: str, *, weights_only: bool = True, **overrides) -> nn.Module:
     """Builds the registered model ``name`` (``'DiT-XL/2'``, ``'SiT-XL/2'``, ``'REPA-SiT-XL/2'``,
     ``'MDTv2-XL/2'``, ...), loads the official checkpoint at ``path`` strictly and returns it in
@@ -241,6 +274,8 @@ def load_official(path: str | os.PathLike, name: str, *, weights_only: bool = Tr
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODEL_CONFIGS))}")
     raw = read_checkpoint(path, weights_only)
+    # our exports name their model: another family's weights can fit key for key and be sampled wrongly
+    check_model_name(saved_model_name(path), name, f"checkpoint {os.fspath(path)}", same_family=True)
     state = pick_weights(raw, path)
     family, config = MODEL_CONFIGS[name]
     given = dict(overrides)
@@ -258,10 +293,10 @@ def load_official(path: str | os.PathLike, name: str, *, weights_only: bool = Tr
     if family == "repa_sit":
         state = _repa_legacy_blocks(state, overrides.get("encoder_depth", config.get("encoder_depth", 8)))
     with torch.device("meta"):
-        shell = build_model(name, **overrides)
+        shell = _build(name, given, **overrides)
     shell.name = name
     check_state_dict(shell, state, what=f"checkpoint {os.fspath(path)}")
-    model = build_model(name, **overrides)
+    model = _build(name, given, **overrides)
     model.load_state_dict(state, strict=True)
     model.name = name
     return model.eval()

@@ -46,3 +46,17 @@ def build_model(name: str, **overrides) -> nn.Module:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODEL_CONFIGS))}")
     family, kwargs = MODEL_CONFIGS[name]
     return build(family, **{**kwargs, **overrides})
+
+
+def check_model_name(saved: str | None, name: str, what: str, same_family: bool = False) -> None:
+    """Refuses weights that ``what`` says were saved from a ``saved`` model when ``name`` is asked for:
+    DiT and SiT (or MDTv1 and v2) share every key and shape, so only the name tells an epsilon DiT from
+    a velocity SiT. With ``same_family`` another size of the same family is left to the shape checks
+    (a DiT-S/2 with DiT-B/2's sizes passed as arguments is that network), and a name not registered
+    here (foreign metadata) tells nothing."""
+    if not saved or saved == name:
+        return
+    family = lambda n: MODEL_CONFIGS.get(n, (None,))[0]  # noqa: E731
+    if same_family and family(saved) in (None, family(name)):
+        return
+    raise ValueError(f"{what} holds a {saved} model, not {name}")

@@ -1,9 +1,12 @@
 """Config -> model: the constructor arguments a ``ModelConfig`` (and its objective) imply."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import torch.nn as nn
 
-from masked_dit.configs import FAMILY_SAMPLE_KEYS, SampleConfig
+from masked_dit.configs import FAMILY_SAMPLE_KEYS, ConfigError, SampleConfig
 from masked_dit.diffusion.objectives import DEFAULT_OBJECTIVE, FAMILIES, SAMPLERS
 from masked_dit.diffusion.sample_settings import check_family_sampling, check_sample_steps
 from masked_dit.diffusion.repa import repa_path_name
@@ -43,8 +46,26 @@ def model_kwargs(cfg) -> tuple[str, dict]:
             kw["z_dims"] = encoder_z_dims(oc.encoder)
         elif cfg.data.features:
             kw["z_dims"] = cached_feature_dims(cfg.data, mc.input_size // patch)
+    check_extra(mc, kw)
     kw.update(mc.extra)
     return mc.name, kw
+
+
+# constructor arguments that model_kwargs takes from options outside --model
+_SET_BY = {"mask_ratio": "--objective.mask_ratio", "mae_loss_coef": "--objective.mae_loss_coef",
+           "path_type": "--objective.path_type", "z_dims": "--objective.encoder / --data.features"}
+
+
+def check_extra(mc, kw: dict) -> None:
+    """--model.extra holds only arguments no option sets: one that does would silently win over the
+    option (config.json saying otherwise) and skip the option's checks (digits' num_classes)."""
+    typed = {f.name: f"--model.{f.name}" for f in dataclasses.fields(mc) if f.name != "extra"}
+    typed.update({k: _SET_BY[k] for k in kw if k in _SET_BY})
+    clash = [k for k in mc.extra if k in typed]
+    if clash:
+        raise ConfigError(f"--model.extra={json.dumps(mc.extra)} sets {', '.join(clash)}, which "
+                          f"{'has its own option' if len(clash) == 1 else 'have their own options'}: use "
+                          f"{', '.join(typed[k] for k in clash)} instead")
 
 
 def check_sampler(cfg) -> None:
@@ -106,10 +127,12 @@ def cached_feature_dims(data_cfg, token_grid: int) -> list[int]:
 
 def build_model_from_config(cfg) -> nn.Module:
     from masked_dit.models import build_model
+    from masked_dit.models.official import error_line
 
     name, kw = model_kwargs(cfg)
     try:
-        model = build_model(name, **kw)
-    except TypeError as exc:  # an unknown --model.extra key
-        raise ValueError(f"cannot build {name} with {kw}: {exc}") from None
-    return model
+        return build_model(name, **kw)
+    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. an unknown key or a bad value in --model.extra
+        extra = f" and --model.extra={json.dumps(cfg.model.extra)}" if cfg.model.extra else ""
+        raise ValueError(f"cannot build {name} with {kw} (from the --model options{extra}): "
+                         f"{type(exc).__name__}: {error_line(exc)}") from None

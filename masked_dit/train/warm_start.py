@@ -25,7 +25,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from masked_dit.models.official import _match_prefixes, check_state_dict, pick_weights, read_checkpoint
+from masked_dit.models.official import (_match_prefixes, check_state_dict, pick_weights, read_checkpoint,
+                                        saved_model_name)
+from masked_dit.models.registry import check_model_name
 from masked_dit.train import checkpoint as ckpt
 
 
@@ -46,9 +48,9 @@ def initial_weights(spec: str, model: nn.Module, model_name: Optional[str] = Non
             return _from_checkpoint_folder(found[-1], model, model_name, ema_only)
         for candidate in (path / "export" / "ema.safetensors", path / "ema.safetensors"):
             if candidate.exists():
-                return _from_file(candidate, model)
+                return _from_file(candidate, model, model_name)
         raise ValueError(f"{what}: a folder without a complete checkpoint (checkpoints/, meta.json) or ema.safetensors")
-    return _from_file(path, model)
+    return _from_file(path, model, model_name)
 
 
 def unused_source_keys(model: nn.Module) -> set[str]:
@@ -63,8 +65,10 @@ def unused_source_keys(model: nn.Module) -> set[str]:
     return keys
 
 
-def _from_file(path: Path, model: nn.Module) -> tuple[dict, dict]:
+def _from_file(path: Path, model: nn.Module, model_name: Optional[str]) -> tuple[dict, dict]:
     obj = read_checkpoint(path)
+    if model_name:  # our exports name their model (DiT and SiT weights fit each other key for key)
+        check_model_name(saved_model_name(path), model_name, f"--run.init_from {path}:", same_family=True)
     weights = pick_weights(obj, path, prefer=("model", "state_dict", "module", "ema"))
     ema = pick_weights(obj, path, prefer=("ema", "model", "state_dict", "module"))
     keys = set(model.state_dict())
@@ -79,14 +83,11 @@ def _from_file(path: Path, model: nn.Module) -> tuple[dict, dict]:
 
 def _from_checkpoint_folder(path: Path, model: nn.Module, model_name: Optional[str],
                             ema_only: bool = False) -> tuple[dict | None, dict]:
-    import json
-
     import torch.distributed.checkpoint as dcp
 
     ckpt.verify_checkpoint(path)
-    saved_name = json.loads((path / "meta.json").read_text()).get("model")
-    if model_name and saved_name and saved_name != model_name:
-        raise ValueError(f"--run.init_from {path}: holds a {saved_name} model, not {model_name}")
+    if model_name:
+        check_model_name(ckpt.read_meta(path).get("model"), model_name, f"--run.init_from {path}:")
     ckpt.check_fits(path, model, model_name, ignore=unused_source_keys(model))  # DCP reads only the template's keys
     # Plain CPU tensors as the template: DCP reads only these two entries (not the optimizer) and
     # reshards whatever layout the checkpoint was saved with into full tensors.
