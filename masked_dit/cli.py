@@ -342,11 +342,23 @@ def _model_kwargs(args) -> dict | None:
     return json.loads(args.model_kwargs) if args.model_kwargs else None
 
 
+def _run_folder_of(source: Path) -> Path | None:
+    """The run folder ``source`` belongs to: the run itself, its ``export/``, one of its checkpoints, or a
+    file in those (a run folder holds config.json and checkpoints/ or export/); else the source folder."""
+    for folder in [source, *source.parents][:4]:  # run/checkpoints/step_N/file is three levels down
+        if (folder / "config.json").is_file() and ((folder / "checkpoints").is_dir() or (folder / "export").is_dir()):
+            return folder
+    return source if source.is_dir() else None
+
+
 def _check_out_outside(out: Path, source: Path) -> None:
-    """An --out that names an existing file of the source folder (its config.json, export, grid) would
-    destroy the run it reads."""
-    if source.is_dir() and out.exists() and out.resolve().is_relative_to(source.resolve()):
-        raise ValueError(f"--out {out} is a file of {source}: writing it would replace part of the run; "
+    """An --out that names an existing file of the run the source belongs to (its config.json, export,
+    grid), or the source itself, would destroy what it reads."""
+    if not out.exists():
+        return
+    run = _run_folder_of(source)
+    if out.resolve() == source.resolve() or (run is not None and out.resolve().is_relative_to(run.resolve())):
+        raise ValueError(f"--out {out} is a file of {run or source}: writing it would replace part of the run; "
                          f"name a new file")
 
 
@@ -445,6 +457,8 @@ def _extract_features(args, _overrides) -> int:
         raise ValueError(f"latents {args.latents}: manifest.json has no image_size: re-run extract-latents")
     _check_positive(args, "batch_size", "encoder_image_size", "token_grid")
     _check_min_image_size(args)
+    if args.name is not None and (args.name in ("", ".", "..") or "/" in args.name or os.sep in args.name):
+        raise ValueError(f"--name {args.name!r} must be one folder name (the features go to <latents>/features/<name>)")
     min_size = manifest.get("min_image_size") if args.min_image_size is None else args.min_image_size
     if manifest.get("min_image_size", min_size) != min_size:  # the rows must be the latents' images
         raise ValueError(f"--min-image-size {min_size}: the latents in {args.latents} were extracted with "

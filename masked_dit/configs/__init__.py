@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,6 +269,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.micro_batch is not None and cfg.train.micro_batch <= 0:
         raise ConfigError(f"--train.micro_batch must be > 0, or none for global_batch / world size "
                           f"(got {cfg.train.micro_batch})")
+    name = cfg.run.name
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
+        raise ConfigError(f"--run.name={name!r} must be one folder name (the run goes to <out_dir>/<name>)")
     _validate_model(cfg)
     if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
         raise ConfigError(f"--optim.lr must be a finite number > 0 (got {cfg.optim.lr})")
@@ -391,6 +395,10 @@ def check_guidance(values: dict, flag) -> None:
     if values.get("scale_pow") is not None and values["scale_pow"] < 0:
         raise ConfigError(f"{flag('scale_pow')} must be >= 0 (0: constant guidance scale; got {values['scale_pow']})")
     low, high = values.get("guidance_low"), values.get("guidance_high")
+    for key, value in (("guidance_low", low), ("guidance_high", high)):
+        if value is not None and not 0.0 <= value <= 1.0:  # outside, the interval silently drops or keeps all
+            raise ConfigError(f"{flag(key)} must be in [0, 1]: REPA's guidance interval is over the time t in "
+                              f"[0, 1] (got {value})")
     if low is not None and high is not None and not low <= high:
         raise ConfigError(f"{flag('guidance_low')}={low} must be <= {flag('guidance_high')}={high} (guidance "
                           f"applies for t in [low, high])")
@@ -521,7 +529,10 @@ def _coerce(section: str, key: str, hint, value):
                 raise ValueError
             if isinstance(value, str):
                 value = value.replace("_", "")
-                f = float(value)
+                try:
+                    return int(value)  # exact: through float, 9999999999999999999999 became 1e22
+                except ValueError:
+                    f = float(value)  # "1e6"
                 if f != int(f):
                     raise ValueError
                 return int(f)

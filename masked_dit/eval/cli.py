@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -49,6 +50,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device: unknown device {name!r}") from None
+    if device.type not in ("cpu", "cuda"):  # mps, meta, ...: nothing here runs there
+        raise ValueError(f"--device {name}: use 'auto', 'cpu' or 'cuda[:N]'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available")
     # else "invalid device ordinal" surfaces later, reported as unloadable Inception weights
@@ -71,8 +74,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.random_init_inception and args.inception_weights:
             raise ValueError("--random-init-inception and --inception-weights exclude each other")
-        if args.out and Path(args.out).is_dir():  # found now, not after the whole evaluation
-            raise ValueError(f"--out {args.out} is a folder; name a .json file")
+        if args.out:
+            _check_out(Path(args.out))
         open_batches(args.ref_batch, args.sample_batch)  # bad input fails before weights load
         device = resolve_device(args.device)
         try:
@@ -93,11 +96,28 @@ def main(argv=None) -> int:
                       ("Precision", "precision"), ("Recall", "recall")):
         print(f"{name}: {_fmt(metrics[key])}")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"wrote {out}")
+        try:
+            Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        except OSError as err:  # the metrics are printed above: nothing is lost
+            print(f"masked-dit eval: error: --out {args.out}: cannot write ({err.strerror or err})", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}")
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """--out is a .json file (so never an input batch: .npz or a folder) in a folder that exists or can
+    be made: found before the evaluation, not after it."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name a .json file")
+    if out.suffix != ".json":
+        raise ValueError(f"--out {out}: must end in .json (the metrics are JSON)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create its folder ({err.strerror or err})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"--out {out}: its folder is not writable")
 
 
 if __name__ == "__main__":

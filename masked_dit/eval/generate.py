@@ -76,6 +76,10 @@ def sample_batch(draw: Callable, y: torch.Tensor, shape: tuple, seed: int, index
     x = draw(noise, y, g)
     if decode is not None:
         x = decode(x)
+    bad = (~torch.isfinite(x)).flatten(1).any(1)
+    if bad.any():  # to_uint8 would write NaN as black images: a diverged model or sampler setting, said
+        raise FloatingPointError(f"batch {index}: {int(bad.sum())} of {len(x)} samples are not finite (NaN or "
+                                 f"inf): the weights or the sampler settings diverge; nothing was written for it")
     return x.float().clamp(-1, 1).cpu()
 
 

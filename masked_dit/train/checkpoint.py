@@ -81,11 +81,26 @@ def checkpoint_step(path) -> int:
     return int((CKPT_RE.match(name) or _SET_ASIDE_RE.match(name)).group(1))
 
 
+def read_meta(path) -> dict:
+    """A checkpoint's meta.json: a JSON object with integer ``step`` and ``world_size`` (ValueError naming
+    the checkpoint when it is torn or edited)."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"checkpoint {path} is damaged: meta.json is unreadable ({type(exc).__name__})") from None
+    valid = isinstance(meta, dict) and all(type(meta.get(k)) is int for k in ("step", "world_size"))
+    if not valid or meta["step"] < 0 or meta["world_size"] < 1:
+        raise ValueError(f"checkpoint {path} is damaged: meta.json lacks an integer step >= 0 and world_size >= 1")
+    return meta
+
+
 def verify_checkpoint(path, world_size: int | None = None) -> None:
     """Raises ValueError naming the first missing or truncated file of the checkpoint at ``path``."""
     from torch.distributed.checkpoint import FileSystemReader
 
     path = Path(path)
+    meta = read_meta(path)
     if not (path / ".metadata").is_file():
         raise ValueError(f"checkpoint {path} is damaged: .metadata is missing")
     try:
@@ -99,9 +114,8 @@ def verify_checkpoint(path, world_size: int | None = None) -> None:
         file = path / name
         if not file.is_file() or file.stat().st_size < size:
             raise ValueError(f"checkpoint {path} is damaged: {name} is missing or truncated")
-    meta = json.loads((path / "meta.json").read_text())
-    if world_size is None or meta.get("world_size") == world_size:
-        ranks = range(meta.get("world_size", 1)) if world_size is None else range(world_size)
+    if world_size is None or meta["world_size"] == world_size:
+        ranks = range(meta["world_size"]) if world_size is None else range(world_size)
     else:  # another world size reads rank 0's file (the data position) only
         ranks = range(1)
     for rank in ranks:
@@ -243,10 +257,12 @@ def load_checkpoint(path, model, optimizer, ema, world, model_name: str | None =
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
-    meta = json.loads((path / "meta.json").read_text())
     verify_checkpoint(path, world.size)
-    if model_name and meta.get("model", model_name) != model_name:
-        raise ValueError(f"checkpoint {path} holds a {meta['model']} model, not {model_name}")
+    meta = read_meta(path)
+    if model_name:
+        from masked_dit.models.registry import check_model_name
+
+        check_model_name(meta.get("model"), model_name, f"checkpoint {path}")
     check_fits(path, model, model_name)
     if meta.get("optimizer", type(optimizer).__name__) != type(optimizer).__name__:
         raise ValueError(f"checkpoint {path} holds {meta['optimizer']} state but this run uses "

@@ -95,6 +95,16 @@ class Trainer:
             # Starting over here would prune (keep_last) and overwrite the earlier run's checkpoints.
             raise ValueError(f"run folder {self.run_dir} already has checkpoints (newest: {found[-1].name}); pass "
                              f"--resume latest to continue it, or another --run.name / --run.out_dir to start anew")
+        if not found:
+            # A finished run whose checkpoints were removed (to save disk) keeps its export and log: a
+            # start from step 0 would replace them. A resume after a crash before the first checkpoint
+            # (torchrun's restart) has no export and starts over as before.
+            names = ["export/ema.safetensors"] + (["metrics.jsonl"] if resume_arg is None else [])
+            earlier = next((name for name in names if (self.run_dir / name).exists()), None)
+            if earlier:
+                raise ValueError(f"run folder {self.run_dir} holds an earlier run's {earlier} but no checkpoint to "
+                                 f"continue from; starting at step 0 would replace it: choose another --run.name / "
+                                 f"--run.out_dir, or remove the folder")
         if cfg.parallel.tf32 and w.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -179,3 +179,18 @@ def test_labels_and_cpu_batches_have_streams_of_their_own():
     streams = {(s, b): draw(generate.batch_generator(s, b, cpu)) for s in (0, 1, 256, 2**24) for b in (0, 1, 255)}
     assert len({tuple(v.tolist()) for v in streams.values()}) == len(streams)
     assert torch.equal(streams[(256, 1)], draw(generate.batch_generator(256, 1, cpu)))
+
+
+def test_non_finite_samples_are_an_error_not_black_images():
+    """A diverged model (or --sigma-max 1e30) gave NaN, which to_uint8 wrote as black images, exit 0."""
+    import torch
+
+    from masked_dit.eval.generate import sample_batch
+
+    def draw(noise, y, g):
+        return torch.where(torch.arange(len(y)).view(-1, 1, 1, 1) == 1, float("nan"), noise)
+
+    with pytest.raises(FloatingPointError, match=r"^batch 3: 1 of 4 samples are not finite"):
+        sample_batch(draw, torch.zeros(4, dtype=torch.long), (1, 2, 2), seed=0, index=3)
+    fine = sample_batch(lambda noise, y, g: noise, torch.zeros(4, dtype=torch.long), (1, 2, 2), seed=0, index=3)
+    assert fine.shape == (4, 1, 2, 2) and torch.isfinite(fine).all()

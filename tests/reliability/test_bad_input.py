@@ -460,8 +460,8 @@ CASES = [
     ("sample-seed-negative", lambda w, m: _sample(w, m, "--seed=-1"),
      "masked-dit sample: error: --seed must be in [0, 2**32) (got -1)"),
     ("sample-guidance-high-below-the-runs-low", lambda w, m: _sample(w, m, "--guidance-high", "-0.5"),
-     "masked-dit sample: error: --guidance-low=0.0 must be <= --guidance-high=-0.5 (guidance applies for t in "
-     "[low, high])"),
+     "masked-dit sample: error: --guidance-high must be in [0, 1]: REPA's guidance interval is over the time t in "
+     "[0, 1] (got -0.5)"),
     # --- likelihood ---------------------------------------------------------------------------------------
     ("likelihood-of-a-dit-run", lambda w, m: ["likelihood", str(m / "runs/digits-dit"), "--out", str(w / "n.json")],
      "masked-dit likelihood: error: {m}/runs/digits-dit: the probability-flow likelihood is SiT's (objective "
@@ -512,7 +512,69 @@ CASES = [
                                                '"num_heads": 2, "patch_size": 4}'],
      "masked-dit sample: error: checkpoint {m}/runs/digits-dit/export/ema.safetensors does not fit DiT-S/2: "
      "shape mismatches (1): y_embedder.embedding_table.weight [11, 32] vs model [6, 32]"),
+    # --- session 17: lost work through another way into the run, damaged meta.json, ranges -------------------
+    # were written: the run's config.json replaced by samples or bits/dim when the source was its export
+    # or one of its checkpoints (only the run folder itself was guarded)
+    ("sample-out-is-a-file-of-the-run-via-export", lambda w, m: ["sample", str(m / "runs/digits-dit/export"),
+                                                                 "--out", str(m / "runs/digits-dit/samples.png")],
+     "masked-dit sample: error: --out {m}/runs/digits-dit/samples.png is a file of {m}/runs/digits-dit: writing it "
+     "would replace part of the run; name a new file"),
+    ("likelihood-out-is-a-file-of-the-run-via-checkpoint", lambda w, m: [
+        "likelihood", str(m / "runs/digits-dit/checkpoints/step_00000001"), "--out",
+        str(m / "runs/digits-dit/export/config.json")],
+     "masked-dit likelihood: error: --out {m}/runs/digits-dit/export/config.json is a file of {m}/runs/digits-dit: "
+     "writing it would replace part of the run; name a new file"),
+    # were: a fresh start replaced the export, samples and metrics of a run whose checkpoints were removed
+    ("train-over-a-run-without-checkpoints", lambda w, m: _train(_without_checkpoints(w, m)),
+     "masked-dit train: error: run folder {work}/runs/digits-dit holds an earlier run's export/ema.safetensors but no "
+     "checkpoint to continue from; starting at step 0 would replace it: choose another --run.name / --run.out_dir, "
+     "or remove the folder"),
+    ("train-resume-a-run-without-checkpoints", lambda w, m: _train(_without_checkpoints(w, m), "--resume", "latest"),
+     "masked-dit train: error: run folder {work}/runs/digits-dit holds an earlier run's export/ema.safetensors but no "
+     "checkpoint to continue from; starting at step 0 would replace it: choose another --run.name / --run.out_dir, "
+     "or remove the folder"),
+    # were: KeyError 'world_size', AttributeError, or a bare JSON message naming no file
+    ("resume-meta-json-edited", lambda w, m: _train(w, "--resume", str(_edited_meta(w, m, "{}"))),
+     "masked-dit train: error: checkpoint {work}/run/checkpoints/step_00000001 is damaged: meta.json lacks an integer "
+     "step >= 0 and world_size >= 1"),
+    ("resume-meta-json-torn", lambda w, m: _train(w, "--resume", str(_edited_meta(w, m, "{"))),
+     "masked-dit train: error: checkpoint {work}/run/checkpoints/step_00000001 is damaged: meta.json is unreadable "
+     "(JSONDecodeError)"),
+    ("sample-meta-json-a-list", lambda w, m: ["sample", str(_edited_meta(w, m, "[]").parent.parent), "--out",
+                                              str(w / "g.png")],
+     "masked-dit sample: error: checkpoint {work}/run/checkpoints/step_00000001 is damaged: meta.json lacks an "
+     "integer step >= 0 and world_size >= 1"),
+    # were accepted: an interval outside [0, 1] guided no step (or every step) without a word
+    ("sample-guidance-interval-beyond-the-time-range", lambda w, m: _sample(w, m, "--guidance-low", "2",
+                                                                            "--guidance-high", "3"),
+     "masked-dit sample: error: --guidance-low must be in [0, 1]: REPA's guidance interval is over the time t in "
+     "[0, 1] (got 2.0)"),
+    ("cli-guidance-high-beyond-one", lambda w, m: _train(w, "--sample.guidance_high=1.5"),
+     "masked-dit train: error: --sample.guidance_high must be in [0, 1]: REPA's guidance interval is over the time "
+     "t in [0, 1] (got 1.5)"),
+    # were accepted: the run or the features went outside their folder, or straight into it
+    ("cli-run-name-not-one-folder", lambda w, m: _train(w, "--run.name=../escape"),
+     "masked-dit train: error: --run.name='../escape' must be one folder name (the run goes to <out_dir>/<name>)"),
+    ("features-name-not-one-folder", lambda w, m: ["extract-features", str(m / "images"), str(m / "latents"),
+                                                   "--name", "../evil"],
+     "masked-dit extract-features: error: --name '../evil' must be one folder name (the features go to "
+     "<latents>/features/<name>)"),
 ]
+
+
+def _without_checkpoints(work, m):
+    """A copy of the module's run in ``work/runs`` with its checkpoints removed (an export, no checkpoint)."""
+    shutil.copytree(m / "runs" / "digits-dit", work / "runs" / "digits-dit")
+    shutil.rmtree(work / "runs" / "digits-dit" / "checkpoints")
+    return work
+
+
+def _edited_meta(work, m, text):
+    """A copy of the module's run without its export, whose checkpoint's meta.json holds ``text``."""
+    shutil.copytree(m / "runs" / "digits-dit", work / "run")
+    shutil.rmtree(work / "run" / "export")
+    (work / "run" / "checkpoints" / "step_00000001" / "meta.json").write_text(text)
+    return work / "run" / "checkpoints" / "step_00000001"
 
 
 def _apply(path, fn):

@@ -117,3 +117,27 @@ def test_resume_with_other_optimizer_state_is_one_line(tmp_path, capsys):
         f"masked-dit train: error: checkpoint {ckpt} does not hold this run's training state (it lacks "
         "optim.state.x_embedder.proj.weight.exp_avg_diff); was a setting such as --optim.name changed since it was "
         "saved?")
+
+
+def test_eval_out_is_checked_before_the_evaluation(tmp_path, capsys):
+    """--out naming the sample batch replaced it with JSON; a non-.json name was taken; an --out under a
+    file was a traceback after the whole evaluation (the metrics lost); --device mps / meta were
+    tracebacks or blamed the weights."""
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "smp.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "afile").write_text("")
+    ref, smp = str(tmp_path / "ref.npz"), str(tmp_path / "smp.npz")
+    before = (tmp_path / "smp.npz").read_bytes()
+    cases = [(smp, f"--out {smp}: must end in .json (the metrics are JSON)"),
+             (str(tmp_path / "m.txt"), f"--out {tmp_path}/m.txt: must end in .json (the metrics are JSON)"),
+             (str(tmp_path / "afile/m.json"), f"--out {tmp_path}/afile/m.json: cannot create its folder (")]
+    for out, message in cases:
+        capsys.readouterr()
+        assert main(["eval", ref, smp, "--random-init-inception", "--device", "cpu", "--out", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"masked-dit eval: error: {message}"), err
+    assert (tmp_path / "smp.npz").read_bytes() == before
+    for device in ("mps", "meta"):
+        assert main(["eval", ref, smp, "--random-init-inception", "--device", device]) == 2
+        assert capsys.readouterr().err.strip() == (f"masked-dit eval: error: --device {device}: use 'auto', 'cpu' "
+                                                   "or 'cuda[:N]'")

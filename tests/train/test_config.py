@@ -201,3 +201,14 @@ def test_a_batch_geometry_error_is_said_by_rank_0_only(tmp_path, monkeypatch, ca
     assert "--train.global_batch=8 must be a multiple of micro_batch (3)" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "1")
     assert main(argv) == 2 and capsys.readouterr().err == ""
+
+
+def test_integer_overrides_are_exact():
+    """Integers went through float: 9999999999999999999999 became 10**22 (and 2**53 + 1 lost its 1);
+    "1e6" and "1_000" still read as integers."""
+    cfg = apply_overrides(get_preset(), ["--train.steps=9999999999999999999999", "--train.sample_every=9007199254740993",
+                                         "--train.log_every=1e6", "--train.ckpt_every=1_000"])
+    assert cfg.train.steps == 9999999999999999999999 and cfg.train.sample_every == 2 ** 53 + 1
+    assert cfg.train.log_every == 1_000_000 and cfg.train.ckpt_every == 1000
+    with pytest.raises(ConfigError):
+        apply_overrides(get_preset(), ["--train.steps=2.5"])
