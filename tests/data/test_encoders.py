@@ -16,6 +16,7 @@ from masked_dit.data.encoders import (  # noqa: E402
     EncoderFeatureDataset, EncoderFeatures, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, LatentsWithFeatures,
     encoder_z_dim, extract_encoder_features, load_encoder, load_encoder_features, preprocess_images,
     repa_encoder_image_size, resample_pos_embed, resample_token_grid, resolve_encoder)
+from tests.data.tiny_data import PoolVAE as _PoolVAE, TensorImages as _Images  # noqa: E402
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=14, image_size=56)
 
@@ -246,25 +247,8 @@ def test_repa_objective_trains_with_encoder_features(tiny_dinov2):
 #                              Cached features                                  #
 #################################################################################
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n=6, size=16):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.rand(n, 3, size, size, generator=g) * 2 - 1
-        self.num_classes = 2
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "y": i % 2}
 
 
-class _PoolVAE:
-    """Stand-in VAE: latents are 2x average-pooled images (what extract_latents needs is the interface)."""
-
-    def encode(self, x):
-        mean = torch.nn.functional.avg_pool2d(x, 2)
-        return type("Out", (), {"latent_dist": type("Dist", (), {"mean": mean, "std": mean.abs() + 0.1})})
 
 
 class _Counting(EncoderFeatures):

@@ -9,7 +9,7 @@ import diffusers  # CI installs it (the "vae" extra): these tests require it
 
 from masked_dit.cli import main  # noqa: E402
 from masked_dit.data import ImageFolderDataset, LatentDataset, extract_latents, sample_posterior  # noqa: E402
-from tests.data.tiny_data import save_tiny_vae, write_image_folder  # noqa: E402
+from tests.data.tiny_data import PoolEncoder as _PoolEncoder, save_tiny_vae, write_image_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -200,17 +200,6 @@ def test_other_images_of_the_same_count_are_refused(tiny_vae_dir, images_dir, tm
     assert made["complete"]
 
 
-class _PoolEncoder(torch.nn.Module):
-    """A stand-in PatchEncoder: 4x4 average-pooled pixels as 16 tokens of width 3."""
-    name, image_size, grid_size, z_dim = "pool", 16, 4, 3
-    mean, std, resize_first = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(1))
-
-    def forward(self, pixels):
-        return torch.nn.functional.avg_pool2d(pixels, 4).flatten(2).transpose(1, 2) * self.w
 
 
 def test_damaged_manifest_on_resume_is_a_one_line_error_naming_it(tiny_vae_dir, images_dir, tmp_path):

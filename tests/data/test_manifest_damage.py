@@ -10,39 +10,13 @@ import torch
 
 from masked_dit.data import LatentDataset, extract_latents
 from masked_dit.data.encoders import EncoderFeatureDataset, EncoderFeatures, extract_encoder_features
+from tests.data.tiny_data import PoolEncoder as _PoolEncoder, PoolVAE as _PoolVAE, TensorImages as _Images
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n=6, size=16):
-        self.x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        self.num_classes = 2
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "y": i % 2}
 
 
-class _PoolVAE:
-    """Stand-in VAE: latents are 2x average-pooled images."""
-
-    def encode(self, x):
-        mean = torch.nn.functional.avg_pool2d(x, 2)
-        return type("Out", (), {"latent_dist": type("Dist", (), {"mean": mean, "std": mean.abs() + 0.1})})
 
 
-class _PoolEncoder(torch.nn.Module):
-    """A stand-in PatchEncoder: 4x4 average-pooled pixels as 16 tokens of width 3."""
-    name, image_size, grid_size, z_dim = "pool", 16, 4, 3
-    mean, std, resize_first = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.ones(1))
-
-    def forward(self, pixels):
-        return torch.nn.functional.avg_pool2d(pixels, 4).flatten(2).transpose(1, 2) * self.w
 
 
 @pytest.fixture()

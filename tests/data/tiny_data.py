@@ -1,4 +1,5 @@
-"""Small inputs shared by the latent and REPA tests: an image folder and a tiny random AutoencoderKL."""
+"""Small inputs shared by the latent and REPA tests: an image folder, a tiny random AutoencoderKL, and
+stand-ins for an image dataset, a VAE and a patch encoder."""
 import numpy as np
 import torch
 from PIL import Image
@@ -24,3 +25,39 @@ def save_tiny_vae(path):
                                   layers_per_block=1, norm_num_groups=4, sample_size=16)
     vae.save_pretrained(path)
     return path
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """``n`` random [3, size, size] images in [-1, 1] with labels 0, 1, 0, ... (an ImageFolderDataset stand-in)."""
+
+    def __init__(self, n=6, size=16):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+        self.num_classes = 2
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": i % 2}
+
+
+class PoolVAE:
+    """Stand-in VAE: latents are 2x average-pooled images (what extract_latents needs is the interface)."""
+
+    def encode(self, x):
+        mean = torch.nn.functional.avg_pool2d(x, 2)
+        return type("Out", (), {"latent_dist": type("Dist", (), {"mean": mean, "std": mean.abs() + 0.1})})
+
+
+class PoolEncoder(torch.nn.Module):
+    """A stand-in PatchEncoder: 4x4 average-pooled pixels as 16 tokens of width 3."""
+    name, image_size, grid_size, z_dim = "pool", 16, 4, 3
+    mean, std, resize_first = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, pixels):
+        return torch.nn.functional.avg_pool2d(pixels, 4).flatten(2).transpose(1, 2) * self.w
