@@ -78,10 +78,17 @@ def _is_image(name: str) -> bool:
 
 
 def _class_files(folder: str) -> list[str]:
-    """Images anywhere under ``folder`` in sorted order (symlinked folders followed, as torchvision)."""
-    found = []
+    """Images anywhere under ``folder`` in sorted order (symlinked folders followed, as torchvision,
+    each real folder once: a link back up, ``b/loop -> ..``, counted the images again at every level)."""
+    found, seen = [], {os.path.realpath(folder)}
     for dirpath, dirnames, names in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # pruned while walking
+        keep = []
+        for d in sorted(dirnames):  # pruned while walking, in a fixed order so the first link wins
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         found.append((dirpath, sorted(n for n in names if _is_image(n))))
     return [os.path.join(dirpath, n) for dirpath, names in sorted(found) for n in names]
 

@@ -185,3 +185,23 @@ def test_min_image_size_zero_upscales_small_images_as_adm(tmp_path):
     np.testing.assert_array_equal(((x.permute(1, 2, 0) + 1) * 127.5).round().numpy().astype(np.uint8), ref)
     with pytest.raises(ValueError, match="min_image_size must be >= 0"):
         ImageFolderDataset(str(tmp_path), 16, min_image_size=-1)
+
+
+def test_symlinked_folders_are_followed_once_and_loops_end(tmp_path):
+    """A link to a folder elsewhere is followed (as torchvision); a link back up (``cat/loop -> ..``) counted
+    every image again at each level until the path grew too long (10 images became 409)."""
+    root, extra = tmp_path / "data", tmp_path / "elsewhere"
+    for folder in (root / "cat", root / "dog", extra):
+        folder.mkdir(parents=True)
+    for i in range(2):
+        _img(root / "cat" / f"{i}.png", 20, 20)
+        _img(root / "dog" / f"{i}.png", 20, 20)
+    _img(extra / "x.png", 20, 20)
+    (root / "cat" / "more").symlink_to(extra, target_is_directory=True)
+    (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    (root / "dog" / "up").symlink_to(root, target_is_directory=True)  # reaches cat/ and dog/ again
+    ds = ImageFolderDataset(str(root), 16)
+    names = sorted(p.rsplit("/", 1)[-1] for p in ds.files)
+    # cat: its 2 + more/x; dog: its 2 + up/cat's 2 + up/cat/more/x (each real folder once; not dog again)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 3 + 5
+    assert names.count("x.png") == 2 and [int(y) for y in ds.labels].count(0) == 3
