@@ -544,6 +544,8 @@ def _coerce(section: str, key: str, hint, value):
                 raise ValueError
             return float(value)
         if hint is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):  # JSON null: was 'None'
+                raise ValueError
             return str(value)
         if hint in (tuple, list) or origin in (tuple, list):
             if isinstance(value, str):

@@ -212,3 +212,11 @@ def test_integer_overrides_are_exact():
     assert cfg.train.log_every == 1_000_000 and cfg.train.ckpt_every == 1000
     with pytest.raises(ConfigError):
         apply_overrides(get_preset(), ["--train.steps=2.5"])
+
+
+def test_text_fields_refuse_json_null_and_objects():
+    """{"run": {"name": null}} in a config file made a run folder called 'None'."""
+    for value in (None, [1], {"a": 1}, True):
+        with pytest.raises(ConfigError, match=r"^--run.name=.* is not a valid str$"):
+            Config.from_dict({"run": {"name": value}})
+    assert Config.from_dict({"run": {"name": "x"}, "model": {"name": "DiT-S/2"}}).run.name == "x"
