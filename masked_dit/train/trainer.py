@@ -102,9 +102,10 @@ class Trainer:
             names = ["export/ema.safetensors"] + (["metrics.jsonl"] if resume_arg is None else [])
             earlier = next((name for name in names if (self.run_dir / name).exists()), None)
             if earlier:
+                again = " (--resume latest starts it over there)" if earlier == "metrics.jsonl" else ""
                 raise ValueError(f"run folder {self.run_dir} holds an earlier run's {earlier} but no checkpoint to "
                                  f"continue from; starting at step 0 would replace it: choose another --run.name / "
-                                 f"--run.out_dir, or remove the folder")
+                                 f"--run.out_dir, or remove the folder{again}")
         if cfg.parallel.tf32 and w.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -533,6 +533,10 @@ CASES = [
      "masked-dit train: error: run folder {work}/runs/digits-dit holds an earlier run's export/ema.safetensors but no "
      "checkpoint to continue from; starting at step 0 would replace it: choose another --run.name / --run.out_dir, "
      "or remove the folder"),
+    ("train-over-a-run-killed-before-its-first-checkpoint", lambda w, m: _train(_log_only(w)),
+     "masked-dit train: error: run folder {work}/runs/digits-dit holds an earlier run's metrics.jsonl but no "
+     "checkpoint to continue from; starting at step 0 would replace it: choose another --run.name / --run.out_dir, "
+     "or remove the folder (--resume latest starts it over there)"),
     # were: KeyError 'world_size', AttributeError, or a bare JSON message naming no file
     ("resume-meta-json-edited", lambda w, m: _train(w, "--resume", str(_edited_meta(w, m, "{}"))),
      "masked-dit train: error: checkpoint {work}/run/checkpoints/step_00000001 is damaged: meta.json lacks an integer "
@@ -566,6 +570,13 @@ def _without_checkpoints(work, m):
     """A copy of the module's run in ``work/runs`` with its checkpoints removed (an export, no checkpoint)."""
     shutil.copytree(m / "runs" / "digits-dit", work / "runs" / "digits-dit")
     shutil.rmtree(work / "runs" / "digits-dit" / "checkpoints")
+    return work
+
+
+def _log_only(work):
+    """A run folder as a kill before the first checkpoint leaves it: a metrics record, nothing else."""
+    (work / "runs" / "digits-dit").mkdir(parents=True)
+    (work / "runs" / "digits-dit" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     return work
 
 
