@@ -175,6 +175,9 @@ class Trainer:
             data_state = extra.get("data")
             metrics_window = extra.get("metrics")
             self._log(f"resumed from {resume} at step {self.step}")
+            if self.step > cfg.train.steps:  # ended at once without a word: the run is past the asked end
+                self._log(f"warning: step {self.step} is past --train.steps={cfg.train.steps}: nothing to train; "
+                          f"the final outputs are made from this checkpoint")
         elif cfg.run.resume and cfg.run.resume != "latest":
             raise ValueError(f"--run.resume={cfg.run.resume}: no checkpoint found")
         self.stream = BatchStream(self.dataset, self.micro_batch, rank=w.rank, world=w.size, seed=cfg.run.seed,

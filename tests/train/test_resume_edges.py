@@ -205,3 +205,14 @@ def test_maskdit_unmasking_fine_tune_starts_from_the_masked_run(tmp_path, where)
         assert torch.equal(v, masked.ema.shadow[k]), k
     ft.fit()
     assert ft.step == 3
+
+
+def test_resume_past_the_asked_end_says_so(tmp_path, capsys):
+    """--resume latest with a smaller --train.steps than the checkpoint's step ended at once without a word."""
+    over = {"train.steps": 4, "train.ckpt_every": 2}
+    Trainer(tiny_config("digits-dit", tmp_path, **over)).fit(stop_at=2)
+    capsys.readouterr()
+    Trainer(tiny_config("digits-dit", tmp_path, **{**over, "train.steps": 1, "run.resume": "latest"}))
+    assert "warning: step 2 is past --train.steps=1: nothing to train" in capsys.readouterr().err
+    Trainer(tiny_config("digits-dit", tmp_path, **{**over, "train.steps": 2, "run.resume": "latest"}))
+    assert "past --train.steps" not in capsys.readouterr().err  # a finished run re-exported: as asked
