@@ -343,3 +343,20 @@ def test_16bit_grayscale_samples_read_as_the_training_folders_do(tmp_path):
     got = np.concatenate(list(FolderImages(folder).batches(2)))
     assert got.shape == (3, 8, 8, 3)
     np.testing.assert_array_equal(got, np.repeat((wide >> 8).astype(np.uint8)[..., None], 3, axis=-1))
+
+
+@pytest.mark.parametrize("sigma, match", [
+    (np.diag([1.0, -0.5, 2.0]), r"'sigma' is not positive semi-definite \(eigenvalue -0\.5, largest 2\)"),
+    (np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), r"'sigma' is not symmetric"),
+])
+def test_statistics_that_are_no_covariance_are_refused(tmp_path, sigma, match):
+    """A non-PSD precomputed sigma (edited, or the wrong array) gave FID -1962.7 without a word."""
+    from masked_dit.eval.evaluator import read_statistics
+
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(3), sigma=sigma)
+    with pytest.raises(ValueError, match=match):
+        read_statistics(tmp_path / "ref.npz", dims=None)
+    # a rank-deficient covariance (fewer samples than features), stored in float32, is one
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    np.savez(tmp_path / "ok.npz", mu=np.zeros(3), sigma=np.cov(x, rowvar=False).astype(np.float32))
+    assert read_statistics(tmp_path / "ok.npz", dims=None)["fid"][1].shape == (3, 3)
