@@ -447,6 +447,7 @@ def _end_world(world) -> None:
 
 
 def _extract_features(args, _overrides) -> int:
+    from masked_dit.configs import is_folder_name
     from masked_dit.data import ImageFolderDataset, LatentDataset
     from masked_dit.data.encoders import extract_encoder_features, feature_dir_name, load_encoder_features
 
@@ -457,7 +458,7 @@ def _extract_features(args, _overrides) -> int:
         raise ValueError(f"latents {args.latents}: manifest.json has no image_size: re-run extract-latents")
     _check_positive(args, "batch_size", "encoder_image_size", "token_grid")
     _check_min_image_size(args)
-    if args.name is not None and (args.name in ("", ".", "..") or "/" in args.name or os.sep in args.name):
+    if args.name is not None and not is_folder_name(args.name):
         raise ValueError(f"--name {args.name!r} must be one folder name (the features go to <latents>/features/<name>)")
     min_size = manifest.get("min_image_size") if args.min_image_size is None else args.min_image_size
     if manifest.get("min_image_size", min_size) != min_size:  # the rows must be the latents' images

@@ -253,6 +253,12 @@ CHOICES = {
 }
 
 
+def is_folder_name(name) -> bool:
+    """Whether ``name`` names one folder inside another (not empty, '.', '..' or a path): a run's or a
+    feature set's folder must stay where it is looked for."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
+
+
 def validate(cfg: Config) -> None:
     for (section, key), valid in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
@@ -269,9 +275,8 @@ def validate(cfg: Config) -> None:
     if cfg.train.micro_batch is not None and cfg.train.micro_batch <= 0:
         raise ConfigError(f"--train.micro_batch must be > 0, or none for global_batch / world size "
                           f"(got {cfg.train.micro_batch})")
-    name = cfg.run.name
-    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or os.sep in name:
-        raise ConfigError(f"--run.name={name!r} must be one folder name (the run goes to <out_dir>/<name>)")
+    if not is_folder_name(cfg.run.name):
+        raise ConfigError(f"--run.name={cfg.run.name!r} must be one folder name (the run goes to <out_dir>/<name>)")
     _validate_model(cfg)
     if not (math.isfinite(cfg.optim.lr) and cfg.optim.lr > 0):
         raise ConfigError(f"--optim.lr must be a finite number > 0 (got {cfg.optim.lr})")

@@ -223,6 +223,17 @@ class ShardedRows(torch.utils.data.Dataset):
     ``what`` names them in errors."""
     what = "shards"
 
+    def _open_shards(self, row_shapes: dict[str, list]) -> None:
+        """Checks the shards (``check_shards``), then indexes them by first row; files map lazily."""
+        check_shards(self.root, self.what, self.manifest, row_shapes)
+        self.starts = np.array([s["start"] for s in self.shards])
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        """(shard, row in it) of dataset row ``index``."""
+        si = int(np.searchsorted(self.starts, index, side="right") - 1)
+        return si, index - self.shards[si]["start"]
+
     def _array(self, si: int, key: str) -> np.ndarray:
         if (si, key) not in self._maps:  # opened lazily so DataLoader workers each map their own
             self._maps[(si, key)] = open_shard(self.root, self.shards[si]["files"][key], self.what)
@@ -254,27 +265,19 @@ class LatentDataset(ShardedRows):
         except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or foreign manifest.json
             raise ValueError(f"latents {self.root}: {MANIFEST} is not one extract-latents wrote (bad or missing "
                              f"{exc}): re-run extract-latents") from None
-        self._maps: dict[tuple[int, str], np.ndarray] = {}
-        self.max_label = self._check_shards()
-        self.starts = np.array([s["start"] for s in self.shards])
-
-    def _check_shards(self) -> int:
-        """The manifest's shards and every file they need (the flipped moments when it says flip) are
-        consistent (``check_shards``); returns the largest label. Values are checked for NaN/inf as they
-        are read (``__getitem__``)."""
+        # the manifest's shards and every file they need (the flipped moments when it says flip);
+        # values are checked for NaN/inf as they are read (``__getitem__``)
         moments = ["mean", "std"] + (["flip_mean", "flip_std"] if self.has_flip else [])
-        check_shards(self.root, self.what, self.manifest, {**dict.fromkeys(moments, list(self.latent_shape)),
-                                                           "labels": []})
+        self._open_shards({**dict.fromkeys(moments, list(self.latent_shape)), "labels": []})
         labels = (np.load(self.root / s["files"]["labels"], mmap_mode="r") for s in self.shards)
-        return max((int(a.max()) for a in labels if len(a)), default=-1)
+        self.max_label = max((int(a.max()) for a in labels if len(a)), default=-1)
 
     def __len__(self) -> int:
         return int(self.manifest["num_images"])
 
     def __getitem__(self, key):
         index, flip = key if isinstance(key, tuple) else (key, False)
-        si = int(np.searchsorted(self.starts, index, side="right") - 1)
-        row = index - self.shards[si]["start"]
+        si, row = self._locate(index)
         prefix = "flip_" if flip and self.has_flip else ""
         mean, std = self._row(si, prefix + "mean", row), self._row(si, prefix + "std", row)
         return {"mean": mean, "std": std, "y": torch.tensor(int(self._array(si, "labels")[row]))}

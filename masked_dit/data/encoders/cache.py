@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from masked_dit.data.encoders.features import EncoderFeatures
-from masked_dit.data.latents import ShardedRows, check_shards, read_manifest
+from masked_dit.data.latents import ShardedRows, read_manifest
 from masked_dit.data.shards import ShardProgress, read_own_manifest, save_npy_atomic
 from masked_dit.data.encoders.specs import _REPA_NAME
 
@@ -136,11 +136,9 @@ class EncoderFeatureDataset(ShardedRows):
         except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or foreign manifest.json, as LatentDataset
             raise ValueError(f"features {self.root}: {_MANIFEST} is not one extract-features wrote (bad or missing "
                              f"{exc}): re-run extract-features") from None
-        self._maps: dict[tuple[int, str], np.ndarray] = {}
         # every shard file there and of the right shape now, not a missing or truncated one at some step
         keys = ["z"] + (["flip"] if self.has_flip else [])
-        check_shards(self.root, self.what, self.manifest, dict.fromkeys(keys, list(self.feature_shape)))
-        self.starts = np.array([s["start"] for s in self.shards])
+        self._open_shards(dict.fromkeys(keys, list(self.feature_shape)))
 
     def __len__(self) -> int:
         return int(self.manifest["num_images"])
@@ -149,8 +147,7 @@ class EncoderFeatureDataset(ShardedRows):
         index, flip = key if isinstance(key, tuple) else (key, False)
         if not 0 <= index < len(self):
             raise IndexError(f"feature index {index} out of range for {len(self)} images")
-        si = int(np.searchsorted(self.starts, index, side="right") - 1)
-        row = index - self.shards[si]["start"]
+        si, row = self._locate(index)
         return self._row(si, "flip" if flip and self.has_flip else "z", row)
 
 
