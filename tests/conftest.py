@@ -13,7 +13,11 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest
+# Subprocesses the tests start (torchrun ranks, CLI runs) print every thread's Python stack if they
+# die on a signal (SIGABRT, SIGSEGV), so a rare crash in CI says where it happened.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
+import pytest  # noqa: E402
 
 FIXTURES = Path(os.environ.get("MASKED_DIT_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"))
 

@@ -331,6 +331,10 @@ class GaussianDiffusion:
             kind = "learned" if learned else "fixed"
             raise ValueError(f"model output has shape {list(model_output.shape)}, expected {list(want)} "
                              f"for {kind} variance (model_var_type={self.model_var_type.value!r})")
+        # A bf16 output (autocast, FSDP2) is widened to x's dtype first: the learned-range log-variance
+        # frac * max_log + (1 - frac) * min_log in bf16 cancels its own gradient at large t (the VB
+        # gradient on the variance channels 10-200x off), which the official fp32 training never sees.
+        model_output = model_output.to(torch.promote_types(model_output.dtype, x.dtype))
         if learned:
             return model_output[:, :C], model_output[:, C:]
         return model_output, None

@@ -21,9 +21,10 @@ ScaleSchedule = Callable[..., "float | torch.Tensor"]
 #################################################################################
 
 def _per_sample(scale, like: torch.Tensor):
-    """A float stays a float; a [B] tensor becomes [B, 1, ..., 1] in like's dtype."""
+    """A float stays a float; a [B] tensor becomes [B, 1, ..., 1], widened to like's dtype if that is
+    wider (a float32 scale keeps a bf16 output's combination in float32, as MDT's tensor scale does)."""
     if isinstance(scale, torch.Tensor) and scale.dim() > 0:
-        return scale.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+        return scale.to(torch.promote_types(scale.dtype, like.dtype)).view(-1, *([1] * (like.dim() - 1)))
     return scale
 
 

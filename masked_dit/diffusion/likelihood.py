@@ -70,6 +70,6 @@ def ode_likelihood(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, 
     start = torch.cat([x.flatten(1), x.new_zeros(x.shape[0], 1)], dim=1)
     with torch.no_grad():
         end = integrate_ode(drift, start, time_grid(t1, t0, num_steps), method, atol, rtol, backend, progress,
-                            norm=mixed_norm)[-1]
+                            norm=mixed_norm, keep_all=False)[-1]
     z, delta = end[:, :n].reshape(shape), end[:, n]
     return prior_logp(z) - delta, z

@@ -100,8 +100,9 @@ def _combine(x: torch.Tensor, ks: Sequence[torch.Tensor], coeffs: Sequence[float
 
 
 def _dopri5(f: Drift, x: torch.Tensor, times: Sequence[float], atol: float, rtol: float,
-            max_num_steps: int = 100_000, norm: Optional[Norm] = None) -> List[torch.Tensor]:
-    """States at ``times`` (increasing) starting from x at times[0]; ``norm`` measures scaled errors (RMS)."""
+            max_num_steps: int = 100_000, norm: Optional[Norm] = None, keep_all: bool = True) -> List[torch.Tensor]:
+    """States at ``times`` (increasing) starting from x at times[0] (the last one only if not
+    ``keep_all``); ``norm`` measures scaled errors (RMS)."""
     norm = _rms_norm if norm is None else norm
 
     def _rms(v: torch.Tensor) -> float:
@@ -156,6 +157,8 @@ def _dopri5(f: Drift, x: torch.Tensor, times: Sequence[float], atol: float, rtol
             out.append(y)
         else:
             out.append(_interp_eval(interp, (t_out - t_prev) / (t - t_prev)))
+        if not keep_all:
+            del out[:-1]
     return out
 
 
@@ -245,8 +248,10 @@ def _have_torchdiffeq() -> bool:
 
 def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str = "dopri5",
                   atol: float = 1e-6, rtol: float = 1e-3, backend: str = "auto",
-                  progress: bool = False, norm: Optional[Norm] = None) -> List[torch.Tensor]:
-    """Solve dx/dt = f(t, x) and return the states at every time in ``times`` (monotone).
+                  progress: bool = False, norm: Optional[Norm] = None, keep_all: bool = True) -> List[torch.Tensor]:
+    """Solve dx/dt = f(t, x) and return the states at every time in ``times`` (monotone); with
+    ``keep_all=False`` the native solvers hold and return the last state only (a 250-step batch of
+    256 latents would otherwise hold 1 GB of states no one reads).
 
     backend: "auto" (torchdiffeq for dopri5 if installed, native otherwise or when torchdiffeq
     gives up on a NaN trial step), "native" or "torchdiffeq". Fixed-step methods always run natively
@@ -264,6 +269,8 @@ def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str
         states = [x]
         for t0, t1 in progress_bar(list(zip(times[:-1], times[1:])), progress, f"ODE {method}"):
             states.append(_fixed_step(f, method, t0, t1, states[-1]))
+            if not keep_all:
+                del states[:-1]
         return states
 
     if backend == "torchdiffeq" or (backend == "auto" and _have_torchdiffeq()):
@@ -285,8 +292,8 @@ def integrate_ode(f: Drift, x: torch.Tensor, times: Sequence[float], method: str
 
     # Native dopri5 works with increasing time; run a decreasing grid in s = -t (as torchdiffeq does).
     if len(times) > 1 and times[0] > times[-1]:
-        return _dopri5(lambda s, y: -f(-s, y), x, [-t for t in times], atol, rtol, norm=norm)
-    return _dopri5(f, x, times, atol, rtol, norm=norm)
+        return _dopri5(lambda s, y: -f(-s, y), x, [-t for t in times], atol, rtol, norm=norm, keep_all=keep_all)
+    return _dopri5(f, x, times, atol, rtol, norm=norm, keep_all=keep_all)
 
 
 def sample_ode(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, method: str = "dopri5",
@@ -316,5 +323,6 @@ def sample_ode(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, meth
         return transport.velocity(model_fn(y, tb, **model_kwargs), y, tb)
 
     with torch.no_grad():
-        states = integrate_ode(drift, x, time_grid(t0, t1, num_steps), method, atol, rtol, backend, progress)
+        states = integrate_ode(drift, x, time_grid(t0, t1, num_steps), method, atol, rtol, backend, progress,
+                               keep_all=return_trajectory)
     return torch.stack(states) if return_trajectory else states[-1]

@@ -113,6 +113,8 @@ def sample_sde(transport: Transport, model_fn: ModelFn, x: torch.Tensor, *, meth
                 k2 = sde_drift(y_hat + dt * k1, batch_time(times[i] + dt, y))
                 y = y_hat + 0.5 * dt * (k1 + k2)
             states.append(y)
+            if not return_trajectory:  # only the last state is returned: hold no others
+                del states[:-1]
 
         y, tb = states[-1], batch_time(t1, states[-1])
         if last_step in ("Mean", "Euler") and last_step_size == 0:

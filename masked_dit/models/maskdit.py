@@ -119,6 +119,7 @@ class MaskDiT(nn.Module):
     Constructor arguments are the network's (DiT names: ``input_size``, ``in_channels``, ...) plus
     the EDM ones (``sigma_data``, ``sigma_min``, ``sigma_max``).
     """
+    preconditioned_network = "model"  # FSDP2 casts to bf16 at its input; the preconditioning stays fp32
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=False, use_decoder=True,

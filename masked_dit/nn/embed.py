@@ -103,16 +103,18 @@ class LabelEmbedder(nn.Module):
 
 
 def check_labels(y: torch.Tensor, num_valid: int, what: str) -> None:
-    """Raises ValueError (one line, naming ``what``) if a label is outside ``[0, num_valid)``.
+    """Raises ValueError (one line, naming ``what``) if a label of a CPU tensor is outside ``[0, num_valid)``.
 
-    In eager mode this costs one host sync on GPU. A data-dependent Python ``if`` would break a
-    ``torch.compile`` graph, so while compiling the check becomes an in-graph async assert instead
-    (no graph break, no sync; a bad label then fails as a RuntimeError carrying the same text).
+    Labels on an accelerator get an async device assert instead: a host check there would sync every
+    forward (every sampler step, every micro-step), so the host could never run ahead of the GPU. The
+    package's own label sources are checked on the host where they are made (the data set against
+    --model.num_classes, ``sample_labels``). While compiling, a Python ``if`` would break the graph, so
+    the check is the same in-graph assert (a bad label fails as a RuntimeError with the same text).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or y.device.type != "cpu":
         torch._assert_async(((y >= 0) & (y < num_valid)).all(), f"{what}: label out of range [0, {num_valid})")
         return
-    if bool(((y < 0) | (y >= num_valid)).any()):  # one host sync on GPU; min/max only on failure
+    if bool(((y < 0) | (y >= num_valid)).any()):  # min/max only on failure
         raise ValueError(f"{what}: class labels must be in [0, {num_valid - 1}] "
                          f"(got min {int(y.min())}, max {int(y.max())})")
 

@@ -54,8 +54,9 @@ def keep_count(num_tokens: int, mask_ratio) -> int:
     if isinstance(mask_ratio, torch.Tensor):
         if mask_ratio.numel() != 1:
             raise ValueError(f"mask_ratio must be a scalar, got shape {list(mask_ratio.shape)}")
-        ratio = float(mask_ratio)
-        len_keep = int(num_tokens * (1 - mask_ratio.reshape(())))
+        r = mask_ratio.detach().reshape(()).cpu()  # one host read (the keep count sets shapes); CPU float32 math
+        ratio = float(r)
+        len_keep = int(num_tokens * (1 - r))
     else:
         ratio = float(mask_ratio)
         len_keep = int(num_tokens * (1 - ratio))

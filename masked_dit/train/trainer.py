@@ -225,10 +225,8 @@ class Trainer:
         # the norm before clipping, clipped by the optimizer's rule (clip_eps)
         sums["grad_norm"] = grad_norm_and_clip(list(self.module.parameters()), cfg.optim.grad_clip,
                                                clip_eps(cfg.optim))
-        # The one host sync of the step: the skip decision below needs the values.
-        values = torch.stack([v.to(w.device).reshape(()) for v in sums.values()]).tolist()
-        totals = dict(zip(sums, values))
-        if not self._agree(totals):
+        totals, finite = self._agree(sums)  # the step's one host sync: the skip decision needs the values
+        if not finite:
             return self._skip_step(totals)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -252,20 +250,26 @@ class Trainer:
             self._flops_by_kept[kept] = training_flops_per_image(self.module, self.cfg.objective, mask_ratio=ratio)
         return self._flops_by_kept[kept]
 
-    def _agree(self, totals: dict) -> bool:
-        """Whether the loss terms and the gradient norm are finite on every rank, and whether any rank
-        got a stop signal (sets ``stop_signum``). One collective when distributed: all ranks must skip
-        and stop at the same step, or the next step's collectives would not match."""
-        finite = all(math.isfinite(v) for v in totals.values())
+    def _agree(self, sums: dict) -> tuple[dict, bool]:
+        """This rank's step values as floats, and whether the loss terms and the gradient norm are
+        finite on every rank; sets ``stop_signum`` when any rank got a stop signal. All ranks must skip
+        and stop at the same step, or the next step's collectives would not match: when distributed,
+        one MAX all-reduce of [non-finite here, signal] computed on the device, read with the values
+        in one host sync."""
+        values = torch.stack([v.to(self.world.device).reshape(()) for v in sums.values()])
         signum = self.stop.signum or 0
         if self.world.distributed:
-            flags = torch.tensor([0.0 if finite else 1.0, float(signum)], device=self.world.device)
+            flags = torch.stack([(~torch.isfinite(values)).any().to(values.dtype),
+                                 torch.full((), float(signum), dtype=values.dtype, device=values.device)])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            nonfinite, signum = flags.tolist()
+            *floats, nonfinite, signum = torch.cat([values, flags]).tolist()
             finite, signum = nonfinite == 0.0, int(signum)
+        else:
+            floats = values.tolist()
+            finite = all(math.isfinite(v) for v in floats)
         if signum and self.stop_signum is None:
             self.stop_signum = signum
-        return finite
+        return dict(zip(sums, floats)), finite
 
     def _skip_step(self, totals: dict) -> dict:
         """A non-finite step: gradients dropped, no optimizer or EMA update (the step still counts,

@@ -75,6 +75,26 @@ def test_sample_mdt_mask_ratio():
     assert torch.allclose(sample_mdt_mask_ratio(0.1, ratio_noise=torch.tensor(1.0), spread=0.5), torch.tensor([0.6]))
 
 
+def test_keep_count_reads_a_tensor_ratio_once():
+    """MDTv2's sampled ratio lives on the device: the keep count reads it back once per step (it was
+    read twice, two syncs between the full and the masked pass). ``OnDevice`` stands for a device
+    tensor: what is computed from it stays "on the device" until ``.cpu()``; each read back is counted."""
+    reads = []
+
+    class OnDevice(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in ("cpu", "item", "__float__", "__int__", "__bool__", "tolist"):
+                reads.append(name)
+            out = super().__torch_function__(func, types, args, kwargs or {})
+            return out.as_subclass(torch.Tensor) if name == "cpu" else out
+
+    ratio = sample_mdt_mask_ratio(0.3, ratio_noise=torch.tensor([0.61])).as_subclass(OnDevice)
+    got = keep_count(16, ratio)
+    assert got == int(16 * (1 - torch.tensor(0.3 + 0.2 * 0.61, dtype=torch.float32))) and reads == ["cpu"], reads
+
+
 def test_keep_count_matches_reference_truncation():
     assert keep_count(256, 0.5) == 128 and keep_count(256, 0.3) == int(256 * 0.7)
     r = torch.tensor([0.3 + 0.2 * 0.999], dtype=torch.float32)
