@@ -4,7 +4,9 @@
     python benchmarks/bench_train_step.py --families dit --sizes XL --batch 256
     python benchmarks/bench_train_step.py --size toy --device cpu --out-dir /tmp/r   # seconds, for tests
 
-One step = objective (forward + loss; MDTv2 runs its two passes) + backward + grad clip (if the
+One step = objective (forward + loss; MDTv2 runs its two passes: ours backpropagate the full pass before
+the masked one runs, as the trainer, the reference variants sum them into one backward, as MDT's
+train_util) + backward + grad clip (if the
 recipe clips) + optimizer step + EMA update, on random 32x32x4 latents. REPA: ours train on precomputed
 features (random, DINOv2-B-shaped [B, 256, 768]), the official step runs its frozen DINOv2-B/14 on the raw
 images every step, so the reference variants do too (random uint8 images [B, 3, 256, 256]; off with
@@ -183,6 +185,7 @@ class StepRunner:
         self.backend, self.opt_in, self.device = backend, opt_in, device
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.raw_images = False  # True: the objective encodes batch['raw_image'] online (REPA's reference)
+        self.pass_by_pass = False  # True: each objective pass backpropagated before the next runs (our trainer)
         self.host_reads = None   # reference_style.OfficialHostReads: the official loop's per-step syncs
 
     def _autocast(self):
@@ -193,9 +196,25 @@ class StepRunner:
     def step(self, batch: dict) -> None:
         with ops_backend(self.backend, self.opt_in):
             reads = self.host_reads
-            with self._autocast():
-                out = self.objective(self.model, batch)
-            loss = out["loss"]
+            if self.pass_by_pass and self.scaler is None:  # as Trainer.train_step: one pass's graph at a time
+                from masked_dit.diffusion.objectives import loss_passes
+
+                out, loss = {}, None
+                passes = loss_passes(self.objective, self.model, batch)
+                for _ in range(getattr(self.objective, "num_passes", 1) - 1):
+                    with self._autocast():
+                        terms = next(passes)
+                    terms["loss"].backward()
+                    out.update({k: out[k] + v.detach() if k in out else v.detach() for k, v in terms.items()})
+                with self._autocast():
+                    terms = next(passes)
+                passes.close()
+                loss = terms["loss"]
+                out.update({k: out[k] + v if k in out else v for k, v in terms.items()})
+            else:
+                with self._autocast():
+                    out = self.objective(self.model, batch)
+                loss = out["loss"]
             if reads is not None:
                 reads.after_loss(out)
             if self.scaler is not None:
@@ -369,6 +388,7 @@ def build_runner(variant: str, family: str, kwargs: dict, base_state: dict, devi
                         grad_clip=recipe["grad_clip"], backend="auto" if fused else "torch", opt_in=opt_in,
                         device=device)
     runner.host_reads = TrainerHostReads(module.parameters())
+    runner.pass_by_pass = True
     info["host_reads_per_step"] = runner.host_reads.per_step()
     runner.tf32 = True  # as our trainer (--parallel.tf32): only fp32 matmuls outside autocast see it
     return runner, info

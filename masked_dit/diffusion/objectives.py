@@ -12,6 +12,9 @@ process (used for the training grid and ``masked-dit sample``).
     edm_maskdit     MaskDiT     EDM loss on kept patches + mae_loss_coef x MAE loss on removed patches
     repa            REPA-SiT    REPA-time velocity MSE + proj_coeff x (-cos(projector, encoder feature))
 
+``loss_passes(objective, model, batch)`` gives the same terms pass by pass (MDTv2: full, then masked),
+so that a trainer can backpropagate one pass before the next runs and hold one graph at a time.
+
 Random draws (t, noise, masks, label dropout) use the global RNG, so per-rank seeding and the
 checkpointed RNG state make runs reproducible and resumable bit-exactly.
 """
@@ -134,6 +137,27 @@ class ADMObjective:
         return respaced.p_sample_loop(fn, tuple(noise.shape), **kw)
 
 
+def _pass_terms(terms: dict, name: str) -> dict:
+    """One MDTv2 pass's batch means: its ``loss`` (also under ``name``), ``mse`` and ``vb``."""
+    out = {"loss": terms["loss"].mean()}
+    out[name] = out["loss"]
+    out["mse"] = terms["mse"].mean()
+    if "vb" in terms:
+        out["vb"] = terms["vb"].mean()
+    return out
+
+
+def loss_passes(objective, model, batch: dict):
+    """``objective``'s loss terms pass by pass (MDTv2: full, then masked; the others: one pass, their
+    ``__call__``). Backpropagate each pass's ``loss`` before the next to free its activations; the
+    terms summed over the passes are the objective's."""
+    passes = getattr(objective, "passes", None)
+    if passes is None:
+        yield objective(model, batch)
+    else:
+        yield from passes(model, batch)
+
+
 class MDTv2Objective(ADMObjective):
     """MDTv2: per step a full pass and a masked pass with the same t, each with its own noise (MDT's
     train_util calls training_losses twice without noise, so each draws one); both ADM losses
@@ -156,31 +180,41 @@ class MDTv2Objective(ADMObjective):
         self.mask_ratio, self.mask_ratio_jitter = mask_ratio, mask_ratio_jitter
         self.min_snr_gamma, self.scale_pow = min_snr_gamma, scale_pow
 
+    num_passes = 2
+
     def __call__(self, model, batch: dict, *, t=None, noise=None, ids_keep=None) -> dict:
+        """Both passes' terms summed (``loss`` = full + masked); see :meth:`passes`."""
+        out: dict = {}
+        for terms in self.passes(model, batch, t=t, noise=noise, ids_keep=ids_keep):
+            for k, v in terms.items():
+                out[k] = out[k] + v if k in out else v
+        return out
+
+    def passes(self, model, batch: dict, *, t=None, noise=None, ids_keep=None):
+        """The full pass's terms, then the masked pass's (each with its own ``loss``). A trainer that
+        backpropagates each pass before asking for the next holds one pass's activations at a time
+        (both graphs at once took 1.9x the activation memory); the draws are the same either way."""
         x, y = batch["x"], batch["y"]
         m = unwrap(model)
+        top = self.mask_ratio + self.mask_ratio_jitter
+        if ids_keep is None and m.num_patches * (1.0 - top) < 1.0:
+            raise ValueError(f"mask ratios up to {top} may keep no token of the model's {m.num_patches} patches; "
+                             f"lower mask_ratio + mask_ratio_jitter to <= 1 - 1/{m.num_patches}")
         given_noise = noise  # a given noise (a reference replay) is used by both passes
         t, noise = self._draw(x, t, noise)
         weight = min_snr_weight(self.diffusion.min_snr_snr(t), self.min_snr_gamma, "eps")
         full = self.diffusion.training_losses(model, x, t, noise=noise, model_kwargs={"y": y}, weighting=weight)
+        yield _pass_terms(full, "loss_full")
+        del full  # its graph goes with the caller's backward
         ids_restore = None
         if ids_keep is None:
-            top = self.mask_ratio + self.mask_ratio_jitter
-            if m.num_patches * (1.0 - top) < 1.0:
-                raise ValueError(f"mask ratios up to {top} may keep no token of the model's {m.num_patches} patches; "
-                                 f"lower mask_ratio + mask_ratio_jitter to <= 1 - 1/{m.num_patches}")
             ratio = sample_mdt_mask_ratio(self.mask_ratio, spread=self.mask_ratio_jitter, device=x.device) \
                 if self.mask_ratio_jitter else self.mask_ratio
             ids_keep, ids_restore, _ = random_masking(x.shape[0], m.num_patches, ratio, device=x.device)
         noise_masked = torch.randn_like(x) if given_noise is None else given_noise
         masked = self.diffusion.training_losses(model, x, t, noise=noise_masked, weighting=weight,
                                                 model_kwargs={"y": y, "ids_keep": ids_keep, "ids_restore": ids_restore})
-        out = {"loss": full["loss"].mean() + masked["loss"].mean(),
-               "loss_full": full["loss"].mean(), "loss_masked": masked["loss"].mean(),
-               "mse": full["mse"].mean() + masked["mse"].mean()}
-        if "vb" in full:
-            out["vb"] = full["vb"].mean() + masked["vb"].mean()
-        return out
+        yield _pass_terms(masked, "loss_masked")
 
     def _guided(self, model, cfg_scale: float, scale_pow=None):
         """MDT's power-cosine guidance (pow 4: guidance mostly at low noise); ``scale_pow=0`` is a

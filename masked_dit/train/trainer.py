@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from masked_dit.configs import FAMILY_SAMPLE_KEYS, Config, ConfigError, validate
 from masked_dit.data import BatchStream, build_dataset, sample_posterior
-from masked_dit.diffusion.objectives import build_objective, unwrap
+from masked_dit.diffusion.objectives import build_objective, loss_passes, unwrap
 from masked_dit.rng import derived_seed
 from masked_dit.train import checkpoint as ckpt
 from masked_dit.train.build import build_model_from_config, check_sampler, model_kwargs
@@ -216,12 +216,17 @@ class Trainer:
         for micro in range(self.accum):
             last = micro == self.accum - 1
             batch = sample_posterior(_to_device(next(self.stream), w.device), cfg.data.latent_scale)
-            with set_gradient_sync(self.model, last), autocast_context(cfg, w, self.fsdp_mp):
-                terms = self.objective(self.model, batch)
-                (terms["loss"] / self.accum).backward()
-            for k, v in terms.items():
-                term = v.detach().float() / self.accum
-                sums[k] = sums[k] + term if k in sums else term
+            passes = loss_passes(self.objective, self.model, batch)
+            n = getattr(self.objective, "num_passes", 1)
+            for j in range(n):  # MDTv2: full then masked, each backpropagated before the next runs
+                # DDP reduces in the backward of a forward run with sync on: the micro-step's last pass only
+                with set_gradient_sync(self.model, last and j == n - 1), autocast_context(cfg, w, self.fsdp_mp):
+                    terms = next(passes)
+                    (terms["loss"] / self.accum).backward()
+                for k, v in terms.items():
+                    term = v.detach().float() / self.accum
+                    sums[k] = sums[k] + term if k in sums else term
+            passes.close()
         # the norm before clipping, clipped by the optimizer's rule (clip_eps)
         sums["grad_norm"] = grad_norm_and_clip(list(self.module.parameters()), cfg.optim.grad_clip,
                                                clip_eps(cfg.optim))

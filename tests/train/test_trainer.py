@@ -246,3 +246,26 @@ def test_adan_runs_clip_with_adans_eps(tmp_path):
     opt.step()
     for (n, p), q in zip(tr.module.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_mdtv2_full_pass_is_backpropagated_before_the_masked_pass_runs(tmp_path, monkeypatch, accum):
+    """One pass's activations at a time: when the masked pass starts, the full pass's backward has run
+    (its gradients are there). Under DDP the first pass runs without sync (the test in
+    test_distributed.py checks 2 ranks against one process)."""
+    from masked_dit.diffusion.objectives import MDTv2Objective
+
+    real = MDTv2Objective.passes
+    seen = []
+
+    def passes(self, model, batch, **kw):
+        gen = real(self, model, batch, **kw)
+        yield next(gen)
+        seen.append(any(p.grad is not None for p in model.parameters()))
+        yield from gen
+    monkeypatch.setattr(MDTv2Objective, "passes", passes)
+    over = {"train.steps": 2, "train.global_batch": 8 * accum, "train.micro_batch": 8}
+    out = Trainer(tiny_config("digits-mdtv2", tmp_path, **over)).fit()
+    assert seen == [True] * (2 * accum) and out["step"] == 2
+    record = json.loads((tmp_path / "digits-mdtv2" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(record["loss"] - (record["loss_full"] + record["loss_masked"])) < 1e-5
