@@ -119,7 +119,12 @@ def apply_pending(x: torch.Tensor, pending) -> torch.Tensor:
     if pending is None:
         return x
     branch, gate = pending
-    return x + (gate.unsqueeze(1) if branch.dim() == 3 else gate) * branch
+    gate = gate.unsqueeze(1) if branch.dim() == 3 else gate
+    # Accumulated as the fused op does (float32 at least): a bf16 gate * branch rounded before the add
+    # made a block's output depend on whether the next op was fused (activation checkpointing is not).
+    out_dtype = torch.promote_types(x.dtype, branch.dtype)
+    acc = torch.promote_types(out_dtype, torch.float32)
+    return (x.to(acc) + gate.to(acc) * branch.to(acc)).to(out_dtype)
 
 
 def run_blocks(blocks, x: torch.Tensor, c: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -128,7 +133,11 @@ def run_blocks(blocks, x: torch.Tensor, c: torch.Tensor, **kwargs) -> torch.Tens
     the forward and the gradient add, the gate's product and a norm backward merged in the backward."""
     pending = None
     for block in blocks:
-        x, pending = block(x, c, pending=pending, defer=True, **kwargs)
+        # A checkpointed block saves its inputs: a pending (branch, gate) would be two more full-size
+        # tensors per block (2.1x its x), so such blocks finish their own residual.
+        defer = not getattr(block, "activation_checkpointed", False)
+        x, pending = block(x, c, pending=pending, defer=defer, **kwargs) if defer else \
+            (block(apply_pending(x, pending), c, **kwargs), None)
     return apply_pending(x, pending)
 
 

@@ -36,6 +36,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     # Wraps the bound forward instead of the module, so state_dict keys stay official.
     for block in transformer_blocks(model):
         block.forward = _checkpointed(block.forward)
+        block.activation_checkpointed = True  # run_blocks: no residual left pending across it
 
 
 RECOMPILE_LIMIT = 64
