@@ -84,8 +84,10 @@ def tiny_overrides(preset, out_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=cpu_fsdp_skip())])
-def test_two_ranks_match_one_process(mode, tmp_path):
-    preset = "digits-mdtv2"  # two forward passes per step: the hardest case for DDP/FSDP hooks
+@pytest.mark.parametrize("preset", ["digits-mdtv2", "digits-maskdit", "digits-repa-sit"])
+def test_two_ranks_match_one_process(mode, preset, tmp_path):
+    """MDTv2: two passes per step, each backpropagated on its own (the hardest case for DDP/FSDP hooks);
+    MaskDiT: the EDM wrapper around its network and masked tokens; REPA: a projector only the loss uses."""
     run = torchrun(tmp_path, preset, mode)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ref_losses, ref_ema = reference_run(tiny_config(preset, tmp_path / "ref", **OVERRIDES))
