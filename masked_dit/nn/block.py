@@ -133,11 +133,12 @@ def run_blocks(blocks, x: torch.Tensor, c: torch.Tensor, **kwargs) -> torch.Tens
     the forward and the gradient add, the gate's product and a norm backward merged in the backward."""
     pending = None
     for block in blocks:
-        # A checkpointed block saves its inputs: a pending (branch, gate) would be two more full-size
-        # tensors per block (2.1x its x), so such blocks finish their own residual.
-        defer = not getattr(block, "activation_checkpointed", False)
-        x, pending = block(x, c, pending=pending, defer=defer, **kwargs) if defer else \
-            (block(apply_pending(x, pending), c, **kwargs), None)
+        if getattr(block, "activation_checkpointed", False):
+            # A checkpointed block saves its inputs: a pending (branch, gate) would be two more
+            # full-size tensors per block (2.1x its x), so such a block finishes its own residual.
+            x, pending = block(apply_pending(x, pending), c, **kwargs), None
+        else:
+            x, pending = block(x, c, pending=pending, defer=True, **kwargs)
     return apply_pending(x, pending)
 
 
