@@ -11,9 +11,11 @@ from __future__ import annotations
 
 # Shared by every ImageNet-256 recipe: SD-VAE latents 32x32x4, 1000 classes, batch 256,
 # EMA 0.9999, AdamW 1e-4 without weight decay (DiT/SiT/REPA/MDT/MaskDiT all agree on these).
+# 4 loader workers per rank (DiT's train.py default): batches load while the GPU steps (with none, a
+# REPA batch of 256 latents + DINOv2 features took ~0.1 s of the step on the host; CPU-measured).
 _IMAGENET = {
     "model.input_size": 32, "model.in_channels": 4, "model.num_classes": 1000, "model.class_dropout_prob": 0.1,
-    "data.source": "latents", "data.image_size": 256,
+    "data.source": "latents", "data.image_size": 256, "data.num_workers": 4,
     "optim.name": "adamw", "optim.lr": 1e-4, "optim.weight_decay": 0.0, "optim.ema_decay": 0.9999,
     "train.global_batch": 256, "train.log_every": 100, "train.ckpt_every": 50_000, "train.sample_every": 50_000,
 }

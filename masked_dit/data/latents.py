@@ -240,13 +240,29 @@ class ShardedRows(torch.utils.data.Dataset):
         return self._maps[(si, key)]
 
     def _row(self, si: int, key: str, row: int) -> torch.Tensor:
-        """Row ``row`` as float32. NaN/inf is an error naming the file: training would skip every step
-        as non-finite and end with its initial weights."""
-        value = torch.from_numpy(np.array(self._array(si, key)[row], dtype=np.float32))
-        if not torch.isfinite(value).all():
+        """Row ``row`` in its stored dtype (fp16 shards stay fp16: half the bytes through the workers,
+        collate and host-to-device copy; the trainer widens them to float32 on the device, exactly).
+        NaN/inf is an error naming the file: training would skip every step as non-finite and end with
+        its initial weights."""
+        value = np.array(self._array(si, key)[row])
+        if not _all_finite(value):
             name = self.shards[si]["files"][key]
             raise ValueError(f"{self.what} {self.root}: non-finite values in {name} row {row}")
-        return value
+        return torch.from_numpy(value)
+
+
+# The exponent bits of IEEE floats: all ones means inf or NaN. One integer pass instead of a float
+# classification (a [256, 768] fp16 feature row: 36 us instead of 830 us with the float32 cast).
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000),
+                  np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    bits = _EXPONENT_BITS.get(a.dtype)
+    if bits is None:
+        return bool(np.isfinite(a).all())
+    as_int, mask = bits
+    return not ((a.view(as_int) & as_int(mask)) == as_int(mask)).any()
 
 
 class LatentDataset(ShardedRows):

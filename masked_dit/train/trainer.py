@@ -58,12 +58,18 @@ def batch_sizes(cfg: Config, world: World) -> tuple[int, int]:
 
 
 def _to_device(batch: dict, device) -> dict:
+    """The batch on ``device``, floating tensors widened to float32 there (fp16 latent and feature
+    shards cross the workers and the host-to-device copy at half the bytes; the widening is exact)."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device, non_blocking=True)
+        return t.float() if t.is_floating_point() and t.dtype != torch.float64 else t
+
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
-            out[k] = v.to(device, non_blocking=True)
+            out[k] = move(v)
         elif isinstance(v, (list, tuple)) and v and isinstance(v[0], torch.Tensor):
-            out[k] = [t.to(device, non_blocking=True) for t in v]
+            out[k] = [move(t) for t in v]
         else:
             out[k] = v
     return out
