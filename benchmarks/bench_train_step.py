@@ -197,20 +197,9 @@ class StepRunner:
         with ops_backend(self.backend, self.opt_in):
             reads = self.host_reads
             if self.pass_by_pass and self.scaler is None:  # as Trainer.train_step: one pass's graph at a time
-                from masked_dit.diffusion.objectives import loss_passes
+                from masked_dit.diffusion.objectives import backward_by_pass
 
-                out, loss = {}, None
-                passes = loss_passes(self.objective, self.model, batch)
-                for _ in range(getattr(self.objective, "num_passes", 1) - 1):
-                    with self._autocast():
-                        terms = next(passes)
-                    terms["loss"].backward()
-                    out.update({k: out[k] + v.detach() if k in out else v.detach() for k, v in terms.items()})
-                with self._autocast():
-                    terms = next(passes)
-                passes.close()
-                loss = terms["loss"]
-                out.update({k: out[k] + v if k in out else v for k, v in terms.items()})
+                out, loss = backward_by_pass(self.objective, self.model, batch, lambda _: self._autocast()), None
             else:
                 with self._autocast():
                     out = self.objective(self.model, batch)
@@ -220,7 +209,7 @@ class StepRunner:
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.optimizer)
-            else:
+            elif loss is not None:  # (backward_by_pass has backpropagated)
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else None
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, which .tolist() refuses

@@ -21,7 +21,7 @@ checkpointed RNG state make runs reproducible and resumable bit-exactly.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +156,24 @@ def loss_passes(objective, model, batch: dict):
         yield objective(model, batch)
     else:
         yield from passes(model, batch)
+
+
+def backward_by_pass(objective, model, batch: dict, context: Callable[[bool], ContextManager],
+                     divide_by: int = 1) -> dict:
+    """Runs each pass of ``objective`` and backpropagates its ``loss / divide_by`` inside
+    ``context(last_pass)`` (sync and autocast: under DDP only the last pass may reduce) before the
+    next pass runs; the passes' terms, detached and summed."""
+    n = getattr(objective, "num_passes", 1)
+    passes = loss_passes(objective, model, batch)
+    out: dict = {}
+    for j in range(n):
+        with context(j == n - 1):
+            terms = next(passes)
+            (terms["loss"] / divide_by).backward()
+        for k, v in terms.items():
+            out[k] = out[k] + v.detach() if k in out else v.detach()
+    passes.close()
+    return out
 
 
 class MDTv2Objective(ADMObjective):

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from masked_dit import ops
+from masked_dit.ops.adaln import gated_sum
 from masked_dit.ops.linear_gelu import linear_input_dtype, needs_grad
 
 
@@ -119,12 +120,9 @@ def apply_pending(x: torch.Tensor, pending) -> torch.Tensor:
     if pending is None:
         return x
     branch, gate = pending
-    gate = gate.unsqueeze(1) if branch.dim() == 3 else gate
-    # Accumulated as the fused op does (float32 at least): a bf16 gate * branch rounded before the add
-    # made a block's output depend on whether the next op was fused (activation checkpointing is not).
-    out_dtype = torch.promote_types(x.dtype, branch.dtype)
-    acc = torch.promote_types(out_dtype, torch.float32)
-    return (x.to(acc) + gate.to(acc) * branch.to(acc)).to(out_dtype)
+    # The fused op's arithmetic (float32 accumulation): a bf16 gate * branch rounded before the add made
+    # a block's output depend on whether the next op was fused (activation checkpointing is not).
+    return gated_sum(x, branch, gate.unsqueeze(1) if branch.dim() == 3 else gate)
 
 
 def run_blocks(blocks, x: torch.Tensor, c: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -136,11 +136,17 @@ def _adaln_modulate_backward_torch(dh, x, scale, mean, rstd, shift_dtype=None):
                        (dhf * xhat).sum(dim=1).to(scale.dtype))
 
 
-@dispatch.register("gated_residual_adaln", "torch")
-def _gated_residual_adaln_torch(x, branch, gate, shift, scale, eps, out_dtype=None):
+def gated_sum(x: Tensor, branch: Tensor, gate: Tensor) -> Tensor:
+    """``x + gate * branch`` in the gated ops' arithmetic: accumulated in float32 (float64 for float64),
+    stored in the promoted dtype. ``gate`` must broadcast against ``branch`` as given."""
     r_dtype = _residual_dtype(x, branch, gate)
     acc = _stats_dtype(r_dtype)
-    r = (x.to(acc) + gate.to(acc)[:, None] * branch.to(acc)).to(r_dtype)
+    return (x.to(acc) + gate.to(acc) * branch.to(acc)).to(r_dtype)
+
+
+@dispatch.register("gated_residual_adaln", "torch")
+def _gated_residual_adaln_torch(x, branch, gate, shift, scale, eps, out_dtype=None):
+    r = gated_sum(x, branch, gate[:, None])
     h, mean, rstd = _adaln_modulate_torch(r, shift, scale, eps, out_dtype)
     return _contiguous(r, h, mean, rstd)
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from masked_dit.configs import FAMILY_SAMPLE_KEYS, Config, ConfigError, validate
 from masked_dit.data import BatchStream, build_dataset, sample_posterior
-from masked_dit.diffusion.objectives import build_objective, loss_passes, unwrap
+from masked_dit.diffusion.objectives import backward_by_pass, build_objective, unwrap
 from masked_dit.rng import derived_seed
 from masked_dit.train import checkpoint as ckpt
 from masked_dit.train.build import build_model_from_config, check_sampler, model_kwargs
@@ -222,17 +222,14 @@ class Trainer:
         for micro in range(self.accum):
             last = micro == self.accum - 1
             batch = sample_posterior(_to_device(next(self.stream), w.device), cfg.data.latent_scale)
-            passes = loss_passes(self.objective, self.model, batch)
-            n = getattr(self.objective, "num_passes", 1)
-            for j in range(n):  # MDTv2: full then masked, each backpropagated before the next runs
-                # DDP reduces in the backward of a forward run with sync on: the micro-step's last pass only
-                with set_gradient_sync(self.model, last and j == n - 1), autocast_context(cfg, w, self.fsdp_mp):
-                    terms = next(passes)
-                    (terms["loss"] / self.accum).backward()
-                for k, v in terms.items():
-                    term = v.detach().float() / self.accum
-                    sums[k] = sums[k] + term if k in sums else term
-            passes.close()
+            # MDTv2: full then masked pass, each backpropagated before the next runs; DDP reduces in the
+            # backward of a forward run with sync on: the micro-step's last pass only
+            terms = backward_by_pass(self.objective, self.model, batch,
+                                     lambda last_pass, last=last: self._pass_context(last and last_pass),
+                                     divide_by=self.accum)
+            for k, v in terms.items():
+                term = v.float() / self.accum
+                sums[k] = sums[k] + term if k in sums else term
         # the norm before clipping, clipped by the optimizer's rule (clip_eps)
         sums["grad_norm"] = grad_norm_and_clip(list(self.module.parameters()), cfg.optim.grad_clip,
                                                clip_eps(cfg.optim))
@@ -260,6 +257,13 @@ class Trainer:
         if kept not in self._flops_by_kept:
             self._flops_by_kept[kept] = training_flops_per_image(self.module, self.cfg.objective, mask_ratio=ratio)
         return self._flops_by_kept[kept]
+
+    def _pass_context(self, sync: bool) -> contextlib.ExitStack:
+        """Gradient sync on or off, and the run's autocast, around one forward + backward."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(set_gradient_sync(self.model, sync))
+        stack.enter_context(autocast_context(self.cfg, self.world, self.fsdp_mp))
+        return stack
 
     def _agree(self, sums: dict) -> tuple[dict, bool]:
         """This rank's step values as floats, and whether the loss terms and the gradient norm are
