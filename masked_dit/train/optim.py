@@ -19,8 +19,9 @@ parameter counts its own k (the official counts one per group: the same wherever
 a gradient at every step; a parameter that first gets one later is corrected from its own k = 1 here).
 
 Two implementations of the same step: foreach (the reference, any device and dtype) and a single-pass
-Triton kernel (masked_dit/ops/triton_kernels/adan.py: contiguous fp32 on CUDA; 11 accesses of 4 bytes
-per parameter against ~39 and five full-size temporaries), agreeing to fp32 rounding.
+multi-tensor Triton kernel (masked_dit/ops/triton_kernels/adan.py: contiguous fp32 on CUDA; one launch
+per group; 11 accesses of 4 bytes per parameter against ~39 and five full-size temporaries), agreeing
+to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -153,7 +154,6 @@ class Adan(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     # first difference is zero; laid out like p (as the moments), whatever the grad's strides
                     state["pre_grad"] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(p.grad)
-                state["step"] += 1
                 # FSDP2 DTensors: update each rank's shard in place (elementwise, no communication).
                 t = tuple(_local(x) for x in (p, p.grad, state["pre_grad"], state["exp_avg"],
                                                 state["exp_avg_diff"], state["exp_avg_sq"]))
@@ -161,7 +161,9 @@ class Adan(torch.optim.Optimizer):
                 if why is not None and self.fused:
                     raise RuntimeError(f"Adan(fused=True): parameter of shape {tuple(p.shape)}: {why}")
                 todo.append((foreach if why is not None else fused, t))
-            steps = torch.stack([self.state[p]["step"] for p in params]).tolist()
+            steps = [self.state[p]["step"] for p in params]
+            torch._foreach_add_(steps, 1)
+            steps = torch.stack(steps).tolist()
             for (bucket, t), k in zip(todo, steps):  # one host read per group, wherever the counts live
                 bucket.setdefault(int(k), []).append(t)
             for k in sorted(set(fused) | set(foreach)):
@@ -169,9 +171,8 @@ class Adan(torch.optim.Optimizer):
                 if k in fused:
                     from masked_dit.ops.triton_kernels.adan import adan_step_
 
-                    for t in fused[k]:
-                        adan_step_(*t, lr=lr, betas=(b1, b2, b3), eps=eps, bc1=bc1, bc2=bc2, bc3=bc3,
-                                   weight_decay=wd, no_prox=group["no_prox"])
+                    adan_step_(fused[k], lr=lr, betas=(b1, b2, b3), eps=eps, bc1=bc1, bc2=bc2, bc3=bc3,
+                               weight_decay=wd, no_prox=group["no_prox"])
                 if k in foreach:
                     _foreach_step(*(list(x) for x in zip(*foreach[k])), b1=b1, b2=b2, b3=b3, lr=lr, wd=wd,
                                   eps=eps, bc1=bc1, bc2=bc2, bc3=bc3, no_prox=group["no_prox"])

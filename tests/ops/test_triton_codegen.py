@@ -104,18 +104,19 @@ for name, (types, ce) in tok.items():
     compile_ptx(fn, types, ce64, int_type="i64", divisible=False)
     print(name, "ok")
 
-# Adan step: fp32 state in 16-byte vectors, IEEE division / sqrt (as the foreach reference)
+# Adan step (multi-tensor: pointers loaded from a table): fp32 state in 16-byte vectors where the
+# launcher declares the addresses aligned, IEEE division / sqrt (as the foreach reference)
 fn = kd._adan_kernel
-types = {n: "*fp32" for n in "P G PREV M V N".split()}
+types = dict(ADDR="*i64", NUMEL="*i64", CHUNK_TENSOR="*i32", CHUNK_START="*i64")
 types.update({n: "fp32" for n in fn.arg_names[fn.arg_names.index("lr"):fn.arg_names.index("wd_div") + 1]})
 for no_prox in (False, True):
-    ce = {"NO_PROX": no_prox, "BLOCK": kd.BLOCK}
+    ce = {"NO_PROX": no_prox, "ALIGNED": True, "BLOCK": kd.BLOCK}
     ptx = compile_ptx(fn, types, ce, num_warps=kd.NUM_WARPS)
     no_spill(f"adan no_prox={no_prox}")
     assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx, ("adan", accesses(ptx))
     assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx, "adan: approximate division or sqrt"
     assert not re.search(r"(div|sqrt)\.(full|approx)", ptx), "adan: approximate division or sqrt"
-    compile_ptx(fn, types, ce, int_type="i64", divisible=False, num_warps=kd.NUM_WARPS)  # numel >= 2^31
+    compile_ptx(fn, types, {**ce, "ALIGNED": False}, int_type="i64", divisible=False, num_warps=kd.NUM_WARPS)
     print("adan", no_prox, "ok")
 print("compiled")
 '''

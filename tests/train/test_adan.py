@@ -199,6 +199,42 @@ def test_fused_matches_foreach_and_equations(wd, no_prox):
             torch.testing.assert_close(params[i].detach().double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_interpreter),
+                                    pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fused_step_updates_unaligned_tensors_and_reuses_its_tables(device, monkeypatch):
+    """One launch takes the tensors whose six addresses are 16-byte aligned (declared so to the compiler),
+    another the rest (here: grads that are views at an odd element offset, and one parameter); the
+    address and chunk tables are cached by content, so a step with grads at new addresses gets new ones."""
+    from masked_dit.ops.triton_kernels import adan as kernels
+
+    torch.manual_seed(4)
+    shapes = [(2100,), (7, 5), (1024,), (3,)]
+    p0s = [torch.randn(s, device=device) for s in shapes]
+
+    def unaligned(x):  # contiguous, fp32, 4 bytes past a 16-byte boundary
+        out = torch.empty(x.numel() + 1, device=device)[1:].view(x.shape).copy_(x)
+        assert out.is_contiguous() and out.data_ptr() % 16 == 4
+        return out
+
+    grads = [[torch.randn(s, device=device) * 0.1 for s in shapes] for _ in range(3)]
+    params = [torch.nn.Parameter(p.clone()) for p in p0s]
+    params[2] = torch.nn.Parameter(unaligned(p0s[2]))
+    opt = Adan(params, lr=0.01, weight_decay=0.02, fused=True)
+    launches, launch = [], kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda *a: (launches.append(a[3]), launch(*a)))
+    for i, step_grads in enumerate(grads):
+        for j, (p, g) in enumerate(zip(params, step_grads)):
+            p.grad = unaligned(g) if (i + j) % 2 else g.clone()
+        opt.step()
+    assert sorted(launches) == [False] * 3 + [True] * 3  # each step: one aligned launch, one not
+    foreach = run_adan(p0s, grads, [0.01] * 3, False, weight_decay=0.02)
+    assert_same_run((params, opt), foreach, rtol=1e-6, atol=1e-7)
+    before = set(kernels._TABLES)
+    keep = [p.grad for p in params]
+    opt.step()  # the same grads, at the same addresses: no new table
+    assert set(kernels._TABLES) == before and all(p.grad is g for p, g in zip(params, keep))
+
+
 def test_auto_is_foreach_on_cpu():
     # fused=None takes the Triton step on CUDA only (the interpreter is for tests): bit-equal to foreach
     torch.manual_seed(2)
