@@ -192,8 +192,8 @@ def _saved_arg(args, key: str):
 def infer_kwargs(state: dict[str, torch.Tensor], family: str, config: dict, args=None) -> dict:
     """Constructor arguments that the weights (keys already matched to ours) or the checkpoint's
     saved ``args`` determine and the registered name does not: input channels, learn_sigma, the
-    number of classes, REPA's projector widths, encoder depth and qk_norm, MDTv2's decoder depth,
-    MaskDiT's decoder. A checkpoint trained with any of them changed then loads by its name alone."""
+    number of classes, REPA's projector widths, encoder depth and qk_norm, MDTv2's depth and decoder
+    depth, MaskDiT's decoder. A checkpoint trained with any of them changed then loads by its name alone."""
     pre = "model." if family == "maskdit" else ""
     get = lambda key: state.get(pre + key)  # noqa: E731
     out, patch = {}, config.get("patch_size", 2)
@@ -235,6 +235,9 @@ def infer_kwargs(state: dict[str, torch.Tensor], family: str, config: dict, args
     # MDTv2 layout: either list may be empty (decode_layer 0, or depth == decode_layer), not both
     if family == "mdtv2" and (_count(state, "en_inblocks.") or _count(state, "de_blocks.")):
         out["decode_layer"] = _count(state, "de_blocks.")
+        # and its depth: the official constructor builds (depth - decode_layer) // 2 blocks per encoder
+        # half, so a run with an odd difference (e.g. depth 12, decode_layer 3) saved depth - 1 blocks
+        out["depth"] = 2 * _count(state, "en_inblocks.") + out["decode_layer"]
     return out
 
 

@@ -235,6 +235,18 @@ def test_load_official_reads_num_classes_from_the_saved_args(tmp_path, name, dro
     assert load_official(path, name, **size, num_classes=10, class_dropout_prob=0.0).y_embedder.num_classes == 10
 
 
+def test_load_official_reads_mdtv2_depth_off_its_blocks(tmp_path):
+    """The official MDTv2 constructor builds (depth - decode_layer) // 2 blocks per encoder half: a run
+    with depth 12 and decode_layer 3 saved 4 + 4 + 3 blocks. Loading it by name (depth 12) reads depth
+    11 off the blocks (it failed: "needs depth - decode_layer to be even")."""
+    src = build_model("MDTv2-S/2", input_size=8, hidden_size=16, num_heads=2, depth=11, decode_layer=3)
+    path = tmp_path / "mdt.pt"
+    torch.save({"ema": src.state_dict()}, path)
+    model = load_official(path, "MDTv2-S/2", hidden_size=16, num_heads=2)
+    assert (model.depth, len(model.en_inblocks), len(model.de_blocks)) == (11, 4, 3)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
 @pytest.mark.parametrize("depth,decode_layer", [(2, 2), (6, 6), (3, 1)])
 def test_load_official_reads_mdtv2_decode_layer_without_encoder_blocks(tmp_path, depth, decode_layer):
     """depth == decode_layer leaves MDTv2 without en_inblocks/en_outblocks keys: decode_layer is still
