@@ -111,7 +111,12 @@ def noise_levels(num_steps: int, discretization: str = "edm", sigma_min: float =
     if discretization == "edm":
         return karras_sigmas(num_steps, sigma_min, sigma_max, rho)[:-1].tolist()
     if discretization == "vp":
-        sigma = vp_sigma(*vp_betas(sigma_min, sigma_max, epsilon_s))
+        beta_d, beta_min = vp_betas(sigma_min, sigma_max, epsilon_s)
+        if not beta_min + beta_d > 0:  # sigma(t) peaks inside [epsilon_s, 1]: the levels would not decrease
+            raise SamplerSettingError("discretization", f"the vp discretization cannot span sigma_min={sigma_min} .. "
+                                      f"sigma_max={sigma_max}: its sigma(t) peaks above sigma_max inside "
+                                      f"[epsilon_s, 1] (beta_d = {beta_d:.4g}); lower sigma_min or raise sigma_max")
+        sigma = vp_sigma(beta_d, beta_min)
         return [sigma(1 + f * (epsilon_s - 1)) for f in frac]
     if discretization == "ve":
         return [math.sqrt(sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** f) for f in frac]
@@ -149,13 +154,21 @@ def time_schedule(schedule: str = "linear", scaling: str = "none", sigma_min: fl
     _check_choice("scaling", scaling, SCALINGS)
     if schedule == "vp":
         beta_d, beta_min = vp_betas(sigma_min, sigma_max, epsilon_s)
-        if not beta_d > 0:  # sigma(t) would not increase over [epsilon_s, 1]
+        # sigma(t) rises while beta_min + beta_d t > 0. A high sigma_min gives beta_d < 0: sigma(t) may then
+        # peak inside [epsilon_s, 1] and come back to sigma_max at t = 1. As EDM, sigma_inv takes the rising
+        # branch, where every level up to sigma_max has its time (the vp discretization refuses such betas).
+        if beta_d == 0 or not beta_min + beta_d * epsilon_s > 0:
             raise SamplerSettingError("schedule", f"the vp schedule cannot span sigma_min={sigma_min} .. "
-                                      f"sigma_max={sigma_max} (beta_d = {beta_d:.4g} <= 0): lower sigma_min or "
-                                      f"raise sigma_max")
+                                      f"sigma_max={sigma_max} (beta_d = {beta_d:.4g}): change sigma_min or sigma_max")
         sigma = vp_sigma(beta_d, beta_min)
         sigma_deriv = lambda t: 0.5 * (beta_min + beta_d * t) * (sigma(t) + 1 / sigma(t))  # noqa: E731
-        sigma_inv = lambda s: (math.sqrt(beta_min ** 2 + 2 * beta_d * math.log1p(s ** 2)) - beta_min) / beta_d  # noqa: E731
+
+        def sigma_inv(s: float) -> float:
+            disc = beta_min ** 2 + 2 * beta_d * math.log1p(s ** 2)
+            if disc < 0:  # beta_d < 0 and s above sigma(t)'s peak
+                raise SamplerSettingError("schedule", f"noise level {s:.6g} is above the vp schedule's peak "
+                                          f"(sigma_min={sigma_min}, sigma_max={sigma_max})")
+            return (math.sqrt(disc) - beta_min) / beta_d
     elif schedule == "ve":
         sigma, sigma_deriv, sigma_inv = math.sqrt, (lambda t: 0.5 / math.sqrt(t)), (lambda s: s ** 2)
     else:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from masked_dit.diffusion.edm_sampling import (edm_grid, edm_sampler, heun_sampler, iddpm_sigmas, noise_levels,
-                                               vp_sigma)
+                                               time_schedule, vp_sigma)
 
 F64 = torch.float64
 
@@ -124,7 +124,13 @@ def test_matches_edm_table_1(solver, discretization, schedule, scaling, churn):
                                        sigma_min=0.01, sigma_max=40.0),
                                   dict(solver="heun", discretization="ve", schedule="ve", scaling="none", alpha=0.6),
                                   dict(solver="euler", discretization="edm", schedule="linear", scaling="vp",
-                                       sigma_min=0.05, sigma_max=10.0, rho=3.0)])
+                                       sigma_min=0.05, sigma_max=10.0, rho=3.0),
+                                  # a vp schedule whose sigma(t) peaks inside [epsilon_s, 1] (beta_d < 0): EDM
+                                  # samples on its rising branch, up to sigma_max
+                                  dict(solver="heun", discretization="edm", schedule="vp", scaling="vp",
+                                       sigma_min=0.2, sigma_max=20.0),
+                                  dict(solver="heun", discretization="iddpm", schedule="vp", scaling="none",
+                                       sigma_min=5.0, sigma_max=10.0)])
 def test_short_grids_and_options(num_steps, opts):
     latents, noise = draws(num_steps)
     labels = torch.eye(5, dtype=F64)[[0, 2]]
@@ -205,8 +211,10 @@ def test_iddpm_levels_are_edms(num_steps, sigma_min, sigma_max):
 
 
 def test_settings_that_cannot_work_raise_one_line():
-    with pytest.raises(ValueError, match="vp schedule cannot span"):
-        edm_grid(8, schedule="vp", sigma_min=5.0, sigma_max=10.0)
+    with pytest.raises(ValueError, match="vp discretization cannot span sigma_min=5.0 .. sigma_max=10.0"):
+        edm_grid(8, discretization="vp", schedule="vp", sigma_min=5.0, sigma_max=10.0)
+    with pytest.raises(ValueError, match="noise level 1000 is above the vp schedule's peak"):
+        time_schedule("vp", sigma_min=0.2, sigma_max=20.0).sigma_inv(1e3)  # the peak: 326; levels stop at 20
     with pytest.raises(ValueError, match="iddpm discretization has no noise level"):
         edm_grid(8, discretization="iddpm", sigma_min=1e6, sigma_max=2e6)
     with pytest.raises(ValueError, match="discretization 'karras' is not valid"):

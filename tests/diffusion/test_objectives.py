@@ -308,7 +308,9 @@ def test_check_edm_sampling_names_the_option():
            ({"sigma_min": 100.0}, r"^sigma_min: need 0 < sigma_min <= sigma_max"),
            ({"rho": 0.0}, r"^rho must be a finite number > 0"),
            ({"scaling": "ve"}, r"^scaling is not valid; choose one of: none, vp$"),
-           ({"schedule": "vp", "sigma_min": 5.0, "sigma_max": 10.0}, r"^schedule: the vp schedule cannot span"),
+           ({"schedule": "vp", "discretization": "vp", "sigma_min": 5.0, "sigma_max": 10.0},
+            r"^discretization: the vp discretization cannot span sigma_min=5.0 .. sigma_max=10.0: its sigma\(t\) "
+            r"peaks above sigma_max inside \[epsilon_s, 1\] \(beta_d = -6513\); lower sigma_min or raise sigma_max$"),
            ({"discretization": "iddpm", "sigma_min": 1e6, "sigma_max": 2e6},
             r"^discretization: the iddpm discretization has no noise level")]
     for change, message in bad:

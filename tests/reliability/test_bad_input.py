@@ -203,11 +203,12 @@ CASES = [
     ("cli-ddim-eta-on-sit", lambda w, m: _train(w, "--preset", "digits-sit", "--sample.eta=0.5"),
      "masked-dit train: error: --sample.eta=0.5 is a DiT/MDT sampler option: it applies to --objective.kind=adm or "
      "mdtv2 only (got transport)"),
-    ("cli-maskdit-vp-schedule-beyond-its-range", lambda w, m: _train(w, "--preset", "digits-maskdit",
-                                                                     "--sample.schedule=vp", "--sample.sigma_min=5",
-                                                                     "--sample.sigma_max=10"),
-     "masked-dit train: error: --sample.schedule=vp: the vp schedule cannot span sigma_min=5.0 .. sigma_max=10.0 "
-     "(beta_d = -6513 <= 0): lower sigma_min or raise sigma_max"),
+    ("cli-maskdit-vp-grid-beyond-its-range", lambda w, m: _train(w, "--preset", "digits-maskdit",
+                                                                 "--sample.discretization=vp", "--sample.sigma_min=5",
+                                                                 "--sample.sigma_max=10"),
+     "masked-dit train: error: --sample.discretization=vp: the vp discretization cannot span sigma_min=5.0 .. "
+     "sigma_max=10.0: its sigma(t) peaks above sigma_max inside [epsilon_s, 1] (beta_d = -6513); lower sigma_min or "
+     "raise sigma_max"),
     ("cli-sit-eps-on-linear-velocity", lambda w, m: _train(w, "--preset", "digits-sit", "--objective.train_eps=0.001"),
      "masked-dit train: error: --objective.train_eps=0.001 is not read for a Linear velocity model (SiT trains and "
      "samples it on [0, 1] and ignores the cut-off): leave it unset"),
