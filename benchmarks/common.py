@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from masked_dit.train.metrics import PEAK_BF16_TFLOPS, gpu_key
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -30,22 +32,13 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #                                    Peaks                                      #
 #################################################################################
 
-# Dense bf16 TFLOP/s from the datasheets, by a substring of the device name (first match wins,
-# so the more specific names come first).
-# H100 SXM ('H100 80GB HBM3', the lent machine) 989; the PCIe and NVL boards run lower clocks/power
-# (756 and 835 dense bf16): matched first so that they do not take the SXM peak.
-DATASHEET_BF16_TFLOPS = {"H200": 989.0, "H100 PCIE": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800": 989.0,
-                         "A100": 312.0, "A800": 312.0}
-# 8192^3 bf16 GEMM measured on the lent machines (performance-facts.md). None: not measured.
+# Dense bf16 TFLOP/s from the datasheets: the trainer's table (one for both), keyed by board, so that the
+# PCIe / NVL boards do not take their SXM part's peak.
+DATASHEET_BF16_TFLOPS = PEAK_BF16_TFLOPS
+device_key = gpu_key  # 'NVIDIA H100 80GB HBM3' -> 'H100', None when unknown
+# 8192^3 bf16 GEMM measured on the lent machines (performance-facts.md): H100 SXM ('H100 80GB HBM3') and
+# H200 SXM ('H200'); their keys match no other board. None: not measured.
 MEASURED_GEMM_TFLOPS = {"H200": 788.0, "H100": 798.0}
-
-
-def device_key(name: str) -> str | None:
-    """'NVIDIA H100 80GB HBM3' -> 'H100' (the table key), None when unknown."""
-    for key in DATASHEET_BF16_TFLOPS:
-        if key in name.upper():
-            return key
-    return None
 
 
 def peaks_for(device: torch.device) -> dict:

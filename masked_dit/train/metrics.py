@@ -8,12 +8,18 @@ from pathlib import Path
 
 import torch
 
-# Dense bf16 datasheet peaks (TFLOP/s) by a substring of the device name, first match wins: the PCIe /
-# NVL boards (lower clocks and power) come before their SXM family name, which would match them too.
-# MFU is reported against these unless --train.peak_tflops overrides them.
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H800 PCIe": 756.0, "H200 NVL": 835.0,
+# Dense bf16 datasheet peaks (TFLOP/s) by a substring of the device name (any case), first match wins: the
+# PCIe / NVL boards (lower clocks and power) and GH200 come before the family name, which would match them
+# too. MFU is reported against these unless --train.peak_tflops overrides them; benchmarks/ uses the same.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H800 PCIe": 756.0, "H200 NVL": 835.0, "GH200": 989.0,
                     "A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0,
                     "B200": 2250.0}
+
+
+def gpu_key(name: str) -> str | None:
+    """'NVIDIA H100 80GB HBM3' -> 'H100', 'NVIDIA H100 PCIe' -> 'H100 PCIe': the table key, None if unknown."""
+    upper = name.upper()
+    return next((key for key in PEAK_BF16_TFLOPS if key.upper() in upper), None)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
@@ -22,11 +28,8 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    key = gpu_key(torch.cuda.get_device_name(device))
+    return None if key is None else PEAK_BF16_TFLOPS[key] * 1e12
 
 
 def training_flops_per_image(model, objective_cfg, mask_ratio: float | None = None) -> float | None:

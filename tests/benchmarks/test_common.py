@@ -52,10 +52,15 @@ def test_device_key_and_tags():
     assert common.device_key("NVIDIA A100-SXM4-80GB") == "A100"
     assert common.device_key("Tesla T4") is None
     # the PCIe / NVL boards have lower datasheet peaks than the SXM part (and no measured ceiling here)
-    assert common.device_key("NVIDIA H100 PCIe") == "H100 PCIE"
+    assert common.device_key("NVIDIA H100 PCIe") == "H100 PCIe"
     assert common.DATASHEET_BF16_TFLOPS[common.device_key("NVIDIA H100 NVL")] == 835.0
     assert common.DATASHEET_BF16_TFLOPS[common.device_key("NVIDIA H100 80GB HBM3")] == 989.0
-    assert common.MEASURED_GEMM_TFLOPS.get(common.device_key("NVIDIA H100 PCIe")) is None
+    # the H200 NVL / H800 PCIe boards: their own peaks (they took the SXM 989 here, the trainer's 835 / 756)
+    assert common.DATASHEET_BF16_TFLOPS[common.device_key("NVIDIA H200 NVL")] == 835.0
+    assert common.DATASHEET_BF16_TFLOPS[common.device_key("NVIDIA H800 PCIe")] == 756.0
+    # a measured GEMM ceiling only for the boards it was measured on (not GH200's, nor the PCIe / NVL boards)
+    for other in ("NVIDIA H100 PCIe", "NVIDIA H200 NVL", "NVIDIA GH200 480GB"):
+        assert common.MEASURED_GEMM_TFLOPS.get(common.device_key(other)) is None, other
     assert common.device_tag(torch.device("cpu")) == "cpu"
     with pytest.raises(ValueError, match="--device"):
         common.resolve_device("tpu")
