@@ -23,8 +23,9 @@ that a run stopped by a time limit keeps what it measured.
 
 ``--steps N`` (fewer than the published steps, to save device time) is recorded as such: every row
 has ``steps`` (what ran) and ``published_steps``; when they differ it also has
-``img_per_s_at_published_steps`` = img/s x steps / published_steps, an *estimate* (each step costs the
-same network call; the fixed per-run cost, rescaled with the steps, makes it err low), and
+``img_per_s_at_published_steps`` = img/s x NFE(steps) / NFE(published_steps), an *estimate* (network
+calls counted on the toy model: EDM Heun makes 2 steps - 1, SiT's ODE steps - 1; each call costs the
+same; the fixed per-run cost, rescaled with the calls, makes it err low), and
 ``published_steps_estimate: true``.
 The file key includes ``steps``, so a shortened run never replaces (or reads as) a full one.
 CUDA-graph rows record ``cudagraph_skips`` (Inductor's count of graphs it did not capture: > 0 means
@@ -146,6 +147,20 @@ def run_sampler(objective, model, batch: int, sample_kwargs: dict, kwargs_steps:
         return objective.sample(model, noise, y, **{**sample_kwargs, "steps": kwargs_steps})
 
 
+def sampler_nfe(name: str, steps: int, seed: int = 0) -> int:
+    """Network calls of sampler ``name`` run for ``steps`` steps, counted on the family's toy model on the
+    CPU (the count is the sampler's, not the model's: DDPM ``steps``, EDM Heun ``2 steps - 1``, SiT's ODE
+    ``steps - 1``)."""
+    from masked_dit.diffusion import objectives
+
+    family, objective_name, sample_kwargs = SAMPLERS[name]
+    _, toy = build_sampling_model(family, "toy", torch.device("cpu"))
+    with CallCounter(toy) as calls:
+        run_sampler(getattr(objectives, objective_name)(), toy, 1, sample_kwargs, steps, torch.device("cpu"),
+                    "fp32", seed, model_num_classes(toy))
+    return calls.count
+
+
 def model_cfg(model: nn.Module) -> dict:
     """hidden_size / num_heads of the encoder blocks (for the attention kernel choice)."""
     from masked_dit.nn.block import FusedDiTBlock
@@ -180,6 +195,10 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
     num_classes = model_num_classes(model)
     objective = getattr(objectives, objective_name)()
     steps = TOY_STEPS if size == "toy" else (args.steps or sample_kwargs["steps"])
+    published = sample_kwargs["steps"]
+    # a shortened run's rate at the published steps scales with the network calls, not the steps
+    nfe_ratio = 1.0 if steps == published else (sampler_nfe(name, steps, args.seed)
+                                                / sampler_nfe(name, published, args.seed))
     rows = []
     for variant in variants:
         row = {"sampler": name, "model": model_name, "family": family, "size": size, "variant": variant,
@@ -187,7 +206,6 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
                "ops_backend": "auto", "attention": attention_choice(device, model_cfg(model), "auto",
                                                                     _DTYPES[args.precision]),
                "method": sample_kwargs["sampler"], "cfg_scale": sample_kwargs["cfg_scale"]}
-        published = sample_kwargs["steps"]
         row["published_steps"] = published
         counter = None
         try:
@@ -220,7 +238,7 @@ def run_one(name: str, size: str, batch: int, device: torch.device, args, varian
                 row["seconds_per_batch_runs"] = times
             if steps != published:
                 row.update(published_steps_estimate=True,
-                           img_per_s_at_published_steps=batch / seconds * steps / published)
+                           img_per_s_at_published_steps=batch / seconds * nfe_ratio)
             if variant == "cudagraphs":
                 row["cudagraph_skips"] = _cudagraph_skips() - skips_before
             if args.profile:  # one run of N sampler steps by kernel category (profiling.py)

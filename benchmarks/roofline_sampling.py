@@ -30,7 +30,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `masked_
 import torch
 
 from benchmarks import common
-from benchmarks.bench_sampling import SAMPLERS, CallCounter, build_sampling_model, model_num_classes, run_sampler
+from benchmarks.bench_sampling import (SAMPLERS, CallCounter, build_sampling_model, model_num_classes, run_sampler,
+                                      sampler_nfe)
 from benchmarks.roofline_step import (ATTN_EFFICIENCY, CATEGORIES, DEVICE_PEAKS, MATMUL, TOP_OPS, RooflineMode,
                                       add_count_args, check_count_args, fit_ops, predict, start_count, top_ops,
                                       write_count)
@@ -44,19 +45,6 @@ def trace_sampler(objective, model, batch: int, steps: int, sample_kwargs: dict,
     with mode, CallCounter(model) as calls:
         run_sampler(objective, model, batch, sample_kwargs, steps, torch.device("cpu"), "bf16", seed, num_classes)
     return mode.records, calls.count
-
-
-def published_nfe(name: str, seed: int) -> int:
-    """Network calls of the published sampler, counted on the family's toy model."""
-    from masked_dit.diffusion import objectives
-
-    family, objective_name, sample_kwargs = SAMPLERS[name]
-    _, toy = build_sampling_model(family, "toy", torch.device("cpu"))
-    num_classes = model_num_classes(toy)
-    with CallCounter(toy) as calls:
-        run_sampler(getattr(objectives, objective_name)(), toy, 1, sample_kwargs, sample_kwargs["steps"],
-                    torch.device("cpu"), "fp32", seed, num_classes)
-    return calls.count
 
 
 def count_sampler(name: str, size: str, args) -> dict:
@@ -80,7 +68,7 @@ def count_sampler(name: str, size: str, args) -> dict:
         raise RuntimeError(f"{name}: {LENGTHS[1]} steps made no more network calls than {LENGTHS[0]}")
     forward = float(flops_per_image(model, training=False))
     return dict(model=model_name, family=family, fits=fits, nfe=nfe, published_steps=sample_kwargs["steps"],
-                published_nfe=published_nfe(name, args.seed), forward_flops=forward,
+                published_nfe=sampler_nfe(name, SAMPLERS[name][2]["steps"], args.seed), forward_flops=forward,
                 method=sample_kwargs["sampler"], cfg_scale=sample_kwargs["cfg_scale"])
 
 
