@@ -75,6 +75,11 @@ def _load_for_sampling(args):
                 raise ValueError(f"{export / 'config.json'} is not valid JSON ({exc})") from None
         if "model_kwargs" not in info:  # not an export: a checkpoint folder or an unfinished run
             return _load_checkpoint_ema(src)
+        if export != src and (newer := _checkpoint_past_export(src, info)) is not None:
+            # a finished run extended (--train.steps) and stopped: its export is the old end's weights
+            print(f"masked-dit {args.command}: {src}: checkpoint step {newer} is past the export's step "
+                  f"{_export_step(info)}: sampling the checkpoint's EMA", file=sys.stderr)
+            return _load_checkpoint_ema(src)
         model = load_official(export / "ema.safetensors", info["model"], **info["model_kwargs"])
         cfg = Config.from_dict(info["run_config"]) if "run_config" in info else get_preset()
         return model, cfg
@@ -101,6 +106,21 @@ def _load_for_sampling(args):
     cfg.model.input_size = getattr(model, "input_size", getattr(model, "img_resolution", cfg.model.input_size))
     cfg.data.source = "latents" if cfg.model.in_channels == 4 else "digits"  # pixel models clip to [-1, 1]
     return model, cfg
+
+
+def _export_step(info: dict) -> int | None:
+    """The step an export was written at (exports before it was recorded: the end of their run)."""
+    step = info.get("step", (info.get("run_config") or {}).get("train", {}).get("steps"))
+    return step if type(step) is int else None
+
+
+def _checkpoint_past_export(run_dir: Path, info: dict) -> int | None:
+    """The step of the run's newest checkpoint when it is past its export's, else None."""
+    from masked_dit.train import checkpoint as ckpt
+
+    found = ckpt.list_checkpoints(run_dir / "checkpoints")
+    step, exported = (ckpt.checkpoint_step(found[-1]) if found else None), _export_step(info)
+    return step if step is not None and exported is not None and step > exported else None
 
 
 def _load_checkpoint_ema(src: Path):

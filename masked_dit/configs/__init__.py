@@ -227,6 +227,15 @@ class Config:
             raise ConfigError(f"config file {path}: {exc}") from None
 
 
+def config_changes(old: dict, new: dict, ignore=("run.resume", "train.steps")) -> list[str]:
+    """'section.key old -> new' for each setting that differs between two config dicts (a run's saved
+    config.json and the one it is resumed with), ``ignore`` left out (resuming and extending)."""
+    flat = lambda d: {f"{s}.{k}": v for s, vs in d.items() if isinstance(vs, dict) for k, v in vs.items()}  # noqa: E731
+    a, b = flat(old), flat(new)
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if k not in ignore and a.get(k) != b.get(k)]
+
+
 #################################################################################
 #                             Choices and validation                            #
 #################################################################################

@@ -325,8 +325,10 @@ def _barrier(world) -> None:
 #                                    Export                                     #
 #################################################################################
 
-def export_ema(out_dir, full_state: dict, model_name: str, model_kwargs: dict, run_config: dict | None = None) -> Path:
-    """Writes ``ema.safetensors`` (official keys) and ``config.json`` (model name and arguments)."""
+def export_ema(out_dir, full_state: dict, model_name: str, model_kwargs: dict, run_config: dict | None = None,
+               step: int | None = None) -> Path:
+    """Writes ``ema.safetensors`` (official keys) and ``config.json`` (model name and arguments, and the
+    training step of the weights)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -336,6 +338,8 @@ def export_ema(out_dir, full_state: dict, model_name: str, model_kwargs: dict, r
     save_file(tensors, str(tmp), metadata={"model": model_name})
     os.replace(tmp, out / "ema.safetensors")
     cfg = {"model": model_name, "model_kwargs": model_kwargs}
+    if step is not None:
+        cfg["step"] = step
     if run_config is not None:
         cfg["run_config"] = run_config
     tmp = out / "config.json.tmp"

@@ -16,6 +16,7 @@ this file only runs steps. Run folder ``<out_dir>/<name>/``::
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -194,6 +195,8 @@ class Trainer:
         self.metrics.load_state_dict(metrics_window)  # a log window open at the checkpoint goes on
         if w.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume is not None:
+                self._say_config_changes(self.run_dir / "config.json")
             cfg.save(self.run_dir / "config.json")
             # steps past the checkpoint are about to be re-done; a finished run re-evaluates its end, and
             # an owed grid step re-makes its digits record (a run killed after making it wrote one already)
@@ -384,11 +387,27 @@ class Trainer:
         raise Preempted(f"stopped by {StopRequest.name(self.stop_signum)} at step {self.step} of "
                         f"{self.cfg.train.steps}: {where}; continue with --resume latest", self.stop_signum)
 
+    def _say_config_changes(self, saved: Path) -> None:
+        """A resumed run takes this command line's settings; where they differ from the run's saved
+        config.json (e.g. a bare `--resume latest` after a run started with overrides), it says which."""
+        from masked_dit.configs import config_changes
+
+        try:
+            # as saved (tuples are JSON lists)
+            changes = config_changes(json.loads(saved.read_text()), json.loads(json.dumps(self.cfg.to_dict())))
+        except (OSError, ValueError, AttributeError):  # no readable config.json: nothing to compare
+            return
+        if changes:
+            shown = ", ".join(changes[:8]) + (f" and {len(changes) - 8} more" if len(changes) > 8 else "")
+            self._log(f"warning: resumed with settings other than {saved}'s: {shown}; this run's apply (pass the "
+                      f"run's own options to continue it unchanged)")
+
     def export(self) -> Path | None:
         full = self.ema.full_state_dict(self.module)
         if not self.world.is_main:
             return None
-        return ckpt.export_ema(self.run_dir / "export", full, self.model_name, self.model_kwargs, self.cfg.to_dict())
+        return ckpt.export_ema(self.run_dir / "export", full, self.model_name, self.model_kwargs, self.cfg.to_dict(),
+                               step=self.step)
 
     # -------------------------------------------------------------------- loop
     def _periodic_samples(self) -> None:

@@ -118,6 +118,34 @@ def test_sample_an_unfinished_run_and_a_checkpoint(tmp_path):
     assert torch.equal(torch.from_numpy(np.load(tmp_path / "2.npz")["arr_0"]), torch.from_numpy(outs[0]))
 
 
+def test_sample_a_finished_run_extended_and_stopped_takes_its_newest_checkpoint(tmp_path, capsys):
+    """A finished run has an export (its end's EMA); extended (--train.steps) and stopped, its newest
+    checkpoint is past that export: `sample <run>` takes the checkpoint (it took the stale export), as
+    --run.init_from does, and says so. An export written before it recorded its step counts as its run's end."""
+    from masked_dit.train import Trainer
+    from tests.train.tiny import tiny_config
+
+    Trainer(tiny_config("digits-dit", tmp_path, **{"train.steps": 2, "train.ckpt_every": 1})).fit()
+    run = tmp_path / "digits-dit"
+    assert json.loads((run / "export" / "config.json").read_text())["step"] == 2
+    Trainer(tiny_config("digits-dit", tmp_path, **{"train.steps": 5, "train.ckpt_every": 1,
+                                                    "run.resume": "latest"})).fit(stop_at=3)
+    common = ["--num-samples", "2", "--steps", "2", "--device", "cpu", "--precision", "fp32", "--out"]
+    outs = {}
+    for name, source in [("run", run), ("step3", run / "checkpoints" / "step_00000003"), ("export", run / "export")]:
+        capsys.readouterr()
+        assert main(["sample", str(source), *common, str(tmp_path / f"{name}.npz")]) == 0
+        outs[name] = np.load(tmp_path / f"{name}.npz")["arr_0"]
+        if name == "run":
+            assert "checkpoint step 3 is past the export's step 2: sampling the checkpoint's EMA" in capsys.readouterr().err
+    assert np.array_equal(outs["run"], outs["step3"]) and not np.array_equal(outs["run"], outs["export"])
+    info = json.loads((run / "export" / "config.json").read_text())
+    del info["step"]  # an older export: its run_config's train.steps (2) is its step
+    (run / "export" / "config.json").write_text(json.dumps(info))
+    assert main(["sample", str(run), *common, str(tmp_path / "old.npz")]) == 0
+    assert np.array_equal(np.load(tmp_path / "old.npz")["arr_0"], outs["step3"])
+
+
 def test_config_error_is_said_once_under_torchrun(tmp_path, capsys, monkeypatch):
     """Every torchrun rank validates the same argv: rank 0 prints the line, the others only exit 2.
     Errors that may differ per rank (a file missing on one node) are still printed by every rank."""

@@ -115,6 +115,22 @@ def test_resume_applies_this_runs_optimizer_settings(tmp_path, capsys, preset, b
     assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i] if torch.is_tensor(a[i][k]))
 
 
+def test_a_resume_with_other_settings_names_them(tmp_path, capsys):
+    """A resume takes its own command line; one that differs from the run's saved config.json (a bare
+    `--resume latest` after a run started with overrides silently trained on with the preset's mask ratio,
+    EMA decay and precision) says which settings changed; extending --train.steps is not a change."""
+    over = {"train.steps": 4, "train.ckpt_every": 2, "objective.mask_ratio": 0.5, "optim.ema_decay": 0.99}
+    Trainer(tiny_config("digits-mdtv2", tmp_path, **over)).fit(stop_at=2)
+    capsys.readouterr()
+    Trainer(tiny_config("digits-mdtv2", tmp_path, **{**over, "train.steps": 6, "run.resume": "latest"}))
+    assert "resumed with settings other than" not in capsys.readouterr().err
+    bare = {k: v for k, v in over.items() if not k.startswith(("objective", "optim"))}
+    Trainer(tiny_config("digits-mdtv2", tmp_path, **{**bare, "run.resume": "latest"}))
+    err = capsys.readouterr().err
+    assert "resumed with settings other than" in err and "this run's apply" in err
+    assert "objective.mask_ratio 0.5 -> 0.3" in err and "optim.ema_decay 0.99 -> 0.995" in err, err
+
+
 def test_an_open_log_window_resumed_on_another_world_size_averages_every_old_rank(tmp_path):
     """The window's sums are per rank; resumed on another world size every rank took rank 0's, so the
     record closing the window was not the mean over ranks of the same steps. Two old ranks are made by
