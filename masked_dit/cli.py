@@ -39,6 +39,7 @@ def _train(args, overrides: list[str]) -> int:
     if args.resume:
         overrides = overrides + [f"--run.resume={args.resume}"]
     cfg = apply_overrides(cfg, overrides)
+    _say_pinned_sizes(cfg, overrides)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
@@ -48,6 +49,23 @@ def _train(args, overrides: list[str]) -> int:
     if result.get("run_dir"):
         print(f"run folder: {result['run_dir']}")
     return 0
+
+
+def _say_pinned_sizes(cfg, overrides: list[str]) -> None:
+    """``--model.name`` picks the family; sizes the preset (or config file) pins stay unless given too:
+    say so where they are not the name's (``--model.name=DiT-B/8`` on a digits preset trains width 96)."""
+    from masked_dit.models.registry import MODEL_CONFIGS
+
+    given = {o[2:].split("=", 1)[0] for o in overrides if o.startswith("--")}
+    named = MODEL_CONFIGS.get(cfg.model.name, (None, {}))[1]
+    if "model.name" not in given or os.environ.get("RANK", "0") != "0":
+        return
+    kept = [f"{k}={getattr(cfg.model, k)} (the name's {named[k]})" for k in ("depth", "hidden_size", "num_heads",
+                                                                            "patch_size")
+            if f"model.{k}" not in given and getattr(cfg.model, k) not in (None, named.get(k, getattr(cfg.model, k)))]
+    if kept:
+        print(f"masked-dit train: warning: --model.name={cfg.model.name} keeps {cfg.preset or 'the config'}'s model "
+              f"{', '.join(kept)}: pass --model.<key>=none for the name's", file=sys.stderr)
 
 
 #################################################################################

@@ -57,18 +57,30 @@ def plot_curves(records: list[dict], keys: Sequence[str], path: str | Path, titl
     return path
 
 
+# metrics.jsonl keys that are not loss terms: a step's bookkeeping (the trainer's train_step, MetricsLog)
+# and the evaluation metrics; every other key is a term of the objective's loss (loss, mse, vb, mae,
+# loss_full, loss_masked, denoising_loss, proj_loss, ...).
+BOOKKEEPING_KEYS = ("step", "grad_norm", "lr", "mask_ratio", "img_per_s", "tflops_per_device", "mfu", "peak_mem_gib",
+                    "nonfinite_steps")
+METRIC_PREFIXES = ("digits_", "fid", "is_", "precision", "recall")
+
+
+def loss_terms(keys) -> list[str]:
+    return sorted(k for k in keys if k not in BOOKKEEPING_KEYS and not k.startswith(METRIC_PREFIXES))
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Loss curves per term (``loss_curves.png``) and metric curves (``metric_curves.png``)
-    from a run folder's ``metrics.jsonl``. Loss terms are keys starting with ``loss``; metrics
-    are the evaluation keys (``digits_*``, ``fid``...)."""
+    from a run folder's ``metrics.jsonl``: the loss terms (:func:`loss_terms`) and the evaluation keys
+    (``digits_*``, ``fid``...)."""
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics}: no metrics file in the run folder")
     records = read_jsonl(metrics)
     keys = sorted({k for r in records for k in r})
-    loss_keys = [k for k in keys if k.startswith("loss")]
-    metric_keys = [k for k in keys if k.startswith(("digits_", "fid", "is_", "precision", "recall"))]
+    loss_keys = loss_terms(keys)
+    metric_keys = [k for k in keys if k.startswith(METRIC_PREFIXES)]
     out = [plot_curves(records, loss_keys, run_dir / "loss_curves.png", "training loss per term", log_y=True),
            plot_curves(records, metric_keys, run_dir / "metric_curves.png", "evaluation metrics vs step")]
     return [p for p in out if p is not None]

@@ -146,6 +146,25 @@ def test_sample_a_finished_run_extended_and_stopped_takes_its_newest_checkpoint(
     assert np.array_equal(np.load(tmp_path / "old.npz")["arr_0"], outs["step3"])
 
 
+def test_a_model_name_over_a_presets_pinned_sizes_says_so(capsys):
+    """--model.name picks the family; the digits presets pin a tiny size, which stays unless given too: a
+    name of another size (DiT-B/8) trained width 96 without a word."""
+    assert main(["train", "--preset", "digits-dit", "--model.name=DiT-B/8", "--print-config"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["model"]["depth"] == 6
+    assert out.err.strip() == ("masked-dit train: warning: --model.name=DiT-B/8 keeps digits-dit's model depth=6 (the "
+                               "name's 12), hidden_size=96 (the name's 768), num_heads=4 (the name's 12), "
+                               "patch_size=4 (the name's 8): pass --model.<key>=none for the name's")
+    sizes = ["--model.depth=none", "--model.hidden_size=none", "--model.num_heads=none", "--model.patch_size=none"]
+    assert main(["train", "--preset", "digits-dit", "--model.name=DiT-B/8", *sizes, "--print-config"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["model"]["depth"] is None and out.err == ""
+    assert main(["train", "--preset", "digits-dit", "--model.name=SiT-S/2", "--objective.kind=transport",
+                 "--sample.sampler=ode", "--model.depth=6", "--model.hidden_size=96", "--model.num_heads=4",
+                 "--model.patch_size=4", "--print-config"]) == 0
+    assert capsys.readouterr().err == ""  # every size given: nothing kept silently
+
+
 def test_config_error_is_said_once_under_torchrun(tmp_path, capsys, monkeypatch):
     """Every torchrun rank validates the same argv: rank 0 prints the line, the others only exit 2.
     Errors that may differ per rank (a file missing on one node) are still printed by every rank."""
