@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="FID, sFID, Inception Score, precision and recall of a sample batch against an "
                     "ADM reference batch (PyTorch port of ADM's TF Inception).")
     p.add_argument("ref_batch", help="reference .npz (ADM layout: 'arr_0' uint8 [N, H, W, 3]; "
-                                     "precomputed 'mu','sigma','mu_s','sigma_s' are used when present)")
+                                     "precomputed 'mu','sigma','mu_s','sigma_s' are used when present), or "
+                                     "'digits': the embedded data set's offline metric (class accuracy and "
+                                     "feature Fréchet distance of a labelled sample .npz; no download)")
     p.add_argument("sample_batch", help="sample .npz ('arr_0' uint8 [N, H, W, 3] or grayscale [N, H, W, 1]) "
                                         "or a folder of PNG/JPEG/WebP/BMP/TIFF images")
     p.add_argument("--inception-weights", metavar="PATH", default=None,
@@ -66,6 +68,8 @@ def _fmt(value) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.ref_batch == "digits":
+        return _digits_main(args)
     from masked_dit.eval.evaluator import evaluate, open_batches
     from masked_dit.eval.inception import load_fid_inception
 
@@ -95,6 +99,42 @@ def main(argv=None) -> int:
     for name, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid"),
                       ("Precision", "precision"), ("Recall", "recall")):
         print(f"{name}: {_fmt(metrics[key])}")
+    return _write(args, metrics)
+
+
+def _digits_main(args) -> int:
+    """``masked-dit eval digits samples.npz``: the trainer's digits record for a sampled .npz (its
+    labels in 'arr_1', as ``masked-dit sample`` writes them)."""
+    import numpy as np
+
+    from masked_dit.eval.digits import score_digits
+
+    try:
+        if args.out:
+            _check_out(Path(args.out))
+        path = Path(args.sample_batch)
+        if path.suffix != ".npz" or not path.is_file():
+            raise ValueError(f"{path}: the digits metric scores a sample .npz with its labels (masked-dit sample "
+                             f"--out NAME.npz)")
+        with np.load(path) as f:
+            if "arr_0" not in f or "arr_1" not in f:
+                raise ValueError(f"{path}: needs 'arr_0' images and 'arr_1' labels (has {sorted(f.keys())})")
+            images, labels = f["arr_0"], f["arr_1"]
+        if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != images.shape[:1]:
+            raise ValueError(f"{path}: 'arr_0' must be uint8 [N, H, W, C] with one label per image in 'arr_1' "
+                             f"(got {images.dtype} {list(images.shape)}, labels {list(labels.shape)})")
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        score = score_digits(x, torch.from_numpy(labels.astype(np.int64)))
+    except (ValueError, OSError) as err:
+        print(f"masked-dit eval: error: {err}", file=sys.stderr)
+        return 2
+    metrics = {**score.as_dict(), "num_samples": int(images.shape[0])}
+    print(f"Digits class accuracy: {_fmt(metrics['digits_cond_acc'])}")
+    print(f"Digits feature FD: {_fmt(metrics['digits_fd'])}")
+    return _write(args, metrics)
+
+
+def _write(args, metrics: dict) -> int:
     if args.out:
         try:
             Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")

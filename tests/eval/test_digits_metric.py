@@ -52,3 +52,27 @@ def test_training_recipe_reproduces_accuracy():
     torch.set_num_threads(max(1, torch.get_num_threads()))
     _, acc = digits.train_classifier(epochs=60, seed=0)
     assert acc >= 0.97
+
+
+def test_eval_digits_scores_a_sample_npz(tmp_path, capsys):
+    """`masked-dit eval digits samples.npz`: the metric of the trainer's digits records for a sampled .npz
+    (uint8 [N, H, W, 3] and its labels, as `masked-dit sample` writes them), no reference batch or download."""
+    import json
+
+    import numpy as np
+
+    from masked_dit.eval.cli import main
+
+    x, y = _heldout(16)
+    uint8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).repeat(1, 1, 1, 3)
+    np.savez(tmp_path / "s.npz", uint8.numpy(), y.numpy())
+    assert main(["digits", str(tmp_path / "s.npz"), "--out", str(tmp_path / "m.json")]) == 0
+    got = json.loads((tmp_path / "m.json").read_text())
+    want = digits.score_digits(uint8.permute(0, 3, 1, 2).float() / 127.5 - 1, y)
+    assert got["digits_cond_acc"] == want.conditional_accuracy >= 0.97 and got["num_samples"] == len(y)
+    assert got["digits_fd"] == pytest.approx(want.feature_fd) and got["digits_fd"] < 0.05  # real digits, 8-bit
+    assert "Digits class accuracy" in capsys.readouterr().out
+    np.savez(tmp_path / "nolabels.npz", uint8.numpy())
+    assert main(["digits", str(tmp_path / "nolabels.npz")]) == 2
+    assert capsys.readouterr().err.strip() == (f"masked-dit eval: error: {tmp_path / 'nolabels.npz'}: needs 'arr_0' "
+                                               f"images and 'arr_1' labels (has ['arr_0'])")
