@@ -62,7 +62,7 @@ def _say_pinned_sizes(cfg, overrides: list[str]) -> None:
         return
     kept = [f"{k}={getattr(cfg.model, k)} (the name's {named[k]})" for k in ("depth", "hidden_size", "num_heads",
                                                                             "patch_size")
-            if f"model.{k}" not in given and getattr(cfg.model, k) not in (None, named.get(k, getattr(cfg.model, k)))]
+            if f"model.{k}" not in given and k in named and getattr(cfg.model, k) not in (None, named[k])]
     if kept:
         print(f"masked-dit train: warning: --model.name={cfg.model.name} keeps {cfg.preset or 'the config'}'s model "
               f"{', '.join(kept)}: pass --model.<key>=none for the name's", file=sys.stderr)
