@@ -76,6 +76,7 @@ def _load_for_sampling(args):
     """(model, Config) from a run folder / export folder, or an official checkpoint with --model."""
     from masked_dit.configs import Config, get_preset
     from masked_dit.models import load_official
+    from masked_dit.train import checkpoint as ckpt
 
     src = Path(args.source)
     if not src.exists():
@@ -95,9 +96,9 @@ def _load_for_sampling(args):
             return _load_checkpoint_ema(src)
         if export != src and (newer := _checkpoint_past_export(src, info)) is not None:
             # a finished run extended (--train.steps) and stopped: its export is the old end's weights
-            print(f"masked-dit {args.command}: {src}: checkpoint step {newer} is past the export's step "
-                  f"{_export_step(info)}: sampling the checkpoint's EMA", file=sys.stderr)
-            return _load_checkpoint_ema(src)
+            print(f"masked-dit {args.command}: {src}: checkpoint step {ckpt.checkpoint_step(newer)} is past the "
+                  f"export's step {_export_step(info)}: sampling the checkpoint's EMA", file=sys.stderr)
+            return _load_checkpoint_ema(newer)
         model = load_official(export / "ema.safetensors", info["model"], **info["model_kwargs"])
         cfg = Config.from_dict(info["run_config"]) if "run_config" in info else get_preset()
         return model, cfg
@@ -132,13 +133,12 @@ def _export_step(info: dict) -> int | None:
     return step if type(step) is int else None
 
 
-def _checkpoint_past_export(run_dir: Path, info: dict) -> int | None:
-    """The step of the run's newest checkpoint when it is past its export's, else None."""
+def _checkpoint_past_export(run_dir: Path, info: dict) -> Path | None:
+    """The run's newest checkpoint folder when its step is past its export's, else None."""
     from masked_dit.train import checkpoint as ckpt
 
-    found = ckpt.list_checkpoints(run_dir / "checkpoints")
-    step, exported = (ckpt.checkpoint_step(found[-1]) if found else None), _export_step(info)
-    return step if step is not None and exported is not None and step > exported else None
+    found, exported = ckpt.list_checkpoints(run_dir / "checkpoints"), _export_step(info)
+    return found[-1] if found and exported is not None and ckpt.checkpoint_step(found[-1]) > exported else None
 
 
 def _load_checkpoint_ema(src: Path):

@@ -108,6 +108,7 @@ def _digits_main(args) -> int:
     import numpy as np
 
     from masked_dit.eval.digits import score_digits
+    from masked_dit.eval.evaluator import NpzImages, _read_member
 
     try:
         if args.out:
@@ -116,19 +117,20 @@ def _digits_main(args) -> int:
         if path.suffix != ".npz" or not path.is_file():
             raise ValueError(f"{path}: the digits metric scores a sample .npz with its labels (masked-dit sample "
                              f"--out NAME.npz)")
+        images = NpzImages(path)  # uint8 [N, H, W, 1 or 3]; anything else (or damaged) is one line
         with np.load(path) as f:
-            if "arr_0" not in f or "arr_1" not in f:
+            if "arr_1" not in f:
                 raise ValueError(f"{path}: needs 'arr_0' images and 'arr_1' labels (has {sorted(f.keys())})")
-            images, labels = f["arr_0"], f["arr_1"]
-        if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != images.shape[:1]:
-            raise ValueError(f"{path}: 'arr_0' must be uint8 [N, H, W, C] with one label per image in 'arr_1' "
-                             f"(got {images.dtype} {list(images.shape)}, labels {list(labels.shape)})")
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            labels = _read_member(f, path, "arr_1")
+        if labels.shape != (len(images),):
+            raise ValueError(f"{path}: 'arr_1' must hold one label per image ({len(images)}), got shape "
+                             f"{list(labels.shape)}")
+        x = torch.from_numpy(np.concatenate(list(images.batches(4096)))).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         score = score_digits(x, torch.from_numpy(labels.astype(np.int64)))
     except (ValueError, OSError) as err:
         print(f"masked-dit eval: error: {err}", file=sys.stderr)
         return 2
-    metrics = {**score.as_dict(), "num_samples": int(images.shape[0])}
+    metrics = {**score.as_dict(), "num_samples": len(images)}
     print(f"Digits class accuracy: {_fmt(metrics['digits_cond_acc'])}")
     print(f"Digits feature FD: {_fmt(metrics['digits_fd'])}")
     return _write(args, metrics)
