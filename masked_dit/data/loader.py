@@ -1,7 +1,9 @@
 """Deterministic, resumable batches for one rank.
 
-Each epoch is a seeded permutation of the dataset (and seeded flip bits). Global batches are
-consecutive slices of it; rank r takes its micro-batch slice of each. The position
+Each epoch is a seeded permutation of the dataset (and seeded flip bits). Global batches (one
+optimizer step: micro-batch x ranks x accumulation) are consecutive slices of it, and an epoch holds
+whole global batches only, so the samples of a step do not depend on how it is split into micro-batches
+and ranks, and no step straddles two epochs. Rank r takes its micro-batch slices of each. The position
 ``(epoch, batch)`` counts batches the trainer *consumed* (not ones prefetched by workers), so a
 resumed run continues with exactly the batches the interrupted one would have seen.
 """
@@ -13,18 +15,25 @@ import weakref
 import torch
 
 
+def batches_per_epoch(num_items: int, per_batch: int, accum: int) -> int:
+    """Micro-batch positions (``per_batch`` samples over all ranks each) in an epoch of whole steps."""
+    return num_items // (per_batch * accum) * accum
+
+
 class ResumableBatchSampler(torch.utils.data.Sampler):
     """Yields this rank's lists of ``(index, flip)`` keys, starting at ``(epoch, batch)``."""
 
-    def __init__(self, num_items: int, micro_batch: int, *, rank: int = 0, world: int = 1, seed: int = 0,
-                 shuffle: bool = True, random_flip: bool = False, epoch: int = 0, batch: int = 0):
+    def __init__(self, num_items: int, micro_batch: int, *, rank: int = 0, world: int = 1, accum: int = 1,
+                 seed: int = 0, shuffle: bool = True, random_flip: bool = False, epoch: int = 0, batch: int = 0):
         self.num_items, self.micro_batch, self.rank, self.world = num_items, micro_batch, rank, world
         self.seed, self.shuffle, self.random_flip = seed, shuffle, random_flip
         self.start_epoch, self.start_batch = epoch, batch
-        self.batches_per_epoch = num_items // (micro_batch * world)
+        # Micro-batch j of step s on rank r reads order[s*G + (j*world + r)*micro:][:micro] (G the global
+        # batch), which is position b = s*accum + j below; the epoch ends at its last whole step.
+        self.batches_per_epoch = batches_per_epoch(num_items, micro_batch * world, accum)
         if self.batches_per_epoch == 0:
             raise ValueError(f"dataset of {num_items} items is smaller than one global batch "
-                             f"({micro_batch} x {world} ranks)")
+                             f"({micro_batch} x {world} ranks x {accum} accumulation steps)")
 
     def epoch_keys(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -76,17 +85,18 @@ def _stop_live_workers() -> None:
 class BatchStream:
     """Infinite iterator of collated batches with a resumable ``state_dict()``."""
 
-    def __init__(self, dataset, micro_batch: int, *, rank: int = 0, world: int = 1, seed: int = 0,
+    def __init__(self, dataset, micro_batch: int, *, rank: int = 0, world: int = 1, accum: int = 1, seed: int = 0,
                  random_flip: bool = False, num_workers: int = 0, state: dict | None = None):
         self.dataset, self.micro_batch = dataset, micro_batch
-        self.kw = dict(rank=rank, world=world, seed=seed, random_flip=random_flip)
+        self.kw = dict(rank=rank, world=world, accum=accum, seed=seed, random_flip=random_flip)
         self.num_workers = num_workers
         self.epoch, self.batch = (state["epoch"], state["batch"]) if state else (0, 0)
         per_batch = micro_batch * world  # samples one position step covers, over all ranks
         saved = (state or {}).get("samples_per_batch", per_batch)
         if saved != per_batch:
             # Resumed with another micro-batch or world size: keep the number of samples consumed in
-            # the epoch (the position is in batches); a remainder means a few samples come again.
+            # the epoch (the position is in batches); exact for the same global batch (checkpoints are
+            # taken between steps), a remainder means a few samples come again.
             consumed = self.batch * saved
             self.batch = consumed // per_batch
             if consumed % per_batch:
@@ -103,7 +113,7 @@ class BatchStream:
         self._it = None
 
     def _start(self):
-        per_epoch = len(self.dataset) // (self.micro_batch * self.kw["world"])
+        per_epoch = batches_per_epoch(len(self.dataset), self.micro_batch * self.kw["world"], self.kw["accum"])
         if per_epoch and self.batch >= per_epoch:  # a converted position past this epoch's last batch
             self.epoch, self.batch = self.epoch + 1, 0
         sampler = ResumableBatchSampler(len(self.dataset), self.micro_batch, epoch=self.epoch, batch=self.batch, **self.kw)

@@ -187,8 +187,9 @@ class Trainer:
                           f"the final outputs are made from this checkpoint")
         elif cfg.run.resume and cfg.run.resume != "latest":
             raise ValueError(f"--run.resume={cfg.run.resume}: no checkpoint found")
-        self.stream = BatchStream(self.dataset, self.micro_batch, rank=w.rank, world=w.size, seed=cfg.run.seed,
-                                  random_flip=cfg.data.random_flip, num_workers=cfg.data.num_workers, state=data_state)
+        self.stream = BatchStream(self.dataset, self.micro_batch, rank=w.rank, world=w.size, accum=self.accum,
+                                  seed=cfg.run.seed, random_flip=cfg.data.random_flip,
+                                  num_workers=cfg.data.num_workers, state=data_state)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.flops_per_image,
                                   peak_flops(w.device, cfg.train.peak_tflops),
                                   tensorboard_dir=self.run_dir / "tensorboard" if w.is_main else None)
