@@ -76,14 +76,18 @@ def _load_for_sampling(args):
     """(model, Config) from a run folder / export folder, or an official checkpoint with --model."""
     from masked_dit.configs import Config, get_preset
     from masked_dit.models import load_official
+    from masked_dit.models.official import load_official_with_args
     from masked_dit.train import checkpoint as ckpt
 
     src = Path(args.source)
     if not src.exists():
         raise FileNotFoundError(f"checkpoint not found: {src}")
-    if src.is_dir() and (args.model or args.model_kwargs):  # were silently ignored
-        raise ValueError(f"--model / --model-kwargs describe an official checkpoint file; the folder {src} brings "
-                         f"its own model config: leave them out")
+    official_only = [f for f, v in (("--model", args.model), ("--model-kwargs", args.model_kwargs),
+                                    ("--path-type", args.path_type), ("--prediction", args.prediction)) if v]
+    if src.is_dir() and official_only:  # were silently ignored
+        raise ValueError(f"{' / '.join(official_only)} describe{'s' if len(official_only) == 1 else ''} an official "
+                         f"checkpoint file; the folder {src} brings its own model config: leave "
+                         f"{'it' if len(official_only) == 1 else 'them'} out")
     if src.is_dir():
         export = src / "export" if (src / "export" / "config.json").exists() else src
         info = {}
@@ -111,8 +115,9 @@ def _load_for_sampling(args):
     if not isinstance(overrides, dict):
         raise ValueError(f"--model-kwargs must be a JSON object of constructor arguments, e.g. "
                          f"'{{\"num_classes\": 10}}' (got {type(overrides).__name__})")
+    _check_transport_flags(args)  # before reading the file (an XL training dict: gigabytes)
     try:
-        model = load_official(src, args.model, **overrides)
+        model, saved_args = load_official_with_args(src, args.model, **overrides)
     except TypeError as exc:  # an argument the constructor does not take
         raise ValueError(f"--model-kwargs: cannot build {args.model} ({exc})") from None
     family = getattr(model, "family", "")
@@ -124,7 +129,58 @@ def _load_for_sampling(args):
     cfg.model.in_channels = getattr(model, "in_channels", getattr(model, "img_channels", 4))
     cfg.model.input_size = getattr(model, "input_size", getattr(model, "img_resolution", cfg.model.input_size))
     cfg.data.source = "latents" if cfg.model.in_channels == 4 else "digits"  # pixel models clip to [-1, 1]
+    _set_transport(cfg, args, saved_args, family, src)
     return model, cfg
+
+
+def _set_transport(cfg, args, saved_args, family: str, src: Path) -> None:
+    """The interpolant an official SiT / REPA file was trained with: its saved args (SiT's and REPA's
+    train.py save them), then --path-type / --prediction as SiT's sample.py takes them (bare state dicts)."""
+    from masked_dit.configs import ConfigError, validate
+    from masked_dit.models.official import saved_transport
+
+    given = {k: getattr(args, k) for k in ("path_type", "prediction") if getattr(args, k) is not None}
+    saved = saved_transport(saved_args, family, src)
+    changed = {k: (saved[k], v) for k, v in given.items() if k in saved and saved[k] != v}
+    if changed:
+        print(f"masked-dit {args.command}: {src} was trained with "
+              f"{', '.join(f'{k}={old}' for k, (old, _) in changed.items())}; sampling with "
+              f"{', '.join(f'{k}={new}' for k, (_, new) in changed.items())} as given", file=sys.stderr)
+    for key, value in {**saved, **given}.items():
+        setattr(cfg.objective, key, value)
+    if "path_type" in given or "prediction" in given:  # cut-offs saved for another interpolant do not apply
+        if cfg.objective.path_type != "VP" and cfg.objective.prediction == "velocity":
+            cfg.objective.train_eps = cfg.objective.sample_eps = None
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        raise ValueError(f"{src}: {exc}") from None
+
+
+def _check_transport_flags(args) -> None:
+    """--path-type / --prediction name a SiT or REPA interpolant: refused for other models."""
+    from masked_dit.models.registry import MODEL_CONFIGS
+
+    family = MODEL_CONFIGS.get(args.model, ("",))[0]
+    given = {k: getattr(args, k) for k in ("path_type", "prediction") if getattr(args, k) is not None}
+    if given and family not in ("sit", "repa_sit"):
+        raise ValueError(f"--{next(iter(given)).replace('_', '-')} is a SiT / REPA interpolant option: {args.model} "
+                         f"is not one")
+    if given.get("prediction", "velocity") != "velocity" and family == "repa_sit":
+        raise ValueError(f"--prediction {given['prediction']}: REPA models predict the velocity only")
+    if given.get("path_type", "Linear") == "VP" and family == "repa_sit":
+        raise ValueError("--path-type VP: REPA's paths are Linear (its 'linear') and GVP (its 'cosine')")
+
+
+def _transport_settings(cfg) -> dict | None:
+    """A parts folder's record of a SiT / REPA file's interpolant when not SiT's default (Linear velocity):
+    samples of another interpolant must not be mixed in; folders of before (no entry) read as the default."""
+    oc = cfg.objective
+    if oc.kind not in ("transport", "repa"):
+        return None
+    keys = {"path_type": "Linear", "prediction": "velocity", "train_eps": None, "sample_eps": None}
+    changed = {k: getattr(oc, k) for k, default in keys.items() if getattr(oc, k) != default}
+    return changed or None
 
 
 def _export_step(info: dict) -> int | None:
@@ -271,7 +327,7 @@ def _sample(args, _overrides) -> int:
         if out.suffix == ".npz":
             labels = sample_labels(num, cfg.model.num_classes, args.seed, args.classes)
             settings = dict(source=str(Path(args.source).resolve()), model=args.model, weights=weights,
-                            model_kwargs=_model_kwargs(args),
+                            model_kwargs=_model_kwargs(args), transport=_transport_settings(cfg),
                             vae=args.vae, precision=args.precision, classes=args.classes, **kw)
             n = generate_npz(draw, labels, out, shape=shape, batch_size=args.batch_size, seed=args.seed,
                              settings=settings, world=world, decode=decode if vae else None)
@@ -344,7 +400,7 @@ def _likelihood(args, _overrides) -> int:
     if num == 0:
         raise ValueError(f"{what}: no items to score")
     settings = dict(source=str(Path(args.source).resolve()), model=args.model, weights=weights_fingerprint(model),
-                    model_kwargs=_model_kwargs(args),
+                    model_kwargs=_model_kwargs(args), transport=_transport_settings(cfg),
                     data=what, num=num, ode_method=options["ode_method"], steps=args.steps, atol=options["atol"],
                     rtol=options["rtol"], batch_size=args.batch_size, seed=args.seed, precision=args.precision)
     world = init_world(args.device)
@@ -524,6 +580,14 @@ def _extract_features(args, _overrides) -> int:
 #                                    parser                                     #
 #################################################################################
 
+def _add_transport_flags(parser) -> None:
+    parser.add_argument("--path-type", choices=["Linear", "GVP", "VP"],
+                        help="interpolant of an official SiT / REPA file (default: the one its saved args name, "
+                             "else Linear; REPA's 'cosine' is GVP)")
+    parser.add_argument("--prediction", choices=["velocity", "noise", "score"],
+                        help="what an official SiT file predicts (default: its saved args, else velocity)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from masked_dit.configs.presets import DEFAULT_PRESET
 
@@ -544,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("source", help="run folder, export folder, or official checkpoint file (then --model)")
     s.add_argument("--model", help="registry name of an official checkpoint (DiT-XL/2, MDTv2-XL/2, ...)")
     s.add_argument("--model-kwargs", help="JSON constructor overrides for --model (e.g. '{\"num_classes\": 10}')")
+    _add_transport_flags(s)
     s.add_argument("--out", default="samples.png", help="*.png grid or *.npz (uint8 NHWC 'arr_0', labels 'arr_1')")
     # --num-samples, not --num, under torchrun: its parser takes "--num" for an abbreviation of --numa-binding.
     s.add_argument("--num-samples", "--num", dest="num", type=int,
@@ -598,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("source", help="run folder, export folder, or official checkpoint file (then --model)")
     lk.add_argument("--model", help="registry name of an official checkpoint (SiT-XL/2, ...)")
     lk.add_argument("--model-kwargs", help="JSON constructor overrides for --model")
+    _add_transport_flags(lk)
     lk.add_argument("--data-path", help="latents folder to score (an image-folder run: images; default: the "
                                         "run's data)")
     lk.add_argument("--split", choices=["heldout", "train", "all"], help="digits split (default: heldout)")

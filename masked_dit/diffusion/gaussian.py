@@ -269,8 +269,24 @@ class GaussianDiffusion:
         log_var = self._extract("log_one_minus_alphas_cumprod", t, x_start).expand_as(x_start)
         return mean, var, log_var
 
+    def check_timesteps(self, t, batch: int) -> None:
+        """``t``: [batch] integer indices in [0, num_timesteps), one line otherwise. The range is checked on
+        CPU tensors only (a host read of a GPU tensor would sync every step): a table lookup with t = -1
+        reads the last step's entry silently."""
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"t must be a [{batch}] tensor of timestep indices, got {type(t).__name__}")
+        if t.shape != (batch,):
+            raise ValueError(f"t has shape {list(t.shape)}, expected [{batch}]")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"t must hold integer timestep indices in [0, {self.num_timesteps}), got {t.dtype}")
+        if t.device.type == "cpu" and not torch.compiler.is_compiling() and t.numel() and bool(
+                ((t < 0) | (t >= self.num_timesteps)).any()):
+            raise ValueError(f"timesteps t must be in [0, {self.num_timesteps - 1}] (got min {int(t.min())}, "
+                             f"max {int(t.max())})")
+
     def q_sample(self, x_start, t, noise=None, generator: torch.Generator | None = None):
         """Draw x_t ~ q(x_t | x_0) = sqrt(abar) x_0 + sqrt(1 - abar) noise."""
+        self.check_timesteps(t, x_start.shape[0])
         if noise is None:
             noise = _randn(x_start.shape, x_start, generator=generator)
         if noise.shape != x_start.shape:
@@ -519,8 +535,7 @@ class GaussianDiffusion:
         """
         if t is None:
             t = self.sample_timesteps(x_start.shape[0], x_start.device, generator)
-        if t.shape != (x_start.shape[0],):
-            raise ValueError(f"t has shape {list(t.shape)}, expected [{x_start.shape[0]}]")
+        self.check_timesteps(t, x_start.shape[0])
         if noise is None:
             noise = _randn(x_start.shape, x_start, generator=generator)
         x_t = self.q_sample(x_start, t, noise)

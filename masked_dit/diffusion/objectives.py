@@ -122,9 +122,9 @@ class ADMObjective:
     @torch.no_grad()
     def sample(self, model, noise: torch.Tensor, y: torch.Tensor, *, sampler: str = "ddpm", steps: int = 250,
                cfg_scale: float = 1.0, scale_pow: float | None = None, eta: float = 0.0, progress: bool = False,
-               generator: torch.Generator | None = None, **_) -> torch.Tensor:
+               generator: torch.Generator | None = None, **unread) -> torch.Tensor:
         """``eta``: DDIM's stochasticity (sampler "ddim" only; 0 deterministic, 1 DDPM's variance)."""
-        _check_sampler(self, sampler, "ADM diffusion")
+        _check_sampler(self, sampler, "ADM diffusion", unread)
         check_adm_options_apply(["eta"] if eta != 0 else [], sampler, lambda key: key)
         check_adm_sampling({"eta": eta}, lambda key: f"{key}={eta}")
         respaced = create_diffusion(adm_respacing(sampler, steps, self.diffusion_steps), self.noise_schedule,
@@ -271,13 +271,13 @@ class TransportObjective:
                progress: bool = False, generator: torch.Generator | None = None, ode_method: str = "dopri5",
                atol: float = 1e-6, rtol: float = 1e-3, sde_method: str = "Euler", diffusion_form: str = "sigma",
                diffusion_norm: float = 1.0, last_step: Optional[str] = "Mean", last_step_size: float = 0.04,
-               **_) -> torch.Tensor:
+               **unread) -> torch.Tensor:
         """SiT's sample.py: ``ode`` integrates with ``ode_method`` (``euler`` / ``heun``: those fixed-step
         ODE methods), ``sde`` runs ``sde_method`` with the diffusion form and last step; defaults as SiT's."""
         from masked_dit.diffusion.ode import sample_ode
         from masked_dit.diffusion.sde import sample_sde
 
-        _check_sampler(self, sampler, "SiT")
+        _check_sampler(self, sampler, "SiT", unread)
         m = unwrap(model)
         fn = model if cfg_scale == 1.0 else ClassifierFreeGuidance(model, cfg_scale, null_label=m.num_classes,
                                                                      guided_channels=_guided_channels(m))
@@ -370,10 +370,10 @@ class EDMMaskDiTObjective:
                progress: bool = False, generator: torch.Generator | None = None, S_churn: float = 0.0,
                S_min: float = 0.0, S_max: float = float("inf"), S_noise: float = 1.0,
                sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, rho: float = 7.0,
-               discretization: str = "edm", schedule: str = "linear", scaling: str = "none", **_) -> torch.Tensor:
+               discretization: str = "edm", schedule: str = "linear", scaling: str = "none", **unread) -> torch.Tensor:
         """MaskDiT's sample.py: EDM's Heun (or ``euler``) sampler; a discretization / schedule / scaling
         other than EDM's is its ablation sampler. Defaults as MaskDiT's (sigma range: the discretization's)."""
-        _check_sampler(self, sampler, "EDM")
+        _check_sampler(self, sampler, "EDM", unread)
         m = unwrap(model)
         labels = _one_hot_labels(m, y, noise.dtype)
         if labels is None and cfg_scale != 1.0:
@@ -433,10 +433,10 @@ class REPAObjective:
     @torch.no_grad()
     def sample(self, model, noise, y, *, sampler: str = "euler", steps: int = 50, cfg_scale: float = 1.0,
                guidance_low: float = 0.0, guidance_high: float = 1.0, progress: bool = False,
-               generator: torch.Generator | None = None, **_) -> torch.Tensor:
+               generator: torch.Generator | None = None, **unread) -> torch.Tensor:
         from masked_dit.diffusion.repa import repa_euler_maruyama_sampler, repa_euler_sampler
 
-        _check_sampler(self, sampler, "REPA")
+        _check_sampler(self, sampler, "REPA", unread)
         m = unwrap(model)
         kw = dict(num_steps=steps, cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
                   null_label=m.num_classes, progress=progress)
@@ -472,7 +472,15 @@ def pixel_encoder(specs: str, model, image_size: int, precision: str = "fp32") -
     return encode
 
 
-def _check_sampler(objective, sampler: str, what: str) -> None:
+def _check_sampler(objective, sampler: str, what: str, unread: dict) -> None:
+    """``sampler`` applies, and ``sample`` read every option it was given but the shared guidance keys,
+    which generic callers (the trainer's grids, ``masked-dit sample``) pass to every objective: a
+    misspelt name or another family's option (``S_churn`` to SiT) is an error, not silently dropped."""
+    from masked_dit.configs import GUIDANCE_KEYS
+
+    foreign = sorted(k for k in unread if k not in GUIDANCE_KEYS)
+    if foreign:
+        raise TypeError(f"{type(objective).__name__}.sample() got options it does not read: {', '.join(foreign)}")
     if sampler != "auto" and sampler not in objective.samplers:
         raise ValueError(f"sampler {sampler!r} does not apply to {what}; valid: {', '.join(objective.samplers)}")
 

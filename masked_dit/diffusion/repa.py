@@ -190,6 +190,11 @@ def _cfg(v: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     return cfg_combine(*v.chunk(2), cfg_scale)
 
 
+def _check_num_steps(num_steps) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1 (got {num_steps!r})")
+
+
 def repa_euler_sampler(model_fn: ModelFn, latents: torch.Tensor, y: torch.Tensor, *, num_steps: int = 20,
                        heun: bool = False, cfg_scale: float = 1.0, guidance_low: float = 0.0,
                        guidance_high: float = 1.0, null_label: int = 1000, model_kwargs: Optional[dict] = None,
@@ -199,6 +204,7 @@ def repa_euler_sampler(model_fn: ModelFn, latents: torch.Tensor, y: torch.Tensor
     Heun adds a corrector at t_next on every step but the last (which lands on t = 0); the
     corrector's guidance decision uses t_cur, as in REPA. Returns float64 samples (like REPA).
     """
+    _check_num_steps(num_steps)
     model_kwargs = {} if model_kwargs is None else model_kwargs
     model_dtype = latents.dtype
     y_null = torch.full_like(y, null_label)
@@ -233,6 +239,7 @@ def repa_euler_maruyama_sampler(model_fn: ModelFn, latents: torch.Tensor, y: tor
     dx = [v - (D/2) score] dt + sqrt(D) dW with D(t) = 2t (guidance mixes this drift); the last step
     from 0.04 to 0 takes the drift only. noise: optional ``num_steps - 1`` draws shaped like latents.
     """
+    _check_num_steps(num_steps)
     if noise is not None and len(noise) != num_steps - 1:
         raise ValueError(f"noise must hold num_steps - 1 = {num_steps - 1} draws, got {len(noise)}")
     model_kwargs = {} if model_kwargs is None else model_kwargs

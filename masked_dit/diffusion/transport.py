@@ -311,8 +311,13 @@ class Transport:
             t_draw, x0_draw = self.sample_time_and_noise(x1, generator)
             t = t_draw if t is None else t
             x0 = x0_draw if x0 is None else x0
-        if t.dim() != 1 or t.shape[0] != x1.shape[0]:
-            raise ValueError(f"t must have shape [{x1.shape[0]}], got {list(t.shape)}")
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != x1.shape[0]:
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"t must be a tensor of shape [{x1.shape[0]}], got {got}")
+        # the path's time runs over [0, 1]: outside, alpha and sigma leave it silently (checked on the host only)
+        if t.device.type == "cpu" and not torch.compiler.is_compiling() and t.numel() and bool(
+                ((t < 0) | (t > 1)).any()):
+            raise ValueError(f"times t must be in [0, 1] (got min {float(t.min())}, max {float(t.max())})")
         if x0.shape != x1.shape:
             raise ValueError(f"noise x0 must have the data's shape {list(x1.shape)}, got {list(x0.shape)}")
         t = t.to(torch.promote_types(x1.dtype, torch.float32))

@@ -29,29 +29,52 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 #                              Reading the file                                 #
 #################################################################################
 
-def _torch_load(path: str, weights_only: bool):
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _unsupported_global(message: str) -> str:
+    """The line of torch's weights_only refusal that names the class ('Unsupported global: GLOBAL x.Y'),
+    without its terminal colour codes; else its first line."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    named = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    return f"unsupported global {named.group(1)}" if named else (text.strip().splitlines() or [""])[0]
+
+
+def _torch_load(path: str, weights_only: bool, is_zip: bool):
+    # A zip archive is memory-mapped: a training dict (model, EMA, optimizer state: ~11 GB at XL) is
+    # not read into RAM on every rank to keep its EMA. torch's legacy format cannot be mapped.
+    kw = dict(map_location="cpu", mmap=is_zip)
     if not weights_only:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, weights_only=False, **kw)
     # Training checkpoints often carry argparse Namespaces ('args'): harmless, allow them.
     safe = getattr(torch.serialization, "safe_globals", None)
     try:
         if safe is not None:
             with safe([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, weights_only=True, **kw)
+        return torch.load(path, weights_only=True, **kw)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: checkpoint holds objects beyond tensors ({first}); if you trust the file, "
-                         f"pass weights_only=False") from None
+        raise ValueError(f"{path}: checkpoint holds objects beyond tensors ({_unsupported_global(str(e))}); if you "
+                         f"trust the file, load it in Python with weights_only=False (load_official, "
+                         f"read_checkpoint), or re-save its state dict alone") from None
 
 
-def _looks_like_torch_save(path: str) -> bool:
-    """torch.save writes a zip archive (or, legacy, a pickle starting with the protocol byte 0x80)."""
+def _torch_save_format(path: str) -> str:
+    """'zip' (torch.save's archive), 'pickle' (its legacy format: protocol byte 0x80); else a ValueError."""
     import zipfile
 
     with open(path, "rb") as f:
-        head = f.read(1)
-    return zipfile.is_zipfile(path) or head == b"\x80"
+        head = f.read(4)
+    if head == _ZIP_MAGIC:
+        if not zipfile.is_zipfile(path):  # the directory sits at the end: an interrupted download or copy
+            raise ValueError("a torch.save zip archive without its central directory: the file is truncated or "
+                             "damaged (re-download or re-save it)")
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    raise ValueError("neither a torch.save zip archive nor a legacy pickle")
 
 
 def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict:
@@ -64,10 +87,8 @@ def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict:
             from safetensors.torch import load_file
 
             obj = load_file(path)
-        elif not _looks_like_torch_save(path):
-            raise ValueError("neither a torch.save zip archive nor a legacy pickle")
         else:
-            obj = _torch_load(path, weights_only)
+            obj = _torch_load(path, weights_only, _torch_save_format(path) == "zip")
     except Exception as exc:  # noqa: BLE001 - truncated or foreign files raise many types
         if isinstance(exc, ValueError) and str(exc).startswith(path):
             raise
@@ -268,12 +289,29 @@ def _build(name: str, given: dict, **kwargs) -> nn.Module:
                                  f"{error_line(exc)}") from None
 
 
+def _build_error(name: str, kwargs: dict) -> str | None:
+    """Why ``name`` cannot be built with ``kwargs`` (the constructor's first line), or None if it can."""
+    try:
+        with torch.device("meta"):
+            build_model(name, **kwargs)
+        return None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return error_line(exc)
+
+
 def load_official(path: str | os.PathLike, name: str, *, weights_only: bool = True, **overrides) -> nn.Module:
     """Builds the registered model ``name`` (``'DiT-XL/2'``, ``'SiT-XL/2'``, ``'REPA-SiT-XL/2'``,
     ``'MDTv2-XL/2'``, ...), loads the official checkpoint at ``path`` strictly and returns it in
     eval mode on the CPU. ``overrides`` go to the constructor. What the checkpoint itself fixes
     (``input_size`` from ``pos_embed``, and :func:`infer_kwargs`) is read from it when not given, so
     512px DiT, a 10-class SiT or a REPA run with a DINOv2-L target need nothing extra."""
+    return load_official_with_args(path, name, weights_only=weights_only, **overrides)[0]
+
+
+def load_official_with_args(path: str | os.PathLike, name: str, *, weights_only: bool = True,
+                            **overrides) -> tuple[nn.Module, object]:
+    """:func:`load_official`, and the training arguments the file saved (``'args'``: an argparse
+    Namespace or a dict; None for a bare state dict), e.g. for :func:`saved_transport`."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(MODEL_CONFIGS))}")
     raw = read_checkpoint(path, weights_only)
@@ -296,10 +334,55 @@ def load_official(path: str | os.PathLike, name: str, *, weights_only: bool = Tr
     if family == "repa_sit":
         state = _repa_legacy_blocks(state, overrides.get("encoder_depth", config.get("encoder_depth", 8)))
     with torch.device("meta"):
-        shell = _build(name, given, **overrides)
+        try:
+            shell = _build(name, given, **overrides)
+        except ModelArgumentError:
+            if _build_error(name, given) is not None:  # what was given fails: say so as before
+                raise
+            # the file is another model's: name the values read off it that alone stop the build
+            read = {k: v for k, v in overrides.items() if k not in given}
+            culprits = {k: v for k, v in read.items()
+                        if _build_error(name, {o: w for o, w in overrides.items() if o != k}) is None} or read
+            raise ValueError(f"checkpoint {os.fspath(path)} does not fit {name}: its weights give "
+                             f"{', '.join(f'{k}={v!r}' for k, v in culprits.items())}, which {name} cannot be built "
+                             f"with ({_build_error(name, overrides)})") from None
     shell.name = name
     check_state_dict(shell, state, what=f"checkpoint {os.fspath(path)}")
     model = _build(name, given, **overrides)
     model.load_state_dict(state, strict=True)
     model.name = name
-    return model.eval()
+    return model.eval(), raw.get("args")
+
+
+def saved_transport(args, family: str, path) -> dict:
+    """The ``ObjectiveConfig`` fields that a SiT or REPA training checkpoint's saved ``args`` fix, to sample
+    it as trained: SiT's ``train.py`` saves ``path_type`` (Linear / GVP / VP), ``prediction`` and its time
+    cut-offs, REPA's ``path_type`` (linear / cosine). Empty for other families and for bare state dicts."""
+    from masked_dit.diffusion.repa import sit_path_name
+    from masked_dit.diffusion.transport import PATHS, PREDICTIONS
+
+    if family not in ("sit", "repa_sit"):
+        return {}
+    out = {}
+    path_type = _saved_arg(args, "path_type")
+    if path_type is not None:
+        try:
+            out["path_type"] = sit_path_name(path_type) if family == "repa_sit" else path_type
+        except (KeyError, ValueError):
+            out["path_type"] = None
+        if out["path_type"] not in (PATHS if family == "sit" else ("Linear", "GVP")):
+            raise ValueError(f"checkpoint {os.fspath(path)}: its saved args.path_type={path_type!r} is not a "
+                             f"{'SiT' if family == 'sit' else 'REPA'} path")
+    if family == "sit":
+        prediction = _saved_arg(args, "prediction")
+        if prediction is not None:
+            if prediction not in PREDICTIONS:
+                raise ValueError(f"checkpoint {os.fspath(path)}: its saved args.prediction={prediction!r} is not "
+                                 f"one of {PREDICTIONS}")
+            out["prediction"] = prediction
+        if out.get("path_type") == "VP" or out.get("prediction", "velocity") != "velocity":
+            for key in ("train_eps", "sample_eps"):  # read by SiT only there
+                value = _saved_arg(args, key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out[key] = float(value)
+    return out

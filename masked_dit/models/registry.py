@@ -33,10 +33,30 @@ def register_sizes(prefix: str, family: str, patch_sizes=(2, 4, 8), **extra) -> 
                             patch_size=p, **extra)
 
 
+# Sizes every family takes, checked before the constructor: 0 or a fraction failed deep inside it
+# (a ZeroDivisionError in the weight init, a modulo by zero), and depth -1 built a model without blocks.
+_AT_LEAST_ONE = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads")
+
+
+def check_sizes(kwargs: dict) -> None:
+    """One ValueError naming a size that is not a positive integer, or a label dropout outside [0, 1)."""
+    for key in _AT_LEAST_ONE:
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be an integer >= 1 (got {value!r})")
+    classes = kwargs.get("num_classes")
+    if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 0):
+        raise ValueError(f"num_classes must be an integer >= 0 (got {classes!r})")
+    dropout = kwargs.get("class_dropout_prob")
+    if dropout is not None and not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f"class_dropout_prob must be in [0, 1) (got {dropout!r}): 1 drops every label")
+
+
 def build(family: str, **kwargs) -> nn.Module:
     """Builds a model of ``family`` with the official constructor's keyword arguments."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; valid: {', '.join(sorted(FAMILIES))}")
+    check_sizes(kwargs)
     return FAMILIES[family](**kwargs)
 
 

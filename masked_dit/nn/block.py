@@ -10,7 +10,8 @@ conditioning over its segment, which lets the same fused ops run on ``[T, 1, D]`
 
 Dropping it into another DiT-style codebase (facebookresearch/DiT, SiT, REPA, fast-DiT, ...)
 is a three-line swap: same constructor, same ``forward(x, c)``, same state_dict keys, so existing
-checkpoints keep loading::
+checkpoints keep loading (REPA's ``SiTBlock`` also takes ``**block_kwargs``: pass ``qk_norm`` only, as
+attention is always fused here)::
 
     from masked_dit.nn import FusedDiTBlock                      # 1. import
     self.blocks = nn.ModuleList([                                # 2. in the model's __init__
@@ -166,6 +167,7 @@ class FusedDiTBlock(nn.Module):
                 pending=None, defer=False):
         """x [B, L, D] (or packed [T, D] with cu_seqlens and segment_ids [T]), c [B, C]; ``pending``/``defer``:
         the previous block's / this block's MLP residual left for the next fused op (class docstring)."""
+        self._check_inputs(x, c, cu_seqlens)
         if self.skip_linear is not None:
             if skip is None:
                 raise ValueError("this block has a skip_linear and needs a skip input")
@@ -199,6 +201,21 @@ class FusedDiTBlock(nn.Module):
         if cu_seqlens is not None:
             x, m = x.squeeze(1), m.squeeze(1)
         return (x, (m, gate_mlp)) if defer else apply_pending(x, (m, gate_mlp))
+
+
+    def _check_inputs(self, x, c, cu_seqlens) -> None:
+        """One line naming x or c (shapes only: no device sync), not an op's name for an inner tensor."""
+        cond = self.adaLN_modulation[1].in_features
+        if x.dim() != (2 if cu_seqlens is not None else 3) or x.shape[-1] != self.hidden_size:
+            want = "[T, D] (packed)" if cu_seqlens is not None else "[B, L, D]"
+            raise ValueError(f"FusedDiTBlock: x must be {want} with D = hidden_size {self.hidden_size}, got "
+                             f"shape {list(x.shape)}")
+        if c.dim() != 2 or c.shape[-1] != cond:
+            raise ValueError(f"FusedDiTBlock: c must be [B, {cond}] (one conditioning row per sample), got shape "
+                             f"{list(c.shape)}")
+        if cu_seqlens is None and c.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"FusedDiTBlock: c has {c.shape[0]} rows for a batch of {x.shape[0]} (one per sample, "
+                             f"or one for all)")
 
 
 class FinalLayer(nn.Module):

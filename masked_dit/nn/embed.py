@@ -32,7 +32,9 @@ class PatchEmbed(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
             raise ValueError(
                 f"expected input of shape [B, {self.in_chans}, {self.img_size}, {self.img_size}], got {list(x.shape)}")
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # The samplers and losses keep x_t in float32; a model cast to bf16 (or float64) takes it in its own
+        # dtype, as the timestep embedder takes its frequencies.
+        return self.proj(x.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
 
 
 def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:

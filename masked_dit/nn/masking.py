@@ -225,6 +225,11 @@ class KeptTokens:
             segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, ids_keep.shape[0])
         elif segment_ids.shape != ids_keep.shape:
             raise ValueError(f"segment_ids must match ids_keep [T={ids_keep.shape[0]}], got {list(segment_ids.shape)}")
+        elif _can_check_values(cu_seqlens) and _can_check_values(segment_ids) and not torch.equal(
+                segment_ids.long(), segment_ids_from_cu_seqlens(cu_seqlens, ids_keep.shape[0]).long()):
+            # the blocks' per-token conditioning reads them: others than cu_seqlens say mix samples silently
+            raise ValueError("segment_ids must be each token's sample index as cu_seqlens lays them out "
+                             "(or leave them out: they are derived)")
         if max_seqlen is None:
             max_seqlen = int(cu_seqlens.diff().max())  # host sync: pass max_seqlen to avoid it
         self.segment_ids, self.max_seqlen = segment_ids, max_seqlen

@@ -25,8 +25,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from masked_dit.models.official import (_match_prefixes, check_state_dict, pick_weights, read_checkpoint,
-                                        saved_model_name)
+from masked_dit.models.official import (_count, _match_prefixes, _repa_legacy_blocks, check_state_dict, pick_weights,
+                                        read_checkpoint, saved_model_name)
 from masked_dit.models.registry import check_model_name
 from masked_dit.train import checkpoint as ckpt
 
@@ -73,6 +73,14 @@ def _from_file(path: Path, model: nn.Module, model_name: Optional[str]) -> tuple
     ema = pick_weights(obj, path, prefer=("ema", "model", "state_dict", "module"))
     keys = set(model.state_dict())
     weights, ema = _match_prefixes(weights, keys), _match_prefixes(ema, keys)
+    if getattr(model, "family", None) == "repa_sit" and any(k.startswith("decoder_blocks.") for k in weights):
+        # REPA's legacy layout: its `blocks` are the encoder, as load_official reads it
+        depth = _count(weights, "blocks.")
+        if depth != model.encoder_depth:
+            raise ValueError(f"--run.init_from {path}: a REPA checkpoint of the legacy layout with encoder_depth "
+                             f"{depth} (its `blocks`), the model aligns after block {model.encoder_depth}: pass "
+                             f"--model.extra='{{\"encoder_depth\": {depth}}}'")
+        weights, ema = _repa_legacy_blocks(weights, depth), _repa_legacy_blocks(ema, depth)
     unused = unused_source_keys(model)
     weights = {k: v for k, v in weights.items() if k not in unused}
     ema = {k: v for k, v in ema.items() if k not in unused}

@@ -422,3 +422,58 @@ def test_mdtv2_passes_backpropagated_one_by_one_hold_one_graph_and_give_the_same
     assert {n for n, g in grads_both.items() if g is None} == {n for n, g in grads_one.items() if g is None}
     for name, g in grads_both.items():
         assert g is None or torch.equal(g, grads_one[name]), name
+
+
+def test_model_cast_to_bf16_samples_and_trains_from_float32_state():
+    """The samplers and losses keep x_t in float32; a model cast to bf16 (``model.to(torch.bfloat16)``,
+    for speed) takes it in its own dtype, as it takes its timestep frequencies, and gives what the
+    float32 model gives to bf16 rounding."""
+    from masked_dit.diffusion.transport import create_transport
+
+    kw = dict(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([1, 2])
+    for name in ("DiT-S/2", "SiT-S/2", "MDTv2-S/2"):
+        model = build_model(name, **kw, **({"decode_layer": 0} if name.startswith("MDT") else {})).eval()
+        ref = model(z, torch.tensor([5.0, 5.0]), y)
+        low = model.to(torch.bfloat16)(z, torch.tensor([5.0, 5.0]), y)
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
+    dit = build_model("DiT-S/2", **kw).eval().to(torch.bfloat16)
+    assert create_diffusion("4").p_sample_loop(dit, z.shape, z, model_kwargs={"y": y}).isfinite().all()
+    assert ADMObjective()(dit, {"x": z, "y": y})["loss"].isfinite()
+    sit = build_model("SiT-S/2", **kw).eval().to(torch.bfloat16)
+    out = sample_ode(create_transport(), sit, z, method="euler", num_steps=3, model_kwargs={"y": y})
+    assert out.dtype == torch.float32 and out.isfinite().all()
+    assert TransportObjective()(sit, {"x": z, "y": y})["loss"].isfinite()
+
+
+def test_sample_refuses_options_it_does_not_read():
+    """Were silently dropped: a misspelt option, or another family's (EDM's S_churn to SiT); the shared
+    guidance keys, which the trainer and the CLI pass to every objective, stay accepted."""
+    model, noise, y = nn.Identity(), torch.zeros(1, 4, 8, 8), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"^ADMObjective.sample\(\) got options it does not read: cfg_scal$"):
+        ADMObjective().sample(model, noise, y, cfg_scal=4.0)
+    with pytest.raises(TypeError, match=r"^TransportObjective.sample\(\) got options it does not read: S_churn, eta$"):
+        TransportObjective().sample(model, noise, y, S_churn=40.0, eta=1.0)
+    with pytest.raises(TypeError, match=r"^EDMMaskDiTObjective.sample\(\) got options it does not read: ode_method$"):
+        EDMMaskDiTObjective().sample(model, noise, y, ode_method="euler")
+    with pytest.raises(TypeError, match=r"^REPAObjective.sample\(\) got options it does not read: eta$"):
+        REPAObjective().sample(model, noise, y, eta=0.5)
+
+
+def test_losses_name_bad_timesteps():
+    """Were a bare IndexError (t = 1000), silently the last step (t = -1), or an alpha of 2 (SiT t = 2)."""
+    from masked_dit.diffusion.transport import create_transport
+
+    diffusion, x = create_diffusion("", learn_sigma=False), torch.randn(2, 4, 2, 2)
+    model = lambda x, t, **kw: x  # noqa: E731
+    for t, match in [(torch.tensor([0, 1000]), r"must be in \[0, 999\] \(got min 0, max 1000\)"),
+                     (torch.tensor([-1, 5]), r"must be in \[0, 999\] \(got min -1, max 5\)"),
+                     (torch.tensor([1.0, 5.0]), r"integer timestep indices in \[0, 1000\), got torch.float32"),
+                     ([1, 5], r"must be a \[2\] tensor of timestep indices, got list")]:
+        with pytest.raises(ValueError, match=match):
+            diffusion.training_losses(model, x, t=t)
+    assert diffusion.training_losses(model, x, t=torch.tensor([0, 999]))["loss"].shape == (2,)
+    with pytest.raises(ValueError, match=r"times t must be in \[0, 1\] \(got min 0.5, max 2.0\)"):
+        create_transport().training_losses(model, x, t=torch.tensor([0.5, 2.0]))

@@ -181,3 +181,12 @@ def test_repa_euler_maruyama_guidance_and_generator(samplers_fixture):
 
     a, b, c = run(**kw), run(**kw), run(num_steps=6)
     assert torch.equal(a, b) and torch.isfinite(a).all() and rel_err(a, c) > 1e-3
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.0])
+def test_samplers_refuse_a_step_count_below_one(steps):
+    """Were silent: 0 or -1 steps returned the input noise as samples (Euler), or an IndexError (SDE)."""
+    x, y = torch.randn(1, 4, 2, 2), torch.zeros(1, dtype=torch.long)
+    for sampler in (repa_euler_sampler, repa_euler_maruyama_sampler):
+        with pytest.raises(ValueError, match=rf"^num_steps must be an integer >= 1 \(got {steps!r}\)$"):
+            sampler(lambda x, t, y: x, x, y, num_steps=steps)

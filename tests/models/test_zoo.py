@@ -257,3 +257,19 @@ def test_load_official_reads_mdtv2_decode_layer_without_encoder_blocks(tmp_path,
     model = load_official(path, "MDTv2-S/2", hidden_size=16, num_heads=2, depth=depth)
     assert model.decode_layer == decode_layer and len(model.de_blocks) == decode_layer
     assert all(torch.equal(model.state_dict()[k], v) for k, v in src.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"hidden_size": 0}, r"hidden_size must be an integer >= 1 \(got 0\)"),
+    ({"patch_size": 0}, r"patch_size must be an integer >= 1 \(got 0\)"),
+    ({"depth": 2.5}, r"depth must be an integer >= 1 \(got 2.5\)"),
+    ({"depth": -1}, r"depth must be an integer >= 1 \(got -1\)"),
+    ({"in_channels": 0}, r"in_channels must be an integer >= 1 \(got 0\)"),
+    ({"num_classes": -1}, r"num_classes must be an integer >= 0 \(got -1\)"),
+    ({"class_dropout_prob": 2.0}, r"class_dropout_prob must be in \[0, 1\) \(got 2.0\)"),
+])
+def test_sizes_are_checked_before_the_constructor(kwargs, match):
+    """Were a ZeroDivisionError in the weight init, a modulo by zero, or a model without blocks."""
+    for name in ("DiT-S/2", "MDTv2-S/2", "REPA-SiT-S/2"):
+        with pytest.raises(ValueError, match=match):
+            build_model(name, **kwargs)

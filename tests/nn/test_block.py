@@ -366,3 +366,16 @@ def test_qk_norm_packed_tokens_equal_each_sample_dense():
         packed = block(torch.cat(xs, 1)[0], c, cu_seqlens=cu, max_seqlen=N, segment_ids=seg)
         dense = torch.cat([block(x, c[i:i + 1])[0] for i, x in enumerate(xs)])
     assert _rel(packed, dense) <= 1e-6
+
+
+def test_block_names_a_wrong_x_or_c():
+    """The drop-in block's own inputs, named: not torch's matmul message or an inner op's 'shift'."""
+    block = FusedDiTBlock(32, 2)
+    x, c = torch.randn(2, 4, 32), torch.randn(2, 32)
+    for bad_x, bad_c, match in [(x, torch.randn(2, 16), r"c must be \[B, 32\] .* got shape \[2, 16\]"),
+                                (x, torch.randn(32), r"c must be \[B, 32\] .* got shape \[32\]"),
+                                (x, torch.randn(3, 32), "c has 3 rows for a batch of 2"),
+                                (torch.randn(2, 4, 16), c, r"x must be \[B, L, D\] with D = hidden_size 32")]:
+        with pytest.raises(ValueError, match=match):
+            block(bad_x, bad_c)
+    assert block(x, c[:1]).shape == x.shape  # one row for the whole batch, as the official modulate broadcasts

@@ -239,3 +239,15 @@ def test_scheduled_mask_ratio_is_maskdits():
     assert scheduled_mask_ratio(-1.0, "linear", 0.5, 0.1) == 0.1
     with pytest.raises(ValueError, match="unknown mask ratio schedule 'cos4'"):
         scheduled_mask_ratio(0.5, "cos4")
+
+
+def test_packed_segment_ids_must_follow_cu_seqlens():
+    """Were taken as given: all-zero segment_ids gave every token sample 0's conditioning (an MDTv2 output off
+    by 0.28), out-of-range ones an IndexError in the block."""
+    ids = torch.tensor([0, 2, 1, 3, 0], dtype=torch.int64)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    assert KeptTokens(ids, 4, 2, cu_seqlens=cu).segment_ids.tolist() == [0, 0, 1, 1, 1]
+    assert KeptTokens(ids, 4, 2, cu_seqlens=cu, segment_ids=torch.tensor([0, 0, 1, 1, 1])).max_seqlen == 3
+    for bad in ([0, 0, 0, 0, 0], [0, 0, 1, 1, 7]):
+        with pytest.raises(ValueError, match="segment_ids must be each token's sample index as cu_seqlens"):
+            KeptTokens(ids, 4, 2, cu_seqlens=cu, segment_ids=torch.tensor(bad))

@@ -426,8 +426,17 @@ CASES = [
      "masked-dit sample: error: --vae {work}/novae: no such folder (a save_pretrained AutoencoderKL folder "
      "or a hub id)"),
     ("sample-model-with-run-folder", lambda w, m: _sample(w, m, "--model", "DiT-B/2"),
-     "masked-dit sample: error: --model / --model-kwargs describe an official checkpoint file; the folder "
-     "{m}/runs/digits-dit brings its own model config: leave them out"),
+     "masked-dit sample: error: --model describes an official checkpoint file; the folder "
+     "{m}/runs/digits-dit brings its own model config: leave it out"),
+    ("sample-path-type-with-run-folder", lambda w, m: _sample(w, m, "--path-type", "GVP"),
+     "masked-dit sample: error: --path-type describes an official checkpoint file; the folder "
+     "{m}/runs/digits-dit brings its own model config: leave it out"),
+    ("sample-path-type-not-sit", lambda w, m: ["sample", str(m / "runs/digits-dit/export/ema.safetensors"),
+                                               "--model", "DiT-S/2", "--path-type", "GVP"],
+     "masked-dit sample: error: --path-type is a SiT / REPA interpolant option: DiT-S/2 is not one"),
+    ("sample-truncated-pt", lambda w, m: ["sample", str(_apply(_torch_saved(w, m), _truncate)), "--model", "DiT-S/2"],
+     "masked-dit sample: error: {work}/e.pt: unreadable checkpoint (ValueError: a torch.save zip archive without "
+     "its central directory: the file is truncated or damaged (re-download or re-save it))"),
     ("sample-cfg-scale-nan", lambda w, m: _sample(w, m, "--cfg-scale", "nan"),
      "masked-dit sample: error: --cfg-scale must be a finite number (got nan)"),
     ("sample-guidance-interval-reversed", lambda w, m: _sample(w, m, "--guidance-low", "0.9",
@@ -602,6 +611,14 @@ def _unlink(path):
 def _copy(src, dst):
     shutil.copy(src, dst)
     return dst
+
+
+def _torch_saved(work, m):
+    """The module's DiT export as a torch.save file."""
+    from safetensors.torch import load_file
+
+    torch.save(load_file(m / "runs/digits-dit/export/ema.safetensors"), work / "e.pt")
+    return work / "e.pt"
 
 
 def _broken_images(work):
