@@ -136,7 +136,7 @@ def _load_for_sampling(args):
 def _set_transport(cfg, args, saved_args, family: str, src: Path) -> None:
     """The interpolant an official SiT / REPA file was trained with: its saved args (SiT's and REPA's
     train.py save them), then --path-type / --prediction as SiT's sample.py takes them (bare state dicts)."""
-    from masked_dit.configs import ConfigError, validate
+    from masked_dit.configs import ConfigError, _validate_transport_eps
     from masked_dit.models.official import saved_transport
 
     given = {k: getattr(args, k) for k in ("path_type", "prediction") if getattr(args, k) is not None}
@@ -151,8 +151,8 @@ def _set_transport(cfg, args, saved_args, family: str, src: Path) -> None:
     if "path_type" in given or "prediction" in given:  # cut-offs saved for another interpolant do not apply
         if cfg.objective.path_type != "VP" and cfg.objective.prediction == "velocity":
             cfg.objective.train_eps = cfg.objective.sample_eps = None
-    try:
-        validate(cfg)
+    try:  # the cut-offs only: the rest of the preset's config is not this file's
+        _validate_transport_eps(cfg.objective)
     except ConfigError as exc:
         raise ValueError(f"{src}: {exc}") from None
 
