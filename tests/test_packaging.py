@@ -29,7 +29,7 @@ def sdist(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sdist")
     # egg-info goes to the temporary folder too, so the checkout is left as it was
     _run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(out), "sdist", "-d", str(out)], ROOT)
-    (archive,) = out.glob("masked_dit-*.tar.gz")
+    (archive,) = out.glob("masked[-_]dit-*.tar.gz")  # setuptools < 69.3: masked-dit-
     with tarfile.open(archive) as tar:
         # the "data" filter where this Python has it (3.10.12+); the archive is our own either way
         tar.extractall(out / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))

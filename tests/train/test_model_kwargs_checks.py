@@ -58,8 +58,8 @@ def export(tmp_path_factory):
 
 
 @pytest.mark.parametrize("change, error", [
-    ({"hidden_size": -32}, "RuntimeError: Trying to create tensor with negative dimension -32"),
-    ({"hidden_size": 32.5}, "ValueError: out_channels must be divisible by groups"),
+    ({"hidden_size": -32}, "ValueError: hidden_size must be an integer >= 1 (got -32)"),
+    ({"hidden_size": 32.5}, "ValueError: hidden_size must be an integer >= 1 (got 32.5)"),
     ({"mlp_ratio": "a"}, "ValueError: invalid literal for int()"),
 ])
 def test_sample_model_kwargs_the_constructor_rejects(export, tmp_path, capsys, change, error):
