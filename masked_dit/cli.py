@@ -172,11 +172,12 @@ def _check_transport_flags(args) -> None:
         raise ValueError("--path-type VP: REPA's paths are Linear (its 'linear') and GVP (its 'cosine')")
 
 
-def _transport_settings(cfg) -> dict | None:
-    """A parts folder's record of a SiT / REPA file's interpolant when not SiT's default (Linear velocity):
-    samples of another interpolant must not be mixed in; folders of before (no entry) read as the default."""
+def _transport_settings(cfg, args) -> dict | None:
+    """A parts folder's record of an official SiT / REPA file's interpolant when not SiT's default (Linear
+    velocity): samples of another interpolant must not be mixed in; folders of before (no entry) read as the
+    default. A run folder's interpolant is its config's, fixed with its weights: not recorded."""
     oc = cfg.objective
-    if oc.kind not in ("transport", "repa"):
+    if not args.model or oc.kind not in ("transport", "repa"):
         return None
     keys = {"path_type": "Linear", "prediction": "velocity", "train_eps": None, "sample_eps": None}
     changed = {k: getattr(oc, k) for k, default in keys.items() if getattr(oc, k) != default}
@@ -327,7 +328,7 @@ def _sample(args, _overrides) -> int:
         if out.suffix == ".npz":
             labels = sample_labels(num, cfg.model.num_classes, args.seed, args.classes)
             settings = dict(source=str(Path(args.source).resolve()), model=args.model, weights=weights,
-                            model_kwargs=_model_kwargs(args), transport=_transport_settings(cfg),
+                            model_kwargs=_model_kwargs(args), transport=_transport_settings(cfg, args),
                             vae=args.vae, precision=args.precision, classes=args.classes, **kw)
             n = generate_npz(draw, labels, out, shape=shape, batch_size=args.batch_size, seed=args.seed,
                              settings=settings, world=world, decode=decode if vae else None)
@@ -400,7 +401,7 @@ def _likelihood(args, _overrides) -> int:
     if num == 0:
         raise ValueError(f"{what}: no items to score")
     settings = dict(source=str(Path(args.source).resolve()), model=args.model, weights=weights_fingerprint(model),
-                    model_kwargs=_model_kwargs(args), transport=_transport_settings(cfg),
+                    model_kwargs=_model_kwargs(args), transport=_transport_settings(cfg, args),
                     data=what, num=num, ode_method=options["ode_method"], steps=args.steps, atol=options["atol"],
                     rtol=options["rtol"], batch_size=args.batch_size, seed=args.seed, precision=args.precision)
     world = init_world(args.device)
