@@ -51,6 +51,8 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 8
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not 0 < sigma_min <= sigma_max:
         raise ValueError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
+    if not (math.isfinite(rho) and rho > 0):  # 1 / rho below
+        raise ValueError(f"rho must be a finite number > 0 (EDM: 7), got {rho}")
     i = torch.arange(num_steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     steps = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho

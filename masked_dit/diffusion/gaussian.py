@@ -484,6 +484,8 @@ class GaussianDiffusion:
                                      denoised_fn=None, model_kwargs: dict | None = None, device=None,
                                      dtype=None, progress: bool = False, eta: float = 0.0) -> Iterator[dict]:
         """Yield each DDIM step's dict(sample, pred_xstart), noisiest first."""
+        if not (math.isfinite(eta) and eta >= 0):  # a variance weight: negative would flip the noise's sign
+            raise ValueError(f"eta must be a finite number >= 0 (0 deterministic, 1 DDPM's variance), got {eta}")
         yield from self._loop(self.ddim_sample, model_fn, shape, noise, step_noise, generator, device, dtype, progress,
                               clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta)
 

@@ -100,6 +100,8 @@ def create_diffusion(timestep_respacing: str | int | Sequence[int] | None = "", 
     """
     if predict_xstart and predict_v:
         raise ValueError("predict_xstart and predict_v are exclusive")
+    if isinstance(diffusion_steps, bool) or not isinstance(diffusion_steps, int) or diffusion_steps < 1:
+        raise ValueError(f"diffusion_steps must be an integer >= 1 (got {diffusion_steps!r})")
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:
         loss_type = LossType.RESCALED_KL

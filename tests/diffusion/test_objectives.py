@@ -477,3 +477,15 @@ def test_losses_name_bad_timesteps():
     assert diffusion.training_losses(model, x, t=torch.tensor([0, 999]))["loss"].shape == (2,)
     with pytest.raises(ValueError, match=r"times t must be in \[0, 1\] \(got min 0.5, max 2.0\)"):
         create_transport().training_losses(model, x, t=torch.tensor([0.5, 2.0]))
+
+
+def test_sampler_settings_that_divided_by_zero_or_flipped_a_sign_are_named():
+    """Were a ZeroDivisionError (rho 0, zero diffusion steps) or accepted (DDIM eta < 0)."""
+    from masked_dit.diffusion.edm_sampling import karras_sigmas
+
+    with pytest.raises(ValueError, match=r"^rho must be a finite number > 0 \(EDM: 7\), got 0$"):
+        karras_sigmas(4, rho=0)
+    with pytest.raises(ValueError, match=r"^diffusion_steps must be an integer >= 1 \(got 0\)$"):
+        create_diffusion("", diffusion_steps=0)
+    with pytest.raises(ValueError, match=r"^eta must be a finite number >= 0 .*got -1$"):
+        create_diffusion("4").ddim_sample_loop(lambda x, t, **kw: torch.cat([x, x], 1), (1, 4, 2, 2), eta=-1)
