@@ -139,7 +139,7 @@ def _set_transport(cfg, args, saved_args, family: str, src: Path) -> None:
     from masked_dit.configs import ConfigError, _validate_transport_eps
     from masked_dit.models.official import saved_transport
 
-    given = {k: getattr(args, k) for k in ("path_type", "prediction") if getattr(args, k) is not None}
+    given = _transport_flags(args)
     saved = saved_transport(saved_args, family, src)
     changed = {k: (saved[k], v) for k, v in given.items() if k in saved and saved[k] != v}
     if changed:
@@ -157,12 +157,17 @@ def _set_transport(cfg, args, saved_args, family: str, src: Path) -> None:
         raise ValueError(f"{src}: {exc}") from None
 
 
+def _transport_flags(args) -> dict:
+    """--path-type / --prediction as given (None: left out)."""
+    return {k: getattr(args, k) for k in ("path_type", "prediction") if getattr(args, k) is not None}
+
+
 def _check_transport_flags(args) -> None:
     """--path-type / --prediction name a SiT or REPA interpolant: refused for other models."""
     from masked_dit.models.registry import MODEL_CONFIGS
 
     family = MODEL_CONFIGS.get(args.model, ("",))[0]
-    given = {k: getattr(args, k) for k in ("path_type", "prediction") if getattr(args, k) is not None}
+    given = _transport_flags(args)
     if given and family not in ("sit", "repa_sit"):
         raise ValueError(f"--{next(iter(given)).replace('_', '-')} is a SiT / REPA interpolant option: {args.model} "
                          f"is not one")

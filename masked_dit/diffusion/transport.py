@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from masked_dit import rng
+from masked_dit.nn.embed import can_check_values
 
 ModelFn = Callable[..., torch.Tensor]
 
@@ -315,7 +316,7 @@ class Transport:
             got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"t must be a tensor of shape [{x1.shape[0]}], got {got}")
         # the path's time runs over [0, 1]: outside, alpha and sigma leave it silently (checked on the host only)
-        if t.device.type == "cpu" and not torch.compiler.is_compiling() and t.numel() and bool(
+        if can_check_values(t) and t.numel() and bool(
                 ((t < 0) | (t > 1)).any()):
             raise ValueError(f"times t must be in [0, 1] (got min {float(t.min())}, max {float(t.max())})")
         if x0.shape != x1.shape:

@@ -366,13 +366,14 @@ def saved_transport(args, family: str, path) -> dict:
     out = {}
     path_type = _saved_arg(args, "path_type")
     if path_type is not None:
-        try:
-            out["path_type"] = sit_path_name(path_type) if family == "repa_sit" else path_type
-        except (KeyError, ValueError):
-            out["path_type"] = None
-        if out["path_type"] not in (PATHS if family == "sit" else ("Linear", "GVP")):
+        try:  # REPA saves its own names (linear / cosine): SiT's here; sit_path_name refuses others
+            known = sit_path_name(path_type) if family == "repa_sit" else path_type if path_type in PATHS else None
+        except ValueError:
+            known = None
+        if known is None:
             raise ValueError(f"checkpoint {os.fspath(path)}: its saved args.path_type={path_type!r} is not a "
                              f"{'SiT' if family == 'sit' else 'REPA'} path")
+        out["path_type"] = known
     if family == "sit":
         prediction = _saved_arg(args, "prediction")
         if prediction is not None:

@@ -202,7 +202,6 @@ class FusedDiTBlock(nn.Module):
             x, m = x.squeeze(1), m.squeeze(1)
         return (x, (m, gate_mlp)) if defer else apply_pending(x, (m, gate_mlp))
 
-
     def _check_inputs(self, x, c, cu_seqlens) -> None:
         """One line naming x or c (shapes only: no device sync), not an op's name for an inner tensor."""
         cond = self.adaLN_modulation[1].in_features

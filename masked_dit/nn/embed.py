@@ -104,6 +104,11 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+def can_check_values(t: torch.Tensor) -> bool:
+    """Data-dependent checks only where they cost no device sync and no graph break (eager, CPU)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def check_labels(y: torch.Tensor, num_valid: int, what: str) -> None:
     """Raises ValueError (one line, naming ``what``) if a label of a CPU tensor is outside ``[0, num_valid)``.
 
@@ -113,7 +118,7 @@ def check_labels(y: torch.Tensor, num_valid: int, what: str) -> None:
     --model.num_classes, ``sample_labels``). While compiling, a Python ``if`` would break the graph, so
     the check is the same in-graph assert (a bad label fails as a RuntimeError with the same text).
     """
-    if torch.compiler.is_compiling() or y.device.type != "cpu":
+    if not can_check_values(y):
         torch._assert_async(((y >= 0) & (y < num_valid)).all(), f"{what}: label out of range [0, {num_valid})")
         return
     if bool(((y < 0) | (y >= num_valid)).any()):  # min/max only on failure

@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from masked_dit import ops, rng
+from masked_dit.nn.embed import can_check_values
 from masked_dit.ops.tokens import check_cu_seqlens_values, check_ids_values
 
 
@@ -173,11 +174,6 @@ def packed_from_dense(ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return ids_keep.reshape(-1), cu_seqlens, segment_ids, K
 
 
-def _can_check_values(t: torch.Tensor) -> bool:
-    """Data-dependent checks only where they cost no device sync and no graph break (eager, CPU)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
 def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Sample index of every packed token (int64 [T]) from ``cu_seqlens`` [B + 1]."""
     counts = cu_seqlens.diff().long()
@@ -206,7 +202,7 @@ class KeptTokens:
         self.ids_keep, self.cu_seqlens = ids_keep, cu_seqlens
         # Once here, on any device: the ops check values on CPU only, and off it out-of-range ids read
         # outside the sample.
-        if _can_check_values(ids_keep):
+        if can_check_values(ids_keep):
             check_ids_values(ids_keep, num_tokens)
         if cu_seqlens is None:
             if ids_keep.dim() != 2 or ids_keep.shape[0] != batch_size or not 1 <= ids_keep.shape[1] <= num_tokens:
@@ -219,13 +215,13 @@ class KeptTokens:
                              f"{list(cu_seqlens.shape)}")
         if ids_keep.dim() != 1:
             raise ValueError(f"packed ids_keep must be 1-D [T], got {list(ids_keep.shape)}")
-        if _can_check_values(cu_seqlens):
+        if can_check_values(cu_seqlens):
             check_cu_seqlens_values(cu_seqlens, ids_keep.shape[0], max_len=num_tokens)
         if segment_ids is None:
             segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, ids_keep.shape[0])
         elif segment_ids.shape != ids_keep.shape:
             raise ValueError(f"segment_ids must match ids_keep [T={ids_keep.shape[0]}], got {list(segment_ids.shape)}")
-        elif _can_check_values(cu_seqlens) and _can_check_values(segment_ids) and not torch.equal(
+        elif can_check_values(cu_seqlens) and can_check_values(segment_ids) and not torch.equal(
                 segment_ids.long(), segment_ids_from_cu_seqlens(cu_seqlens, ids_keep.shape[0]).long()):
             # the blocks' per-token conditioning reads them: others than cu_seqlens say mix samples silently
             raise ValueError("segment_ids must be each token's sample index as cu_seqlens lays them out "
