@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from masked_dit.models.registry import register_config, register_family, register_sizes
 from masked_dit.nn.block import FinalLayer, FusedDiTBlock, init_dit_weights, run_blocks
-from masked_dit.nn.embed import (OneHotLabelEmbedder, PatchEmbed, TimestepEmbedder, check_labels, sincos_pos_embed_2d,
-                                 unpatchify)
+from masked_dit.nn.embed import (OneHotLabelEmbedder, PatchEmbed, TimestepEmbedder, can_check_values, check_labels,
+                                 sincos_pos_embed_2d, unpatchify)
 from masked_dit.nn.masking import KeptTokens, random_masking
 
 
@@ -159,6 +159,10 @@ class MaskDiT(nn.Module):
             raise ValueError(f"{name} sigma must be a scalar or have {B} entries (one per sample), "
                              f"got {list(sigma.shape)}")
         sigma = sigma.reshape(-1).expand(B)
+        # ln(sigma) is the noise input: sigma <= 0 would give the network -inf/NaN. The samplers never pass
+        # it (EDM's last step uses the denoised value at sigma_min), so it is a caller's slip, named here.
+        if can_check_values(sigma) and sigma.numel() and not bool((sigma > 0).all()):
+            raise ValueError(f"{name} sigma must be > 0 (the network sees ln(sigma)), got min {float(sigma.min())}")
         if not self.num_classes:
             return sigma, None
         if class_labels is None:  # unconditional: the zero (null) label

@@ -192,6 +192,9 @@ def test_bad_input_errors():
         model(x, sigma, torch.zeros(2, 11))
     with pytest.raises(ValueError, match="sigma must be a scalar or have 2 entries"):
         model(x, torch.ones(3), y)
+    for bad in (0.0, torch.tensor([1.0, -0.5]), float("nan")):  # the network would see ln(sigma) = -inf/NaN
+        with pytest.raises(ValueError, match=r"sigma must be > 0 \(the network sees ln\(sigma\)\)"):
+            model(x, bad, y)
     with pytest.raises(ValueError, match="learn_sigma"):
         MaskDiT(**{**TINY, "learn_sigma": True})
     with pytest.raises(ValueError, match="cu_seqlens needs ids_keep"):
