@@ -28,6 +28,17 @@ def _per_sample(scale, like: torch.Tensor):
     return scale
 
 
+def _check_guided_channels(guided_channels, out_channels=None) -> None:
+    # More channels than the output has would silently guide a learned-sigma half too.
+    if guided_channels is None:
+        return
+    if isinstance(guided_channels, bool) or not isinstance(guided_channels, int) or guided_channels < 1 or (
+            out_channels is not None and guided_channels > out_channels):
+        limit = "" if out_channels is None else f" (the model outputs {out_channels})"
+        raise ValueError(f"guided_channels must be None (all) or an int in [1, output channels]{limit}, "
+                         f"got {guided_channels!r}")
+
+
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale, guided_channels: int | None = None) -> torch.Tensor:
     """uncond + scale * (cond - uncond) on channels [0, guided_channels) (all when None); the remaining
     channels are taken from `cond` unchanged, as DiT's forward_with_cfg leaves them.
@@ -36,8 +47,9 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale, guided_channels
     """
     if cond.shape != uncond.shape:
         raise ValueError(f"cond {list(cond.shape)} and uncond {list(uncond.shape)} differ in shape")
+    _check_guided_channels(guided_channels, cond.shape[1])
     scale = _per_sample(scale, cond)
-    if guided_channels is None or guided_channels >= cond.shape[1]:
+    if guided_channels is None or guided_channels == cond.shape[1]:
         return uncond + scale * (cond - uncond)
     g = guided_channels
     guided = uncond[:, :g] + scale * (cond[:, :g] - uncond[:, :g])
@@ -160,6 +172,7 @@ class ClassifierFreeGuidance:
 
     def __init__(self, model_fn: Callable, cfg_scale, null_label=None, guided_channels: int | None = None,
                  schedule: ScaleSchedule | None = None, label_key: str = "y"):
+        _check_guided_channels(guided_channels)
         self.model_fn, self.cfg_scale, self.null_label = model_fn, cfg_scale, null_label
         self.guided_channels, self.schedule, self.label_key = guided_channels, schedule, label_key
 

@@ -50,6 +50,23 @@ def test_cfg_combine_three_channels_vs_all():
     assert torch.equal(three[:, 3:], cond[:, 3:])           # channel 3 of eps and the variance: cond only
     per_sample = cfg_combine(cond, uncond, torch.tensor([1.0, 2.0], dtype=F64))
     torch.testing.assert_close(per_sample[0], cond[0])
+    torch.testing.assert_close(cfg_combine(cond, uncond, 4.0, guided_channels=8), all_ch)
+
+
+@pytest.mark.parametrize("bad", [9, 0, -1, 2.5, True])
+def test_guided_channels_out_of_range_is_named(bad):
+    # 9 on an 8-channel (learned-sigma) output used to guide the sigma half silently.
+    cond = uncond = torch.zeros(2, 8, 2, 2)
+    with pytest.raises(ValueError, match="guided_channels must be None"):
+        cfg_combine(cond, uncond, 4.0, guided_channels=bad)
+    if bad != 9:
+        with pytest.raises(ValueError, match="guided_channels must be None"):
+            ClassifierFreeGuidance(lambda x, t, y: x, 4.0, null_label=NULL, guided_channels=bad)
+        return
+    # The output's width is known only at the call.
+    guided = ClassifierFreeGuidance(lambda x, t, y: torch.cat([x, x], 1), 4.0, null_label=NULL, guided_channels=9)
+    with pytest.raises(ValueError, match=r"\(the model outputs 8\), got 9"):
+        guided(torch.zeros(2, 4, 2, 2), torch.zeros(2), torch.zeros(2, dtype=torch.long))
 
 
 @pytest.mark.parametrize("pow_", [None, 4.0])
