@@ -107,6 +107,7 @@ class ADMObjective:
 
     def __call__(self, model, batch: dict, *, t=None, noise=None) -> dict:
         """``t`` / ``noise`` replace the random draws (tests replay a reference's draws)."""
+        check_family(self.kind, model)
         x, y = batch["x"], batch["y"]
         t, noise = self._draw(x, t, noise)
         terms = self.diffusion.training_losses(model, x, t, noise=noise, model_kwargs={"y": y})
@@ -124,7 +125,7 @@ class ADMObjective:
                cfg_scale: float = 1.0, scale_pow: float | None = None, eta: float = 0.0, progress: bool = False,
                generator: torch.Generator | None = None, **unread) -> torch.Tensor:
         """``eta``: DDIM's stochasticity (sampler "ddim" only; 0 deterministic, 1 DDPM's variance)."""
-        _check_sampler(self, sampler, "ADM diffusion", unread)
+        _check_sampler(self, model, sampler, "ADM diffusion", unread)
         check_adm_options_apply(["eta"] if eta != 0 else [], sampler, lambda key: key)
         check_adm_sampling({"eta": eta}, lambda key: f"{key}={eta}")
         respaced = create_diffusion(adm_respacing(sampler, steps, self.diffusion_steps), self.noise_schedule,
@@ -212,6 +213,7 @@ class MDTv2Objective(ADMObjective):
         """The full pass's terms, then the masked pass's (each with its own ``loss``). A trainer that
         backpropagates each pass before asking for the next holds one pass's activations at a time
         (both graphs at once took 1.9x the activation memory); the draws are the same either way."""
+        check_family(self.kind, model)
         x, y = batch["x"], batch["y"]
         m = unwrap(model)
         top = self.mask_ratio + self.mask_ratio_jitter
@@ -263,6 +265,7 @@ class TransportObjective:
         self.transport = Transport(path_type, prediction, loss_weight, train_eps, sample_eps)
 
     def __call__(self, model, batch: dict) -> dict:
+        check_family(self.kind, model)
         terms = self.transport.training_losses(model, batch["x"], model_kwargs={"y": batch["y"]})
         return {"loss": terms["loss"].mean()}
 
@@ -277,7 +280,7 @@ class TransportObjective:
         from masked_dit.diffusion.ode import sample_ode
         from masked_dit.diffusion.sde import sample_sde
 
-        _check_sampler(self, sampler, "SiT", unread)
+        _check_sampler(self, model, sampler, "SiT", unread)
         m = unwrap(model)
         fn = model if cfg_scale == 1.0 else ClassifierFreeGuidance(model, cfg_scale, null_label=m.num_classes,
                                                                      guided_channels=_guided_channels(m))
@@ -336,6 +339,7 @@ class EDMMaskDiTObjective:
 
     def __call__(self, model, batch: dict, *, rnd_normal=None, noise=None, ids_keep=None) -> dict:
         """``rnd_normal`` [B] / ``noise`` (unit) / ``ids_keep`` [B, K] replace the random draws."""
+        check_family(self.kind, model)
         x, y = batch["x"], batch["y"]
         m = unwrap(model)
         labels = _one_hot_labels(m, y, x.dtype)
@@ -373,7 +377,7 @@ class EDMMaskDiTObjective:
                discretization: str = "edm", schedule: str = "linear", scaling: str = "none", **unread) -> torch.Tensor:
         """MaskDiT's sample.py: EDM's Heun (or ``euler``) sampler; a discretization / schedule / scaling
         other than EDM's is its ablation sampler. Defaults as MaskDiT's (sigma range: the discretization's)."""
-        _check_sampler(self, sampler, "EDM", unread)
+        _check_sampler(self, model, sampler, "EDM", unread)
         m = unwrap(model)
         labels = _one_hot_labels(m, y, noise.dtype)
         if labels is None and cfg_scale != 1.0:
@@ -424,6 +428,7 @@ class REPAObjective:
     def __call__(self, model, batch: dict, *, t=None, noise=None) -> dict:
         from masked_dit.diffusion.repa import repa_training_losses
 
+        check_family(self.kind, model)
         x, y = batch["x"], batch["y"]
         zs = self.features(batch)
         terms = repa_training_losses(model, x, zs, t=t, noise=noise, model_kwargs={"y": y}, path_type=self.path_type,
@@ -436,7 +441,7 @@ class REPAObjective:
                generator: torch.Generator | None = None, **unread) -> torch.Tensor:
         from masked_dit.diffusion.repa import repa_euler_maruyama_sampler, repa_euler_sampler
 
-        _check_sampler(self, sampler, "REPA", unread)
+        _check_sampler(self, model, sampler, "REPA", unread)
         m = unwrap(model)
         kw = dict(num_steps=steps, cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
                   null_label=m.num_classes, progress=progress)
@@ -472,7 +477,16 @@ def pixel_encoder(specs: str, model, image_size: int, precision: str = "fp32") -
     return encode
 
 
-def _check_sampler(objective, sampler: str, what: str, unread: dict) -> None:
+def check_family(kind: str, model: torch.nn.Module) -> None:
+    """One line if ``model`` is of a registered family that objective ``kind`` does not train: the loss
+    or the sampler would fail deep inside (an AttributeError, a shape mismatch) or train the wrong thing."""
+    family = getattr(unwrap(model), "family", None)
+    if family is not None and family not in FAMILIES[kind]:
+        raise ValueError(f"objective {kind!r} trains {', '.join(FAMILIES[kind])} models, not {family!r} "
+                         f"(use --objective.kind={DEFAULT_OBJECTIVE.get(family, '?')})")
+
+
+def _check_sampler(objective, model, sampler: str, what: str, unread: dict) -> None:
     """``sampler`` applies, and ``sample`` read every option it was given but the shared guidance keys,
     which generic callers (the trainer's grids, ``masked-dit sample``) pass to every objective: a
     misspelt name or another family's option (``S_churn`` to SiT) is an error, not silently dropped."""
@@ -483,6 +497,7 @@ def _check_sampler(objective, sampler: str, what: str, unread: dict) -> None:
         raise TypeError(f"{type(objective).__name__}.sample() got options it does not read: {', '.join(foreign)}")
     if sampler != "auto" and sampler not in objective.samplers:
         raise ValueError(f"sampler {sampler!r} does not apply to {what}; valid: {', '.join(objective.samplers)}")
+    check_family(objective.kind, model)
 
 
 # Samplers each objective's ``sample`` accepts besides "auto", by objective kind.
@@ -501,10 +516,8 @@ def build_objective(cfg, model=None, pixel_space: bool = False, *, image_size: O
     if kind not in FAMILIES:
         raise ValueError(f"unknown objective {kind!r}; valid: {', '.join(FAMILIES)}")
     m = unwrap(model) if model is not None else None
-    family = getattr(m, "family", None)
-    if family is not None and family not in FAMILIES[kind]:
-        raise ValueError(f"objective {kind!r} trains {', '.join(FAMILIES[kind])} models, not {family!r} "
-                         f"(use --objective.kind={DEFAULT_OBJECTIVE.get(family, '?')})")
+    if m is not None:
+        check_family(kind, m)
     if kind in ("adm", "mdtv2"):
         learn_sigma = bool(getattr(m, "learn_sigma", True))
         common = dict(diffusion_steps=cfg.diffusion_steps, noise_schedule=cfg.noise_schedule, learn_sigma=learn_sigma,

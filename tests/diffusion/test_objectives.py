@@ -23,8 +23,9 @@ def _fixture(fixtures_dir: Path, name: str) -> dict:
 
 
 class AnalyticADM(nn.Module):
-    """The fixtures' ADM model: eps = 0.3x + 0.1 sin(3x) + 0.001 t, var = 0.9 tanh(x); ignores masks."""
-    learn_sigma, in_channels, num_classes, num_patches, family = True, 4, 10, 4, "mdtv2"
+    """The fixtures' ADM model: eps = 0.3x + 0.1 sin(3x) + 0.001 t, var = 0.9 tanh(x); ignores masks.
+    It has no ``family``: it stands in for DiT and MDTv2 alike."""
+    learn_sigma, in_channels, num_classes, num_patches = True, 4, 10, 4
 
     def forward(self, x, t, y, ids_keep=None, ids_restore=None):
         tt = t.to(x.dtype).view(-1, 1, 1, 1)
@@ -176,6 +177,20 @@ def test_build_objective_checks_family():
         build_objective(get_preset("digits-maskdit").objective, model)
     assert isinstance(build_objective(get_preset("digits-dit").objective, model), ADMObjective)
     assert json.dumps(create_diffusion("").num_timesteps) == "1000"
+
+
+@pytest.mark.parametrize("obj, name", [(ADMObjective(), "SiT-S/4"), (MDTv2Objective(), "DiT-S/4"),
+                                       (TransportObjective(), "MaskDiT-S/4"), (EDMMaskDiTObjective(), "SiT-S/4"),
+                                       (REPAObjective(), "DiT-S/4")])
+def test_objective_called_on_another_family_names_it(obj, name):
+    # Called directly (not through build_objective), these failed deep inside: an AttributeError
+    # (num_patches, class_dropout_prob), a shape mismatch or an unexpected keyword.
+    model = build_model(name, input_size=8, in_channels=4, num_classes=10)
+    batch = {"x": torch.randn(2, 4, 8, 8), "y": torch.tensor([1, 2])}
+    with pytest.raises(ValueError, match=f"objective '{obj.kind}' trains .* models, not '{model.family}'"):
+        obj(model, batch)
+    with pytest.raises(ValueError, match=f"objective '{obj.kind}' trains .* models, not '{model.family}'"):
+        obj.sample(model, torch.randn(2, 4, 8, 8), batch["y"], steps=2)
 
 
 @pytest.mark.parametrize("cls", [ADMObjective, MDTv2Objective, TransportObjective, EDMMaskDiTObjective, REPAObjective])
