@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -55,10 +54,11 @@ def _say_pinned_sizes(cfg, overrides: list[str]) -> None:
     """``--model.name`` picks the family; sizes the preset (or config file) pins stay unless given too:
     say so where they are not the name's (``--model.name=DiT-B/8`` on a digits preset trains width 96)."""
     from masked_dit.models.registry import MODEL_CONFIGS
+    from masked_dit.train.dist import is_other_rank
 
     given = {o[2:].split("=", 1)[0] for o in overrides if o.startswith("--")}
     named = MODEL_CONFIGS.get(cfg.model.name, (None, {}))[1]
-    if "model.name" not in given or os.environ.get("RANK", "0") != "0":
+    if "model.name" not in given or is_other_rank():
         return
     kept = [f"{k}={getattr(cfg.model, k)} (the name's {named[k]})" for k in ("depth", "hidden_size", "num_heads",
                                                                             "patch_size")
@@ -481,15 +481,13 @@ def _device(name: str) -> str:
 def _extraction_world(name: str):
     """(World, device) under torchrun, where each rank takes its share of the shards on its own GPU
     (--device auto / cuda / cpu); (None, the device) in one process."""
-    import os
+    from masked_dit.train.dist import env_int, init_world
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if env_int("WORLD_SIZE", 1) <= 1:
         return None, _device(name)
     if name not in ("auto", "cuda", "cpu"):
         raise ValueError(f"--device {name}: under torchrun each rank takes the GPU of its LOCAL_RANK; pass "
                          "--device cuda (or auto, cpu)")
-    from masked_dit.train.dist import init_world
-
     world = init_world(name)
     return world, str(world.device)
 
@@ -795,8 +793,9 @@ def main(argv=None) -> int:
         return 130
     except (ValueError, OSError, ImportError, FloatingPointError) as exc:
         from masked_dit.configs import ConfigError
+        from masked_dit.train.dist import is_other_rank
 
-        if isinstance(exc, ConfigError) and os.environ.get("RANK", "0") != "0":
+        if isinstance(exc, ConfigError) and is_other_rank():
             return 2  # a config error is the same on every torchrun rank: rank 0 says it once
         print(f"masked-dit {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -30,9 +30,13 @@ class World:
 
 def init_world(device: str = "auto") -> World:
     """Reads torchrun's environment; initialises the process group when WORLD_SIZE > 1."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    size = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
+    local_rank = env_int("LOCAL_RANK", rank)
+    if size < 1 or not 0 <= rank < size:
+        # A stray RANK=1 left in a shell made rank 1 of a world of 1: it wrote nothing and exited 0.
+        raise ValueError(f"the environment says RANK={rank} of WORLD_SIZE={size}: RANK must be in [0, WORLD_SIZE) "
+                         "(unset RANK and WORLD_SIZE for one process, or launch with torchrun)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -60,6 +64,17 @@ def init_world(device: str = "auto") -> World:
     return World(rank=rank, local_rank=local_rank, size=size, device=dev, initialized_here=here)
 
 
+def env_int(name: str, default: int) -> int:
+    """torchrun's integer variable ``name`` (``default`` when unset), or a ValueError naming it."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
 def _attempt_store(restart: int, rank: int):
     """The rendezvous store under a per-attempt prefix. torchrun keeps one store across restarts and
     the failed attempt's process-group keys (peer addresses) are still in it, so without a fresh
@@ -68,6 +83,11 @@ def _attempt_store(restart: int, rank: int):
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           is_master=rank == 0 and not agent_store)
     return dist.PrefixStore(f"masked_dit/attempt_{restart}", store)
+
+
+def is_other_rank() -> bool:
+    """Whether this process is a torchrun rank other than 0 (which leaves one-per-run messages to rank 0)."""
+    return env_int("WORLD_SIZE", 1) > 1 and env_int("RANK", 0) != 0
 
 
 def barrier(world: World) -> None:

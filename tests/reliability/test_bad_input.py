@@ -573,6 +573,20 @@ CASES = [
                                                    "--name", "../evil"],
      "masked-dit extract-features: error: --name '../evil' must be one folder name (the features go to "
      "<latents>/features/<name>)"),
+    # A stray RANK=1 in the shell (no torchrun) made rank 1 of a world of 1: it wrote nothing and exited 0.
+    # (A case may return (argv, environment variables).)
+    ("env-stray-rank-train", lambda w, m: (_train(w), {"RANK": "1"}),
+     "masked-dit train: error: the environment says RANK=1 of WORLD_SIZE=1: RANK must be in [0, WORLD_SIZE) "
+     "(unset RANK and WORLD_SIZE for one process, or launch with torchrun)"),
+    ("env-stray-rank-sample", lambda w, m: (_sample(w, m), {"RANK": "1", "WORLD_SIZE": "1"}),
+     "masked-dit sample: error: the environment says RANK=1 of WORLD_SIZE=1: RANK must be in [0, WORLD_SIZE) "
+     "(unset RANK and WORLD_SIZE for one process, or launch with torchrun)"),
+    # were a ZeroDivisionError traceback, and int()'s message without the variable's name
+    ("env-world-size-zero", lambda w, m: (_train(w), {"WORLD_SIZE": "0"}),
+     "masked-dit train: error: the environment says RANK=0 of WORLD_SIZE=0: RANK must be in [0, WORLD_SIZE) "
+     "(unset RANK and WORLD_SIZE for one process, or launch with torchrun)"),
+    ("env-world-size-not-int", lambda w, m: (_sample(w, m), {"WORLD_SIZE": "abc"}),
+     "masked-dit sample: error: environment variable WORLD_SIZE='abc' is not an integer"),
 ]
 
 
@@ -628,11 +642,15 @@ def _broken_images(work):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line(case, material, tmp_path, capsys):
+def test_bad_input_is_one_line(case, material, tmp_path, capsys, monkeypatch):
     name, setup, expected = case
     work = tmp_path / "work"
     work.mkdir()
     argv = setup(work, material)
+    if isinstance(argv, tuple):
+        argv, env = argv
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
     before_material, before_work = _tree(material), _tree(work)
     capsys.readouterr()
     assert main(argv) == 2
