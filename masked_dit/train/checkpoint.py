@@ -209,11 +209,16 @@ def save_checkpoint(ckpt_root, step: int, model, optimizer, ema, world, extra: d
             shutil.rmtree(tmp)
         tmp.mkdir()
     _barrier(world)
-    with warnings.catch_warnings():  # DCP warns that one process without a process group is "single process"
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        dcp.save(_app_state(model, optimizer, ema), checkpoint_id=str(tmp))
-    torch.save({"rng": rng_state(), **extra}, tmp / f"rank_{world.rank:05d}.pt")
-    _fsync(tmp / f"rank_{world.rank:05d}.pt")  # DCP syncs its own files; ours too, before meta.json exists
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():  # DCP warns that one process without a process group is "single process"
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+            dcp.save(_app_state(model, optimizer, ema), checkpoint_id=str(tmp))
+        torch.save({"rng": rng_state(), **extra}, tmp / f"rank_{world.rank:05d}.pt")
+        _fsync(tmp / f"rank_{world.rank:05d}.pt")  # DCP syncs its own files; ours too, before meta.json exists
+    except (CheckpointException, RuntimeError, OSError) as exc:
+        raise _save_error(root, tmp, exc) from None
     _barrier(world)
     if world.is_main:
         meta = {"step": step, "world_size": world.size, **({"model": model_name} if model_name else {}),
@@ -249,6 +254,25 @@ def save_checkpoint(ckpt_root, step: int, model, optimizer, ema, world, extra: d
                 shutil.rmtree(empty, ignore_errors=True)
     _barrier(world)
     return final
+
+
+def _save_error(root: Path, tmp: Path, exc: BaseException) -> OSError:
+    """One line for a failed save: DCP wraps the writer's error in a CheckpointException (a BaseException,
+    with a multi-rank traceback as its text), and a full disk can surface as torch.save's zip-writer
+    RuntimeError ("unexpected pos"), so the cause, the free space and the checkpoint left to resume from
+    are named."""
+    failures = getattr(exc, "failures", None)
+    if failures:
+        exc = next(iter(failures.values()))
+        exc = exc[0] if isinstance(exc, tuple) else exc
+    cause = (str(exc).strip().splitlines() or [""])[0]
+    try:
+        free = f"{shutil.disk_usage(root).free / 2 ** 20:.0f} MiB free on its disk"
+    except OSError:
+        free = "free space unknown"
+    done = list_checkpoints(root)
+    last = f"the last complete checkpoint, {done[-1].name}, is intact" if done else "no complete checkpoint yet"
+    return OSError(f"saving checkpoint {tmp} failed ({type(exc).__name__}: {cause}); {free}; {last}")
 
 
 def load_checkpoint(path, model, optimizer, ema, world, model_name: str | None = None) -> dict:

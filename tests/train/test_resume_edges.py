@@ -1,4 +1,6 @@
 """Resume edge cases: checkpoints of an abandoned trajectory, resumes with another world size."""
+import re
+
 import pytest
 import torch
 
@@ -232,3 +234,41 @@ def test_resume_past_the_asked_end_says_so(tmp_path, capsys):
     assert "warning: step 2 is past --train.steps=1: nothing to train" in capsys.readouterr().err
     Trainer(tiny_config("digits-dit", tmp_path, **{**over, "train.steps": 2, "run.resume": "latest"}))
     assert "past --train.steps" not in capsys.readouterr().err  # a finished run re-exported: as asked
+
+
+@pytest.mark.parametrize("where", ["dcp", "rank_file"])
+def test_a_full_disk_while_saving_is_one_line_naming_the_checkpoint_left(tmp_path, monkeypatch, where):
+    """DCP wraps the writer's ENOSPC in a CheckpointException (a BaseException, so the CLI printed its
+    60-line multi-rank traceback), and torch.save's zip writer on a full disk says only "unexpected pos"."""
+    import errno
+    import os
+
+    over = {"train.steps": 8, "train.ckpt_every": 2}
+    trainer = Trainer(tiny_config("digits-dit", tmp_path, **over))
+    trainer.fit(stop_at=2)
+    root = tmp_path / "digits-dit" / "checkpoints"
+    if where == "dcp":
+        real_fsync = os.fsync
+
+        def full(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(".distcp"):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", full)
+        cause = r"OSError: \[Errno 28\] No space left on device"
+    else:
+        def full(obj, f, *args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+        monkeypatch.setattr(ckpt.torch, "save", full)
+        cause = r"RuntimeError: \[enforce fail at inline_container.cc:672\] . unexpected pos 704 vs 598"
+    with pytest.raises(OSError) as exc:
+        trainer.fit(stop_at=4)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert re.fullmatch(rf"saving checkpoint {re.escape(str(root))}/step_00000004.tmp failed \({cause}\); "
+                        r"\d+ MiB free on its disk; the last complete checkpoint, step_00000002, is intact", message)
+    monkeypatch.undo()
+    resumed = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
+    assert resumed.step == 2
