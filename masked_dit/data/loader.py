@@ -70,6 +70,29 @@ def _worker_ignores_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _resource_tracker_ignores_stop_signals() -> None:
+    """Under spawn and forkserver, multiprocessing starts a resource-tracker process that ignores SIGINT and
+    SIGTERM but not SIGUSR1: a group-wide SIGUSR1 (SLURM's --signal=USR1 without B:) killed it, and its
+    relaunch printed a warning and a KeyError traceback per tracked name. Started here with the stop
+    signals ignored, which it keeps across exec (a Python handler would not survive it); a no-op once it
+    runs, under fork (workers are forked, no tracker needed) and off the main thread (no signal.signal)."""
+    import multiprocessing
+    import signal
+    import threading
+    from multiprocessing import resource_tracker
+
+    from masked_dit.train.signals import STOP_SIGNALS
+
+    if multiprocessing.get_start_method() == "fork" or threading.current_thread() is not threading.main_thread():
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 # Loader iterators with live workers, stopped by one exit hook registered after multiprocessing's (so it
 # runs first). Kept by iterator, not by stream: an iterator can outlive its stream (a frame or a traceback
 # that holds it), and its ignoring workers would then hang multiprocessing's exit hook.
@@ -121,6 +144,8 @@ class BatchStream:
         # A private generator: creating the iterator must not draw from the global RNG (which
         # holds the training draws and is checkpointed), or a resumed run would shift it.
         g = torch.Generator().manual_seed(self.kw["seed"] * 7919 + self.kw["rank"])
+        if self.num_workers:
+            _resource_tracker_ignores_stop_signals()
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                              persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                              generator=g,

@@ -252,6 +252,34 @@ def test_interpreter_exits_when_a_loader_iterator_outlives_its_stream():
     assert proc.returncode == 0 and proc.stdout.strip() == "exiting", proc.stderr[-2000:]
 
 
+_TRACKER_UNDER = """
+import multiprocessing, os, signal, sys, time
+sys.path.insert(0, {repo!r})
+multiprocessing.set_start_method({method!r})
+from multiprocessing import resource_tracker
+from masked_dit.data import BatchStream
+from tests.reliability.test_preempt import _Numbers
+stream = BatchStream(_Numbers(), 2, num_workers=1)
+next(stream)
+pid = resource_tracker._resource_tracker._pid
+os.kill(pid, signal.SIGUSR1)  # as SLURM's --signal=USR1 sends it to every process of the job
+time.sleep(0.5)
+print("alive" if os.waitpid(pid, os.WNOHANG) == (0, 0) else "killed", flush=True)
+stream.close()
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this platform")
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_the_resource_tracker_survives_a_group_wide_sigusr1(method):
+    """Under spawn and forkserver the loader's workers bring up multiprocessing's resource tracker, which
+    ignores SIGINT and SIGTERM but not SIGUSR1: killed by a group-wide SIGUSR1, its relaunch printed a
+    warning and a KeyError traceback per tracked name after the run's "stopped by SIGUSR1" line."""
+    proc = subprocess.run([sys.executable, "-c", _TRACKER_UNDER.format(repo=str(REPO), method=method)],
+                          capture_output=True, text=True, env=child_env(), timeout=120, start_new_session=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stdout + proc.stderr[-2000:]
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(c) for c in path.read_text().split()] if path.exists() else []
