@@ -404,7 +404,7 @@ def check_guidance(values: dict, flag) -> None:
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"{flag(key)} must be a finite number (got {value})")
     if values.get("cfg_scale") is not None and values["cfg_scale"] < 0:
-        raise ConfigError(f"{flag('cfg_scale')} must be >= 0 (1: no guidance, 0: unconditional; got "
+        raise ConfigError(f"{flag('cfg_scale')} must be >= 0 (1: no guidance, above 1: toward the class; got "
                           f"{values['cfg_scale']})")
     if values.get("scale_pow") is not None and values["scale_pow"] < 0:
         raise ConfigError(f"{flag('scale_pow')} must be >= 0 (0: constant guidance scale; got {values['scale_pow']})")

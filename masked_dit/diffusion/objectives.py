@@ -128,7 +128,7 @@ class ADMObjective:
         _check_sampler(self, model, sampler, "ADM diffusion", unread)
         check_adm_options_apply(["eta"] if eta != 0 else [], sampler, lambda key: key)
         check_adm_sampling({"eta": eta}, lambda key: f"{key}={eta}")
-        respaced = create_diffusion(adm_respacing(sampler, steps, self.diffusion_steps), self.noise_schedule,
+        respaced = create_diffusion(adm_respacing(sampler, steps, self.diffusion_steps, self.kind), self.noise_schedule,
                                     learn_sigma=self.learn_sigma, diffusion_steps=self.diffusion_steps)
         fn = self._guided(model, cfg_scale, scale_pow)
         kw = dict(noise=noise, clip_denoised=self.clip_denoised, model_kwargs={"y": y}, progress=progress,

@@ -13,11 +13,13 @@ import math
 from masked_dit.diffusion.respace import space_timesteps
 
 
-def adm_respacing(sampler: str, steps: int, diffusion_steps: int) -> str:
-    """The ``timestep_respacing`` ADM sampling uses: DDIM keeps every k-th of the ``diffusion_steps``
-    ("ddimN", as ADM), DDPM N evenly spaced ones (as DiT's sample.py). ValueError (one line) when
-    ``steps`` cannot be made that way, so callers can check a setting before a run reaches its samples."""
-    respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+def adm_respacing(sampler: str, steps: int, diffusion_steps: int, kind: str = "adm") -> str:
+    """The ``timestep_respacing`` ADM sampling of objective ``kind`` uses: DDPM takes N evenly spaced
+    steps (DiT's and MDT's sample scripts), and so does MDT's DDIM (its image_sample.py --use_ddim keeps
+    that respacing: from t = 999); DiT, which has no DDIM script, keeps every k-th step ("ddimN", ADM's
+    DDIM convention: from t = T - k). ValueError (one line) when ``steps`` cannot be made that way, so
+    callers can check a setting before a run reaches its samples."""
+    respacing = f"ddim{steps}" if sampler == "ddim" and kind == "adm" else str(steps)
     try:
         space_timesteps(diffusion_steps, respacing)
     except ValueError as exc:
@@ -31,7 +33,7 @@ def check_sample_steps(kind: str, sampler: str, steps: int, diffusion_steps: int
     two points; the one-line error starts with ``option``, the setting as the caller's command line spells it."""
     if kind in ("adm", "mdtv2"):  # ADM's respaced samplers
         try:
-            adm_respacing(sampler, steps, diffusion_steps)
+            adm_respacing(sampler, steps, diffusion_steps, kind)
         except ValueError as exc:
             raise ValueError(f"{option}: {exc}") from None
     elif kind == "transport" and steps < 2:  # SiT's num_steps counts time points, both ends included

@@ -320,7 +320,7 @@ def test_mdtv2_power_cosine_guided_sampling(T, sampler, steps, schedule):
     y = torch.tensor([0, 5, 9])
     got = obj.sample(model, noise, y, sampler=sampler, steps=steps, cfg_scale=3.8, scale_pow=4.0,
                      generator=torch.Generator().manual_seed(4))
-    d = create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps), schedule, diffusion_steps=T)
+    d = create_diffusion(str(steps), schedule, diffusion_steps=T)  # MDT's image_sample.py, with or without --use_ddim
     loop = d.ddim_sample_loop if sampler == "ddim" else d.p_sample_loop
     want = loop(official_mdt_guided(model, 3.8, 4.0, T), noise.shape, noise=noise, clip_denoised=False,
                 model_kwargs={"y": y}, generator=torch.Generator().manual_seed(4))

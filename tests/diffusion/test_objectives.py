@@ -233,18 +233,38 @@ def test_transport_sample_passes_sits_sampler_options(sampler, options, call):
 @pytest.mark.parametrize("cls", [ADMObjective, MDTv2Objective])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_adm_sample_passes_ddim_eta(cls, eta):
-    """``eta`` reaches ADM's DDIM loop (the respaced "ddimN" diffusion, the objective's guidance);
-    0 is the deterministic default, and a stochastic eta draws its step noise from ``generator``."""
+    """``eta`` reaches ADM's DDIM loop (the family's respacing, the objective's guidance); 0 is the
+    deterministic default, and a stochastic eta draws its step noise from ``generator``."""
     obj, model = cls(diffusion_steps=100), AnalyticADM()
     noise, y = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 7])
     out = obj.sample(model, noise, y, sampler="ddim", steps=10, cfg_scale=1.5, eta=eta,
                      generator=torch.Generator().manual_seed(3))
-    respaced = create_diffusion("ddim10", "linear", learn_sigma=True, diffusion_steps=100)
+    respaced = create_diffusion("ddim10" if cls is ADMObjective else "10", "linear", learn_sigma=True,
+                                diffusion_steps=100)
     ref = respaced.ddim_sample_loop(obj._guided(model, 1.5), tuple(noise.shape), noise=noise, clip_denoised=False,
                                     model_kwargs={"y": y}, generator=torch.Generator().manual_seed(3), eta=eta)
     assert torch.equal(out, ref)
     deterministic = obj.sample(model, noise, y, sampler="ddim", steps=10, cfg_scale=1.5)
     assert torch.equal(out, deterministic) == (eta == 0.0)
+
+
+@pytest.mark.parametrize("cls, steps, first", [(ADMObjective, 50, 980), (ADMObjective, 250, 996),
+                                                (MDTv2Objective, 50, 999), (MDTv2Objective, 250, 999),
+                                                (MDTv2Objective, 300, 999)])
+def test_ddim_grid_is_the_familys(cls, steps, first):
+    """MDT's image_sample.py --use_ddim keeps its DDPM respacing (str(N): N evenly rounded steps from
+    t = 999, any N); DiT has no DDIM script, so ADM's "ddimN" stride (from t = 1000 - 1000/N) stays."""
+    seen = []
+
+    class Spy(AnalyticADM):
+        def forward(self, x, t, y, **kw):
+            seen.append(int(t[0]))
+            return super().forward(x, t, y)
+
+    cls().sample(Spy(), torch.randn(1, 4, 4, 4), torch.tensor([3]), sampler="ddim", steps=steps)
+    assert len(seen) == steps and seen[0] == first and seen[-1] == 0
+    even = [round(i * 999 / (steps - 1)) for i in range(steps)]  # space_timesteps' rounding, one section
+    assert seen[::-1] == (even if cls is MDTv2Objective else list(range(0, 1000, 1000 // steps)))
 
 
 def test_adm_sample_refuses_an_eta_it_would_ignore_or_cannot_use():

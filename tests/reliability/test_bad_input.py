@@ -261,7 +261,7 @@ CASES = [
      "masked-dit train: error: --sample.steps=999: 999 DDIM steps cannot be taken from 1000 diffusion steps (cannot "
      "create exactly 999 steps with an integer stride from 1000)"),
     ("cli-cfg-scale-negative", lambda w, m: _train(w, "--sample.cfg_scale=-2"),
-     "masked-dit train: error: --sample.cfg_scale must be >= 0 (1: no guidance, 0: unconditional; got -2.0)"),
+     "masked-dit train: error: --sample.cfg_scale must be >= 0 (1: no guidance, above 1: toward the class; got -2.0)"),
     ("cli-scale-pow-negative", lambda w, m: _train(w, "--sample.scale_pow=-1"),
      "masked-dit train: error: --sample.scale_pow must be >= 0 (0: constant guidance scale; got -1.0)"),
     # was found only at the first sample grid, after the training steps (at the end with the digits presets)
@@ -455,7 +455,7 @@ CASES = [
                                                     str(w / "g.png")],
      "masked-dit sample: error: {work}/run/export/config.json is not valid JSON (..."),
     ("sample-cfg-scale-negative", lambda w, m: _sample(w, m, "--cfg-scale", "-1.5"),
-     "masked-dit sample: error: --cfg-scale must be >= 0 (1: no guidance, 0: unconditional; got -1.5)"),
+     "masked-dit sample: error: --cfg-scale must be >= 0 (1: no guidance, above 1: toward the class; got -1.5)"),
     ("sample-ddpm-steps-beyond-the-diffusion", lambda w, m: _sample(w, m, "--steps", "1001"),
      "masked-dit sample: error: --steps 1001: 1001 DDPM steps cannot be taken from 1000 diffusion steps (cannot "
      "divide a section of 1000 steps into 1001)"),

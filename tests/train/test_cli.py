@@ -168,7 +168,12 @@ def test_a_model_name_over_a_presets_pinned_sizes_says_so(capsys):
 def test_config_error_is_said_once_under_torchrun(tmp_path, capsys, monkeypatch):
     """Every torchrun rank validates the same argv: rank 0 prints the line, the others only exit 2.
     Errors that may differ per rank (a file missing on one node) are still printed by every rank."""
+    from masked_dit.train import trainer
+    from masked_dit.train.dist import World
+
     argv = ["train", "--preset", "digits-dit", f"--run.out_dir={tmp_path}", "--optim.lr=-1"]
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun starts the ranks, without the process group
+    monkeypatch.setattr(trainer, "init_world", lambda device="auto": World(rank=3, local_rank=3, size=4))
     for rank, printed in (("0", True), ("3", False)):
         monkeypatch.setenv("RANK", rank)
         assert main(argv) == 2

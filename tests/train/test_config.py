@@ -199,7 +199,14 @@ def test_a_batch_geometry_error_is_said_by_rank_0_only(tmp_path, monkeypatch, ca
             f"--run.out_dir={tmp_path}", "--train.device=cpu"]
     assert main(argv) == 2
     assert "--train.global_batch=8 must be a multiple of micro_batch (3)" in capsys.readouterr().err
+    # Rank 1 of 2 as torchrun starts it (a RANK without WORLD_SIZE is a stray, said by itself), without
+    # the process group the check comes before.
+    from masked_dit.train import trainer
+    from masked_dit.train.dist import World
+
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(trainer, "init_world", lambda device="auto": World(rank=1, local_rank=1, size=2))
     assert main(argv) == 2 and capsys.readouterr().err == ""
 
 
