@@ -786,7 +786,10 @@ def main(argv=None) -> int:
     try:
         return args.func(args, overrides)
     except Preempted as exc:  # SIGTERM / SIGINT / SIGUSR1 during training: checkpoint saved
-        print(f"masked-dit {args.command}: {exc}", file=sys.stderr)
+        from masked_dit.train.dist import is_other_rank
+
+        if not is_other_rank():  # the ranks stop at the same step, in the same checkpoint: said once
+            print(f"masked-dit {args.command}: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:  # Ctrl-C outside the step loop (or twice): what was written stays
         print(f"masked-dit {args.command}: interrupted", file=sys.stderr)
