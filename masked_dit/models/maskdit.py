@@ -144,6 +144,9 @@ class MaskDiT(nn.Module):
     def _check_inputs(self, x, sigma, class_labels):
         """-> (sigma [B] in float32 or wider, labels [B, num_classes] in x's dtype or None)."""
         name, size = type(self).__name__, self.img_resolution
+        for arg, value in (("input x", x), ("class_labels", class_labels)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise ValueError(f"{name} {arg} must be a torch.Tensor, got {type(value).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{name} input x must be [B, C, H, W], got shape {list(x.shape)}")
         B, C, H, W = x.shape

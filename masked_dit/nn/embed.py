@@ -130,6 +130,9 @@ def check_model_inputs(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, in_
                        num_label_rows: int, name: str) -> torch.Tensor:
     """Validates ``forward(x, t, y)`` of a class-conditional model with one-line errors naming the
     model and the argument; returns ``t`` as a [B] tensor (a scalar t is broadcast)."""
+    for arg, value in (("input x", x), ("labels y", y)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} {arg} must be a torch.Tensor, got {type(value).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{name} input x must be [B, C, H, W], got shape {list(x.shape)}")
     B, C, H, W = x.shape

@@ -387,7 +387,9 @@ def _call(name: str, op, check, *args) -> torch.Tensor:
     """Runs custom op ``name``; under torch.compile with the torch backend selected, its reference is
     traced inline instead, so Inductor fuses the indexing with its neighbours (an opaque op would
     run it as separate kernels). Autograd then differentiates the reference directly."""
-    if not isinstance(args[0], torch.Tensor):  # the device below needs a tensor: the check names the argument
+    # A list or an array where a tensor goes: the op's schema error would not say which argument (and
+    # the device below needs a tensor); the check names it. num_tokens is the one int.
+    if any(not isinstance(a, (torch.Tensor, int)) for a in args) or not isinstance(args[0], torch.Tensor):
         check(*args)
     if dispatch.inline_reference(name, args[0].device):
         check(*args)

@@ -118,6 +118,11 @@ def test_bad_t_and_y_shapes_raise(tiny):
         tiny(x, torch.tensor([1, 2]), torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="integer"):
         tiny(x, torch.tensor([1, 2]), torch.tensor([1.0, 2.0]))
+    # a list or an array where a tensor goes (was an AttributeError from inside the checks)
+    with pytest.raises(ValueError, match="DiT labels y must be a torch.Tensor, got list"):
+        tiny(x, torch.tensor([1, 2]), [1, 2])
+    with pytest.raises(ValueError, match="DiT input x must be a torch.Tensor, got ndarray"):
+        tiny(x.numpy(), torch.tensor([1, 2]), torch.tensor([1, 2]))
     out = tiny(x, torch.tensor(5), torch.tensor([1, 2]))  # a scalar t is broadcast over the batch
     assert out.shape == (2, 8, 8, 8)
 

@@ -192,6 +192,10 @@ def test_bad_input_errors():
         model(x, sigma, torch.zeros(2, 11))
     with pytest.raises(ValueError, match="sigma must be a scalar or have 2 entries"):
         model(x, torch.ones(3), y)
+    with pytest.raises(ValueError, match="class_labels must be a torch.Tensor, got list"):
+        model(x, sigma, [3, 1])
+    with pytest.raises(ValueError, match="input x must be a torch.Tensor, got ndarray"):
+        model(x.numpy(), sigma, y)
     for bad in (0.0, torch.tensor([1.0, -0.5]), float("nan")):  # the network would see ln(sigma) = -inf/NaN
         with pytest.raises(ValueError, match=r"sigma must be > 0 \(the network sees ln\(sigma\)\)"):
             model(x, bad, y)

@@ -538,6 +538,11 @@ def test_id_and_cu_seqlens_values_checked_on_cpu(backend):
             gather_tokens(x, torch.tensor([[0, 9], [4, 1]]))
         with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
             gather_tokens([[0.0]], torch.tensor([[0]]))
+        # a list where ids go: was the op schema's error, without the argument's name
+        with pytest.raises(TypeError, match="ids_keep must be a torch.Tensor, got list"):
+            gather_tokens(x, [[0, 3], [4, 1]])
+        with pytest.raises(TypeError, match="fill must be a torch.Tensor, got float"):
+            scatter_tokens(torch.randn(2, 2, 4), torch.tensor([[0, 3], [4, 1]]), 0.0, 5)
 
 
 def test_cuda_backend_unavailable_on_cpu_tensors():
