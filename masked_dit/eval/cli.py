@@ -160,6 +160,22 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out}: cannot create its folder ({err.strerror or err})") from None
     if not os.access(out.parent, os.W_OK):
         raise ValueError(f"--out {out}: its folder is not writable")
+    run = _run_owning(out)
+    if run is not None:
+        raise ValueError(f"--out {out} is a file of the run {run}: writing it would replace part of the run; "
+                         f"name a new file")
+
+
+def _run_owning(out: Path) -> Path | None:
+    """The run folder whose own file ``out`` is (its config.json, or anything in export/ or checkpoints/),
+    if ``out`` exists; an earlier evaluation's JSON kept in a run folder may be written over."""
+    if not out.is_file():
+        return None
+    for run in list(out.resolve().parents)[:3]:  # run/checkpoints/step_N/file is three levels down
+        if (run / "config.json").is_file() and ((run / "checkpoints").is_dir() or (run / "export").is_dir()):
+            rel = out.resolve().relative_to(run).parts
+            return run if rel == ("config.json",) or rel[0] in ("export", "checkpoints") else None
+    return None
 
 
 if __name__ == "__main__":

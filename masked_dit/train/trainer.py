@@ -32,6 +32,7 @@ from masked_dit.rng import derived_seed
 from masked_dit.train import checkpoint as ckpt
 from masked_dit.train.build import build_model_from_config, check_sampler, model_kwargs
 from masked_dit.train.dist import World, init_world, shutdown
+from masked_dit.train.lock import hold_folder
 from masked_dit.train.ema import EMA
 from masked_dit.train.grid import fixed_noise, grid_labels, save_grid
 from masked_dit.train.metrics import MetricsLog, format_record, peak_flops, training_flops_per_image
@@ -94,6 +95,11 @@ class Trainer:
         w = self.world
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
+        # One training per run folder: the checks below cannot see one that has not written yet, and a
+        # second one (a job re-launched while the first lingers) would destroy the first's checkpoints.
+        locked = w.is_main and self.run_dir.is_dir()
+        if locked:  # an existing folder: locked before anything is read from it
+            self._hold_run_folder()
         resume_arg = cfg.run.resume
         if resume_arg is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             resume_arg = "latest"  # torchrun restarted the workers after a failure: continue, do not start over
@@ -190,6 +196,8 @@ class Trainer:
         self.stream = BatchStream(self.dataset, self.micro_batch, rank=w.rank, world=w.size, accum=self.accum,
                                   seed=cfg.run.seed, random_flip=cfg.data.random_flip,
                                   num_workers=cfg.data.num_workers, state=data_state)
+        if w.is_main and not locked:  # a new folder: locked before the first write
+            self._hold_run_folder()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.flops_per_image,
                                   peak_flops(w.device, cfg.train.peak_tflops),
                                   tensorboard_dir=self.run_dir / "tensorboard" if w.is_main else None)
@@ -387,6 +395,10 @@ class Trainer:
         where = f"checkpoint {found[-1]}" if found else "no checkpoint (non-finite steps from the start)"
         raise Preempted(f"stopped by {StopRequest.name(self.stop_signum)} at step {self.step} of "
                         f"{self.cfg.train.steps}: {where}; continue with --resume latest", self.stop_signum)
+
+    def _hold_run_folder(self) -> None:
+        hold_folder(self.run_dir, self, "run folder", "wait for that training to end (or stop it), or use another "
+                                                      "--run.name / --run.out_dir")
 
     def _say_config_changes(self, saved: Path) -> None:
         """A resumed run takes this command line's settings; where they differ from the run's saved

@@ -275,6 +275,22 @@ def test_cli_option_errors(batches, capsys, extra, match):
     assert len(err.splitlines()) == 1 and match in err
 
 
+def test_cli_out_never_replaces_a_runs_own_files(batches, tmp_path, capsys):
+    """--out <run>/export/config.json replaced the export's config with metrics (sample then refused the
+    run); an earlier evaluation's JSON in the run folder may still be written over."""
+    run = tmp_path / "run"
+    for name in ("config.json", "export/config.json", "checkpoints/step_00000002/meta.json"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("{}")
+    for name in ("config.json", "export/config.json", "checkpoints/step_00000002/meta.json"):
+        assert cli.main([str(batches[0]), str(batches[1]), "--out", str(run / name), "--random-init-inception"]) == 2
+        assert capsys.readouterr().err.strip() == (f"masked-dit eval: error: --out {run / name} is a file of the run "
+                                                   f"{run}: writing it would replace part of the run; name a new file")
+        assert (run / name).read_text() == "{}"
+    (run / "fid.json").write_text("{}")
+    assert cli._run_owning(run / "fid.json") is None and cli._run_owning(run / "export" / "new.json") is None
+
+
 def test_cli_cuda_index_beyond_the_visible_devices(batches, capsys, monkeypatch):
     # cuda:1 on a one-GPU machine used to fail inside the weights' .to(device) and be reported as
     # "--inception-weights None: not loadable Inception weights (RuntimeError: ... invalid device ordinal)"

@@ -272,3 +272,53 @@ def test_a_full_disk_while_saving_is_one_line_naming_the_checkpoint_left(tmp_pat
     monkeypatch.undo()
     resumed = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))
     assert resumed.step == 2
+
+
+_HOLDER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from masked_dit.train.lock import hold_folder
+class Owner: pass
+owner = Owner()
+hold_folder({folder!r}, owner, "run folder", "")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_training_in_a_busy_run_folder_is_refused(tmp_path, capsys):
+    """A job re-launched (or requeued) while the first still runs: both passed the start-up checks, then
+    renamed each other's checkpoints .superseded, deleted each other's .tmp saves and interleaved
+    metrics.jsonl. The run folder's lock refuses the second before it writes; the same process's own
+    trainers share it (the Python API), and the lock goes with the process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from masked_dit.cli import main
+
+    over = {"train.steps": 4, "train.ckpt_every": 2}
+    first = Trainer(tiny_config("digits-dit", tmp_path, **over))
+    first.fit(stop_at=2)
+    again = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))  # same process
+    assert again.step == 2
+    del first, again
+    run = tmp_path / "digits-dit"
+    repo = str(Path(__file__).resolve().parents[2])
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER.format(repo=repo, folder=str(run))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+        tiny_config("digits-dit", tmp_path, **{**over, "train.steps": 6}).save(tmp_path / "again.json")
+        capsys.readouterr()
+        assert main(["train", "--config", str(tmp_path / "again.json"), "--resume", "latest"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"masked-dit train: error: run folder {run} is in use by another process (pid {holder.pid}): "
+                       "wait for that training to end (or stop it), or use another --run.name / --run.out_dir"), err
+        assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    resumed = Trainer(tiny_config("digits-dit", tmp_path, **{**over, "run.resume": "latest"}))  # the lock went
+    assert resumed.step == 2
