@@ -63,6 +63,8 @@ def _tree(root) -> dict:
     out = {}
     for dirpath, _, names in os.walk(root):
         for n in names:
+            if n == ".lock":  # a run folder's lock: holds the pid of the last training that opened the run
+                continue
             p = os.path.join(dirpath, n)
             st = os.stat(p)
             out[p] = (st.st_size, st.st_mtime_ns)
